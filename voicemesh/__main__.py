@@ -1,0 +1,5 @@
+import sys
+
+from voicemesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,406 @@
+"""`voicemesh up | serve <role> | call | config ...`"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROLES = ("transport", "stt", "llm", "tts")
+DEFAULT_AGENT_FILE = Path("config/agent-config.json")
+
+
+def _say(msg: str) -> None:
+    print(f"voicemesh: {msg}", flush=True)
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from voicemesh.config.logging import setup_logging
+    from voicemesh.config.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["http_port"] = args.port
+    settings = Settings(**overrides)
+    setup_logging(settings.log_level, settings.log_format, role=args.role)
+    if not settings.nats_url or not settings.valkey_url:
+        print(
+            "voicemesh serve: set NATS_URL and VALKEY_URL (or use `voicemesh up`)", file=sys.stderr
+        )
+        return 2
+    _use_uvloop()
+    if args.role == "transport":
+        import uvicorn
+
+        from voicemesh.transport.api import create_app
+        from voicemesh.transport.service import TransportService
+
+        app = create_app(TransportService(settings))
+        config = uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            loop="uvloop",
+            ws="websockets",
+            lifespan="on",
+        )
+        asyncio.run(uvicorn.Server(config).serve())
+        return 0
+
+    from voicemesh.pipeline import SERVICES, run_service
+
+    asyncio.run(run_service(SERVICES[args.role](settings)))
+    return 0
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+async def _seed_agent(valkey_url: str, key_prefix: str, agent_file: Path) -> str:
+    from voicemesh.config.models import parse_agent_config
+    from voicemesh.router.store import ConfigStore
+
+    store = ConfigStore.from_url(valkey_url, key_prefix=key_prefix)
+    try:
+        current = await store.get_default_agent()
+        if current is not None:
+            return f"default agent is {current.name!r} (kept from {valkey_url})"
+        config = parse_agent_config(await asyncio.to_thread(agent_file.read_bytes))
+        name = "local"
+        if await store.get_agent(name) is None:
+            await store.create_agent(name, config, description=f"from {agent_file}")
+        await store.set_default_agent(name)
+        return f"default agent {name!r} created from {agent_file}"
+    finally:
+        await store.close()
+
+
+async def _wait_ready(
+    nats_url: str, prefix: str, roles: list[str], procs: dict[str, Any], limit_s: float
+) -> None:
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        pending = set(roles)
+        start = time.monotonic()
+        last_note = 0.0
+        while pending:
+            for role in sorted(pending):
+                for name, proc in procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(
+                            f"{name} exited with code {proc.returncode} during startup"
+                        )
+                try:
+                    await nc.request(f"{prefix}.health.{role}", b"{}", timeout=0.5)
+                    pending.discard(role)
+                    _say(f"  {role} ready ({time.monotonic() - start:.1f} s)")
+                except Exception:
+                    pass
+            if time.monotonic() - start > limit_s:
+                raise RuntimeError(f"timed out waiting for {', '.join(sorted(pending))}")
+            if pending and time.monotonic() - last_note > 10:
+                last_note = time.monotonic()
+                _say(f"  waiting for {', '.join(sorted(pending))} (loading engines)...")
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from voicemesh.config.settings import Settings
+    from voicemesh.servers import ServerError, start_nats, start_valkey
+
+    settings = Settings()
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    servers = []
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    env = dict(os.environ)
+    stop = False
+
+    def on_signal(signum: int, _: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if settings.nats_url:
+            _say(f"using NATS at {settings.nats_url}")
+            nats_url = settings.nats_url
+        else:
+            t0 = time.monotonic()
+            nats = start_nats(data_dir)
+            servers.append(nats)
+            nats_url = nats.url
+            _say(f"started nats-server at {nats_url} in {time.monotonic() - t0:.2f} s")
+        if settings.valkey_url:
+            _say(f"using Valkey at {settings.valkey_url}")
+            valkey_url = settings.valkey_url
+        else:
+            t0 = time.monotonic()
+            vk = start_valkey(data_dir)
+            servers.append(vk)
+            valkey_url = vk.url
+            _say(
+                f"started valkey-server at {valkey_url} in {time.monotonic() - t0:.2f} s "
+                f"(data in {data_dir / 'valkey'})"
+            )
+        env.update(NATS_URL=nats_url, VALKEY_URL=valkey_url)
+        _say(asyncio.run(_seed_agent(valkey_url, settings.key_prefix, Path(args.agent_file))))
+
+        counts = {"stt": args.instances, "llm": args.instances, "tts": args.instances}
+        for role, n in counts.items():
+            for i in range(n):
+                name = f"{role}-{i + 1}" if n > 1 else role
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "voicemesh", "serve", role], env=env
+                )
+        tenv = {**env, "VOICEMESH_HTTP_HOST": args.host, "VOICEMESH_HTTP_PORT": str(args.port)}
+        procs["transport"] = subprocess.Popen(
+            [sys.executable, "-m", "voicemesh", "serve", "transport"], env=tenv
+        )
+        _say(f"starting {', '.join(procs)}; engines load once per process...")
+        asyncio.run(
+            _wait_ready(nats_url, settings.subject_prefix, list(ROLES), procs, args.startup_timeout)
+        )
+        _say(
+            f"up: web client and API at http://{args.host}:{args.port}/  "
+            f"(API docs /docs, calls at ws://{args.host}:{args.port}/ws/call). Ctrl-C stops."
+        )
+        while not stop:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    _say(f"{name} exited with code {proc.returncode}; stopping")
+                    stop = True
+            time.sleep(0.3)
+        return 0
+    except (ServerError, RuntimeError, OSError, ValueError) as exc:
+        _say(f"error: {exc}")
+        return 1
+    finally:
+        if procs:
+            _say("stopping services...")
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for server in reversed(servers):
+            server.stop()
+        if servers:
+            _say("stopped nats-server and valkey-server")
+
+
+# --- call -----------------------------------------------------------------------------------
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from voicemesh.transport.client import call_over_websocket
+
+    _use_uvloop()
+    try:
+        result = asyncio.run(
+            call_over_websocket(
+                args.url,
+                [Path(w) for w in args.wav],
+                Path(args.out),
+                agent=args.agent,
+                session_id=args.session,
+                turn_timeout=args.timeout,
+            )
+        )
+    except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
+        print(f"voicemesh call: {exc}", file=sys.stderr)
+        return 1
+    for turn in result.turns:
+        print(f"turn {turn.epoch}: you said:  {turn.user_text!r}")
+        print(f"         bot said:  {turn.bot_text!r}")
+        latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "no reply"
+        print(f"         end of speech to first bot audio: {latency}")
+    print(f"saved {result.bot_seconds:.1f} s of bot audio to {args.out}")
+    return 0 if all(t.latency_ms is not None for t in result.turns) else 1
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    import httpx
+
+    try:
+        resp = httpx.request(method, args.url.rstrip("/") + path, json=body, timeout=10)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"voicemesh config: cannot reach {args.url}: {exc}") from None
+    data = resp.json() if resp.content else {}
+    if resp.status_code >= 400:
+        detail = data.get("detail")
+        if isinstance(detail, list):
+            lines = "\n".join(f"  {d.get('path')}: {d.get('msg')}" for d in detail)
+            raise SystemExit(f"voicemesh config: rejected ({resp.status_code}):\n{lines}")
+        raise SystemExit(f"voicemesh config: {resp.status_code}: {detail}")
+    return data
+
+
+def _print(data: Any) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from voicemesh.config.models import AgentConfig, ConfigValidationError, parse_agent_config
+
+    if args.config_cmd == "schema":
+        _print(AgentConfig.model_json_schema(by_alias=True))
+        return 0
+    if args.config_cmd == "validate":
+        try:
+            parse_agent_config(Path(args.file).read_bytes())
+        except OSError as exc:
+            print(f"{args.file}: {exc}", file=sys.stderr)
+            return 1
+        except ConfigValidationError as exc:
+            print(f"{args.file}: invalid", file=sys.stderr)
+            for issue in exc.issues:
+                print(f"  {issue.path}: {issue.msg}", file=sys.stderr)
+            return 1
+        print(f"{args.file}: ok")
+        return 0
+    if args.config_cmd == "push":
+        try:
+            config = orjson.loads(Path(args.file).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise SystemExit(f"voicemesh config push: {args.file}: {exc}") from None
+        if args.session:
+            _print(_api(args, "PUT", f"/api/sessions/{args.session}/config", config))
+        elif args.agent:
+            existing = _api(args, "GET", "/api/agents")["agents"]
+            if any(a["name"] == args.agent for a in existing):
+                body = {"config": config, "description": args.description}
+                _print(_api(args, "PUT", f"/api/agents/{args.agent}", body))
+            else:
+                body = {"name": args.agent, "config": config, "description": args.description or ""}
+                _print(_api(args, "POST", "/api/agents", body))
+            if args.default:
+                _print(_api(args, "POST", f"/api/agents/{args.agent}/set-default"))
+        else:
+            raise SystemExit("voicemesh config push: give --agent NAME or --session ID")
+        return 0
+    if args.config_cmd == "list":
+        data = _api(args, "GET", "/api/agents")
+        for a in data["agents"]:
+            mark = "*" if a["name"] == data["default"] else " "
+            print(f"{mark} {a['name']:<24} v{a['version']:<4} {a['description']}")
+        return 0
+    if args.config_cmd == "get":
+        _print(_api(args, "GET", f"/api/agents/{args.name}"))
+        return 0
+    if args.config_cmd == "sessions":
+        for sid in _api(args, "GET", "/api/sessions")["sessions"]:
+            print(sid)
+        return 0
+    if args.config_cmd == "session":
+        _print(_api(args, "GET", f"/api/sessions/{args.id}"))
+        return 0
+    raise AssertionError(args.config_cmd)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="voicemesh",
+        description="Real-time voice pipeline: transport → stt → llm → tts → transport over NATS.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser(
+        "up",
+        help="start NATS, Valkey (embedded unless NATS_URL/VALKEY_URL are "
+        "set) and every role as its own process",
+    )
+    up.add_argument("--data-dir", default=".voicemesh", help="where embedded servers keep data")
+    up.add_argument("--host", default="127.0.0.1", help="HTTP bind address of the transport")
+    up.add_argument("--port", type=int, default=8080, help="HTTP port of the transport")
+    up.add_argument("--instances", type=int, default=1, help="instances of each stage")
+    up.add_argument(
+        "--agent-file",
+        default=str(DEFAULT_AGENT_FILE),
+        help="config of the default agent, stored when Valkey has none",
+    )
+    up.add_argument("--startup-timeout", type=float, default=600.0)
+    up.set_defaults(fn=cmd_up)
+
+    serve = sub.add_parser("serve", help="run one role against external NATS_URL and VALKEY_URL")
+    serve.add_argument("role", choices=ROLES)
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (transport only)")
+    serve.set_defaults(fn=cmd_serve)
+
+    call = sub.add_parser("call", help="call over the WebSocket transport with WAV files")
+    call.add_argument(
+        "--wav", action="append", required=True, help="what to say; repeat for several turns"
+    )
+    call.add_argument("--out", required=True, help="WAV file for the bot's audio")
+    call.add_argument("--url", default="http://127.0.0.1:8080")
+    who = call.add_mutually_exclusive_group()
+    who.add_argument("--agent", help="agent name (default: the default agent)")
+    who.add_argument("--session", help="join an existing session")
+    call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    call.set_defaults(fn=cmd_call)
+
+    cfg = sub.add_parser("config", help="validate, push, list and read configs")
+    cfg.add_argument("--url", default="http://127.0.0.1:8080", help="transport API")
+    csub = cfg.add_subparsers(dest="config_cmd", required=True)
+    csub.add_parser("schema", help="print the JSON Schema of agent-config.json")
+    v = csub.add_parser("validate", help="check a config file")
+    v.add_argument("file")
+    push = csub.add_parser("push", help="store a config as a named agent or a session's config")
+    push.add_argument("file")
+    push.add_argument("--agent", help="create or update this agent")
+    push.add_argument("--session", help="replace this live session's config")
+    push.add_argument("--default", action="store_true", help="make the agent the default")
+    push.add_argument("--description", default=None)
+    csub.add_parser("list", help="list agents (* marks the default)")
+    g = csub.add_parser("get", help="print an agent")
+    g.add_argument("name")
+    csub.add_parser("sessions", help="list live session ids")
+    s = csub.add_parser("session", help="print a session and its config")
+    s.add_argument("id")
+    cfg.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

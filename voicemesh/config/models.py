@@ -1,0 +1,297 @@
+"""agent-config.json as pydantic v2 models, with errors that name the JSON path of the problem.
+
+Structure is checked by the field types; meaning (a known connector, a stream that fits its edge, a
+flow that leads from transport back to transport, no secret in clear) by `AgentConfig`'s validator,
+which reports every problem at once with its path, so a 422 or `config validate` can point at each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from voicemesh.config.connectors import (
+    CONNECTOR_OPTIONS,
+    STAGE_IO,
+    STAGES,
+    ConnectorOptions,
+    StreamKind,
+    connector_names,
+)
+from voicemesh.config.secrets import find_clear_secrets
+
+Path = tuple[str | int, ...]
+
+
+class ConfigIssue(BaseModel):
+    """One problem in a config: where (JSON path) and what."""
+
+    loc: list[str | int]
+    msg: str
+
+    @property
+    def path(self) -> str:
+        return dotted(self.loc)
+
+
+def dotted(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+class ConfigValidationError(ValueError):
+    """A config failed validation; `issues` name each problem by path."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("; ".join(f"{i.path}: {i.msg}" for i in issues))
+
+
+class FlowEdge(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    source: str = Field(alias="from", description="stage the stream leaves")
+    target: str = Field(alias="to", description="stage the stream enters")
+    stream: StreamKind
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    flow: list[FlowEdge] = Field(min_length=1, max_length=32)
+
+
+class StageConnectors(BaseModel):
+    """Primary connector, ordered fallbacks, and each connector's options keyed by its name.
+
+    The seed format's single stage-level `config` object (not keyed by connector) is accepted and
+    read as the primary connector's options; see README "Config reference".
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    primary: str = Field(min_length=1)
+    fallback: list[str] = Field(default_factory=list, max_length=8)
+    config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        config = data.get("config")
+        if not isinstance(config, dict) or not config:
+            return data
+        names = {data.get("primary"), *(data.get("fallback") or [])}
+        keyed = all(k in names and isinstance(v, dict) for k, v in config.items())
+        if not keyed and isinstance(data.get("primary"), str):
+            data = {**data, "config": {data["primary"]: config}}
+        return data
+
+    @property
+    def chain(self) -> list[str]:
+        return [self.primary, *self.fallback]
+
+
+DEFAULT_TRANSPORT = StageConnectors(primary="websocket")
+
+
+class AgentConfig(BaseModel):
+    """A whole agent: prompt, pipeline flow, connectors per stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system_prompt: str = Field(default="", max_length=20_000)
+    pipeline: PipelineSpec
+    connectors: dict[str, StageConnectors]
+
+    @field_validator("connectors")
+    @classmethod
+    def _not_empty(cls, v: dict[str, StageConnectors]) -> dict[str, StageConnectors]:
+        if not v:
+            raise ValueError("at least the stages of the flow need connectors")
+        return v
+
+    @model_validator(mode="after")
+    def _semantics(self) -> AgentConfig:
+        issues = list(_check(self))
+        if issues:
+            raise PydanticCustomError(
+                "agent_config",
+                "{summary}",
+                {
+                    "summary": "; ".join(f"{i.path}: {i.msg}" for i in issues),
+                    "issues": [i.model_dump() for i in issues],
+                },
+            )
+        return self
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def stage(self, stage: str) -> StageConnectors:
+        if stage == "transport" and stage not in self.connectors:
+            return DEFAULT_TRANSPORT
+        return self.connectors[stage]
+
+    def options(self, stage: str, name: str) -> ConnectorOptions:
+        """Typed options of one connector (defaults where the config gives none)."""
+        return self._options[(stage, name)]
+
+    def next_hop(self, stage: str, stream: str) -> str | None:
+        return self._hops.get((stage, stream))
+
+    @cached_property
+    def _hops(self) -> dict[tuple[str, str], str]:
+        return {(e.source, e.stream): e.target for e in self.pipeline.flow}
+
+    @cached_property
+    def _options(self) -> dict[tuple[str, str], ConnectorOptions]:
+        out: dict[tuple[str, str], ConnectorOptions] = {}
+        for stage in STAGES:
+            if stage not in self.connectors and stage != "transport":
+                continue
+            sc = self.stage(stage)
+            for name in sc.chain:
+                out[(stage, name)] = CONNECTOR_OPTIONS[stage][name].model_validate(
+                    sc.config.get(name, {})
+                )
+        return out
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_defaults=False))
+
+
+def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
+    def issue(loc: Path, msg: str) -> ConfigIssue:
+        return ConfigIssue(loc=list(loc), msg=msg)
+
+    # Connectors: known stages, known names, options that validate, no secret in clear.
+    for stage, sc in cfg.connectors.items():
+        base: Path = ("connectors", stage)
+        if stage not in STAGES:
+            yield issue(base, f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            continue
+        known = CONNECTOR_OPTIONS[stage]
+        choices = ", ".join(connector_names(stage))
+        for loc, name in [(("primary",), sc.primary)] + [
+            (("fallback", i), n) for i, n in enumerate(sc.fallback)
+        ]:
+            if name not in known:
+                yield issue((*base, *loc), f"unknown {stage} connector {name!r}; known: {choices}")
+        if len(set(sc.chain)) != len(sc.chain):
+            yield issue((*base, "fallback"), "a connector appears twice in primary + fallback")
+        for name, options in sc.config.items():
+            loc = (*base, "config", name)
+            if name not in sc.chain:
+                yield issue(loc, f"options for {name!r}, which is neither primary nor a fallback")
+                continue
+            for secret in find_clear_secrets(options):
+                yield issue(
+                    (*loc, *secret),
+                    'secret written in clear; use an environment reference "${ENV}"',
+                )
+            if name in known:
+                try:
+                    known[name].model_validate(options)
+                except ValidationError as exc:
+                    for err in exc.errors():
+                        yield issue((*loc, *err["loc"]), err["msg"])
+
+    # Flow: known stages, streams that fit both ends, one next hop per (stage, stream).
+    seen: dict[tuple[str, str], int] = {}
+    edges_ok = True
+    for i, edge in enumerate(cfg.pipeline.flow):
+        loc: Path = ("pipeline", "flow", i)
+        for end, name in (("from", edge.source), ("to", edge.target)):
+            if name not in STAGES:
+                edges_ok = False
+                yield issue((*loc, end), f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        if edge.source in STAGES and edge.target in STAGES:
+            produces, consumes = STAGE_IO[edge.source][1], STAGE_IO[edge.target][0]
+            if edge.stream != produces or edge.stream != consumes:
+                edges_ok = False
+                yield issue(
+                    (*loc, "stream"),
+                    f"{edge.source} produces {produces} and {edge.target} consumes {consumes}; "
+                    f"a {edge.stream!r} stream does not fit this edge",
+                )
+        key = (edge.source, edge.stream)
+        if key in seen:
+            edges_ok = False
+            yield issue(
+                loc, f"second {edge.stream} edge out of {edge.source} (first at flow[{seen[key]}])"
+            )
+        seen.setdefault(key, i)
+
+    if edges_ok:
+        hops = {(e.source, e.stream): (i, e.target) for i, e in enumerate(cfg.pipeline.flow)}
+        stage, used, loop = "transport", set(), False
+        while True:
+            hop = hops.get((stage, STAGE_IO[stage][1]))
+            if hop is None or hop[0] in used:
+                break
+            used.add(hop[0])
+            stage = hop[1]
+            if stage == "transport":
+                loop = True
+                break
+        if not loop:
+            yield issue(
+                ("pipeline", "flow"),
+                f"the flow must lead from transport back to transport (it stops at {stage!r})",
+            )
+        for i in sorted(set(range(len(cfg.pipeline.flow))) - used):
+            yield issue(
+                ("pipeline", "flow", i), "edge is not on the path from transport to transport"
+            )
+
+    in_flow = {s for e in cfg.pipeline.flow for s in (e.source, e.target) if s in STAGES}
+    for stage in sorted(in_flow - {"transport"} - set(cfg.connectors)):
+        yield issue(("connectors", stage), f"stage {stage!r} is in the flow but has no connectors")
+
+
+def format_errors(exc: ValidationError, *, drop: int = 0) -> list[ConfigIssue]:
+    """Flatten a pydantic error into path-named issues (our semantic issues carry their own paths).
+
+    `drop` strips leading loc parts (FastAPI's "body").
+    """
+    out: list[ConfigIssue] = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"]][drop:]
+        ctx = err.get("ctx") or {}
+        if err["type"] == "agent_config" and "issues" in ctx:
+            for item in ctx["issues"]:
+                out.append(ConfigIssue(loc=[*loc, *item["loc"]], msg=item["msg"]))
+        else:
+            out.append(ConfigIssue(loc=loc, msg=err["msg"]))
+    return out
+
+
+def parse_agent_config(data: Any) -> AgentConfig:
+    """Raw JSON (bytes, str or parsed) to an AgentConfig, or ConfigValidationError."""
+    if isinstance(data, bytes | str):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigValidationError(
+                [ConfigIssue(loc=[], msg=f"not valid JSON: {exc}")]
+            ) from None
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigValidationError(format_errors(exc)) from None

@@ -1,0 +1,63 @@
+"""Connector interfaces per stage. A connector turns one unit of work into a result stream; it
+holds no session state, so one instance (and one loaded model) serves every session of a process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from voicemesh.config.connectors import ConnectorOptions
+
+Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+class Connector(ABC):
+    stage: ClassVar[str]
+    name: ClassVar[str]
+
+    def __init__(self, options: ConnectorOptions):
+        self.options = options
+
+    async def warmup(self) -> None:
+        """Load models or open clients ahead of the first unit of work (off the event loop)."""
+
+    async def aclose(self) -> None:
+        pass
+
+
+class STTConnector(Connector):
+    stage = "stt"
+
+    @abstractmethod
+    async def transcribe(self, pcm: bytes, sample_rate: int) -> str:
+        """Text of one utterance of PCM16 mono audio."""
+
+
+class LLMConnector(Connector):
+    stage = "llm"
+
+    @abstractmethod
+    def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        """Reply text in pieces as they are produced."""
+
+
+class TTSConnector(Connector):
+    stage = "tts"
+
+    @property
+    @abstractmethod
+    def sample_rate(self) -> int:
+        """Native rate of the PCM16 mono audio that `synthesize` yields."""
+
+    @abstractmethod
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        """PCM16 mono audio of one sentence, in chunks as they are produced."""
+
+
+def last_user_text(messages: list[Message]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return str(m.get("content", ""))
+    return ""

@@ -1,0 +1,60 @@
+"""Connector classes by stage and name, imported lazily so a process loads only the engines its
+sessions use; instances are cached per (stage, name, options), so each model loads once."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+
+from voicemesh.config.connectors import CONNECTOR_OPTIONS, ConnectorOptions
+from voicemesh.connectors.base import Connector
+
+_CLASSES: dict[tuple[str, str], str] = {
+    ("stt", "whisper"): "voicemesh.connectors.stt.whisper:WhisperSTT",
+    ("llm", "smollm2"): "voicemesh.connectors.llm.smollm2:SmolLM2LLM",
+    ("llm", "scripted"): "voicemesh.connectors.llm.scripted:ScriptedLLM",
+    ("llm", "echo"): "voicemesh.connectors.llm.scripted:EchoLLM",
+    ("tts", "piper"): "voicemesh.connectors.tts.piper:PiperTTS",
+    ("tts", "tone"): "voicemesh.connectors.tts.tone:ToneTTS",
+}
+
+assert {k for k in _CLASSES} == {
+    (stage, name)
+    for stage, names in CONNECTOR_OPTIONS.items()
+    if stage != "transport"
+    for name in names
+}, "every connector with options needs a class, and the reverse"
+
+
+def connector_class(stage: str, name: str) -> type[Connector]:
+    try:
+        module, _, cls = _CLASSES[(stage, name)].partition(":")
+    except KeyError:
+        raise LookupError(f"no {stage} connector named {name!r}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+class ConnectorPool:
+    """One live instance per (stage, name, options) in this process."""
+
+    def __init__(self) -> None:
+        self._instances: dict[tuple[str, str, str], Connector] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, stage: str, name: str, options: ConnectorOptions) -> Connector:
+        key = (stage, name, options.model_dump_json())
+        inst = self._instances.get(key)
+        if inst is not None:
+            return inst
+        async with self._lock:
+            inst = self._instances.get(key)
+            if inst is None:
+                inst = connector_class(stage, name)(options)
+                await inst.warmup()
+                self._instances[key] = inst
+        return inst
+
+    async def aclose(self) -> None:
+        for inst in self._instances.values():
+            await inst.aclose()
+        self._instances.clear()

@@ -1,0 +1,155 @@
+"""StageService: what every stage shares. It connects to NATS and Valkey, keeps the session config
+cache (ServiceRouter), follows turn epochs from `vm.ctl.*` and cancels work a newer turn made stale,
+answers health pings, and drains on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any, ClassVar
+
+import orjson
+from nats.aio.msg import Msg
+
+from voicemesh.config.logging import bind
+from voicemesh.config.settings import Settings
+from voicemesh.connectors.fallback import chain_of
+from voicemesh.connectors.registry import ConnectorPool
+from voicemesh.router import Bus, ConfigStore, Frame, Kind, ServiceRouter, Subjects
+
+log = logging.getLogger(__name__)
+
+
+class StageService:
+    role: ClassVar[str]
+
+    def __init__(self, settings: Settings):
+        if not settings.nats_url or not settings.valkey_url:
+            raise ValueError(f"{self.role}: NATS_URL and VALKEY_URL must be set")
+        self.settings = settings
+        self.instance = settings.instance_id
+        self.subjects = Subjects(settings.subject_prefix)
+        self.pool = ConnectorPool()
+        self.epochs: dict[str, int] = {}
+        self._work: dict[str, set[tuple[int, asyncio.Task[Any]]]] = {}
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        bind(role=self.role, instance=self.instance)
+        self.store = ConfigStore.from_url(
+            self.settings.valkey_url,  # type: ignore[arg-type]
+            key_prefix=self.settings.key_prefix,
+            default_ttl_s=self.settings.session_ttl_s,
+        )
+        self.bus = await Bus.connect(
+            self.settings.nats_url,  # type: ignore[arg-type]
+            name=f"voicemesh-{self.role}-{self.instance}",
+        )
+        self.router = ServiceRouter(
+            bus=self.bus, store=self.store, stage=self.role, subjects=self.subjects
+        )
+        await self.router.start()
+        await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
+        await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
+        if self.settings.preload:
+            await self.preload()
+        await self.setup()
+        await self.bus.nc.flush()
+        log.info("%s stage ready", self.role)
+
+    async def setup(self) -> None:
+        """Subscribe to this stage's work."""
+
+    async def preload(self) -> None:
+        """Load the default agent's engines for this stage now, not on the first call."""
+        agent = await self.store.get_default_agent()
+        if agent is None or self.role not in agent.config.connectors:
+            return
+        t0 = time.perf_counter()
+        try:
+            await chain_of(self.pool, agent.config, self.role)
+        except Exception as exc:
+            log.warning("preloading %s connectors failed: %s", self.role, exc)
+            return
+        log.info("loaded %s engines in %.1f s", self.role, time.perf_counter() - t0)
+
+    async def stop(self) -> None:
+        await self.bus.drain()
+        await self.pool.aclose()
+        await self.store.close()
+
+    # --- turns -------------------------------------------------------------------------------
+
+    def current(self, session: str, epoch: int) -> bool:
+        """Note a frame's epoch; False when a newer turn of the session has started (drop it)."""
+        latest = self.epochs.get(session, 0)
+        if epoch < latest:
+            return False
+        if epoch > latest:
+            self.epochs[session] = epoch
+            self._cancel_older(session, epoch)
+        return True
+
+    def track(self, session: str, epoch: int, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.bus.spawn(coro)
+        entry = (epoch, task)
+        work = self._work.setdefault(session, set())
+        work.add(entry)
+
+        def done(_: asyncio.Task[Any]) -> None:
+            work.discard(entry)
+            if not work:
+                self._work.pop(session, None)
+
+        task.add_done_callback(done)
+        return task
+
+    def _cancel_older(self, session: str, epoch: int) -> None:
+        for e, task in list(self._work.get(session, ())):
+            if e < epoch:
+                task.cancel()
+
+    async def _on_ctl(self, subject: str, frame: Frame) -> None:
+        if frame.kind is not Kind.EVENT:
+            return
+        session = Subjects.session_of(subject)
+        event = frame.as_event
+        kind = event.get("type")
+        if kind in ("turn", "interrupt"):
+            self.current(session, int(event.get("epoch", frame.epoch)))
+        elif kind == "end":
+            await self.session_ended(session)
+
+    async def session_ended(self, session: str) -> None:
+        self._cancel_older(session, 1 << 32)
+        self.epochs.pop(session, None)
+        self.router.forget(session)
+
+    async def _on_health(self, msg: Msg) -> None:
+        if msg.reply:
+            body = {"role": self.role, "instance": self.instance, "sessions": len(self.epochs)}
+            await self.bus.nc.publish(msg.reply, orjson.dumps(body))
+
+    # --- side channel to the session's transport ---------------------------------------------
+
+    async def notify(self, session: str, body: dict[str, Any], *, epoch: int = 0) -> None:
+        """Events for the caller (transcripts); they travel beside the flow, to the transport."""
+        await self.bus.publish(
+            self.subjects.data("transport", session), Frame.event(body, epoch=epoch)
+        )
+
+
+async def run_service(service: StageService) -> None:
+    """Run until SIGINT/SIGTERM, then drain in-flight work and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    log.info("%s stage draining", service.role)
+    await service.stop()

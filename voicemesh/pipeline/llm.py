@@ -1,0 +1,95 @@
+"""LLM stage: stateless. Any instance takes a turn from the `llm` queue group, reads the session's
+context from Valkey, streams the reply and sends each sentence to the next hop as soon as it is
+complete (numbered, so parallel TTS results can be put back in order downstream).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from voicemesh.connectors.fallback import chain_of, stream_first
+from voicemesh.pipeline.base import StageService
+from voicemesh.pipeline.text import SentenceSplitter
+from voicemesh.router import Flag, Frame, Kind, Subjects
+
+log = logging.getLogger(__name__)
+
+CONTEXT_MESSAGES = 50
+
+
+class LLMService(StageService):
+    role = "llm"
+
+    async def setup(self) -> None:
+        await self.bus.subscribe(
+            self.subjects.data_all("llm"), self._on_text, queue="llm", concurrent=True
+        )
+
+    async def _on_text(self, subject: str, frame: Frame) -> None:
+        session = Subjects.session_of(subject)
+        if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
+            return
+        await self.track(session, frame.epoch, self._turn(session, frame))
+
+    async def _turn(self, session: str, frame: Frame) -> None:
+        epoch, user = frame.epoch, frame.as_text
+        cached = await self.router.load(session)
+        config = cached.config
+        await self.store.append_context(session, {"role": "user", "content": user, "epoch": epoch})
+        history = await self.store.get_context(session, last=CONTEXT_MESSAGES)
+        messages = [{"role": m["role"], "content": m["content"]} for m in history]
+        if config.system_prompt:
+            messages.insert(0, {"role": "system", "content": config.system_prompt})
+        chain = await chain_of(self.pool, config, "llm")
+        next_subject = self.router.next_subject(session)
+        splitter, parts, index, used = SentenceSplitter(), [], 0, ""
+        t0 = time.perf_counter()
+        ttft_ms: float | None = None
+
+        async def emit(sentence: str) -> None:
+            nonlocal index
+            out = Frame.text(
+                sentence,
+                epoch=epoch,
+                index=index,
+                flags=Flag.START | Flag.END,
+                origin_ns=frame.origin_ns,
+            )
+            await self.bus.publish(next_subject, out)
+            await self.notify(
+                session,
+                {
+                    "type": "transcript",
+                    "role": "assistant",
+                    "text": sentence,
+                    "epoch": epoch,
+                    "index": index,
+                    "connector": used,
+                },
+                epoch=epoch,
+            )
+            index += 1
+
+        async for conn, piece in stream_first(chain, lambda c: c.stream(messages)):  # type: ignore[attr-defined]
+            if ttft_ms is None:
+                ttft_ms = (time.perf_counter() - t0) * 1000
+            used = conn.name
+            parts.append(piece)
+            for sentence in splitter.push(piece):
+                await emit(sentence)
+        for sentence in splitter.flush():
+            await emit(sentence)
+        reply = "".join(parts).strip()
+        await self.store.append_context(
+            session, {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
+        )
+        await self.bus.publish(
+            next_subject,
+            Frame.text(
+                "", epoch=epoch, index=index, flags=Flag.END | Flag.LAST, origin_ns=frame.origin_ns
+            ),
+        )
+        log.info(
+            "turn %d: %d sentences from %s, first token %.0f ms", epoch, index, used, ttft_ms or -1
+        )

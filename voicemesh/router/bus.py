@@ -1,0 +1,113 @@
+"""The NATS side of the bus: frames in and out, with bad frames dropped, counted and logged once.
+
+Handlers run as their own tasks when `concurrent=True` so a slow unit of work (an LLM turn) never
+blocks the subscription; per-session order is kept by the handler where it matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from voicemesh.router.codec import Frame, FrameError, decode, encode
+
+log = logging.getLogger(__name__)
+
+FrameHandler = Callable[[str, Frame], Awaitable[None]]
+
+
+class Bus:
+    def __init__(self, nc: Client, *, name: str = "voicemesh"):
+        self.nc = nc
+        self.name = name
+        self.dropped = 0
+        self._warned: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str = "voicemesh", **kw: Any) -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats: %s", exc)
+
+        async def on_disconnect() -> None:
+            log.warning("nats: disconnected, reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info("nats: reconnected")
+
+        nc = await nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            **kw,
+        )
+        return cls(nc, name=name)
+
+    async def publish(self, subject: str, frame: Frame) -> None:
+        await self.nc.publish(subject, encode(frame))
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: FrameHandler,
+        *,
+        queue: str = "",
+        concurrent: bool = False,
+    ) -> Subscription:
+        async def on_msg(msg: Msg) -> None:
+            try:
+                frame = decode(msg.data)
+            except FrameError as exc:
+                self._bad(msg.subject, exc)
+                return
+            if concurrent:
+                self.spawn(self._run(handler, msg.subject, frame))
+            else:
+                await self._run(handler, msg.subject, frame)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg, pending_msgs_limit=65536)
+
+    async def _run(self, handler: FrameHandler, subject: str, frame: Frame) -> None:
+        try:
+            await handler(subject, frame)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("handler for %s failed", subject)
+
+    def _bad(self, subject: str, exc: Exception) -> None:
+        self.dropped += 1
+        kind = subject.rsplit(".", 1)[0]
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("dropped malformed frame on %s: %s (logged once per subject)", subject, exc)
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Finish in-flight handlers, then close the connection."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if not self.nc.is_closed:
+            await self.nc.close()

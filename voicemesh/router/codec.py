@@ -1,0 +1,123 @@
+"""The binary frame that crosses the bus: a 32-byte struct header, then the raw payload.
+
+Audio stays raw PCM16 (no base64, no JSON, no NATS headers: parsing those costs more than the
+audio itself). Text payloads are UTF-8; event payloads are orjson objects. docs/wire-protocol.md
+is the reference for other implementations.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+from typing import Any
+
+import orjson
+
+VERSION = 1
+# version u8, kind u8, flags u16, epoch u32, index u32, seq u32, sample_rate u32, channels u8,
+# 3 reserved bytes, origin timestamp u64 (ns since the Unix epoch, wall clock).
+HEADER = struct.Struct("<BBHIIIIB3xQ")
+HEADER_SIZE = HEADER.size  # 32
+MAX_PAYLOAD = 1 << 20
+
+
+class Kind(IntEnum):
+    AUDIO = 1
+    TEXT = 2
+    EVENT = 3
+
+
+class Flag(IntFlag):
+    NONE = 0
+    START = 1  # first frame of a unit (an utterance, a sentence)
+    END = 2  # last frame of a unit
+    LAST = 4  # the unit is the last of its turn (the reply is complete after it)
+
+
+class FrameError(ValueError):
+    """Bytes that are not a frame of this protocol version."""
+
+
+@dataclass(slots=True)
+class Frame:
+    kind: Kind
+    payload: bytes = b""
+    epoch: int = 0
+    index: int = 0
+    seq: int = 0
+    flags: Flag = Flag.NONE
+    sample_rate: int = 0
+    channels: int = 0
+    origin_ns: int = field(default_factory=time.time_ns)
+
+    # --- constructors ------------------------------------------------------------------------
+
+    @classmethod
+    def audio(cls, pcm: bytes, *, sample_rate: int, channels: int = 1, **kw: Any) -> Frame:
+        return cls(Kind.AUDIO, pcm, sample_rate=sample_rate, channels=channels, **kw)
+
+    @classmethod
+    def text(cls, text: str, **kw: Any) -> Frame:
+        return cls(Kind.TEXT, text.encode(), **kw)
+
+    @classmethod
+    def event(cls, body: dict[str, Any], **kw: Any) -> Frame:
+        return cls(Kind.EVENT, orjson.dumps(body), **kw)
+
+    # --- payload views -----------------------------------------------------------------------
+
+    @property
+    def as_text(self) -> str:
+        return self.payload.decode()
+
+    @property
+    def as_event(self) -> dict[str, Any]:
+        body = orjson.loads(self.payload)
+        if not isinstance(body, dict):
+            raise FrameError("event payload is not a JSON object")
+        return body
+
+    def has(self, flag: Flag) -> bool:
+        return bool(self.flags & flag)
+
+
+def encode(frame: Frame) -> bytes:
+    return (
+        HEADER.pack(
+            VERSION,
+            frame.kind,
+            frame.flags,
+            frame.epoch,
+            frame.index,
+            frame.seq,
+            frame.sample_rate,
+            frame.channels,
+            frame.origin_ns,
+        )
+        + frame.payload
+    )
+
+
+def decode(data: bytes) -> Frame:
+    if len(data) < HEADER_SIZE:
+        raise FrameError(
+            f"frame of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header"
+        )
+    if len(data) - HEADER_SIZE > MAX_PAYLOAD:
+        raise FrameError(f"payload of {len(data) - HEADER_SIZE} bytes exceeds {MAX_PAYLOAD}")
+    version, kind, flags, epoch, index, seq, rate, channels, origin = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise FrameError(f"frame version {version}, expected {VERSION}")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame kind {kind}") from None
+    payload = data[HEADER_SIZE:]
+    if kind is Kind.AUDIO:
+        if not (1 <= channels <= 8) or not (1000 <= rate <= 192_000):
+            raise FrameError(f"audio frame with {channels} channels at {rate} Hz")
+        if len(payload) % (2 * channels):
+            raise FrameError(f"audio payload of {len(payload)} bytes is not whole PCM16 samples")
+    return Frame(Kind(kind), payload, epoch, index, seq, Flag(flags), rate, channels, origin)

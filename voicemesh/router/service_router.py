@@ -1,0 +1,132 @@
+"""ServiceRouter: each stage's view of a session (its config, cached by version) and its next hop.
+
+The hot path never waits on Valkey: a session's config is read once, cached with its version, and
+dropped when `vm.config.update` announces a newer version, so a live change applies on the next unit
+of work. There is no orchestrator: the next hop is computed here from the session's own flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+
+from voicemesh.config.connectors import STAGE_IO
+from voicemesh.config.models import AgentConfig, StageConnectors
+from voicemesh.router.bus import Bus
+from voicemesh.router.codec import Frame
+from voicemesh.router.store import ConfigStore, NotFound
+from voicemesh.router.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedConfig:
+    config: AgentConfig
+    version: int
+
+
+class NoRoute(LookupError):
+    """The session's flow has no edge out of this stage for the stream."""
+
+
+class ServiceRouter:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        store: ConfigStore,
+        stage: str,
+        subjects: Subjects | None = None,
+        cache_size: int = 10_000,
+    ):
+        self.bus, self.store, self.stage = bus, store, stage
+        self.subjects = subjects or Subjects()
+        self._cache: OrderedDict[str, CachedConfig] = OrderedDict()
+        self._cache_size = cache_size
+        self.hits = self.misses = 0
+
+    async def start(self) -> None:
+        await self.bus.nc.subscribe(self.subjects.config_update, cb=self._on_update)
+
+    async def _on_update(self, msg: Msg) -> None:
+        try:
+            body = orjson.loads(msg.data)
+            session, version = body["session_id"], int(body.get("version", 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignored malformed config update on %s", msg.subject)
+            return
+        cached = self._cache.get(session)
+        if cached is not None and (version == 0 or cached.version < version):
+            self._cache.pop(session, None)
+
+    def forget(self, session_id: str) -> None:
+        self._cache.pop(session_id, None)
+
+    # --- the seed's API ----------------------------------------------------------------------
+
+    async def load_config(self, session_id: str) -> AgentConfig:
+        return (await self.load(session_id)).config
+
+    async def load(self, session_id: str) -> CachedConfig:
+        cached = self._cache.get(session_id)
+        if cached is not None:
+            self.hits += 1
+            self._cache.move_to_end(session_id)
+            return cached
+        self.misses += 1
+        stored = await self.store.get_config(session_id)
+        if stored is None:
+            raise NotFound(f"session {session_id} not found or expired")
+        cached = CachedConfig(stored.config, stored.version)
+        self._cache[session_id] = cached
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return cached
+
+    def cached(self, session_id: str) -> AgentConfig:
+        try:
+            return self._cache[session_id].config
+        except KeyError:
+            raise NotFound(f"config of session {session_id} is not loaded") from None
+
+    def next_subject(self, session_id: str, stream: str | None = None) -> str:
+        stream = stream or STAGE_IO[self.stage][1]
+        target = self.cached(session_id).next_hop(self.stage, stream)
+        if target is None:
+            raise NoRoute(f"flow of session {session_id} has no {stream} edge out of {self.stage}")
+        return self.subjects.data(target, session_id)
+
+    async def route_to_next(self, frame: Frame, session_id: str, stream: str | None = None) -> str:
+        """Publish the frame to the next stage of the session's flow; returns the subject."""
+        if session_id not in self._cache:
+            await self.load(session_id)
+        subject = self.next_subject(session_id, stream)
+        await self.bus.publish(subject, frame)
+        return subject
+
+    def get_connector_config(self, session_id: str) -> StageConnectors:
+        return self.cached(session_id).stage(self.stage)
+
+    def get_system_prompt(self, session_id: str) -> str:
+        return self.cached(session_id).system_prompt
+
+
+async def publish_config_update(
+    bus: Bus, subjects: Subjects, session_id: str, version: int, updated_keys: list[str]
+) -> None:
+    """Seed 000's `config.update` broadcast, keyed by session."""
+    body: dict[str, Any] = {
+        "session_id": session_id,
+        "version": version,
+        "updated_keys": updated_keys,
+        "timestamp": time.time(),
+    }
+    await bus.nc.publish(subjects.config_update, orjson.dumps(body))
+    await bus.nc.flush()

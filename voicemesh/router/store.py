@@ -1,0 +1,395 @@
+"""Session configs, named agents and conversation context in Valkey.
+
+A session is one hash (config JSON, version, agent, turn epoch) with a TTL; its context is a list
+with the same TTL. The session index is a sorted set scored by expiry time, so a listing never
+returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries. Every write that
+depends on a key existing is a Lua script, so nothing is half-written and no key is re-created
+without its TTL.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import valkey.asyncio as valkey
+
+from voicemesh.config.models import AgentConfig, parse_agent_config
+from voicemesh.router.subjects import AGENT_NAME, SESSION_ID, Keys
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConfig:
+    session_id: str
+    config: AgentConfig
+    version: int
+    agent: str | None
+    ttl_ms: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    name: str
+    config: AgentConfig
+    version: int
+    description: str
+    created_ms: int
+    updated_ms: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "version": self.version,
+            "created_ms": self.created_ms,
+            "updated_ms": self.updated_ms,
+            "config": orjson.loads(self.config.to_json()),
+        }
+
+
+# KEYS[1] session hash, KEYS[2] index zset; ARGV config, ttl_ms, agent, now_ms, id
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'config', ARGV[1], 'version', 1, 'agent', ARGV[3],
+           'created_ms', ARGV[4], 'epoch', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4] + ARGV[2], ARGV[5])
+return 1
+"""
+
+# Replace the config of a live session, keep its TTL, bump the version. KEYS[1] hash; ARGV config
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'config', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'version', 1)
+"""
+
+# Create or replace with a fresh TTL (the seed's store_config). KEYS[1] hash, KEYS[2] index,
+# KEYS[3] context; ARGV config, ttl_ms, now_ms, id
+_STORE = """
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'config', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'epoch', 0)
+redis.call('HSETNX', KEYS[1], 'agent', '')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+redis.call('ZADD', KEYS[2], ARGV[3] + ARGV[2], ARGV[4])
+return v
+"""
+
+# KEYS[1] hash, KEYS[2] index, KEYS[3] context; ARGV ttl_ms, now_ms, id
+_EXTEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[1]) end
+redis.call('ZADD', KEYS[2], ARGV[2] + ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] hash
+_NEXT_EPOCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+"""
+
+# Append to the context with the session's remaining TTL. KEYS[1] hash, KEYS[2] context; ARGV items
+_APPEND = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return -1 end
+redis.call('RPUSH', KEYS[2], unpack(ARGV))
+redis.call('PEXPIRE', KEYS[2], ttl)
+return redis.call('LLEN', KEYS[2])
+"""
+
+# Agents: KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key;
+# ARGV name, config, now_ms, mode ('create'|'update'), description or '' , keep-description flag
+_PUT_AGENT = """
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if ARGV[4] == 'create' and exists then return -1 end
+if ARGV[4] == 'update' and not exists then return 0 end
+redis.call('HSET', KEYS[1], 'config', ARGV[2], 'updated_ms', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[3])
+if ARGV[6] == '1' then redis.call('HSETNX', KEYS[1], 'description', ARGV[5])
+else redis.call('HSET', KEYS[1], 'description', ARGV[5]) end
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('SADD', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[1]) end
+return v
+"""
+
+# KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key; ARGV name
+_DELETE_AGENT = """
+local n = redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return n
+"""
+
+# KEYS[1] agent hash, KEYS[2] default key; ARGV name
+_SET_DEFAULT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def new_session_id() -> str:
+    """128 bits from the OS CSPRNG, URL- and subject-safe."""
+    return secrets.token_urlsafe(16)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def check_session_id(session_id: str) -> str:
+    if not SESSION_ID.match(session_id):
+        raise ValueError(f"invalid session id {session_id!r}: 8-64 of A-Z a-z 0-9 _ -")
+    return session_id
+
+
+def check_agent_name(name: str) -> str:
+    if not AGENT_NAME.match(name) or name in ("current", "default"):
+        raise ValueError(
+            f"invalid agent name {name!r}: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or "
+            "digit, and not 'current' or 'default'"
+        )
+    return name
+
+
+class ConfigStore:
+    """The seeds' ConfigStorage (per-session configs with TTL) plus agents and context."""
+
+    def __init__(self, client: valkey.Valkey, *, key_prefix: str = "vm", default_ttl_s: int = 3600):
+        self.client = client
+        self.keys = Keys(key_prefix)
+        self.default_ttl_s = default_ttl_s
+        self._create = client.register_script(_CREATE)
+        self._update = client.register_script(_UPDATE)
+        self._store = client.register_script(_STORE)
+        self._extend = client.register_script(_EXTEND)
+        self._next_epoch = client.register_script(_NEXT_EPOCH)
+        self._append = client.register_script(_APPEND)
+        self._put_agent = client.register_script(_PUT_AGENT)
+        self._delete_agent = client.register_script(_DELETE_AGENT)
+        self._set_default = client.register_script(_SET_DEFAULT)
+
+    @classmethod
+    def from_url(cls, url: str, **kw: Any) -> ConfigStore:
+        return cls(valkey.Valkey.from_url(url), **kw)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def _ttl_ms(self, ttl_s: int | None) -> int:
+        ttl = self.default_ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        return int(ttl * 1000)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def create_session(
+        self, config: AgentConfig, *, ttl_s: int | None = None, agent: str | None = None
+    ) -> StoredConfig:
+        ttl_ms, now = self._ttl_ms(ttl_s), _now_ms()
+        while True:
+            sid = new_session_id()
+            created = await self._create(
+                keys=[self.keys.session(sid), self.keys.sessions],
+                args=[config.to_json(), ttl_ms, agent or "", now, sid],
+            )
+            if created:
+                return StoredConfig(sid, config, 1, agent, ttl_ms, now)
+
+    async def store_config(
+        self, session_id: str, config: AgentConfig, *, ttl_s: int | None = None
+    ) -> int:
+        """Create or replace a session's config with a fresh TTL; returns the new version."""
+        check_session_id(session_id)
+        return int(
+            await self._store(
+                keys=[
+                    self.keys.session(session_id),
+                    self.keys.sessions,
+                    self.keys.context(session_id),
+                ],
+                args=[config.to_json(), self._ttl_ms(ttl_s), _now_ms(), session_id],
+            )
+        )
+
+    async def update_config(self, session_id: str, config: AgentConfig) -> int:
+        """Replace a live session's config, keeping its TTL; returns the new version."""
+        version = await self._update(keys=[self.keys.session(session_id)], args=[config.to_json()])
+        if not version:
+            raise NotFound(f"session {session_id} not found or expired")
+        return int(version)
+
+    async def get_config(self, session_id: str) -> StoredConfig | None:
+        key = self.keys.session(session_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.pttl(key)
+            raw, ttl = await pipe.execute()
+        if not raw or b"config" not in raw:
+            return None
+        return StoredConfig(
+            session_id=session_id,
+            config=parse_agent_config(raw[b"config"]),
+            version=int(raw[b"version"]),
+            agent=raw.get(b"agent", b"").decode() or None,
+            ttl_ms=int(ttl),
+            created_ms=int(raw.get(b"created_ms", 0)),
+        )
+
+    async def get_version(self, session_id: str) -> int | None:
+        v = await self.client.hget(self.keys.session(session_id), "version")
+        return int(v) if v is not None else None
+
+    async def list_configs(self) -> list[str]:
+        """Live session ids (lapsed index entries are removed on the way)."""
+        await self.cleanup_expired_configs()
+        ids = await self.client.zrangebyscore(self.keys.sessions, _now_ms(), "+inf")
+        return [i.decode() for i in ids]
+
+    async def get_config_ttl(self, session_id: str) -> int | None:
+        """Seconds left, or None when the session does not exist."""
+        ttl = await self.client.pttl(self.keys.session(session_id))
+        return None if ttl < 0 else max(1, round(ttl / 1000))
+
+    async def extend_config_ttl(self, session_id: str, ttl_s: int) -> bool:
+        return bool(
+            await self._extend(
+                keys=[
+                    self.keys.session(session_id),
+                    self.keys.sessions,
+                    self.keys.context(session_id),
+                ],
+                args=[self._ttl_ms(ttl_s), _now_ms(), session_id],
+            )
+        )
+
+    async def cleanup_expired_configs(self) -> int:
+        """Drop index entries whose session lapsed (by score, and any whose key was deleted)."""
+        removed = await self.client.zremrangebyscore(self.keys.sessions, "-inf", _now_ms() - 1)
+        return int(removed)
+
+    async def delete_config(self, session_id: str) -> bool:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.session(session_id), self.keys.context(session_id))
+            pipe.zrem(self.keys.sessions, session_id)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def next_epoch(self, session_id: str) -> int:
+        epoch = await self._next_epoch(keys=[self.keys.session(session_id)])
+        if epoch < 0:
+            raise NotFound(f"session {session_id} not found or expired")
+        return int(epoch)
+
+    # --- conversation context ----------------------------------------------------------------
+
+    async def append_context(self, session_id: str, *messages: dict[str, Any]) -> int:
+        n = await self._append(
+            keys=[self.keys.session(session_id), self.keys.context(session_id)],
+            args=[orjson.dumps(m) for m in messages],
+        )
+        if n < 0:
+            raise NotFound(f"session {session_id} not found or expired")
+        return int(n)
+
+    async def get_context(
+        self, session_id: str, *, last: int | None = None
+    ) -> list[dict[str, Any]]:
+        start = -last if last else 0
+        items = await self.client.lrange(self.keys.context(session_id), start, -1)
+        return [orjson.loads(i) for i in items]
+
+    # --- agents ------------------------------------------------------------------------------
+
+    async def _put(
+        self, name: str, config: AgentConfig, description: str | None, mode: str
+    ) -> AgentRecord:
+        check_agent_name(name)
+        result = await self._put_agent(
+            keys=[self.keys.agent(name), self.keys.agents, self.keys.default_agent],
+            args=[
+                name,
+                config.to_json(),
+                _now_ms(),
+                mode,
+                description or "",
+                "1" if description is None else "0",
+            ],
+        )
+        if result == -1:
+            raise Conflict(f"agent {name!r} already exists")
+        if result == 0:
+            raise NotFound(f"agent {name!r} not found")
+        record = await self.get_agent(name)
+        assert record is not None
+        return record
+
+    async def create_agent(
+        self, name: str, config: AgentConfig, *, description: str = ""
+    ) -> AgentRecord:
+        """Create a named agent; the first agent stored becomes the default."""
+        return await self._put(name, config, description, "create")
+
+    async def update_agent(
+        self, name: str, config: AgentConfig, *, description: str | None = None
+    ) -> AgentRecord:
+        return await self._put(name, config, description, "update")
+
+    async def get_agent(self, name: str) -> AgentRecord | None:
+        raw = await self.client.hgetall(self.keys.agent(name))
+        return self._agent(name, raw) if raw else None
+
+    async def list_agents(self) -> list[AgentRecord]:
+        names = sorted(n.decode() for n in await self.client.smembers(self.keys.agents))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.hgetall(self.keys.agent(n))
+            rows = await pipe.execute()
+        return [self._agent(n, r) for n, r in zip(names, rows, strict=True) if r]
+
+    async def delete_agent(self, name: str) -> bool:
+        return bool(
+            await self._delete_agent(
+                keys=[self.keys.agent(name), self.keys.agents, self.keys.default_agent], args=[name]
+            )
+        )
+
+    async def set_default_agent(self, name: str) -> None:
+        if not await self._set_default(
+            keys=[self.keys.agent(name), self.keys.default_agent], args=[name]
+        ):
+            raise NotFound(f"agent {name!r} not found")
+
+    async def get_default_agent(self) -> AgentRecord | None:
+        name = await self.client.get(self.keys.default_agent)
+        return await self.get_agent(name.decode()) if name else None
+
+    @staticmethod
+    def _agent(name: str, raw: dict[bytes, bytes]) -> AgentRecord:
+        return AgentRecord(
+            name=name,
+            config=parse_agent_config(raw[b"config"]),
+            version=int(raw[b"version"]),
+            description=raw.get(b"description", b"").decode(),
+            created_ms=int(raw[b"created_ms"]),
+            updated_ms=int(raw[b"updated_ms"]),
+        )

@@ -1,0 +1,81 @@
+"""NATS subject and Valkey key names, in one place so every role agrees on them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Session ids become NATS subject tokens and key parts: no dots, spaces or wildcards.
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    prefix: str = "vm"
+
+    def data(self, stage: str, session: str) -> str:
+        return f"{self.prefix}.{stage}.{session}"
+
+    def data_all(self, stage: str) -> str:
+        return f"{self.prefix}.{stage}.*"
+
+    def ctl(self, session: str) -> str:
+        return f"{self.prefix}.ctl.{session}"
+
+    @property
+    def ctl_all(self) -> str:
+        return f"{self.prefix}.ctl.*"
+
+    def config_get(self, session: str) -> str:
+        return f"{self.prefix}.config.get.{session}"
+
+    @property
+    def config_get_all(self) -> str:
+        return f"{self.prefix}.config.get.*"
+
+    @property
+    def config_update(self) -> str:
+        return f"{self.prefix}.config.update"
+
+    def assign(self, stage: str) -> str:
+        """Queue-group request handing a session's stream to one instance of a streaming stage."""
+        return f"{self.prefix}.assign.{stage}"
+
+    def health(self, role: str) -> str:
+        return f"{self.prefix}.health.{role}"
+
+    @staticmethod
+    def session_of(subject: str) -> str:
+        return subject.rpartition(".")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "vm"
+
+    def session(self, session: str) -> str:
+        return f"{self.prefix}:session:{session}"
+
+    @property
+    def sessions(self) -> str:
+        """Sorted set: session id scored by its expiry time (ms), so listing skips lapsed ids."""
+        return f"{self.prefix}:sessions"
+
+    def context(self, session: str) -> str:
+        return f"{self.prefix}:ctx:{session}"
+
+    def lease(self, stage: str, session: str) -> str:
+        return f"{self.prefix}:lease:{stage}:{session}"
+
+    def agent(self, name: str) -> str:
+        return f"{self.prefix}:agent:{name}"
+
+    @property
+    def agents(self) -> str:
+        """Set of agent names."""
+        return f"{self.prefix}:agents"
+
+    @property
+    def default_agent(self) -> str:
+        return f"{self.prefix}:agents:default"

@@ -1,0 +1,329 @@
+"""The config-manager HTTP API (FastAPI) and the WebSocket call endpoint.
+
+Agents are named templates (no TTL, one default); a session copies an agent's config (or takes a
+raw one) at creation and is then changed on its own: replace (PUT) or merge-patch (PATCH, RFC 7396)
+its config while a call is open, and the stages apply it on their next unit of work.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Body, FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from voicemesh.config.models import (
+    AgentConfig,
+    ConfigIssue,
+    ConfigValidationError,
+    parse_agent_config,
+)
+from voicemesh.router.store import Conflict, NotFound, check_agent_name, check_session_id
+from voicemesh.transport.call import Call
+from voicemesh.transport.service import TransportService
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+class AgentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=2000)
+    config: AgentConfig
+    default: bool = False
+
+
+class AgentUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = Field(None, max_length=2000)
+    config: AgentConfig
+
+
+class SessionIn(BaseModel):
+    """Start a session from a named agent, a raw config, or (neither) the default agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str | None = Field(None, max_length=64)
+    config: AgentConfig | None = None
+    ttl_s: int | None = Field(None, ge=10, le=30 * 86400)
+
+
+class TtlIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: int = Field(ge=10, le=30 * 86400)
+
+
+def _issues(issues: list[ConfigIssue]) -> JSONResponse:
+    return JSONResponse(
+        status_code=422,
+        content={"detail": [{"loc": i.loc, "path": i.path, "msg": i.msg} for i in issues]},
+    )
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message})
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _config_json(config: AgentConfig) -> Any:
+    return orjson.loads(config.to_json())
+
+
+def create_app(service: TransportService) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="voicemesh transport", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    api = APIRouter(prefix="/api")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        issues = []
+        for err in exc.errors():
+            loc = (
+                list(err.get("loc", ()))[1:]
+                if err.get("loc", ("",))[0] == "body"
+                else list(err.get("loc", ()))
+            )
+            ctx = err.get("ctx") or {}
+            if err.get("type") == "agent_config" and "issues" in ctx:
+                issues += [ConfigIssue(loc=[*loc, *i["loc"]], msg=i["msg"]) for i in ctx["issues"]]
+            else:
+                issues.append(ConfigIssue(loc=loc, msg=err.get("msg", "invalid")))
+        return _issues(issues)
+
+    @app.exception_handler(ConfigValidationError)
+    async def _invalid_config(_: Request, exc: ConfigValidationError) -> JSONResponse:
+        return _issues(exc.issues)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return _error(409, str(exc))
+
+    store = lambda: service.store  # noqa: E731  (bound at request time, after lifespan start)
+
+    def name_ok(name: str) -> str:
+        try:
+            return check_agent_name(name)
+        except ValueError as exc:
+            raise ConfigValidationError([ConfigIssue(loc=["name"], msg=str(exc))]) from None
+
+    def session_ok(session_id: str) -> str:
+        try:
+            return check_session_id(session_id)
+        except ValueError:
+            raise NotFound(f"session {session_id} not found") from None
+
+    # --- agents (seed 004) -------------------------------------------------------------------
+
+    @api.get("/agents")
+    async def list_agents() -> dict[str, Any]:
+        default = await store().get_default_agent()
+        agents = await store().list_agents()
+        return {
+            "default": default.name if default else None,
+            "agents": [a.to_json() for a in agents],
+        }
+
+    @api.post("/agents", status_code=201)
+    async def create_agent(body: AgentIn) -> dict[str, Any]:
+        record = await store().create_agent(
+            name_ok(body.name), body.config, description=body.description
+        )
+        if body.default:
+            await store().set_default_agent(record.name)
+        return record.to_json()
+
+    @api.get("/agents/current")
+    async def current_agent() -> dict[str, Any]:
+        record = await store().get_default_agent()
+        if record is None:
+            raise NotFound("no default agent is set")
+        return record.to_json()
+
+    @api.get("/agents/{name}")
+    async def get_agent(name: str) -> dict[str, Any]:
+        record = await store().get_agent(name)
+        if record is None:
+            raise NotFound(f"agent {name!r} not found")
+        return record.to_json()
+
+    @api.put("/agents/{name}")
+    async def update_agent(name: str, body: AgentUpdate) -> dict[str, Any]:
+        record = await store().update_agent(
+            name_ok(name), body.config, description=body.description
+        )
+        return record.to_json()
+
+    @api.delete("/agents/{name}")
+    async def delete_agent(name: str) -> dict[str, Any]:
+        if not await store().delete_agent(name):
+            raise NotFound(f"agent {name!r} not found")
+        return {"deleted": name}
+
+    @api.post("/agents/{name}/set-default")
+    async def set_default(name: str) -> dict[str, Any]:
+        await store().set_default_agent(name)
+        return {"default": name}
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    def session_json(stored: Any) -> dict[str, Any]:
+        return {
+            "session_id": stored.session_id,
+            "version": stored.version,
+            "agent": stored.agent,
+            "ttl_s": max(1, round(stored.ttl_ms / 1000)),
+            "created_ms": stored.created_ms,
+            "config": _config_json(stored.config),
+        }
+
+    @api.post("/sessions", status_code=201)
+    async def create_session(body: SessionIn | None = None) -> dict[str, Any]:
+        body = body or SessionIn()
+        if body.agent and body.config:
+            raise ConfigValidationError(
+                [ConfigIssue(loc=["agent"], msg="give an agent name or a config, not both")]
+            )
+        agent_name = None
+        if body.config is not None:
+            config = body.config
+        else:
+            record = (
+                await store().get_agent(body.agent)
+                if body.agent
+                else await store().get_default_agent()
+            )
+            if record is None:
+                raise NotFound(
+                    f"agent {body.agent!r} not found" if body.agent else "no default agent is set"
+                )
+            config, agent_name = record.config, record.name
+        stored = await store().create_session(config, ttl_s=body.ttl_s, agent=agent_name)
+        return {
+            "session_id": stored.session_id,
+            "version": stored.version,
+            "agent": agent_name,
+            "ttl_s": stored.ttl_ms // 1000,
+        }
+
+    @api.get("/sessions")
+    async def list_sessions() -> dict[str, Any]:
+        return {"sessions": await store().list_configs()}
+
+    @api.get("/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        stored = await store().get_config(session_ok(session_id))
+        if stored is None:
+            raise NotFound(f"session {session_id} not found or expired")
+        return session_json(stored)
+
+    @api.put("/sessions/{session_id}/config")
+    async def replace_config(session_id: str, config: AgentConfig) -> dict[str, Any]:
+        version = await store().update_config(session_ok(session_id), config)
+        await service.config_changed(session_id, version, ["*"])
+        return {"session_id": session_id, "version": version}
+
+    @api.patch("/sessions/{session_id}/config")
+    async def patch_config(
+        session_id: str,
+        patch: dict[str, Any] = Body(..., media_type="application/merge-patch+json"),
+    ) -> dict[str, Any]:
+        stored = await store().get_config(session_ok(session_id))
+        if stored is None:
+            raise NotFound(f"session {session_id} not found or expired")
+        merged = merge_patch(_config_json(stored.config), patch)
+        config = parse_agent_config(merged)
+        version = await store().update_config(session_id, config)
+        await service.config_changed(session_id, version, sorted(patch))
+        return {"session_id": session_id, "version": version}
+
+    @api.post("/sessions/{session_id}/ttl")
+    async def extend_ttl(session_id: str, body: TtlIn) -> dict[str, Any]:
+        if not await store().extend_config_ttl(session_ok(session_id), body.ttl_s):
+            raise NotFound(f"session {session_id} not found or expired")
+        return {"session_id": session_id, "ttl_s": body.ttl_s}
+
+    @api.delete("/sessions/{session_id}")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        if not await store().delete_config(session_ok(session_id)):
+            raise NotFound(f"session {session_id} not found or expired")
+        await service.session_deleted(session_id)
+        return {"deleted": session_id}
+
+    @api.get("/sessions/{session_id}/context")
+    async def get_context(session_id: str) -> dict[str, Any]:
+        return {"messages": await store().get_context(session_ok(session_id))}
+
+    app.include_router(api)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        await store().client.ping()
+        if not service.bus.nc.is_connected:
+            raise RuntimeError("nats disconnected")
+        return {"status": "ok", "instance": service.settings.instance_id}
+
+    @app.websocket("/ws/call")
+    async def ws_call(
+        ws: WebSocket, session_id: str | None = None, agent: str | None = None
+    ) -> None:
+        await ws.accept()
+        try:
+            if session_id:
+                session_ok(session_id)
+                if await store().get_config(session_id) is None:
+                    raise NotFound(f"session {session_id} not found or expired")
+                sid = session_id
+            else:
+                record = (
+                    await store().get_agent(agent) if agent else await store().get_default_agent()
+                )
+                if record is None:
+                    raise NotFound(f"agent {agent!r} not found" if agent else "no default agent")
+                sid = (await store().create_session(record.config, agent=record.name)).session_id
+        except NotFound as exc:
+            await ws.send_text(orjson.dumps({"type": "error", "error": str(exc)}).decode())
+            await ws.close(code=4404)
+            return
+        await Call(service, sid, ws).run()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Any:
+        page = STATIC / "index.html"
+        if page.exists():
+            return FileResponse(page)
+        return {"service": "voicemesh transport", "docs": "/docs", "call": "/ws/call"}
+
+    return app

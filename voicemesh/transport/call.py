@@ -1,0 +1,161 @@
+"""One call over the WebSocket transport: caller audio in, turn detection, speech to STT over the
+bus; bot audio back in order, resampled, with transcripts and per-turn latency as JSON events.
+
+Frames from the peer: binary = PCM16 mono 16 kHz (any chunk size); text = JSON control
+({"type": "end"} hangs up). Frames to the peer: binary = PCM16 mono 16 kHz; text = JSON events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from voicemesh.config.connectors import WebSocketTransportOptions
+from voicemesh.config.logging import bind
+from voicemesh.router import Flag, Frame, Kind, Subjects
+from voicemesh.transport.egress import Reorderer, Resampler
+from voicemesh.transport.vad import RATE, Rechunker, TurnDetector
+
+if TYPE_CHECKING:
+    from voicemesh.transport.service import TransportService
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()
+
+
+class Call:
+    def __init__(self, service: TransportService, session_id: str, ws: WebSocket):
+        self.svc, self.session, self.ws = service, session_id, ws
+        self.subjects: Subjects = service.subjects
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.reorder = Reorderer()
+        self.resample = Resampler(RATE)
+        self.epoch = 0
+        self.seq = 0
+        self.utterance: list[Frame] = []
+        self.speech_end: float | None = None
+        self.first_audio_sent = False
+
+    async def run(self) -> None:
+        bind(session=self.session)
+        cached = await self.svc.router.load(self.session)
+        config = cached.config
+        transport = config.stage("transport")
+        options = (
+            config.options("transport", "websocket")
+            if "websocket" in transport.chain
+            else WebSocketTransportOptions()
+        )
+        detector, chunker = TurnDetector(options), Rechunker()
+        sub = await self.svc.bus.subscribe(
+            self.subjects.data("transport", self.session), self._egress
+        )
+        sender = asyncio.create_task(self._send_loop())
+        await self._event(
+            {"type": "session", "session_id": self.session, "version": cached.version}
+        )
+        log.info("call started")
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                if msg.get("bytes") is not None:
+                    for frame in chunker.push(msg["bytes"]):
+                        for ev in detector.push(frame):
+                            await self._turn_event(ev.kind, ev.frames)
+                elif msg.get("text") is not None:
+                    try:
+                        ctl = orjson.loads(msg["text"])
+                    except orjson.JSONDecodeError:
+                        await self._event({"type": "error", "error": "text frames must be JSON"})
+                        continue
+                    if isinstance(ctl, dict) and ctl.get("type") == "end":
+                        break
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await sub.unsubscribe()
+            self.out.put_nowait(_CLOSE)
+            await asyncio.gather(sender, return_exceptions=True)
+            await self.svc.bus.publish(
+                self.subjects.ctl(self.session), Frame.event({"type": "call_end"})
+            )
+            log.info("call ended")
+
+    # --- caller → bus ------------------------------------------------------------------------
+
+    async def _turn_event(self, kind: str, frames: tuple[bytes, ...]) -> None:
+        stt = self.subjects.data("stt", self.session)
+        if kind == "start":
+            self.epoch = await self.svc.store.next_epoch(self.session)
+            self.reorder.reset(self.epoch)
+            self.first_audio_sent, self.speech_end, self.seq = False, None, 0
+            self.utterance = []
+            await self.svc.bus.publish(
+                self.subjects.ctl(self.session),
+                Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
+            )
+            await self.svc.ensure_owner("stt", self.session)
+            await self._event({"type": "turn", "epoch": self.epoch})
+        for pcm in frames:
+            flags = Flag.START if self.seq == 0 else Flag.NONE
+            frame = Frame.audio(pcm, sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
+            self.seq += 1
+            self.utterance.append(frame)
+            await self.svc.bus.publish(stt, frame)
+        if kind == "end":
+            end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
+            self.utterance.append(end)
+            self.speech_end = time.perf_counter()
+            if await self.svc.ensure_owner("stt", self.session, replay=self.utterance):
+                log.info("stt owner changed mid-utterance: replayed %d frames", len(self.utterance))
+            else:
+                await self.svc.bus.publish(stt, end)
+            self.utterance = []
+            await self._event({"type": "user_stopped", "epoch": self.epoch})
+
+    # --- bus → caller ------------------------------------------------------------------------
+
+    async def _egress(self, subject: str, frame: Frame) -> None:
+        if frame.kind is Kind.EVENT:
+            if frame.epoch >= self.epoch:
+                await self._event(frame.as_event)
+            return
+        if frame.kind is not Kind.AUDIO:
+            return
+        for f in self.reorder.push(frame):
+            pcm = self.resample(f.payload, f.sample_rate)
+            if pcm:
+                if not self.first_audio_sent:
+                    self.first_audio_sent = True
+                    latency = (
+                        round((time.perf_counter() - self.speech_end) * 1000, 1)
+                        if self.speech_end
+                        else None
+                    )
+                    await self._event(
+                        {"type": "bot_started", "epoch": f.epoch, "latency_ms": latency}
+                    )
+                self.out.put_nowait(pcm)
+            if f.has(Flag.LAST):
+                await self._event({"type": "bot_done", "epoch": f.epoch})
+
+    async def _event(self, body: dict[str, Any]) -> None:
+        self.out.put_nowait(orjson.dumps(body).decode())
+
+    async def _send_loop(self) -> None:
+        while (item := await self.out.get()) is not _CLOSE:
+            try:
+                if isinstance(item, bytes):
+                    await self.ws.send_bytes(item)
+                else:
+                    await self.ws.send_text(item)
+            except (WebSocketDisconnect, RuntimeError):
+                return

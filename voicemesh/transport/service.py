@@ -1,0 +1,128 @@
+"""The transport service: calls in and out, and the config manager (HTTP API, `vm.config.get`).
+
+It is the only role that writes configs; stages only read them. Updates are announced on
+`vm.config.update` so every stage drops its cached copy at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from voicemesh.config.logging import bind
+from voicemesh.config.settings import Settings
+from voicemesh.router import Bus, ConfigStore, Frame, ServiceRouter, Subjects, publish_config_update
+
+log = logging.getLogger(__name__)
+
+
+class NoInstance(RuntimeError):
+    """No instance of a stage answered the assignment request."""
+
+
+class TransportService:
+    role = "transport"
+
+    def __init__(self, settings: Settings):
+        if not settings.nats_url or not settings.valkey_url:
+            raise ValueError("transport: NATS_URL and VALKEY_URL must be set")
+        self.settings = settings
+        self.subjects = Subjects(settings.subject_prefix)
+        self._owners: dict[str, str] = {}
+
+    async def start(self) -> None:
+        bind(role=self.role, instance=self.settings.instance_id)
+        self.store = ConfigStore.from_url(
+            self.settings.valkey_url,  # type: ignore[arg-type]
+            key_prefix=self.settings.key_prefix,
+            default_ttl_s=self.settings.session_ttl_s,
+        )
+        self.bus = await Bus.connect(
+            self.settings.nats_url,  # type: ignore[arg-type]
+            name=f"voicemesh-transport-{self.settings.instance_id}",
+        )
+        self.router = ServiceRouter(
+            bus=self.bus, store=self.store, stage="transport", subjects=self.subjects
+        )
+        await self.router.start()
+        await self.bus.nc.subscribe(
+            self.subjects.config_get_all, queue="transport", cb=self._on_config_get
+        )
+        await self.bus.nc.subscribe(self.subjects.health("transport"), cb=self._on_health)
+        await self.bus.nc.flush()
+        log.info("transport ready")
+
+    async def stop(self) -> None:
+        await self.bus.drain()
+        await self.store.close()
+
+    async def config_changed(self, session_id: str, version: int, keys: list[str]) -> None:
+        self.router.forget(session_id)
+        await publish_config_update(self.bus, self.subjects, session_id, version, keys)
+
+    async def session_deleted(self, session_id: str) -> None:
+        self.router.forget(session_id)
+        self._owners.pop(session_id, None)
+        await self.bus.publish(self.subjects.ctl(session_id), Frame.event({"type": "end"}))
+        await publish_config_update(self.bus, self.subjects, session_id, 0, ["*"])
+
+    async def _on_config_get(self, msg: Msg) -> None:
+        """Seed 000's request/reply: `vm.config.get.<session>` → the session's config."""
+        if not msg.reply:
+            return
+        session = Subjects.session_of(msg.subject)
+        stored = await self.store.get_config(session)
+        body: dict[str, Any]
+        if stored is None:
+            body = {"status": "error", "error": f"session {session} not found or expired"}
+        else:
+            body = {
+                "status": "success",
+                "session_id": session,
+                "version": stored.version,
+                "configurations": orjson.loads(stored.config.to_json()),
+            }
+        await self.bus.nc.publish(msg.reply, orjson.dumps(body))
+
+    async def _on_health(self, msg: Msg) -> None:
+        if msg.reply:
+            body = {"role": self.role, "instance": self.settings.instance_id}
+            await self.bus.nc.publish(msg.reply, orjson.dumps(body))
+
+    async def ensure_owner(
+        self, stage: str, session: str, *, replay: list[Frame] | None = None
+    ) -> bool:
+        """Make sure one instance of a streaming stage owns the session; if the owner changed
+        since we last looked (its lease lapsed), hand over and resend `replay`. True if replayed."""
+        key = self.store.keys.lease(stage, session)
+        holder = await self.store.client.get(key)
+        known = self._owners.get(session)
+        if holder is not None and holder.decode() == known:
+            return False
+        owner = await self._assign(stage, session)
+        self._owners[session] = owner
+        if replay:  # the stream moved (lease lapsed or taken over): resend the open utterance
+            subject = self.subjects.data(stage, session)
+            for frame in replay:
+                await self.bus.publish(subject, frame)
+            return True
+        return False
+
+    async def _assign(self, stage: str, session: str) -> str:
+        payload = orjson.dumps({"session_id": session})
+        for attempt in range(20):
+            try:
+                reply = await self.bus.nc.request(self.subjects.assign(stage), payload, timeout=2)
+                body = orjson.loads(reply.data)
+                if "owner" in body:
+                    return str(body["owner"])
+                raise NoInstance(f"{stage} refused session {session}: {body.get('error')}")
+            except (NoRespondersError, NatsTimeout):
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        raise NoInstance(f"no {stage} instance answered for session {session}")
