@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 
 import orjson
 
-ROLES = ("transport", "stt", "llm", "tts")
 DEFAULT_AGENT_FILE = Path("config/agent-config.json")
 
 
@@ -62,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=settings.http_port,
             log_level="warning",
             loop="uvloop",
-            ws="websockets",
+            ws="websockets-sansio",
             lifespan="on",
         )
         asyncio.run(uvicorn.Server(config).serve())
@@ -96,48 +94,16 @@ async def _seed_agent(valkey_url: str, key_prefix: str, agent_file: Path) -> str
         await store.close()
 
 
-async def _wait_ready(
-    nats_url: str, prefix: str, roles: list[str], procs: dict[str, Any], limit_s: float
-) -> None:
-    import nats
-
-    nc = await nats.connect(nats_url)
-    try:
-        pending = set(roles)
-        start = time.monotonic()
-        last_note = 0.0
-        while pending:
-            for role in sorted(pending):
-                for name, proc in procs.items():
-                    if proc.poll() is not None:
-                        raise RuntimeError(
-                            f"{name} exited with code {proc.returncode} during startup"
-                        )
-                try:
-                    await nc.request(f"{prefix}.health.{role}", b"{}", timeout=0.5)
-                    pending.discard(role)
-                    _say(f"  {role} ready ({time.monotonic() - start:.1f} s)")
-                except Exception:
-                    pass
-            if time.monotonic() - start > limit_s:
-                raise RuntimeError(f"timed out waiting for {', '.join(sorted(pending))}")
-            if pending and time.monotonic() - last_note > 10:
-                last_note = time.monotonic()
-                _say(f"  waiting for {', '.join(sorted(pending))} (loading engines)...")
-            await asyncio.sleep(0.2)
-    finally:
-        await nc.close()
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     from voicemesh.config.settings import Settings
+    from voicemesh.launcher import Stack, StartupError
     from voicemesh.servers import ServerError, start_nats, start_valkey
 
     settings = Settings()
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     servers = []
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    stack: Stack | None = None
     env = dict(os.environ)
     stop = False
 
@@ -172,47 +138,31 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.update(NATS_URL=nats_url, VALKEY_URL=valkey_url)
         _say(asyncio.run(_seed_agent(valkey_url, settings.key_prefix, Path(args.agent_file))))
 
-        counts = {"stt": args.instances, "llm": args.instances, "tts": args.instances}
-        for role, n in counts.items():
-            for i in range(n):
-                name = f"{role}-{i + 1}" if n > 1 else role
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "voicemesh", "serve", role], env=env
-                )
-        tenv = {**env, "VOICEMESH_HTTP_HOST": args.host, "VOICEMESH_HTTP_PORT": str(args.port)}
-        procs["transport"] = subprocess.Popen(
-            [sys.executable, "-m", "voicemesh", "serve", "transport"], env=tenv
-        )
-        _say(f"starting {', '.join(procs)}; engines load once per process...")
+        stack = Stack(env, instances=args.instances, http_host=args.host, http_port=args.port)
+        stack.start()
+        _say(f"starting {', '.join(stack.procs)}; engines load once per process...")
         asyncio.run(
-            _wait_ready(nats_url, settings.subject_prefix, list(ROLES), procs, args.startup_timeout)
+            stack.wait_ready(
+                nats_url, settings.subject_prefix, limit_s=args.startup_timeout, progress=_say
+            )
         )
         _say(
             f"up: web client and API at http://{args.host}:{args.port}/  "
             f"(API docs /docs, calls at ws://{args.host}:{args.port}/ws/call). Ctrl-C stops."
         )
         while not stop:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    _say(f"{name} exited with code {proc.returncode}; stopping")
-                    stop = True
+            if dead := stack.dead():
+                _say(f"{', '.join(dead)} exited; stopping")
+                return 1
             time.sleep(0.3)
         return 0
-    except (ServerError, RuntimeError, OSError, ValueError) as exc:
+    except (ServerError, StartupError, OSError, ValueError) as exc:
         _say(f"error: {exc}")
         return 1
     finally:
-        if procs:
-            _say("stopping services...")
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if stack is not None:
+            _say("stopping services (in-flight turns drain first)...")
+            stack.stop()
         for server in reversed(servers):
             server.stop()
         if servers:
@@ -359,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(fn=cmd_up)
 
     serve = sub.add_parser("serve", help="run one role against external NATS_URL and VALKEY_URL")
-    serve.add_argument("role", choices=ROLES)
+    serve.add_argument("role", choices=("transport", "stt", "llm", "tts"))
     serve.add_argument("--port", type=int, default=None, help="HTTP port (transport only)")
     serve.set_defaults(fn=cmd_serve)
 

@@ -84,14 +84,18 @@ class EmbeddedServer:
         """Stop and start again on the same port and data (for fault-tolerance tests)."""
         self.stop()
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         _wait_port("127.0.0.1", self.port, self.proc, self.name, self.log_path)
 
 
 def _spawn(name: str, argv: list[str], port: int, url: str, data_dir: Path) -> EmbeddedServer:
     log_path = data_dir / f"{name}.log"
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # Own session: a Ctrl-C to the terminal's process group must not stop the servers before
+        # the services have drained; the owner stops them last.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _wait_port("127.0.0.1", port, proc, name, log_path)
     return EmbeddedServer(name, url, port, proc, log_path, argv)
 

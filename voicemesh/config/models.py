@@ -80,7 +80,8 @@ class StageConnectors(BaseModel):
     """Primary connector, ordered fallbacks, and each connector's options keyed by its name.
 
     The seed format's single stage-level `config` object (not keyed by connector) is accepted and
-    read as the primary connector's options; see README "Config reference".
+    read as the primary connector's options; see README "Config reference". Options may be kept for
+    a known connector that is not in the chain, so swapping back needs no re-typing.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -97,8 +98,12 @@ class StageConnectors(BaseModel):
         config = data.get("config")
         if not isinstance(config, dict) or not config:
             return data
-        names = {data.get("primary"), *(data.get("fallback") or [])}
-        keyed = all(k in names and isinstance(v, dict) for k, v in config.items())
+        # Keyed by connector when every value is an object and some key names a connector; the
+        # seed's flat form holds option values (strings, numbers) for the primary.
+        names = {data.get("primary"), *(data.get("fallback") or []), *ALL_CONNECTORS}
+        keyed = all(isinstance(v, dict) for v in config.values()) and any(
+            k in names for k in config
+        )
         if not keyed and isinstance(data.get("primary"), str):
             data = {**data, "config": {data["primary"]: config}}
         return data
@@ -108,6 +113,7 @@ class StageConnectors(BaseModel):
         return [self.primary, *self.fallback]
 
 
+ALL_CONNECTORS = frozenset(n for names in CONNECTOR_OPTIONS.values() for n in names)
 DEFAULT_TRANSPORT = StageConnectors(primary="websocket")
 
 
@@ -197,20 +203,21 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
             yield issue((*base, "fallback"), "a connector appears twice in primary + fallback")
         for name, options in sc.config.items():
             loc = (*base, "config", name)
-            if name not in sc.chain:
-                yield issue(loc, f"options for {name!r}, which is neither primary nor a fallback")
+            if name not in known:
+                yield issue(
+                    loc, f"options for unknown {stage} connector {name!r}; known: {choices}"
+                )
                 continue
             for secret in find_clear_secrets(options):
                 yield issue(
                     (*loc, *secret),
                     'secret written in clear; use an environment reference "${ENV}"',
                 )
-            if name in known:
-                try:
-                    known[name].model_validate(options)
-                except ValidationError as exc:
-                    for err in exc.errors():
-                        yield issue((*loc, *err["loc"]), err["msg"])
+            try:
+                known[name].model_validate(options)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    yield issue((*loc, *err["loc"]), err["msg"])
 
     # Flow: known stages, streams that fit both ends, one next hop per (stage, stream).
     seen: dict[tuple[str, str], int] = {}
@@ -228,7 +235,7 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
                 yield issue(
                     (*loc, "stream"),
                     f"{edge.source} produces {produces} and {edge.target} consumes {consumes}; "
-                    f"a {edge.stream!r} stream does not fit this edge",
+                    f"stream {edge.stream!r} does not fit this edge",
                 )
         key = (edge.source, edge.stream)
         if key in seen:

@@ -54,10 +54,11 @@ class StageService:
         )
         await self.router.start()
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
-        await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
         if self.settings.preload:
             await self.preload()
         await self.setup()
+        # Health answers only once engines are loaded and work is subscribed: ready means ready.
+        await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
         await self.bus.nc.flush()
         log.info("%s stage ready", self.role)
 

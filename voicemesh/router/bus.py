@@ -37,7 +37,7 @@ class Bus:
             log.warning("nats: %s", exc)
 
         async def on_disconnect() -> None:
-            log.warning("nats: disconnected, reconnecting")
+            log.warning("nats: disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats: reconnected")
@@ -104,7 +104,11 @@ class Bus:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
         if not self.nc.is_closed:
-            await self.nc.drain()
+            try:
+                await self.nc.drain()
+            except Exception as exc:  # reconnecting or already gone: nothing left to flush
+                log.info("nats drain skipped (%s); closing", type(exc).__name__)
+                await self.close()
 
     async def close(self) -> None:
         for t in list(self._tasks):

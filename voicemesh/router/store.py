@@ -69,9 +69,11 @@ redis.call('ZADD', KEYS[2], ARGV[4] + ARGV[2], ARGV[5])
 return 1
 """
 
-# Replace the config of a live session, keep its TTL, bump the version. KEYS[1] hash; ARGV config
+# Replace the config of a live session, keep its TTL, bump the version. KEYS[1] hash;
+# ARGV config, expected current version or '' (compare-and-set for read-modify-write callers)
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'version') ~= ARGV[2] then return -1 end
 redis.call('HSET', KEYS[1], 'config', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
@@ -231,9 +233,17 @@ class ConfigStore:
             )
         )
 
-    async def update_config(self, session_id: str, config: AgentConfig) -> int:
-        """Replace a live session's config, keeping its TTL; returns the new version."""
-        version = await self._update(keys=[self.keys.session(session_id)], args=[config.to_json()])
+    async def update_config(
+        self, session_id: str, config: AgentConfig, *, expect_version: int | None = None
+    ) -> int:
+        """Replace a live session's config, keeping its TTL; returns the new version. With
+        `expect_version`, raises Conflict if another writer got there first."""
+        version = await self._update(
+            keys=[self.keys.session(session_id)],
+            args=[config.to_json(), "" if expect_version is None else str(expect_version)],
+        )
+        if version == -1:
+            raise Conflict(f"session {session_id} changed meanwhile")
         if not version:
             raise NotFound(f"session {session_id} not found or expired")
         return int(version)
@@ -285,6 +295,15 @@ class ConfigStore:
     async def cleanup_expired_configs(self) -> int:
         """Drop index entries whose session lapsed (by score, and any whose key was deleted)."""
         removed = await self.client.zremrangebyscore(self.keys.sessions, "-inf", _now_ms() - 1)
+        ids = await self.client.zrange(self.keys.sessions, 0, -1)
+        if ids:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.exists(self.keys.session(i.decode()))
+                alive = await pipe.execute()
+            gone = [i for i, a in zip(ids, alive, strict=True) if not a]
+            if gone:
+                removed += await self.client.zrem(self.keys.sessions, *gone)
         return int(removed)
 
     async def delete_config(self, session_id: str) -> bool:

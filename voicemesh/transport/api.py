@@ -260,12 +260,19 @@ def create_app(service: TransportService) -> FastAPI:
         session_id: str,
         patch: dict[str, Any] = Body(..., media_type="application/merge-patch+json"),
     ) -> dict[str, Any]:
-        stored = await store().get_config(session_ok(session_id))
-        if stored is None:
-            raise NotFound(f"session {session_id} not found or expired")
-        merged = merge_patch(_config_json(stored.config), patch)
-        config = parse_agent_config(merged)
-        version = await store().update_config(session_id, config)
+        for attempt in range(10):  # compare-and-set: a concurrent writer makes us re-merge
+            stored = await store().get_config(session_ok(session_id))
+            if stored is None:
+                raise NotFound(f"session {session_id} not found or expired")
+            config = parse_agent_config(merge_patch(_config_json(stored.config), patch))
+            try:
+                version = await store().update_config(
+                    session_id, config, expect_version=stored.version
+                )
+                break
+            except Conflict:
+                if attempt == 9:
+                    raise
         await service.config_changed(session_id, version, sorted(patch))
         return {"session_id": session_id, "version": version}
 

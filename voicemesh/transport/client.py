@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -67,7 +68,10 @@ async def call_over_websocket(
     session_id: str | None = None,
     turn_timeout: float = 60.0,
     pause_s: float = 0.3,
+    after_turn: Callable[[int, TurnResult], Awaitable[None]] | None = None,
 ) -> CallResult:
+    """Say each WAV as one turn and wait for the complete reply before the next; `after_turn` runs
+    between turns while the call stays open (tests swap providers there)."""
     utterances = [load_pcm16(w) for w in wavs]
     silence = bytes(FRAME_BYTES)
     turns: list[TurnResult] = []
@@ -128,7 +132,9 @@ async def call_over_websocket(
                 await asyncio.sleep(delay)
 
         try:
-            for pcm in utterances:
+            for n, pcm in enumerate(utterances):
+                if n and after_turn is not None and isinstance(state["turn"], TurnResult):
+                    await after_turn(n - 1, state["turn"])
                 done.clear()
                 for _ in range(int(pause_s / frame_s)):
                     await send_paced(silence)

