@@ -81,15 +81,13 @@ async def _seed_agent(valkey_url: str, key_prefix: str, agent_file: Path) -> str
 
     store = ConfigStore.from_url(valkey_url, key_prefix=key_prefix)
     try:
-        current = await store.get_default_agent()
-        if current is not None:
-            return f"default agent is {current.name!r} (kept from {valkey_url})"
         config = parse_agent_config(await asyncio.to_thread(agent_file.read_bytes))
-        name = "local"
-        if await store.get_agent(name) is None:
-            await store.create_agent(name, config, description=f"from {agent_file}")
-        await store.set_default_agent(name)
-        return f"default agent {name!r} created from {agent_file}"
+        record, created = await store.ensure_default_agent(
+            "local", config, description=f"from {agent_file}"
+        )
+        if created:
+            return f"default agent {record.name!r} created from {agent_file}"
+        return f"default agent is {record.name!r} (kept from {valkey_url})"
     finally:
         await store.close()
 
@@ -224,10 +222,14 @@ def _print(data: Any) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from voicemesh.config.models import AgentConfig, ConfigValidationError, parse_agent_config
+    from voicemesh.config.models import (
+        ConfigValidationError,
+        agent_config_schema,
+        parse_agent_config,
+    )
 
     if args.config_cmd == "schema":
-        _print(AgentConfig.model_json_schema(by_alias=True))
+        _print(agent_config_schema())
         return 0
     if args.config_cmd == "validate":
         try:

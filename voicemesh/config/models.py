@@ -272,6 +272,21 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
         yield issue(("connectors", stage), f"stage {stage!r} is in the flow but has no connectors")
 
 
+def agent_config_schema() -> dict[str, Any]:
+    """JSON Schema of agent-config.json, with each connector's options under $defs and indexed by
+    stage and name in "x-connector-options" (the `config` field itself is keyed by connector)."""
+    schema = AgentConfig.model_json_schema(by_alias=True)
+    defs = schema.setdefault("$defs", {})
+    index: dict[str, dict[str, Any]] = {}
+    for stage, connectors in CONNECTOR_OPTIONS.items():
+        for name, model in connectors.items():
+            key = model.__name__
+            defs[key] = model.model_json_schema()
+            index.setdefault(stage, {})[name] = {"$ref": f"#/$defs/{key}"}
+    schema["x-connector-options"] = index
+    return schema
+
+
 def format_errors(exc: ValidationError, *, drop: int = 0) -> list[ConfigIssue]:
     """Flatten a pydantic error into path-named issues (our semantic issues carry their own paths).
 

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535)
     instance_id: str = Field(default_factory=_instance_id)
     preload: bool = Field(True, description="load the default agent's engines at stage start")
+    default_agent_file: str | None = Field(
+        None,
+        description="agent-config.json the transport stores as agent 'local' when Valkey "
+        "has no default agent yet",
+    )
 
 
 def get_settings(**overrides: object) -> Settings:

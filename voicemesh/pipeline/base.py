@@ -96,7 +96,7 @@ class StageService:
         return True
 
     def track(self, session: str, epoch: int, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = self.bus.spawn(coro)
+        task = self.bus.spawn(coro, what=f"{self.role} work of turn {epoch}")
         entry = (epoch, task)
         work = self._work.setdefault(session, set())
         work.add(entry)

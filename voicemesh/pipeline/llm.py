@@ -22,15 +22,13 @@ class LLMService(StageService):
     role = "llm"
 
     async def setup(self) -> None:
-        await self.bus.subscribe(
-            self.subjects.data_all("llm"), self._on_text, queue="llm", concurrent=True
-        )
+        await self.bus.subscribe(self.subjects.data_all("llm"), self._on_text, queue="llm")
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
         if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
             return
-        await self.track(session, frame.epoch, self._turn(session, frame))
+        self.track(session, frame.epoch, self._turn(session, frame))
 
     async def _turn(self, session: str, frame: Frame) -> None:
         epoch, user = frame.epoch, frame.as_text

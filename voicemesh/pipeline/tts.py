@@ -16,15 +16,13 @@ class TTSService(StageService):
     role = "tts"
 
     async def setup(self) -> None:
-        await self.bus.subscribe(
-            self.subjects.data_all("tts"), self._on_text, queue="tts", concurrent=True
-        )
+        await self.bus.subscribe(self.subjects.data_all("tts"), self._on_text, queue="tts")
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
         if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
             return
-        await self.track(session, frame.epoch, self._speak(session, frame))
+        self.track(session, frame.epoch, self._speak(session, frame))
 
     async def _speak(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)

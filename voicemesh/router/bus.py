@@ -1,7 +1,7 @@
 """The NATS side of the bus: frames in and out, with bad frames dropped, counted and logged once.
 
-Handlers run as their own tasks when `concurrent=True` so a slow unit of work (an LLM turn) never
-blocks the subscription; per-session order is kept by the handler where it matters.
+Handlers run in the subscription's order; one that starts slow work (an LLM turn) hands it to
+`spawn`, so the subscription is never blocked and in-flight work is drained on shutdown.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ class Bus:
         handler: FrameHandler,
         *,
         queue: str = "",
-        concurrent: bool = False,
     ) -> Subscription:
         async def on_msg(msg: Msg) -> None:
             try:
@@ -71,10 +70,7 @@ class Bus:
             except FrameError as exc:
                 self._bad(msg.subject, exc)
                 return
-            if concurrent:
-                self.spawn(self._run(handler, msg.subject, frame))
-            else:
-                await self._run(handler, msg.subject, frame)
+            await self._run(handler, msg.subject, frame)
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_msg, pending_msgs_limit=65536)
 
@@ -93,8 +89,19 @@ class Bus:
             self._warned.add(kind)
             log.warning("dropped malformed frame on %s: %s (logged once per subject)", subject, exc)
 
-    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
+    def spawn(self, coro: Awaitable[Any], *, what: str = "task") -> asyncio.Task[Any]:
+        """Run work in the background; failures are logged (with the caller's log context),
+        cancellation is silent, and `drain` waits for whatever is still running."""
+
+        async def guarded() -> Any:
+            try:
+                return await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed", what)
+
+        task = asyncio.ensure_future(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -398,6 +398,23 @@ class ConfigStore:
         ):
             raise NotFound(f"agent {name!r} not found")
 
+    async def ensure_default_agent(
+        self, name: str, config: AgentConfig, *, description: str = ""
+    ) -> tuple[AgentRecord, bool]:
+        """The default agent, creating `name` from `config` first if there is none; the bool says
+        whether it was created now."""
+        current = await self.get_default_agent()
+        if current is not None:
+            return current, False
+        try:
+            await self.create_agent(name, config, description=description)
+        except Conflict:
+            pass
+        await self.set_default_agent(name)
+        record = await self.get_agent(name)
+        assert record is not None
+        return record, True
+
     async def get_default_agent(self) -> AgentRecord | None:
         name = await self.client.get(self.keys.default_agent)
         return await self.get_agent(name.decode()) if name else None

@@ -19,6 +19,7 @@ from voicemesh.config.connectors import WebSocketTransportOptions
 from voicemesh.config.logging import bind
 from voicemesh.router import Flag, Frame, Kind, Subjects
 from voicemesh.transport.egress import Reorderer, Resampler
+from voicemesh.transport.service import NoInstance
 from voicemesh.transport.vad import RATE, Rechunker, TurnDetector
 
 if TYPE_CHECKING:
@@ -102,8 +103,12 @@ class Call:
                 self.subjects.ctl(self.session),
                 Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
             )
-            await self.svc.ensure_owner("stt", self.session)
             await self._event({"type": "turn", "epoch": self.epoch})
+            try:
+                await self.svc.ensure_owner("stt", self.session)
+            except NoInstance as exc:
+                log.error("%s", exc)
+                await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
         for pcm in frames:
             flags = Flag.START if self.seq == 0 else Flag.NONE
             frame = Frame.audio(pcm, sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
@@ -114,10 +119,14 @@ class Call:
             end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
             self.utterance.append(end)
             self.speech_end = time.perf_counter()
-            if await self.svc.ensure_owner("stt", self.session, replay=self.utterance):
-                log.info("stt owner changed mid-utterance: replayed %d frames", len(self.utterance))
-            else:
-                await self.svc.bus.publish(stt, end)
+            try:
+                if await self.svc.ensure_owner("stt", self.session, replay=self.utterance):
+                    log.info("stt owner changed: replayed %d frames", len(self.utterance))
+                else:
+                    await self.svc.bus.publish(stt, end)
+            except NoInstance as exc:
+                log.error("%s", exc)
+                await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
             self.utterance = []
             await self._event({"type": "user_stopped", "epoch": self.epoch})
 

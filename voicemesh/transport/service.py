@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from voicemesh.config.logging import bind
+from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.router import Bus, ConfigStore, Frame, ServiceRouter, Subjects, publish_config_update
 
@@ -51,12 +53,22 @@ class TransportService:
             bus=self.bus, store=self.store, stage="transport", subjects=self.subjects
         )
         await self.router.start()
+        if self.settings.default_agent_file:
+            await self._seed_default_agent(Path(self.settings.default_agent_file))
         await self.bus.nc.subscribe(
             self.subjects.config_get_all, queue="transport", cb=self._on_config_get
         )
         await self.bus.nc.subscribe(self.subjects.health("transport"), cb=self._on_health)
         await self.bus.nc.flush()
         log.info("transport ready")
+
+    async def _seed_default_agent(self, path: Path) -> None:
+        config = parse_agent_config(await asyncio.to_thread(path.read_bytes))
+        record, created = await self.store.ensure_default_agent(
+            "local", config, description=f"from {path}"
+        )
+        if created:
+            log.info("stored default agent %r from %s", record.name, path)
 
     async def stop(self) -> None:
         await self.bus.drain()
