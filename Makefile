@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Extra flags for `voicemesh up`, e.g. make run ARGS="--port 8081 --instances 2"
 run: install
-	HF_HUB_OFFLINE=1 $(BIN)/voicemesh up
+	HF_HUB_OFFLINE=1 $(BIN)/voicemesh up $(ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra

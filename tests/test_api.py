@@ -492,7 +492,20 @@ async def test_session_context_route(
 async def test_healthz(client: httpx.AsyncClient, settings: Settings) -> None:
     r = await client.get("/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "instance": settings.instance_id}
+    assert r.json() == {
+        "status": "ok",
+        "instance": settings.instance_id,
+        "checks": {"nats": True, "valkey": True},
+    }
+
+
+async def test_healthz_reports_a_lost_nats_connection_as_503(
+    client: httpx.AsyncClient, service: TransportService
+) -> None:
+    await service.bus.nc.close()
+    r = await client.get("/healthz")
+    assert r.status_code == 503
+    assert r.json()["checks"] == {"nats": False, "valkey": True}
 
 
 async def test_health_request_reply(

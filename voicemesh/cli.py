@@ -92,12 +92,26 @@ async def _seed_agent(valkey_url: str, key_prefix: str, agent_file: Path) -> str
         await store.close()
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"cannot serve on {host}:{port} ({exc.strerror}); pass --port with a free port"
+            ) from None
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from voicemesh.config.settings import Settings
     from voicemesh.launcher import Stack, StartupError
     from voicemesh.servers import ServerError, start_nats, start_valkey
 
     settings = Settings()
+    args.host = args.host or settings.http_host
+    args.port = settings.http_port if args.port is None else args.port
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     servers = []
@@ -112,6 +126,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        _check_port_free(args.host, args.port)
         if settings.nats_url:
             _say(f"using NATS at {settings.nats_url}")
             nats_url = settings.nats_url
@@ -299,8 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
         "set) and every role as its own process",
     )
     up.add_argument("--data-dir", default=".voicemesh", help="where embedded servers keep data")
-    up.add_argument("--host", default="127.0.0.1", help="HTTP bind address of the transport")
-    up.add_argument("--port", type=int, default=8080, help="HTTP port of the transport")
+    up.add_argument(
+        "--host",
+        default=None,
+        help="HTTP bind address of the transport (VOICEMESH_HTTP_HOST, 127.0.0.1)",
+    )
+    up.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="HTTP port of the transport (VOICEMESH_HTTP_PORT, 8080)",
+    )
     up.add_argument("--instances", type=int, default=1, help="instances of each stage")
     up.add_argument(
         "--agent-file",

@@ -102,9 +102,7 @@ def _spawn(name: str, argv: list[str], port: int, url: str, data_dir: Path) -> E
 
 def start_nats(data_dir: Path, port: int | None = None) -> EmbeddedServer:
     port = port or free_port()
-    store = data_dir / "nats"
-    store.mkdir(parents=True, exist_ok=True)
-    argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)]
     return _spawn("nats-server", argv, port, f"nats://127.0.0.1:{port}", data_dir)
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 SECRET_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # Keys whose values are credentials: they must be written as ${ENV} references, never in clear.
+# ("token" takes no plural: max_tokens is a length, not a credential.)
 SECRET_KEY = re.compile(
-    r"(api[_-]?key|apikey|secret|password|passwd|token|credential|private[_-]?key"
+    r"(api[_-]?keys?|apikeys?|secrets?|passwords?|passwd|token|credentials?|private[_-]?key"
     r"|secret[_-]?(access[_-]?)?key|subscription[_-]?key|access[_-]?key)$",
     re.IGNORECASE,
 )

@@ -1,7 +1,8 @@
 """Primary-then-fallback over a stage's connector chain.
 
-A connector that fails before producing anything hands the unit of work to the next one in the
-chain, so the work is not lost. (A failure after the first result is re-raised for now.)
+A connector that fails to load, or fails before producing anything, hands the unit of work to the
+next one in the chain, so the work is not lost. A failure after the first result is re-raised
+(resuming mid-stream on another connector is the fallback issue's work).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from voicemesh.connectors.registry import ConnectorPool
 
 log = logging.getLogger(__name__)
 
-C = TypeVar("C", bound=Connector)
 T = TypeVar("T")
 
 
@@ -24,38 +24,54 @@ class AllConnectorsFailed(RuntimeError):
     pass
 
 
-async def chain_of(pool: ConnectorPool, config: AgentConfig, stage: str) -> list[Connector]:
-    sc = config.stage(stage)
-    return [await pool.get(stage, name, config.options(stage, name)) for name in sc.chain]
+class Chain:
+    """A session's connectors for one stage, loaded on first use (from the process-wide pool)."""
 
+    def __init__(self, pool: ConnectorPool, config: AgentConfig, stage: str):
+        self.pool, self.config, self.stage = pool, config, stage
+        self.names = config.stage(stage).chain
 
-async def call_first(
-    connectors: list[Connector], work: Callable[[Connector], Awaitable[T]]
-) -> tuple[Connector, T]:
-    errors: list[str] = []
-    for conn in connectors:
-        try:
-            return conn, await work(conn)
-        except Exception as exc:
-            log.warning("%s connector %s failed: %s; trying the next", conn.stage, conn.name, exc)
-            errors.append(f"{conn.name}: {exc}")
-    raise AllConnectorsFailed("; ".join(errors))
+    async def get(self, name: str) -> Connector:
+        return await self.pool.get(self.stage, name, self.config.options(self.stage, name))
 
+    async def preload(self) -> list[str]:
+        """Load every connector now; returns the errors (a failed one is retried on use)."""
+        errors = []
+        for name in self.names:
+            try:
+                await self.get(name)
+            except Exception as exc:
+                errors.append(f"{self.stage} connector {name}: {exc}")
+        return errors
 
-async def stream_first(
-    connectors: list[Connector], work: Callable[[Connector], AsyncIterator[T]]
-) -> AsyncIterator[tuple[Connector, T]]:
-    errors: list[str] = []
-    for conn in connectors:
-        started = False
-        try:
-            async for item in work(conn):
-                started = True
-                yield conn, item
-            return
-        except Exception as exc:
-            if started:
-                raise
-            log.warning("%s connector %s failed: %s; trying the next", conn.stage, conn.name, exc)
-            errors.append(f"{conn.name}: {exc}")
-    raise AllConnectorsFailed("; ".join(errors))
+    def _failed(self, name: str, exc: Exception, errors: list[str]) -> None:
+        log.warning("%s connector %s failed: %s; trying the next", self.stage, name, exc)
+        errors.append(f"{name}: {exc}")
+
+    async def call_first(self, work: Callable[[Connector], Awaitable[T]]) -> tuple[Connector, T]:
+        errors: list[str] = []
+        for name in self.names:
+            try:
+                conn = await self.get(name)
+                return conn, await work(conn)
+            except Exception as exc:
+                self._failed(name, exc, errors)
+        raise AllConnectorsFailed(f"every {self.stage} connector failed: " + "; ".join(errors))
+
+    async def stream_first(
+        self, work: Callable[[Connector], AsyncIterator[T]]
+    ) -> AsyncIterator[tuple[Connector, T]]:
+        errors: list[str] = []
+        for name in self.names:
+            started = False
+            try:
+                conn = await self.get(name)
+                async for item in work(conn):
+                    started = True
+                    yield conn, item
+                return
+            except Exception as exc:
+                if started:
+                    raise
+                self._failed(name, exc, errors)
+        raise AllConnectorsFailed(f"every {self.stage} connector failed: " + "; ".join(errors))

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, ConnectorOptions
+from voicemesh.config.secrets import resolve_secrets
 from voicemesh.connectors.base import Connector
 
 _CLASSES: dict[tuple[str, str], str] = {
@@ -49,7 +50,10 @@ class ConnectorPool:
         async with self._lock:
             inst = self._instances.get(key)
             if inst is None:
-                inst = connector_class(stage, name)(options)
+                # ${ENV} references resolve here, in this process's environment, and only the
+                # connector holds the result: the stored config keeps the reference.
+                resolved = type(options).model_validate(resolve_secrets(options.model_dump()))
+                inst = connector_class(stage, name)(resolved)
                 await inst.warmup()
                 self._instances[key] = inst
         return inst

@@ -16,8 +16,9 @@ import orjson
 from nats.aio.msg import Msg
 
 from voicemesh.config.logging import bind
+from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
-from voicemesh.connectors.fallback import chain_of
+from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.registry import ConnectorPool
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, ServiceRouter, Subjects
 
@@ -36,6 +37,7 @@ class StageService:
         self.pool = ConnectorPool()
         self.epochs: dict[str, int] = {}
         self._work: dict[str, set[tuple[int, asyncio.Task[Any]]]] = {}
+        self._intake: list[Any] = []
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -71,14 +73,21 @@ class StageService:
         if agent is None or self.role not in agent.config.connectors:
             return
         t0 = time.perf_counter()
-        try:
-            await chain_of(self.pool, agent.config, self.role)
-        except Exception as exc:
-            log.warning("preloading %s connectors failed: %s", self.role, exc)
-            return
+        for error in await self.chain(agent.config).preload():
+            log.warning("preloading failed (will retry on use): %s", error)
         log.info("loaded %s engines in %.1f s", self.role, time.perf_counter() - t0)
 
+    def chain(self, config: AgentConfig) -> Chain:
+        return Chain(self.pool, config, self.role)
+
+    async def intake(self, subject: str, handler: Any, *, queue: str = "") -> None:
+        """Subscribe to work; these subscriptions end first on shutdown, so nothing new starts
+        while in-flight work drains."""
+        self._intake.append(await self.bus.subscribe(subject, handler, queue=queue))
+
     async def stop(self) -> None:
+        for sub in self._intake:
+            await sub.unsubscribe()
         await self.bus.drain()
         await self.pool.aclose()
         await self.store.close()
@@ -96,7 +105,11 @@ class StageService:
         return True
 
     def track(self, session: str, epoch: int, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = self.bus.spawn(coro, what=f"{self.role} work of turn {epoch}")
+        async def in_context() -> Any:
+            bind(session=session, turn=epoch)  # the task's own copy of the log context
+            return await coro
+
+        task = self.bus.spawn(in_context(), what=f"{self.role} work of turn {epoch}")
         entry = (epoch, task)
         work = self._work.setdefault(session, set())
         work.add(entry)
@@ -122,10 +135,11 @@ class StageService:
         kind = event.get("type")
         if kind in ("turn", "interrupt"):
             self.current(session, int(event.get("epoch", frame.epoch)))
-        elif kind == "end":
+        elif kind in ("end", "call_end"):
             await self.session_ended(session)
 
     async def session_ended(self, session: str) -> None:
+        """The session was deleted or its call hung up: drop its work, epoch and cached config."""
         self._cancel_older(session, 1 << 32)
         self.epochs.pop(session, None)
         self.router.forget(session)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 
-from voicemesh.connectors.fallback import chain_of, stream_first
 from voicemesh.pipeline.base import StageService
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.router import Flag, Frame, Kind, Subjects
@@ -22,7 +21,7 @@ class LLMService(StageService):
     role = "llm"
 
     async def setup(self) -> None:
-        await self.bus.subscribe(self.subjects.data_all("llm"), self._on_text, queue="llm")
+        await self.intake(self.subjects.data_all("llm"), self._on_text, queue="llm")
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
@@ -39,7 +38,7 @@ class LLMService(StageService):
         messages = [{"role": m["role"], "content": m["content"]} for m in history]
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
-        chain = await chain_of(self.pool, config, "llm")
+        chain = self.chain(config)
         next_subject = self.router.next_subject(session)
         splitter, parts, index, used = SentenceSplitter(), [], 0, ""
         t0 = time.perf_counter()
@@ -69,19 +68,30 @@ class LLMService(StageService):
             )
             index += 1
 
-        async for conn, piece in stream_first(chain, lambda c: c.stream(messages)):  # type: ignore[attr-defined]
-            if ttft_ms is None:
-                ttft_ms = (time.perf_counter() - t0) * 1000
-            used = conn.name
-            parts.append(piece)
-            for sentence in splitter.push(piece):
+        failed: str | None = None
+        try:
+            async for conn, piece in chain.stream_first(lambda c: c.stream(messages)):  # type: ignore[attr-defined]
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - t0) * 1000
+                used = conn.name
+                parts.append(piece)
+                for sentence in splitter.push(piece):
+                    await emit(sentence)
+            for sentence in splitter.flush():
                 await emit(sentence)
-        for sentence in splitter.flush():
-            await emit(sentence)
+        except Exception as exc:  # not CancelledError: a newer turn needs no marker for this one
+            failed = str(exc)
+            log.error("turn %d failed after %d sentences: %s", epoch, index, exc)
+            await self.notify(
+                session, {"type": "error", "error": failed, "epoch": epoch}, epoch=epoch
+            )
         reply = "".join(parts).strip()
-        await self.store.append_context(
-            session, {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
-        )
+        if reply:
+            entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
+            if failed:
+                entry["error"] = failed
+            await self.store.append_context(session, entry)
+        # The reply is over (even a failed one): the transport must not wait for more.
         await self.bus.publish(
             next_subject,
             Frame.text(

@@ -18,7 +18,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from voicemesh.connectors.base import STTConnector
-from voicemesh.connectors.fallback import call_first, chain_of
 from voicemesh.pipeline.base import StageService
 from voicemesh.router import Flag, Frame, Kind, Leases, Subjects
 from voicemesh.router.store import check_session_id
@@ -47,7 +46,11 @@ class STTService(StageService):
         )
         self.streams: dict[str, Stream] = {}
         self._lock = asyncio.Lock()
-        await self.bus.nc.subscribe(self.subjects.assign("stt"), queue="stt", cb=self._on_assign)
+        self._intake.append(
+            await self.bus.nc.subscribe(
+                self.subjects.assign("stt"), queue="stt", cb=self._on_assign
+            )
+        )
         self._heartbeat = self.bus.spawn(self._renew_forever())
 
     async def stop(self) -> None:
@@ -96,10 +99,8 @@ class STTService(StageService):
 
     async def _transcribe(self, session: str, epoch: int, pcm: bytes, stream: Stream) -> None:
         cached = await self.router.load(session)
-        chain = await chain_of(self.pool, cached.config, "stt")
         t0 = time.perf_counter()
-        conn, text = await call_first(
-            chain,
+        conn, text = await self.chain(cached.config).call_first(
             lambda c: c.transcribe(pcm, stream.rate),  # type: ignore[attr-defined]
         )
         assert isinstance(conn, STTConnector)

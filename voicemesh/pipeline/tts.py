@@ -4,10 +4,13 @@ transport play sentences synthesized in parallel in order."""
 
 from __future__ import annotations
 
+import logging
+
 from voicemesh.connectors.base import TTSConnector
-from voicemesh.connectors.fallback import chain_of, stream_first
 from voicemesh.pipeline.base import StageService
 from voicemesh.router import Flag, Frame, Kind, Subjects
+
+log = logging.getLogger(__name__)
 
 MARKER_RATE = 16000  # rate named in the header of empty marker frames
 
@@ -16,7 +19,7 @@ class TTSService(StageService):
     role = "tts"
 
     async def setup(self) -> None:
-        await self.bus.subscribe(self.subjects.data_all("tts"), self._on_text, queue="tts")
+        await self.intake(self.subjects.data_all("tts"), self._on_text, queue="tts")
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
@@ -33,16 +36,27 @@ class TTSService(StageService):
                 out, Frame.audio(b"", sample_rate=MARKER_RATE, flags=frame.flags, **common)
             )
             return
-        chain = await chain_of(self.pool, cached.config, "tts")
+        chain = self.chain(cached.config)
         seq, rate = 0, MARKER_RATE
-        async for conn, pcm in stream_first(chain, lambda c: c.synthesize(frame.as_text)):  # type: ignore[attr-defined]
-            assert isinstance(conn, TTSConnector)
-            rate = conn.sample_rate
-            flags = Flag.START if seq == 0 else Flag.NONE
-            await self.bus.publish(
-                out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)
+        try:
+            async for conn, pcm in chain.stream_first(lambda c: c.synthesize(frame.as_text)):  # type: ignore[attr-defined]
+                assert isinstance(conn, TTSConnector)
+                rate = conn.sample_rate
+                flags = Flag.START if seq == 0 else Flag.NONE
+                await self.bus.publish(
+                    out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)
+                )
+                seq += 1
+        except Exception as exc:  # not CancelledError: a newer turn needs no end for this one
+            log.error("sentence %d of turn %d failed: %s", frame.index, frame.epoch, exc)
+            await self.notify(
+                session,
+                {"type": "error", "error": str(exc), "epoch": frame.epoch},
+                epoch=frame.epoch,
             )
-            seq += 1
+        # Always close the sentence, or the transport would hold every later one back. LAST is
+        # carried over for flows whose text comes straight from STT (one sentence per turn).
+        end = Flag.END | (frame.flags & Flag.LAST)
         await self.bus.publish(
-            out, Frame.audio(b"", sample_rate=rate, seq=seq, flags=Flag.END, **common)
+            out, Frame.audio(b"", sample_rate=rate, seq=seq, flags=end, **common)
         )

@@ -49,6 +49,10 @@ class ServiceRouter:
         self.bus, self.store, self.stage = bus, store, stage
         self.subjects = subjects or Subjects()
         self._cache: OrderedDict[str, CachedConfig] = OrderedDict()
+        # Versions announced while a first read of the session was in flight: that read may
+        # return the older config, which must then not be cached.
+        self._announced: dict[str, int] = {}
+        self._loading: dict[str, int] = {}
         self._cache_size = cache_size
         self.hits = self.misses = 0
 
@@ -65,6 +69,8 @@ class ServiceRouter:
         cached = self._cache.get(session)
         if cached is not None and (version == 0 or cached.version < version):
             self._cache.pop(session, None)
+        if session in self._loading:
+            self._announced[session] = max(self._announced.get(session, 0), version or 1 << 62)
 
     def forget(self, session_id: str) -> None:
         self._cache.pop(session_id, None)
@@ -81,13 +87,22 @@ class ServiceRouter:
             self._cache.move_to_end(session_id)
             return cached
         self.misses += 1
-        stored = await self.store.get_config(session_id)
+        self._loading[session_id] = self._loading.get(session_id, 0) + 1
+        try:
+            stored = await self.store.get_config(session_id)
+        finally:
+            self._loading[session_id] -= 1
+            announced = self._announced.get(session_id, 0)
+            if not self._loading[session_id]:
+                del self._loading[session_id]
+                self._announced.pop(session_id, None)
         if stored is None:
             raise NotFound(f"session {session_id} not found or expired")
         cached = CachedConfig(stored.config, stored.version)
-        self._cache[session_id] = cached
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if stored.version >= announced:  # else a newer version exists: read it next time
+            self._cache[session_id] = cached
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return cached
 
     def cached(self, session_id: str) -> AgentConfig:
@@ -97,10 +112,8 @@ class ServiceRouter:
             raise NotFound(f"config of session {session_id} is not loaded") from None
 
     def next_subject(self, session_id: str, stream: str | None = None) -> str:
-        stream = stream or STAGE_IO[self.stage][1]
-        target = self.cached(session_id).next_hop(self.stage, stream)
-        if target is None:
-            raise NoRoute(f"flow of session {session_id} has no {stream} edge out of {self.stage}")
+        """Subject of the next hop for a session whose config is loaded."""
+        target = self._target(session_id, self.cached(session_id), stream)
         return self.subjects.data(target, session_id)
 
     async def route_to_next(self, frame: Frame, session_id: str, stream: str | None = None) -> str:
@@ -110,6 +123,17 @@ class ServiceRouter:
         subject = self.next_subject(session_id, stream)
         await self.bus.publish(subject, frame)
         return subject
+
+    async def next_stage(self, session_id: str, stream: str | None = None) -> str:
+        """The stage after this one in the session's flow (loading the config if needed)."""
+        return self._target(session_id, await self.load_config(session_id), stream)
+
+    def _target(self, session_id: str, config: AgentConfig, stream: str | None) -> str:
+        stream = stream or STAGE_IO[self.stage][1]
+        target = config.next_hop(self.stage, stream)
+        if target is None:
+            raise NoRoute(f"flow of session {session_id} has no {stream} edge out of {self.stage}")
+        return target
 
     def get_connector_config(self, session_id: str) -> StageConnectors:
         return self.cached(session_id).stage(self.stage)

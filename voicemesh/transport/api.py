@@ -235,7 +235,7 @@ def create_app(service: TransportService) -> FastAPI:
             "session_id": stored.session_id,
             "version": stored.version,
             "agent": agent_name,
-            "ttl_s": stored.ttl_ms // 1000,
+            "ttl_s": max(1, round(stored.ttl_ms / 1000)),
         }
 
     @api.get("/sessions")
@@ -291,16 +291,26 @@ def create_app(service: TransportService) -> FastAPI:
 
     @api.get("/sessions/{session_id}/context")
     async def get_context(session_id: str) -> dict[str, Any]:
-        return {"messages": await store().get_context(session_ok(session_id))}
+        if await store().get_version(session_ok(session_id)) is None:
+            raise NotFound(f"session {session_id} not found or expired")
+        return {"messages": await store().get_context(session_id)}
 
     app.include_router(api)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        await store().client.ping()
-        if not service.bus.nc.is_connected:
-            raise RuntimeError("nats disconnected")
-        return {"status": "ok", "instance": service.settings.instance_id}
+    async def healthz() -> JSONResponse:
+        checks = {"nats": service.bus.nc.is_connected, "valkey": True}
+        try:
+            await store().client.ping()
+        except Exception:
+            checks["valkey"] = False
+        ok = all(checks.values())
+        body = {
+            "status": "ok" if ok else "degraded",
+            "instance": service.settings.instance_id,
+            "checks": checks,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.websocket("/ws/call")
     async def ws_call(

@@ -17,7 +17,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from voicemesh.config.connectors import WebSocketTransportOptions
 from voicemesh.config.logging import bind
-from voicemesh.router import Flag, Frame, Kind, Subjects
+from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
 from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.service import NoInstance
 from voicemesh.transport.vad import RATE, Rechunker, TurnDetector
@@ -42,6 +42,7 @@ class Call:
         self.utterance: list[Frame] = []
         self.speech_end: float | None = None
         self.first_audio_sent = False
+        self.ingress = "stt"
 
     async def run(self) -> None:
         bind(session=self.session)
@@ -81,6 +82,9 @@ class Call:
                         break
         except WebSocketDisconnect:
             pass
+        except NotFound:
+            await self._event({"type": "error", "error": f"session {self.session} has ended"})
+            log.info("session deleted or expired during the call")
         finally:
             await sub.unsubscribe()
             self.out.put_nowait(_CLOSE)
@@ -93,8 +97,10 @@ class Call:
     # --- caller → bus ------------------------------------------------------------------------
 
     async def _turn_event(self, kind: str, frames: tuple[bytes, ...]) -> None:
-        stt = self.subjects.data("stt", self.session)
         if kind == "start":
+            # Where caller audio goes is the session's flow's business (stt in every valid flow
+            # today); it is re-read per turn so a live config change applies.
+            self.ingress = await self.svc.router.next_stage(self.session)
             self.epoch = await self.svc.store.next_epoch(self.session)
             self.reorder.reset(self.epoch)
             self.first_audio_sent, self.speech_end, self.seq = False, None, 0
@@ -105,7 +111,7 @@ class Call:
             )
             await self._event({"type": "turn", "epoch": self.epoch})
             try:
-                await self.svc.ensure_owner("stt", self.session)
+                await self.svc.ensure_owner(self.ingress, self.session)
             except NoInstance as exc:
                 log.error("%s", exc)
                 await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
@@ -114,16 +120,16 @@ class Call:
             frame = Frame.audio(pcm, sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
             self.seq += 1
             self.utterance.append(frame)
-            await self.svc.bus.publish(stt, frame)
+            await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), frame)
         if kind == "end":
             end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
             self.utterance.append(end)
             self.speech_end = time.perf_counter()
             try:
-                if await self.svc.ensure_owner("stt", self.session, replay=self.utterance):
+                if await self.svc.ensure_owner(self.ingress, self.session, replay=self.utterance):
                     log.info("stt owner changed: replayed %d frames", len(self.utterance))
                 else:
-                    await self.svc.bus.publish(stt, end)
+                    await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), end)
             except NoInstance as exc:
                 log.error("%s", exc)
                 await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
