@@ -61,7 +61,7 @@ class StageService:
         await self.setup()
         # Health answers only once engines are loaded and work is subscribed: ready means ready.
         await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
-        await self.bus.nc.flush()
+        await self.bus.settle()
         log.info("%s stage ready", self.role)
 
     async def setup(self) -> None:

@@ -39,7 +39,7 @@ class LLMService(StageService):
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         chain = self.chain(config)
-        next_subject = self.router.next_subject(session)
+        next_subject = self.router.next_subject_of(config, session)
         splitter, parts, index, used = SentenceSplitter(), [], 0, ""
         t0 = time.perf_counter()
         ttft_ms: float | None = None

@@ -29,7 +29,7 @@ class TTSService(StageService):
 
     async def _speak(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)
-        out = self.router.next_subject(session)
+        out = self.router.next_subject_of(cached.config, session)
         common = {"epoch": frame.epoch, "index": frame.index, "origin_ns": frame.origin_ns}
         if not frame.payload:  # the end-of-reply marker: pass it on
             await self.bus.publish(

@@ -54,6 +54,12 @@ class Bus:
         )
         return cls(nc, name=name)
 
+    async def settle(self) -> None:
+        """Make sure the server has every subscription made so far. nats-py 2.16's flush() can
+        send its PING ahead of SUBs still queued in the client, so one flush is not proof."""
+        await self.nc.flush()
+        await self.nc.flush()
+
     async def publish(self, subject: str, frame: Frame) -> None:
         await self.nc.publish(subject, encode(frame))
 

@@ -113,14 +113,18 @@ class ServiceRouter:
 
     def next_subject(self, session_id: str, stream: str | None = None) -> str:
         """Subject of the next hop for a session whose config is loaded."""
-        target = self._target(session_id, self.cached(session_id), stream)
-        return self.subjects.data(target, session_id)
+        return self.next_subject_of(self.cached(session_id), session_id, stream)
+
+    def next_subject_of(
+        self, config: AgentConfig, session_id: str, stream: str | None = None
+    ) -> str:
+        """Subject of the next hop under a config the caller already holds (a unit of work keeps
+        the config it started with, even if a live update drops the cached copy meanwhile)."""
+        return self.subjects.data(self._target(session_id, config, stream), session_id)
 
     async def route_to_next(self, frame: Frame, session_id: str, stream: str | None = None) -> str:
         """Publish the frame to the next stage of the session's flow; returns the subject."""
-        if session_id not in self._cache:
-            await self.load(session_id)
-        subject = self.next_subject(session_id, stream)
+        subject = self.next_subject_of(await self.load_config(session_id), session_id, stream)
         await self.bus.publish(subject, frame)
         return subject
 

@@ -59,7 +59,7 @@ class TransportService:
             self.subjects.config_get_all, queue="transport", cb=self._on_config_get
         )
         await self.bus.nc.subscribe(self.subjects.health("transport"), cb=self._on_health)
-        await self.bus.nc.flush()
+        await self.bus.settle()
         log.info("transport ready")
 
     async def _seed_default_agent(self, path: Path) -> None:

@@ -1,0 +1,658 @@
+"""The stage services in-process on the real NATS and Valkey: routing by the session's own flow, the
+config cache, LLM turns cut into numbered sentences, parallel TTS put back in order, turn epochs,
+STT assignment through leases, malformed frames and health pings.
+
+Every test has its own subject and key prefix (the `settings` fixture) and uses the deterministic
+connectors (`scripted` LLM, `tone` TTS); nothing loads a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from voicemesh.config.models import AgentConfig, parse_agent_config
+from voicemesh.config.settings import Settings
+from voicemesh.pipeline import LLMService, StageService, STTService, TTSService
+from voicemesh.router import (
+    Bus,
+    ConfigStore,
+    Flag,
+    Frame,
+    Kind,
+    NoRoute,
+    NotFound,
+    ServiceRouter,
+    Subjects,
+    encode,
+    publish_config_update,
+)
+from voicemesh.transport.egress import Reorderer
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def scripted(
+    agent_json: dict,
+    replies: list[str],
+    *,
+    chunk_words: int = 1,
+    tone: dict[str, Any] | None = None,
+) -> AgentConfig:
+    """The default agent with the scripted LLM and the tone TTS (whisper stays the STT)."""
+    data = copy.deepcopy(agent_json)
+    data["connectors"]["llm"] = {
+        "primary": "scripted",
+        "config": {"scripted": {"replies": replies, "chunk_words": chunk_words}},
+    }
+    data["connectors"]["tts"] = {"primary": "tone", "config": {"tone": tone or {}}}
+    return parse_agent_config(data)
+
+
+def without_llm(agent_json: dict) -> AgentConfig:
+    """A flow that skips the LLM: stt's text goes straight to tts."""
+    data = copy.deepcopy(agent_json)
+    data["pipeline"]["flow"] = [
+        {"from": "transport", "to": "stt", "stream": "audio"},
+        {"from": "stt", "to": "tts", "stream": "text"},
+        {"from": "tts", "to": "transport", "stream": "audio"},
+    ]
+    del data["connectors"]["llm"]
+    data["connectors"]["tts"] = {"primary": "tone"}
+    return parse_agent_config(data)
+
+
+async def until(cond: Callable[[], Any], limit_s: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Inbox:
+    """Collects the frames published on a subject."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Frame]] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, subject: str, frame: Frame) -> None:
+        self.items.append((subject, frame))
+        self._changed.set()
+
+    @property
+    def frames(self) -> list[Frame]:
+        return [f for _, f in self.items]
+
+    def of(self, kind: Kind) -> list[Frame]:
+        return [f for f in self.frames if f.kind is kind]
+
+    async def wait_for(
+        self, pred: Callable[[list[Frame]], bool], limit_s: float = 5.0
+    ) -> list[Frame]:
+        deadline = time.monotonic() + limit_s
+        while not pred(self.frames):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                summary = [(f.kind.name, f.epoch, f.index, f.seq, f.flags) for f in self.frames]
+                raise AssertionError(f"timed out; received {summary[:20]}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass
+        return self.frames
+
+
+async def settle(bus: Bus) -> None:
+    """Make sure this connection's subscriptions are on the server. nats-py 2.16's flush() writes
+    its PING straight to the socket, ahead of a SUB still queued for the flusher task, so one round
+    trip can come back before the SUB is sent (about 1 in 25 on loopback); a second one cannot."""
+    await bus.nc.flush()
+    await bus.nc.flush()
+
+
+async def listen(bus: Bus, subject: str) -> Inbox:
+    inbox = Inbox()
+    await bus.subscribe(subject, inbox)
+    await settle(bus)
+    return inbox
+
+
+def has_last(frames: list[Frame], epoch: int | None = None) -> bool:
+    return any(f.has(Flag.LAST) and (epoch is None or f.epoch == epoch) for f in frames)
+
+
+class Services:
+    """Starts stage services on the test's settings; stops whatever is left at teardown."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.running: list[StageService] = []
+
+    async def start(self, cls: type[StageService], **overrides: Any) -> Any:
+        overrides.setdefault("instance_id", f"{cls.role}-{len(self.running) + 1}")
+        svc = cls(self.settings.model_copy(update=overrides))
+        await svc.start()
+        await settle(svc.bus)  # start() flushes once, which does not prove its SUBs arrived
+        self.running.append(svc)
+        return svc
+
+    async def stop(self, svc: StageService) -> None:
+        self.running.remove(svc)
+        await svc.stop()
+
+
+@pytest.fixture
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    s = Services(settings)
+    yield s
+    for svc in reversed(list(s.running)):
+        await s.stop(svc)
+
+
+@pytest.fixture
+def subjects(settings: Settings) -> Subjects:
+    return Subjects(settings.subject_prefix)
+
+
+# --- ServiceRouter ---------------------------------------------------------------------------
+
+
+async def test_route_to_next_follows_each_sessions_own_flow(
+    bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    full = (await store.create_session(scripted(agent_json, ["Hi."]))).session_id
+    short = (await store.create_session(without_llm(agent_json))).session_id
+    llm_in = await listen(bus, subjects.data_all("llm"))
+    tts_in = await listen(bus, subjects.data_all("tts"))
+    router = ServiceRouter(bus=bus, store=store, stage="stt", subjects=subjects)
+    await router.start()
+
+    sent_full = await router.route_to_next(Frame.text("to the llm", epoch=3), full)
+    sent_short = await router.route_to_next(Frame.text("to the tts", epoch=4), short)
+    assert sent_full == subjects.data("llm", full)
+    assert sent_short == subjects.data("tts", short)
+
+    await llm_in.wait_for(lambda fs: len(fs) >= 1)
+    await tts_in.wait_for(lambda fs: len(fs) >= 1)
+    await asyncio.sleep(0.1)  # nothing else arrives
+    assert [(s, f.as_text, f.epoch) for s, f in llm_in.items] == [
+        (subjects.data("llm", full), "to the llm", 3)
+    ]
+    assert [(s, f.as_text, f.epoch) for s, f in tts_in.items] == [
+        (subjects.data("tts", short), "to the tts", 4)
+    ]
+
+
+async def test_no_route_when_the_flow_has_no_edge(
+    bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    short = (await store.create_session(without_llm(agent_json))).session_id
+    full = (await store.create_session(scripted(agent_json, ["Hi."]))).session_id
+    anywhere = await listen(bus, f"{subjects.prefix}.*.{short}")
+    llm = ServiceRouter(bus=bus, store=store, stage="llm", subjects=subjects)
+    await llm.start()
+
+    with pytest.raises(NoRoute):
+        await llm.route_to_next(Frame.text("nowhere to go"), short)
+    with pytest.raises(NoRoute):
+        llm.next_subject(short)
+    # The same stage does have an edge in the other session's flow.
+    await llm.load(full)
+    assert llm.next_subject(full) == subjects.data("tts", full)
+    # stt has no edge for an audio stream out of it in any valid flow.
+    stt = ServiceRouter(bus=bus, store=store, stage="stt", subjects=subjects)
+    await stt.load(full)
+    with pytest.raises(NoRoute):
+        stt.next_subject(full, "audio")
+    with pytest.raises(NotFound):
+        await llm.route_to_next(Frame.text("x"), "NoSuchSession123")
+    await asyncio.sleep(0.1)
+    assert anywhere.items == [], "a frame without a route was published anyway"
+
+
+async def test_config_cache_hit_and_invalidation_by_update(
+    bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    sid = (await store.create_session(scripted(agent_json, ["First."]))).session_id
+    router = ServiceRouter(bus=bus, store=store, stage="llm", subjects=subjects)
+    await router.start()
+
+    first = await router.load(sid)
+    assert (first.version, router.misses, router.hits) == (1, 1, 0)
+    assert router.get_connector_config(sid).primary == "scripted"
+
+    # A write that is not announced is not seen: the hot path reads the cache, not Valkey.
+    version = await store.update_config(sid, scripted(agent_json, ["Second."]))
+    assert version == 2
+    again = await router.load(sid)
+    assert again.version == 1 and (router.misses, router.hits) == (1, 1)
+
+    # The announcement of a stale or equal version keeps the cache.
+    await publish_config_update(bus, subjects, sid, 1, ["*"])
+    await asyncio.sleep(0.15)
+    assert (await router.load(sid)).version == 1 and router.misses == 1
+
+    # A PUT-style update: store, then announce. The next load sees it, quickly.
+    t0 = time.monotonic()
+    await publish_config_update(bus, subjects, sid, version, ["*"])
+    await until(lambda: sid not in router._cache, 1.0, "the cache entry to be dropped")
+    assert time.monotonic() - t0 < 0.1 + 0.2  # design: a change applies within 100 ms
+    fresh = await router.load(sid)
+    assert fresh.version == 2 and router.misses == 2
+    assert fresh.config.options("llm", "scripted").replies == ["Second."]  # type: ignore[attr-defined]
+
+    # Version 0 (the session was deleted) always drops it.
+    await publish_config_update(bus, subjects, sid, 0, ["*"])
+    await until(lambda: sid not in router._cache, 1.0, "the cache entry to be dropped")
+
+
+async def test_update_announced_while_a_first_load_is_in_flight_is_not_lost(
+    bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    """A stage reads a session's config (version 1) just as the transport stores and announces
+    version 2. The announcement finds nothing cached to drop, then the load caches version 1, and
+    the stale config would be used for the rest of the session."""
+    sid = (await store.create_session(scripted(agent_json, ["First."]))).session_id
+    router = ServiceRouter(bus=bus, store=store, stage="llm", subjects=subjects)
+    await router.start()
+    seen_update = asyncio.Event()
+
+    async def on_update(_: Any) -> None:
+        seen_update.set()
+
+    await bus.nc.subscribe(subjects.config_update, cb=on_update)
+    await settle(bus)
+
+    real_get = store.get_config
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    async def get_then_pause(session_id: str) -> Any:
+        stored = await real_get(session_id)
+        read_done.set()
+        await release.wait()
+        return stored
+
+    store.get_config = get_then_pause  # type: ignore[method-assign]
+    try:
+        loading = asyncio.ensure_future(router.load(sid))
+        await asyncio.wait_for(read_done.wait(), 5)
+        version = await store.update_config(sid, scripted(agent_json, ["Second."]))
+        await publish_config_update(bus, subjects, sid, version, ["*"])
+        await asyncio.wait_for(seen_update.wait(), 5)
+        await asyncio.sleep(0.1)  # the router's own subscription has handled it too
+    finally:
+        store.get_config = real_get  # type: ignore[method-assign]
+        release.set()
+    assert (await loading).version == 1  # began before the update: fine to answer with v1
+    latest = await router.load(sid)
+    assert latest.version == 2, "the announced update was lost: version 1 stays cached"
+
+
+# --- LLM stage -------------------------------------------------------------------------------
+
+
+async def test_llm_turn_sends_numbered_sentences_then_a_last_marker(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    config = scripted(agent_json, ["One two. Three four! Five six?", "You said {user}."])
+    sid = (await store.create_session(config)).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    transport = await listen(bus, subjects.data("transport", sid))
+    first = await services.start(LLMService)
+
+    origin = time.time_ns() - 5_000_000
+    await bus.publish(
+        subjects.data("llm", sid), Frame.text("hello there", epoch=1, origin_ns=origin)
+    )
+    frames = await tts.wait_for(has_last)
+    sentence = Flag.START | Flag.END
+    assert [(f.kind, f.index, f.as_text, f.flags) for f in frames] == [
+        (Kind.TEXT, 0, "One two.", sentence),
+        (Kind.TEXT, 1, "Three four!", sentence),
+        (Kind.TEXT, 2, "Five six?", sentence),
+        (Kind.TEXT, 3, "", Flag.END | Flag.LAST),
+    ]
+    assert {(f.epoch, f.origin_ns) for f in frames} == {(1, origin)}
+
+    events = await transport.wait_for(lambda fs: len(fs) >= 3)
+    assert all(f.kind is Kind.EVENT and f.epoch == 1 for f in events)
+    assert [
+        (e["type"], e["role"], e["text"], e["index"], e["epoch"], e["connector"])
+        for e in (f.as_event for f in events)
+    ] == [
+        ("transcript", "assistant", "One two.", 0, 1, "scripted"),
+        ("transcript", "assistant", "Three four!", 1, 1, "scripted"),
+        ("transcript", "assistant", "Five six?", 2, 1, "scripted"),
+    ]
+    context = await store.get_context(sid)
+    assert [(m["role"], m["content"], m["epoch"]) for m in context] == [
+        ("user", "hello there", 1),
+        ("assistant", "One two. Three four! Five six?", 1),
+    ]
+
+    # Stateless: another instance takes the next turn and finds the context in Valkey.
+    await services.stop(first)
+    await services.start(LLMService)
+    await bus.publish(subjects.data("llm", sid), Frame.text("bye now", epoch=2))
+    frames = await tts.wait_for(lambda fs: has_last(fs, 2))
+    assert [(f.index, f.as_text) for f in frames if f.epoch == 2] == [
+        (0, "You said bye now."),
+        (1, ""),
+    ]
+    context = await store.get_context(sid)
+    assert [m["role"] for m in context] == ["user", "assistant", "user", "assistant"]
+    assert context[-1]["content"] == "You said bye now."
+
+
+async def test_config_update_during_an_llm_turn_does_not_lose_the_turn(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    """A live config change (PATCH of any key) lands while a turn is between loading the config
+    and sending its first sentence. The turn must still be answered."""
+    sid = (await store.create_session(scripted(agent_json, ["Before."]))).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    llm = await services.start(LLMService)
+
+    real_append = llm.store.append_context
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def append_then_pause(session_id: str, *messages: dict[str, Any]) -> int:
+        n = await real_append(session_id, *messages)
+        if messages[0]["role"] == "user":
+            entered.set()
+            await release.wait()
+        return n
+
+    llm.store.append_context = append_then_pause  # type: ignore[method-assign]
+    await bus.publish(subjects.data("llm", sid), Frame.text("hello", epoch=1))
+    await asyncio.wait_for(entered.wait(), 5)
+    version = await store.update_config(sid, scripted(agent_json, ["After."]))
+    await publish_config_update(bus, subjects, sid, version, ["connectors"])
+    await until(lambda: sid not in llm.router._cache, what="the cache to drop the session")
+    release.set()
+
+    frames = await tts.wait_for(has_last, limit_s=3)
+    texts = [f.as_text for f in frames]
+    assert texts in (["Before.", ""], ["After.", ""]), texts
+
+
+# --- LLM + TTS -------------------------------------------------------------------------------
+
+
+async def test_llm_and_two_tts_instances_play_in_sentence_order(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    reply = (
+        "Alpha beta gamma delta epsilon zeta eta theta iota kappa. Two words. Three. "
+        "Four five six. Seven!"
+    )
+    words = [10, 2, 1, 3, 1]
+    ms_per_word, rate = 60, 16000
+    config = scripted(agent_json, [reply], tone={"ms_per_word": ms_per_word, "sample_rate": rate})
+    sid = (await store.create_session(config)).session_id
+    transport = await listen(bus, subjects.data("transport", sid))
+    await services.start(TTSService)
+    await services.start(TTSService)
+    await services.start(LLMService)
+
+    reorder = Reorderer()
+    played: list[Frame] = []
+    consumed = 0
+
+    def feed(frames: list[Frame]) -> bool:
+        nonlocal consumed
+        audio = [f for f in frames if f.kind is Kind.AUDIO]
+        for f in audio[consumed:]:
+            played.extend(reorder.push(f))
+        consumed = len(audio)
+        return reorder.done
+
+    await bus.publish(subjects.data("llm", sid), Frame.text("go", epoch=1))
+    await transport.wait_for(feed, limit_s=10)
+    await asyncio.sleep(0.1)
+    arrived = transport.of(Kind.AUDIO)
+
+    assert played[-1].has(Flag.LAST) and played[-1].index == len(words)
+    assert [f.index for f in played] == sorted(f.index for f in played)
+    assert sorted((f.index, f.seq) for f in arrived) == [(f.index, f.seq) for f in played]
+    for index, n_words in enumerate(words):
+        chunks = [f for f in played if f.index == index]
+        assert [f.seq for f in chunks] == list(range(len(chunks)))
+        assert chunks[0].has(Flag.START) and chunks[-1].has(Flag.END)
+        assert {(f.sample_rate, f.epoch) for f in chunks} == {(rate, 1)}
+        pcm = b"".join(f.payload for f in chunks)
+        assert len(pcm) == 2 * rate * ms_per_word * n_words // 1000, (index, len(pcm))
+    events = [f.as_event for f in transport.of(Kind.EVENT)]
+    assert [e["index"] for e in events] == list(range(len(words)))
+
+
+# --- turn epochs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["llm", "tts"])
+async def test_frames_of_an_older_epoch_are_dropped(
+    role: str,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    sid = (await store.create_session(scripted(agent_json, ["Fresh reply."]))).session_id
+    out = await listen(bus, subjects.data("tts" if role == "llm" else "transport", sid))
+    svc = await services.start(LLMService if role == "llm" else TTSService)
+
+    await bus.publish(subjects.ctl(sid), Frame.event({"type": "turn", "epoch": 2}, epoch=2))
+    await until(lambda: svc.epochs.get(sid) == 2, what="the epoch announcement")
+    subject = subjects.data(role, sid)
+    await bus.publish(subject, Frame.text("stale words", epoch=1, flags=Flag.START | Flag.END))
+    await bus.publish(subject, Frame.text("new words", epoch=2, flags=Flag.START | Flag.END))
+    if role == "llm":
+        await out.wait_for(lambda fs: has_last(fs, 2))
+    else:
+        await out.wait_for(lambda fs: any(f.has(Flag.END) for f in fs))
+    await asyncio.sleep(0.2)
+    assert out.frames and {f.epoch for f in out.frames} == {2}
+    if role == "llm":
+        context = await store.get_context(sid)
+        assert [(m["role"], m["epoch"]) for m in context] == [("user", 2), ("assistant", 2)]
+        assert context[0]["content"] == "new words"
+
+
+@pytest.mark.parametrize("kind", ["turn", "interrupt"])
+async def test_in_flight_turn_of_an_older_epoch_is_cancelled(
+    kind: str,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    n = 20_000
+    long_reply = " ".join(["Go."] * n)
+    sid = (await store.create_session(scripted(agent_json, [long_reply]))).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    llm = await services.start(LLMService)
+
+    await bus.publish(subjects.data("llm", sid), Frame.text("talk a lot", epoch=1))
+    await tts.wait_for(lambda fs: len(fs) >= 1)
+    await bus.publish(subjects.ctl(sid), Frame.event({"type": kind, "epoch": 2}, epoch=2))
+    await until(lambda: sid not in llm._work, what="the old turn to stop")
+    await asyncio.sleep(0.2)
+    count = len(tts.frames)
+    await asyncio.sleep(0.2)
+    assert len(tts.frames) == count, "the cancelled turn kept producing"
+    assert 1 <= count < n, count
+    assert not has_last(tts.frames), "the old turn ran to its end"
+    context = await store.get_context(sid)
+    assert [m["role"] for m in context] == ["user"], "a cancelled turn wrote its reply"
+
+    # The service goes on: a short reply (swapped in live) for the new epoch.
+    version = await store.update_config(sid, scripted(agent_json, ["Short now."]))
+    await publish_config_update(bus, subjects, sid, version, ["connectors"])
+    await until(lambda: sid not in llm.router._cache, what="the cache to drop the session")
+    await bus.publish(subjects.data("llm", sid), Frame.text("and now?", epoch=2))
+    frames = await tts.wait_for(lambda fs: has_last(fs, 2))
+    assert [(f.index, f.as_text) for f in frames if f.epoch == 2] == [(0, "Short now."), (1, "")]
+
+
+# --- STT assignment and leases ---------------------------------------------------------------
+
+
+async def test_stt_assignment_takes_a_lease_and_end_releases_it(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    ttl_ms = 600
+    sid = (await store.create_session(scripted(agent_json, ["Hi."]))).session_id
+    a = await services.start(STTService, instance_id="stt-a", lease_ttl_ms=ttl_ms)
+    b = await services.start(STTService, instance_id="stt-b", lease_ttl_ms=ttl_ms)
+    by_name = {"stt-a": a, "stt-b": b}
+    key = store.keys.lease("stt", sid)
+    assert key == f"{subjects.prefix}:lease:stt:{sid}"
+
+    async def assign(body: dict[str, Any]) -> dict[str, Any]:
+        reply = await bus.nc.request(subjects.assign("stt"), orjson.dumps(body), timeout=2)
+        return orjson.loads(reply.data)
+
+    owner = (await assign({"session_id": sid}))["owner"]
+    assert owner in by_name
+    assert (await store.client.get(key)).decode() == owner
+    assert 0 < await store.client.pttl(key) <= ttl_ms
+    # Whichever instance answers (queue group), the owner stays the same.
+    for _ in range(8):
+        assert await assign({"session_id": sid}) == {"owner": owner}
+    holder, other = by_name[owner], by_name[({"stt-a", "stt-b"} - {owner}).pop()]
+    assert sid in holder.streams and sid not in other.streams
+
+    # The holder subscribed the session's audio: frames reach its buffer.
+    pcm = bytes(640)
+    await bus.publish(
+        subjects.data("stt", sid), Frame.audio(pcm, sample_rate=16000, epoch=1, flags=Flag.START)
+    )
+    await until(lambda: len(holder.streams[sid].audio) == len(pcm), what="audio at the owner")
+
+    # The heartbeat keeps the lease past several TTLs.
+    await asyncio.sleep(3 * ttl_ms / 1000)
+    assert (await store.client.get(key)).decode() == owner
+
+    # Bad requests get an error, not a lease.
+    bad = await assign({"session_id": "no spaces allowed"})
+    assert "error" in bad and "owner" not in bad
+    assert "error" in await assign({"nothing": 1})
+
+    # The session ends: the lease goes and the stream is dropped.
+    await bus.publish(subjects.ctl(sid), Frame.event({"type": "end"}))
+    await until(lambda: sid not in holder.streams, what="the stream to be dropped")
+    assert await store.client.get(key) is None
+
+
+async def test_stt_lease_lapses_when_its_holder_dies_and_another_takes_over(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    ttl_ms = 500
+    sid = (await store.create_session(scripted(agent_json, ["Hi."]))).session_id
+    a = await services.start(STTService, instance_id="stt-a", lease_ttl_ms=ttl_ms)
+    b = await services.start(STTService, instance_id="stt-b", lease_ttl_ms=ttl_ms)
+    key = store.keys.lease("stt", sid)
+    request = orjson.dumps({"session_id": sid})
+    reply = await bus.nc.request(subjects.assign("stt"), request, timeout=2)
+    owner = orjson.loads(reply.data)["owner"]
+    holder, other = (a, b) if owner == a.instance else (b, a)
+
+    # The holder dies without a word: no heartbeat, no connection, no release.
+    services.running.remove(holder)
+    await holder.bus.close()
+    try:
+        t0 = time.monotonic()
+        while await store.client.get(key) is not None:
+            assert time.monotonic() - t0 < 3 * ttl_ms / 1000, "the lease did not lapse"
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - t0 > ttl_ms / 1000 / 2  # it was not released early
+
+        reply = await bus.nc.request(subjects.assign("stt"), request, timeout=2)
+        assert orjson.loads(reply.data) == {"owner": other.instance}
+        assert (await store.client.get(key)).decode() == other.instance
+        pcm = bytes(320)
+        await bus.publish(
+            subjects.data("stt", sid),
+            Frame.audio(pcm, sample_rate=16000, epoch=1, flags=Flag.START),
+        )
+        await until(lambda: len(other.streams[sid].audio) == len(pcm), what="audio at the heir")
+    finally:
+        await holder.pool.aclose()
+        await holder.store.close()
+
+
+# --- robustness and health -------------------------------------------------------------------
+
+
+async def test_malformed_frames_are_dropped_counted_and_the_service_goes_on(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    sid = (await store.create_session(scripted(agent_json, ["Still here."]))).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    llm = await services.start(LLMService)
+    before = llm.bus.dropped
+    subject = subjects.data("llm", sid)
+    good = encode(Frame.text("hi", epoch=1))
+    for junk in (
+        b"garbage",
+        good[:20],  # shorter than the header
+        bytes([9]) + good[1:],  # unknown protocol version
+        good[:1] + bytes([77]) + good[2:],  # unknown kind
+        encode(Frame.audio(b"\x00\x01\x02", sample_rate=16000)),  # half a sample
+    ):
+        await bus.nc.publish(subject, junk)
+    # An event that is not a JSON object on the control subject is logged, not fatal.
+    await bus.nc.publish(subjects.ctl(sid), encode(Frame(Kind.EVENT, b"[1, 2")))
+    await bus.nc.flush()
+    await until(lambda: llm.bus.dropped == before + 5, what="5 frames counted as dropped")
+
+    await bus.nc.publish(subject, good)
+    frames = await tts.wait_for(has_last)
+    assert [(f.index, f.as_text) for f in frames] == [(0, "Still here."), (1, "")]
+    assert llm.bus.dropped == before + 5
+
+
+@pytest.mark.parametrize("cls", [LLMService, TTSService, STTService])
+async def test_health_ping_names_the_role(
+    cls: type[StageService], services: Services, bus: Bus, subjects: Subjects
+) -> None:
+    svc = await services.start(cls)
+    reply = await bus.nc.request(subjects.health(cls.role), b"{}", timeout=2)
+    body = orjson.loads(reply.data)
+    assert body["role"] == cls.role and body["instance"] == svc.instance
+    assert body["sessions"] == 0
