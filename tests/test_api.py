@@ -391,7 +391,7 @@ async def test_patch_session_config(
     assert llm["fallback"] == ["scripted"]  # untouched by the patch
     assert set(llm["config"]) == {"scripted"}
     # Everything outside the patch is unchanged.
-    assert got["config"]["connectors"]["tts"] == agent_json["connectors"]["tts"] | {"fallback": []}
+    assert got["config"]["connectors"]["tts"] == agent_json["connectors"]["tts"]
     assert got["config"]["system_prompt"] == agent_json["system_prompt"]
 
     msg = orjson.loads((await sub.next_msg(timeout=2)).data)

@@ -4,6 +4,7 @@ WAV in through the WebSocket transport and a spoken reply out."""
 from __future__ import annotations
 
 import asyncio
+import difflib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,11 @@ from tests.e2e.conftest import RunningStack, rms_dbfs
 from voicemesh.transport.client import TurnResult, call_over_websocket
 
 pytestmark = pytest.mark.slow
+
+
+def close(word: str, choices: tuple[str, ...]) -> str | None:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def words(text: str) -> list[str]:
@@ -120,10 +126,12 @@ async def test_concurrent_sessions_on_two_instances_of_every_stage(
         return result.turns[0]
 
     turns = await asyncio.gather(*(one(s, f) for s, f in zip(sids, fruits, strict=True)))
+    marks = ("morning", "afternoon", "evening")
     for fruit, turn in zip(fruits, turns, strict=True):
         assert turn.indexes == list(range(6)), turn.indexes
         heard = words(hear(turn.bot_audio))
-        assert fruit in " ".join(heard), (fruit, turn.user_text, turn.bot_text, heard)
-        assert not {f for f in fruits if f != fruit} & set(heard), (fruit, heard)
-        order = [w for w in heard if w in ("morning", "afternoon", "evening")]
-        assert order == ["morning", "afternoon", "evening"], heard
+        # whisper tiny on Piper's (slightly random) prosody misspells now and then: match loosely
+        near = [close(w, (*fruits, *marks)) for w in heard]
+        assert fruit in near, (fruit, turn.user_text, turn.bot_text, heard)
+        assert not {f for f in fruits if f != fruit} & set(near), (fruit, heard)
+        assert [w for w in near if w in marks] == list(marks), heard

@@ -54,6 +54,29 @@ class WhisperOptions(ConnectorOptions):
     cpu_threads: int = Field(2, ge=1, le=64)
 
 
+class OpenAISTTOptions(ConnectorOptions):
+    """OpenAI's transcriptions API (or a compatible server) on the official openai SDK."""
+
+    api_key: str | None = Field(None, description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"')
+    base_url: str | None = None
+    model: str = "gpt-4o-mini-transcribe"
+    language: str | None = "en"
+    prompt: str | None = None
+
+
+class DeepgramOptions(ConnectorOptions):
+    """Deepgram live streaming (websocket) with interim and final results, on deepgram-sdk."""
+
+    api_key: str = Field(description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"')
+    base_url: str | None = Field(
+        None, description="ws(s)://host[:port] of a Deepgram-compatible API"
+    )
+    model: str = "nova-3"
+    language: str = "en"
+    interim_results: bool = True
+    smart_format: bool = True
+
+
 # --- llm -------------------------------------------------------------------------------------
 
 
@@ -82,6 +105,28 @@ class EchoOptions(ConnectorOptions):
     prefix: str = "You said"
 
 
+class OpenAILLMOptions(ConnectorOptions):
+    """Streaming chat completions on the official openai SDK; `base_url` points it at any
+    OpenAI-compatible server (Groq, Ollama, vLLM, llama.cpp's server)."""
+
+    model: str = Field(min_length=1)
+    api_key: str | None = Field(None, description='"${ENV}" reference; optional for local servers')
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:11434/v1 for Ollama")
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    organization: str | None = None
+
+
+class AnthropicOptions(ConnectorOptions):
+    """Streaming Messages API on the official anthropic SDK."""
+
+    model: str = Field(min_length=1)
+    api_key: str = Field(description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"')
+    base_url: str | None = None
+    max_tokens: int = Field(512, ge=1, le=32_768)
+    temperature: float | None = Field(None, ge=0, le=1)
+
+
 # --- tts -------------------------------------------------------------------------------------
 
 
@@ -102,12 +147,60 @@ class ToneOptions(ConnectorOptions):
     ms_per_word: int = Field(120, ge=10, le=2000)
 
 
+class ElevenLabsOptions(ConnectorOptions):
+    """ElevenLabs streaming text-to-speech on the official elevenlabs SDK, raw PCM out."""
+
+    api_key: str = Field(description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"')
+    voice_id: str = Field(min_length=1)
+    base_url: str | None = None
+    model_id: str = "eleven_flash_v2_5"
+    output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100"] = "pcm_16000"
+
+
+class AzureTTSOptions(ConnectorOptions):
+    """Azure AI Speech text-to-speech over its REST API with SSML, raw PCM out."""
+
+    api_key: str = Field(description='"${ENV}" reference (the resource key)')
+    region: str | None = Field(None, description="e.g. westeurope; or give base_url")
+    base_url: str | None = None
+    voice: str = "en-US-JennyNeural"
+    output_format: Literal[
+        "raw-16khz-16bit-mono-pcm", "raw-24khz-16bit-mono-pcm", "raw-48khz-16bit-mono-pcm"
+    ] = "raw-16khz-16bit-mono-pcm"
+    rate: str | None = Field(None, description='SSML prosody rate, e.g. "+10%"')
+
+
+class OpenAITTSOptions(ConnectorOptions):
+    """OpenAI's speech API on the official openai SDK, streamed as raw 24 kHz PCM."""
+
+    api_key: str | None = Field(None, description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"')
+    base_url: str | None = None
+    model: str = "gpt-4o-mini-tts"
+    voice: str = "alloy"
+    instructions: str | None = None
+
+
 CONNECTOR_OPTIONS: dict[str, dict[str, type[ConnectorOptions]]] = {
     "transport": {"websocket": WebSocketTransportOptions},
-    "stt": {"whisper": WhisperOptions},
-    "llm": {"smollm2": SmolLM2Options, "scripted": ScriptedOptions, "echo": EchoOptions},
-    "tts": {"piper": PiperOptions, "tone": ToneOptions},
+    "stt": {"whisper": WhisperOptions, "openai": OpenAISTTOptions, "deepgram": DeepgramOptions},
+    "llm": {
+        "smollm2": SmolLM2Options,
+        "scripted": ScriptedOptions,
+        "echo": EchoOptions,
+        "openai": OpenAILLMOptions,
+        "anthropic": AnthropicOptions,
+    },
+    "tts": {
+        "piper": PiperOptions,
+        "tone": ToneOptions,
+        "elevenlabs": ElevenLabsOptions,
+        "azure": AzureTTSOptions,
+        "openai": OpenAITTSOptions,
+    },
 }
+
+# The attempt timeout of a stage whose config sets none.
+DEFAULT_ATTEMPT_TIMEOUT_MS: dict[str, int] = {"stt": 5000, "llm": 3000, "tts": 3000}
 
 
 def connector_names(stage: str) -> list[str]:

@@ -89,6 +89,19 @@ class StageConnectors(BaseModel):
     primary: str = Field(min_length=1)
     fallback: list[str] = Field(default_factory=list, max_length=8)
     config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    attempt_timeout_ms: int | None = Field(
+        None,
+        ge=50,
+        le=120_000,
+        description="a connector with no first result within this time fails over to the next "
+        "(default per stage: stt 5000, llm 3000, tts 3000; none for transport)",
+    )
+    probe_interval_ms: int = Field(
+        5000,
+        ge=100,
+        le=600_000,
+        description="how often a failed connector is probed in the background until it heals",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -179,7 +192,7 @@ class AgentConfig(BaseModel):
         return out
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_defaults=False))
+        return orjson.dumps(self.model_dump(mode="json", by_alias=True, exclude_unset=True))
 
 
 def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:

@@ -5,7 +5,7 @@ holds no session state, so one instance (and one loaded model) serves every sess
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
 from voicemesh.config.connectors import ConnectorOptions
@@ -26,13 +26,43 @@ class Connector(ABC):
     async def aclose(self) -> None:
         pass
 
+    #: Whether `probe` is implemented; without it a failed connector is retried when its down
+    #: mark lapses.
+    can_probe: ClassVar[bool] = False
+
+    async def probe(self) -> None:
+        """A cheap real request that raises if the provider is still failing."""
+        raise NotImplementedError
+
+
+class STTStream(ABC):
+    """One utterance streamed to a provider while it is spoken."""
+
+    @abstractmethod
+    async def send(self, pcm: bytes) -> None:
+        """Audio as it arrives (PCM16 mono at the rate the stream was opened with)."""
+
+    @abstractmethod
+    async def finish(self) -> str:
+        """End of the utterance: the final transcript of everything sent."""
+
+    async def aclose(self) -> None:
+        """Abandon the stream (a newer turn, a failure); must not raise."""
+
 
 class STTConnector(Connector):
     stage = "stt"
+    #: Providers that transcribe while the user speaks (Deepgram) implement `open_stream`.
+    streaming: ClassVar[bool] = False
 
     @abstractmethod
     async def transcribe(self, pcm: bytes, sample_rate: int) -> str:
-        """Text of one utterance of PCM16 mono audio."""
+        """Text of one whole utterance of PCM16 mono audio (also the replay path on fallback)."""
+
+    async def open_stream(
+        self, sample_rate: int, on_interim: Callable[[str], Awaitable[None]] | None = None
+    ) -> STTStream:
+        raise NotImplementedError
 
 
 class LLMConnector(Connector):

@@ -1,18 +1,29 @@
-"""Primary-then-fallback over a stage's connector chain.
+"""Primary-then-fallback over a stage's connector chain, so a unit of work is never lost.
 
-A connector that fails to load, or fails before producing anything, hands the unit of work to the
-next one in the chain, so the work is not lost. A failure after the first result is re-raised
-(resuming mid-stream on another connector is the fallback issue's work).
+Triggers: any exception, no first result within the stage's attempt_timeout_ms (and a stream that
+stalls that long between results), HTTP 429/5xx, permanent errors (401/403/invalid request, a
+missing secret), and a stream that dies midway. The unit moves to the next connector with what was
+already delivered, so the stage can resume instead of restarting: the LLM continues the reply
+after the text already sent, TTS re-synthesizes the sentence from where audio stopped, STT replays
+the buffered utterance. Failed connectors are skipped by every instance (HealthBoard) until a
+background probe finds them healthy; when every connector is marked down they are still tried in
+order, since a stale mark must not refuse work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from voicemesh.config.connectors import DEFAULT_ATTEMPT_TIMEOUT_MS
 from voicemesh.config.models import AgentConfig
+from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector
+from voicemesh.connectors.errors import ConnectorError, FailureKind, classify
+from voicemesh.connectors.health import ConnectorId, HealthBoard, fingerprint
 from voicemesh.connectors.registry import ConnectorPool
 
 log = logging.getLogger(__name__)
@@ -21,15 +32,40 @@ T = TypeVar("T")
 
 
 class AllConnectorsFailed(RuntimeError):
-    pass
+    def __init__(self, stage: str, errors: list[tuple[str, ConnectorError]]):
+        self.errors = errors
+        detail = "; ".join(f"{name}: {err}" for name, err in errors)
+        super().__init__(f"every {stage} connector failed: {detail}")
 
 
 class Chain:
-    """A session's connectors for one stage, loaded on first use (from the process-wide pool)."""
+    """A session's connectors for one stage, loaded on first use from the process-wide pool."""
 
-    def __init__(self, pool: ConnectorPool, config: AgentConfig, stage: str):
-        self.pool, self.config, self.stage = pool, config, stage
-        self.names = config.stage(stage).chain
+    def __init__(
+        self,
+        pool: ConnectorPool,
+        config: AgentConfig,
+        stage: str,
+        *,
+        health: HealthBoard | None = None,
+    ):
+        self.pool, self.config, self.stage, self.health = pool, config, stage, health
+        sc = config.stage(stage)
+        self.names = sc.chain
+        timeout_ms = sc.attempt_timeout_ms or DEFAULT_ATTEMPT_TIMEOUT_MS.get(stage, 5000)
+        self.timeout_s = timeout_ms / 1000
+        self.probe_interval_ms = sc.probe_interval_ms
+        self.failures: list[tuple[str, ConnectorError]] = []
+
+    def cid(self, name: str) -> ConnectorId:
+        return (self.stage, name, fingerprint(self.config.options(self.stage, name)))
+
+    def order(self) -> list[str]:
+        """Healthy connectors first, in chain order; those marked down last."""
+        if self.health is None:
+            return list(self.names)
+        down = {n for n in self.names if self.health.is_down(self.cid(n))}
+        return [n for n in self.names if n not in down] + [n for n in self.names if n in down]
 
     async def get(self, name: str) -> Connector:
         return await self.pool.get(self.stage, name, self.config.options(self.stage, name))
@@ -44,34 +80,98 @@ class Chain:
                 errors.append(f"{self.stage} connector {name}: {exc}")
         return errors
 
-    def _failed(self, name: str, exc: Exception, errors: list[str]) -> None:
-        log.warning("%s connector %s failed: %s; trying the next", self.stage, name, exc)
-        errors.append(f"{name}: {exc}")
+    async def failed(
+        self, name: str, conn: Connector | None, exc: BaseException, started: bool
+    ) -> ConnectorError:
+        err = classify(exc, started=started)
+        self.failures.append((name, err))
+        metrics.ERRORS.labels(self.stage, name, err.kind).inc()
+        log.warning("%s connector %s failed (%s): %s", self.stage, name, err.code, err)
+        if self.health is not None:
+            hold_ms = max(3 * self.probe_interval_ms, int((err.retry_after_s or 0) * 1000))
+            await self.health.mark_down(
+                self.cid(name),
+                err,
+                hold_ms=hold_ms,
+                probe=conn.probe if conn is not None and conn.can_probe else None,
+                probe_interval_ms=self.probe_interval_ms,
+            )
+        return err
+
+    def _moved(self, to: str) -> None:
+        if self.failures:
+            name, err = self.failures[-1]
+            metrics.FALLBACKS.labels(self.stage, name, to, err.kind).inc()
 
     async def call_first(self, work: Callable[[Connector], Awaitable[T]]) -> tuple[Connector, T]:
-        errors: list[str] = []
-        for name in self.names:
+        """One-shot work (an STT utterance): the result must come within the attempt timeout."""
+        for name in self.order():
+            conn: Connector | None = None
             try:
                 conn = await self.get(name)
-                return conn, await work(conn)
+                self._moved(name)
+                metrics.REQUESTS.labels(self.stage, name).inc()
+                t0 = time.perf_counter()
+                async with asyncio.timeout(self.timeout_s):
+                    result = await work(conn)
+                metrics.FIRST_RESULT.labels(self.stage, name).observe(time.perf_counter() - t0)
+                return conn, result
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
-                self._failed(name, exc, errors)
-        raise AllConnectorsFailed(f"every {self.stage} connector failed: " + "; ".join(errors))
+                if isinstance(exc, TimeoutError) and conn is not None:
+                    exc = ConnectorError(
+                        FailureKind.TIMEOUT, f"no result within {self.timeout_s * 1000:.0f} ms"
+                    )
+                await self.failed(name, conn, exc, started=False)
+        raise AllConnectorsFailed(self.stage, self.failures)
 
-    async def stream_first(
-        self, work: Callable[[Connector], AsyncIterator[T]]
+    async def stream(
+        self, work: Callable[[Connector, list[T]], AsyncIterator[T]]
     ) -> AsyncIterator[tuple[Connector, T]]:
-        errors: list[str] = []
-        for name in self.names:
-            started = False
+        """Streamed work (an LLM reply, a TTS sentence). `work(conn, delivered)` gets what earlier
+        connectors already delivered for this unit, to resume after it rather than repeat it."""
+        delivered: list[T] = []
+        for name in self.order():
+            conn: Connector | None = None
+            stream: AsyncIterator[T] | None = None
+            got = 0
             try:
                 conn = await self.get(name)
-                async for item in work(conn):
-                    started = True
+                self._moved(name)
+                metrics.REQUESTS.labels(self.stage, name).inc()
+                stream = work(conn, list(delivered))
+                t0 = time.perf_counter()
+                while True:
+                    try:
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                        # cancellation (a barge-in) that lands as the item completes.
+                        async with asyncio.timeout(self.timeout_s):
+                            item = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        what = "first result" if not got else "next result (stream stalled)"
+                        raise ConnectorError(
+                            FailureKind.TIMEOUT, f"no {what} within {self.timeout_s * 1000:.0f} ms"
+                        ) from None
+                    if not got:
+                        metrics.FIRST_RESULT.labels(self.stage, name).observe(
+                            time.perf_counter() - t0
+                        )
+                    got += 1
+                    delivered.append(item)
                     yield conn, item
-                return
+            except asyncio.CancelledError:
+                raise
+            except GeneratorExit:
+                raise
             except Exception as exc:
-                if started:
-                    raise
-                self._failed(name, exc, errors)
-        raise AllConnectorsFailed(f"every {self.stage} connector failed: " + "; ".join(errors))
+                await self.failed(name, conn, exc, started=got > 0)
+            finally:
+                if stream is not None and hasattr(stream, "aclose"):
+                    try:
+                        await stream.aclose()  # type: ignore[attr-defined]
+                    except Exception:
+                        pass
+        raise AllConnectorsFailed(self.stage, self.failures)

@@ -17,6 +17,13 @@ _CLASSES: dict[tuple[str, str], str] = {
     ("llm", "echo"): "voicemesh.connectors.llm.scripted:EchoLLM",
     ("tts", "piper"): "voicemesh.connectors.tts.piper:PiperTTS",
     ("tts", "tone"): "voicemesh.connectors.tts.tone:ToneTTS",
+    ("stt", "openai"): "voicemesh.connectors.stt.openai:OpenAISTT",
+    ("stt", "deepgram"): "voicemesh.connectors.stt.deepgram:DeepgramSTT",
+    ("llm", "openai"): "voicemesh.connectors.llm.openai:OpenAILLM",
+    ("llm", "anthropic"): "voicemesh.connectors.llm.anthropic:AnthropicLLM",
+    ("tts", "elevenlabs"): "voicemesh.connectors.tts.elevenlabs:ElevenLabsTTS",
+    ("tts", "azure"): "voicemesh.connectors.tts.azure:AzureTTS",
+    ("tts", "openai"): "voicemesh.connectors.tts.openai:OpenAITTS",
 }
 
 assert {k for k in _CLASSES} == {

@@ -19,6 +19,7 @@ from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.fallback import Chain
+from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import ConnectorPool
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, ServiceRouter, Subjects
 
@@ -55,6 +56,14 @@ class StageService:
             bus=self.bus, store=self.store, stage=self.role, subjects=self.subjects
         )
         await self.router.start()
+        self.health = HealthBoard(
+            client=self.store.client,
+            nc=self.bus.nc,
+            key_prefix=self.settings.key_prefix,
+            subject=self.subjects.connector_health,
+            instance=self.instance,
+        )
+        await self.health.start()
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
         if self.settings.preload:
             await self.preload()
@@ -78,7 +87,7 @@ class StageService:
         log.info("loaded %s engines in %.1f s", self.role, time.perf_counter() - t0)
 
     def chain(self, config: AgentConfig) -> Chain:
-        return Chain(self.pool, config, self.role)
+        return Chain(self.pool, config, self.role, health=self.health)
 
     async def intake(self, subject: str, handler: Any, *, queue: str = "") -> None:
         """Subscribe to work; these subscriptions end first on shutdown, so nothing new starts
@@ -89,6 +98,7 @@ class StageService:
         for sub in self._intake:
             await sub.unsubscribe()
         await self.bus.drain()
+        await self.health.stop()
         await self.pool.aclose()
         await self.store.close()
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
+from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import StageService
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.router import Flag, Frame, Kind, Subjects
@@ -15,6 +17,36 @@ from voicemesh.router import Flag, Frame, Kind, Subjects
 log = logging.getLogger(__name__)
 
 CONTEXT_MESSAGES = 50
+
+
+async def continue_reply(
+    conn: Connector, messages: list[Message], delivered: list[str]
+) -> AsyncIterator[str]:
+    """The reply from `conn`; after a fallback mid-reply, only what follows the text already
+    delivered. The partial reply goes in as an assistant prefill (native for Anthropic and most
+    OpenAI-compatible servers); if a model starts over anyway, the repeated prefix is dropped."""
+    assert isinstance(conn, LLMConnector)
+    partial = "".join(delivered)
+    if not partial:
+        async for piece in conn.stream(messages):
+            yield piece
+        return
+    pending = ""
+    matching = True
+    async for piece in conn.stream([*messages, {"role": "assistant", "content": partial}]):
+        if not matching:
+            yield piece
+            continue
+        pending += piece
+        if partial.startswith(pending) or pending.startswith(partial):
+            if len(pending) > len(partial):  # restated the partial text, then went on
+                matching = False
+                yield pending[len(partial) :]
+            continue
+        matching = False  # a true continuation
+        yield pending
+    if matching and pending and not pending.startswith(partial):
+        yield pending
 
 
 class LLMService(StageService):
@@ -70,7 +102,9 @@ class LLMService(StageService):
 
         failed: str | None = None
         try:
-            async for conn, piece in chain.stream_first(lambda c: c.stream(messages)):  # type: ignore[attr-defined]
+            async for conn, piece in chain.stream(
+                lambda c, done: continue_reply(c, messages, done)
+            ):
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - t0) * 1000
                 used = conn.name

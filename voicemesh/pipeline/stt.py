@@ -17,7 +17,9 @@ import orjson
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from voicemesh.connectors.base import STTConnector
+from voicemesh.connectors import metrics
+from voicemesh.connectors.base import Connector, STTConnector, STTStream
+from voicemesh.connectors.fallback import Chain
 from voicemesh.pipeline.base import StageService
 from voicemesh.router import Flag, Frame, Kind, Leases, Subjects
 from voicemesh.router.store import check_session_id
@@ -35,6 +37,12 @@ class Stream:
     origin_ns: int = 0
     audio: bytearray = field(default_factory=bytearray)
     last_frame: float = field(default_factory=time.monotonic)
+    # The utterance streamed live to a streaming provider (Deepgram), if the chain's first
+    # connector is one; the buffered `audio` is the replay if it fails.
+    chain: Chain | None = None
+    live: STTStream | None = None
+    live_name: str = ""
+    live_conn: Connector | None = None
 
 
 class STTService(StageService):
@@ -85,25 +93,117 @@ class STTService(StageService):
             return
         stream.last_frame = time.monotonic()
         if frame.has(Flag.START) or frame.epoch != stream.epoch:
+            await self._close_live(stream)
             stream.audio.clear()
             stream.epoch, stream.rate, stream.origin_ns = (
                 frame.epoch,
                 frame.sample_rate,
                 frame.origin_ns,
             )
+            stream.chain = self.chain((await self.router.load(session)).config)
+            await self._open_live(session, stream)
         stream.audio += frame.payload
+        if stream.live is not None and frame.payload:
+            try:
+                async with asyncio.timeout(stream.chain.timeout_s):  # type: ignore[union-attr]
+                    await stream.live.send(frame.payload)
+            except Exception as exc:
+                await self._live_failed(stream, exc)
         if frame.has(Flag.END):
             pcm = bytes(stream.audio)
             stream.audio.clear()
-            self.track(session, frame.epoch, self._transcribe(session, frame.epoch, pcm, stream))
+            live, live_name, live_conn, chain = (
+                stream.live,
+                stream.live_name,
+                stream.live_conn,
+                stream.chain,
+            )
+            stream.live = None
+            self.track(
+                session,
+                frame.epoch,
+                self._transcribe(
+                    session, frame.epoch, pcm, stream, chain, live, live_name, live_conn
+                ),
+            )
 
-    async def _transcribe(self, session: str, epoch: int, pcm: bytes, stream: Stream) -> None:
-        cached = await self.router.load(session)
+    async def _open_live(self, session: str, stream: Stream) -> None:
+        """Start streaming the utterance if the first connector in the chain can."""
+        chain = stream.chain
+        assert chain is not None
+        name = chain.order()[0]
+        try:
+            conn = await chain.get(name)
+        except Exception:
+            return  # the replay path will report it
+        if not isinstance(conn, STTConnector) or not conn.streaming:
+            return
+        epoch = stream.epoch
+
+        async def interim(text: str) -> None:
+            if text and self.current(session, epoch):
+                await self.notify(
+                    session,
+                    {
+                        "type": "transcript",
+                        "role": "user",
+                        "text": text,
+                        "epoch": epoch,
+                        "final": False,
+                        "connector": name,
+                    },
+                    epoch=epoch,
+                )
+
+        stream.live_name, stream.live_conn = name, conn
+        try:
+            async with asyncio.timeout(chain.timeout_s):
+                stream.live = await conn.open_stream(stream.rate, interim)
+        except Exception as exc:
+            await self._live_failed(stream, exc)
+
+    async def _live_failed(self, stream: Stream, exc: BaseException) -> None:
+        if stream.chain is not None:
+            await stream.chain.failed(stream.live_name, stream.live_conn, exc, started=False)
+        await self._close_live(stream)
+
+    @staticmethod
+    async def _close_live(stream: Stream) -> None:
+        live, stream.live = stream.live, None
+        if live is not None:
+            await live.aclose()
+
+    async def _transcribe(
+        self,
+        session: str,
+        epoch: int,
+        pcm: bytes,
+        stream: Stream,
+        chain: Chain | None,
+        live: STTStream | None,
+        live_name: str,
+        live_conn: Connector | None,
+    ) -> None:
+        chain = chain or self.chain((await self.router.load(session)).config)
         t0 = time.perf_counter()
-        conn, text = await self.chain(cached.config).call_first(
-            lambda c: c.transcribe(pcm, stream.rate),  # type: ignore[attr-defined]
-        )
-        assert isinstance(conn, STTConnector)
+        text: str | None = None
+        name = live_name
+        if live is not None:
+            try:
+                async with asyncio.timeout(chain.timeout_s):
+                    text = await live.finish()
+                metrics.REQUESTS.labels("stt", live_name).inc()
+            except asyncio.CancelledError:
+                await live.aclose()
+                raise
+            except Exception as exc:
+                await chain.failed(live_name, live_conn, exc, started=False)
+                await live.aclose()
+        if text is None:  # no live stream, or it failed: replay the utterance from its start
+            conn, text = await chain.call_first(
+                lambda c: c.transcribe(pcm, stream.rate),  # type: ignore[attr-defined]
+            )
+            name = conn.name
         took_ms = (time.perf_counter() - t0) * 1000
         if not self.current(session, epoch):
             return
@@ -114,7 +214,8 @@ class STTService(StageService):
                 "role": "user",
                 "text": text,
                 "epoch": epoch,
-                "connector": conn.name,
+                "final": True,
+                "connector": name,
                 "stt_ms": round(took_ms, 1),
             },
             epoch=epoch,

@@ -5,14 +5,32 @@ transport play sentences synthesized in parallel in order."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
-from voicemesh.connectors.base import TTSConnector
+from voicemesh.connectors.base import Connector, TTSConnector
 from voicemesh.pipeline.base import StageService
 from voicemesh.router import Flag, Frame, Kind, Subjects
 
 log = logging.getLogger(__name__)
 
 MARKER_RATE = 16000  # rate named in the header of empty marker frames
+
+
+async def resume_sentence(
+    conn: Connector, text: str, delivered: list[tuple[bytes, int]]
+) -> AsyncIterator[tuple[bytes, int]]:
+    """A sentence's audio from `conn`, as (pcm, rate); after a fallback mid-sentence, starting
+    where the audio already sent stopped (by duration: voices differ in pace, so the cut is
+    approximate, never a repeat of whole words already heard)."""
+    assert isinstance(conn, TTSConnector)
+    rate = conn.sample_rate
+    skip = int(sum(len(pcm) / 2 / r for pcm, r in delivered) * rate) * 2  # bytes at this rate
+    async for pcm in conn.synthesize(text):
+        if skip >= len(pcm):
+            skip -= len(pcm)
+            continue
+        pcm, skip = pcm[skip:], 0
+        yield pcm, rate
 
 
 class TTSService(StageService):
@@ -39,9 +57,9 @@ class TTSService(StageService):
         chain = self.chain(cached.config)
         seq, rate = 0, MARKER_RATE
         try:
-            async for conn, pcm in chain.stream_first(lambda c: c.synthesize(frame.as_text)):  # type: ignore[attr-defined]
-                assert isinstance(conn, TTSConnector)
-                rate = conn.sample_rate
+            async for _, (pcm, rate) in chain.stream(
+                lambda c, done: resume_sentence(c, frame.as_text, done)
+            ):
                 flags = Flag.START if seq == 0 else Flag.NONE
                 await self.bus.publish(
                     out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)

@@ -42,6 +42,11 @@ class Subjects:
         """Queue-group request handing a session's stream to one instance of a streaming stage."""
         return f"{self.prefix}.assign.{stage}"
 
+    @property
+    def connector_health(self) -> str:
+        """Broadcast: a connector was marked down or up (HealthBoard)."""
+        return f"{self.prefix}.connector.health"
+
     def health(self, role: str) -> str:
         return f"{self.prefix}.health.{role}"
 

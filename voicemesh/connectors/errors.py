@@ -1,0 +1,124 @@
+"""Connector failures, classified (seed 001's error hierarchy: a code, a class, retryable or not).
+
+Every failure a connector raises, whatever its SDK, is turned into a ConnectorError here, so the
+fallback chain decides on one vocabulary: what kind of failure, whether retrying the same provider
+later can help, and which HTTP status (if any) the provider answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import StrEnum
+
+
+class FailureKind(StrEnum):
+    TIMEOUT = "timeout"  # no first result within attempt_timeout_ms
+    RATE_LIMIT = "rate_limit"  # HTTP 429
+    SERVER = "server"  # HTTP 5xx
+    PERMANENT = "permanent"  # 400/401/403/404/422, bad config, missing secret: retrying won't help
+    STREAM = "stream"  # the stream died after its first result
+    NETWORK = "network"  # connection refused/reset, DNS, TLS
+    ERROR = "error"  # anything else the connector raised
+
+
+CODES: dict[FailureKind, str] = {
+    FailureKind.TIMEOUT: "CONNECTOR_TIMEOUT_3001",
+    FailureKind.RATE_LIMIT: "CONNECTOR_RATE_LIMIT_3002",
+    FailureKind.SERVER: "CONNECTOR_SERVER_3003",
+    FailureKind.PERMANENT: "CONNECTOR_PERMANENT_3004",
+    FailureKind.STREAM: "CONNECTOR_STREAM_3005",
+    FailureKind.NETWORK: "CONNECTOR_NETWORK_3006",
+    FailureKind.ERROR: "CONNECTOR_ERROR_3000",
+}
+
+
+class ConnectorError(Exception):
+    """A classified connector failure."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    @property
+    def code(self) -> str:
+        return CODES[self.kind]
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same provider may succeed later without a config change."""
+        return self.kind is not FailureKind.PERMANENT
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "kind": str(self.kind),
+            "status": self.status,
+            "retryable": self.retryable,
+            "message": str(self),
+        }
+
+    def __str__(self) -> str:
+        status = f" (HTTP {self.status})" if self.status else ""
+        return f"{self.kind}{status}: {self.args[0]}"
+
+
+def from_status(status: int, message: str, *, retry_after_s: float | None = None) -> ConnectorError:
+    if status == 429:
+        kind = FailureKind.RATE_LIMIT
+    elif status >= 500:
+        kind = FailureKind.SERVER
+    elif status == 408:
+        kind = FailureKind.TIMEOUT
+    else:
+        kind = FailureKind.PERMANENT
+    return ConnectorError(kind, message, status=status, retry_after_s=retry_after_s)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for attr in ("status_code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    response = getattr(exc, "response", None)
+    value = getattr(response, "status_code", None)
+    return value if isinstance(value, int) else None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    try:
+        return float(headers.get("retry-after")) if headers and headers.get("retry-after") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def classify(exc: BaseException, *, started: bool = False) -> ConnectorError:
+    """Map any exception to a ConnectorError; `started` marks a failure after the first result."""
+    lineage = " ".join(c.__name__.lower() for c in type(exc).__mro__)  # SDKs name their classes
+    if isinstance(exc, ConnectorError):
+        err = exc
+    elif isinstance(exc, TimeoutError | asyncio.TimeoutError) or "timeout" in lineage:
+        err = ConnectorError(FailureKind.TIMEOUT, str(exc) or "timed out")
+    elif (status := _status_of(exc)) is not None:
+        err = from_status(status, str(exc) or type(exc).__name__, retry_after_s=_retry_after(exc))
+    elif isinstance(exc, LookupError | ValueError | TypeError | ImportError):
+        # a missing ${ENV} secret, invalid options, a missing SDK: a config problem
+        err = ConnectorError(FailureKind.PERMANENT, f"{type(exc).__name__}: {exc}")
+    elif isinstance(exc, ConnectionError | OSError) or "connect" in lineage:
+        err = ConnectorError(FailureKind.NETWORK, f"{type(exc).__name__}: {exc}")
+    else:
+        err = ConnectorError(FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
+    if started and err.kind is not FailureKind.PERMANENT:
+        return ConnectorError(
+            FailureKind.STREAM, f"died after its first result: {err}", status=err.status
+        )
+    return err
