@@ -1,0 +1,116 @@
+"""The shared part of every loopback provider server: an ASGI app served by uvicorn on a free
+loopback port inside the caller's event loop, a request counter, and failure injection.
+
+Failure modes (`server.fail(mode, ...)`):
+- "error": answer at once with HTTP 500 and a provider-shaped error body (or close a websocket);
+- "hang": accept the request and never answer (the client's attempt timeout must fire);
+- "429" / "500" / "401": that HTTP status with the provider's error body (429 adds Retry-After);
+- "die": stream `after` chunks normally, then cut the connection mid-stream.
+`times` limits how many requests fail before the server heals by itself (None: until `heal()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+import uvicorn
+from starlette.applications import Starlette
+
+FailureMode = Literal["ok", "error", "hang", "429", "500", "401", "die"]
+
+
+@dataclass
+class Failure:
+    mode: FailureMode = "ok"
+    after: int = 0
+    times: int | None = None
+
+
+class LoopbackServer:
+    """Subclasses build `self.app` (Starlette) and consult `self.take_failure()` per request."""
+
+    name = "loopback"
+
+    def __init__(self) -> None:
+        self.failure = Failure()
+        self.requests = 0
+        self.failed = 0
+        self.port = 0
+        self.app = self.build()
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def build(self) -> Starlette:
+        raise NotImplementedError
+
+    # --- failure injection -------------------------------------------------------------------
+
+    def fail(self, mode: FailureMode, *, after: int = 0, times: int | None = None) -> None:
+        self.failure = Failure(mode, after, times)
+
+    def heal(self) -> None:
+        self.failure = Failure()
+
+    def take_failure(self) -> Failure:
+        """Count a request and return the failure to apply to it (mode "ok" for none)."""
+        self.requests += 1
+        f = self.failure
+        if f.mode == "ok":
+            return f
+        if f.times is not None:
+            if f.times <= 0:
+                self.heal()
+                return self.failure
+            f.times -= 1
+        self.failed += 1
+        return Failure(f.mode, f.after, None)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> LoopbackServer:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            ws="websockets-sansio",
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.ensure_future(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True  # hung requests must not hold the shutdown
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 5)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+    async def __aenter__(self) -> LoopbackServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def hang() -> None:
+    """Never answer (until the server stops or the client goes away)."""
+    await asyncio.Event().wait()
