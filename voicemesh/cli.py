@@ -159,6 +159,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 nats_url, settings.subject_prefix, limit_s=args.startup_timeout, progress=_say
             )
         )
+        metrics = ", ".join(f"{n} :{p}" for n, p in stack.metrics_ports.items())
+        _say(f"Prometheus /metrics: transport :{args.port}, {metrics}")
         _say(
             f"up: web client and API at http://{args.host}:{args.port}/  "
             f"(API docs /docs, calls at ws://{args.host}:{args.port}/ws/call). Ctrl-C stops."

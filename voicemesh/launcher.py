@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 
 import nats
 
+from voicemesh.servers import free_port
+
 ROLES = ("transport", "stt", "llm", "tts")
 STAGES = ("stt", "llm", "tts")
 
@@ -35,12 +37,14 @@ class Stack:
         self.instances = instances
         self.http_host, self.http_port = http_host, http_port
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     def start(self) -> None:
         for role in STAGES:
             for i in range(self.instances):
                 name = f"{role}-{i + 1}" if self.instances > 1 else role
-                self.spawn(name, role)
+                port = self.metrics_ports[name] = free_port(self.http_host)
+                self.spawn(name, role, VOICEMESH_METRICS_PORT=str(port))
         self.spawn(
             "transport",
             "transport",

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     instance_id: str = Field(default_factory=_instance_id)
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="stages serve Prometheus /metrics on http_host:this port (unset: off); "
+        "the transport serves /metrics on its own HTTP port",
+    )
     preload: bool = Field(True, description="load the default agent's engines at stage start")
     default_agent_file: str | None = Field(
         None,

@@ -65,6 +65,15 @@ class StageService:
         )
         await self.health.start()
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
+        if self.settings.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.settings.metrics_port, addr=self.settings.http_host)
+            log.info(
+                "metrics on http://%s:%d/metrics",
+                self.settings.http_host,
+                self.settings.metrics_port,
+            )
         if self.settings.preload:
             await self.preload()
         await self.setup()

@@ -19,7 +19,7 @@ from nats.aio.subscription import Subscription
 
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
-from voicemesh.connectors.fallback import Chain
+from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
 from voicemesh.pipeline.base import StageService
 from voicemesh.router import Flag, Frame, Kind, Leases, Subjects
 from voicemesh.router.store import check_session_id
@@ -200,10 +200,17 @@ class STTService(StageService):
                 await chain.failed(live_name, live_conn, exc, started=False)
                 await live.aclose()
         if text is None:  # no live stream, or it failed: replay the utterance from its start
-            conn, text = await chain.call_first(
-                lambda c: c.transcribe(pcm, stream.rate),  # type: ignore[attr-defined]
-            )
-            name = conn.name
+            try:
+                conn, text = await chain.call_first(
+                    lambda c: c.transcribe(pcm, stream.rate),  # type: ignore[attr-defined]
+                )
+                name = conn.name
+            except AllConnectorsFailed as exc:
+                log.error("turn %d: %s", epoch, exc)
+                await self.notify(
+                    session, {"type": "error", "error": str(exc), "epoch": epoch}, epoch=epoch
+                )
+                text, name = "", ""  # an empty final transcript: the caller's turn is over
         took_ms = (time.perf_counter() - t0) * 1000
         if not self.current(session, epoch):
             return

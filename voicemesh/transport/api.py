@@ -16,6 +16,7 @@ import orjson
 from fastapi import APIRouter, Body, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import make_asgi_app
 from pydantic import BaseModel, ConfigDict, Field
 
 from voicemesh.config.models import (
@@ -296,6 +297,7 @@ def create_app(service: TransportService) -> FastAPI:
         return {"messages": await store().get_context(session_id)}
 
     app.include_router(api)
+    app.mount("/metrics", make_asgi_app())
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
