@@ -108,6 +108,8 @@ def classify(exc: BaseException, *, started: bool = False) -> ConnectorError:
         err = exc
     elif isinstance(exc, TimeoutError | asyncio.TimeoutError) or "timeout" in lineage:
         err = ConnectorError(FailureKind.TIMEOUT, str(exc) or "timed out")
+    elif "transporterror" in lineage:  # httpx/httpx2: refused, reset, a body cut mid-stream
+        err = ConnectorError(FailureKind.NETWORK, f"{type(exc).__name__}: {exc}")
     elif (status := _status_of(exc)) is not None:
         err = from_status(status, str(exc) or type(exc).__name__, retry_after_s=_retry_after(exc))
     elif isinstance(exc, LookupError | ValueError | TypeError | ImportError):
@@ -119,6 +121,9 @@ def classify(exc: BaseException, *, started: bool = False) -> ConnectorError:
         err = ConnectorError(FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
     if started and err.kind is not FailureKind.PERMANENT:
         return ConnectorError(
-            FailureKind.STREAM, f"died after its first result: {err}", status=err.status
+            FailureKind.STREAM,
+            f"died after its first result: {err}",
+            status=err.status,
+            retry_after_s=err.retry_after_s,
         )
     return err

@@ -61,10 +61,14 @@ class Chain:
         return (self.stage, name, fingerprint(self.config.options(self.stage, name)))
 
     def order(self) -> list[str]:
-        """Healthy connectors first, in chain order; those marked down last."""
-        if self.health is None:
-            return list(self.names)
-        down = {n for n in self.names if self.health.is_down(self.cid(n))}
+        """Healthy connectors first, in chain order; those marked down, or that already failed
+        this unit of work (a live STT stream before its replay), last."""
+        failed = {n for n, _ in self.failures}
+        down = {
+            n
+            for n in self.names
+            if n in failed or (self.health is not None and self.health.is_down(self.cid(n)))
+        }
         return [n for n in self.names if n not in down] + [n for n in self.names if n in down]
 
     async def get(self, name: str) -> Connector:

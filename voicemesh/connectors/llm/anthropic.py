@@ -1,0 +1,216 @@
+"""Claude through the streaming Messages API on the official anthropic SDK.
+
+The system prompt goes in `system`; the conversation is reshaped to what the API accepts (user and
+assistant turns, no empty ones, starting with the user). A trailing assistant message is a prefill:
+Claude continues it, so after a fallback mid-reply only the rest of the reply comes back. The API
+rejects a prefill that ends in whitespace, so that whitespace is cut from the prefill and dropped
+from the start of the continuation (the text already delivered holds it).
+
+SDK retries are off (the fallback chain retries elsewhere); failures leave as ConnectorErrors,
+including the `error` events Anthropic sends inside a 200 stream (overloaded_error mid-reply),
+which the SDK raises with the stream's status 200.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anthropic
+
+from voicemesh.config.connectors import AnthropicOptions
+from voicemesh.connectors.base import LLMConnector, Message
+from voicemesh.connectors.errors import ConnectorError, FailureKind, from_status
+
+#: Per-operation SDK timeout (connect, each read); the chain's attempt timeout is the real limit.
+SDK_TIMEOUT_S = 60.0
+
+#: Status of each error type Anthropic can send inside a stream (whose HTTP status is 200).
+ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds the provider asks to wait: retry-after-ms, retry-after (seconds or HTTP date)."""
+    if not headers:
+        return None
+    try:
+        if ms := headers.get("retry-after-ms"):
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def error_detail(body: object) -> tuple[str | None, str | None]:
+    """(type, message) of an error body: {"type": "error", "error": {"type", "message"}}."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            kind = inner.get("type")
+            message = inner.get("message")
+            return (str(kind) if kind else None, str(message) if message else None)
+    return None, None
+
+
+def transport_kind(exc: BaseException) -> FailureKind:
+    """Kind of an HTTP client error the SDK let through unwrapped (httpx or httpx2 alike)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "TimeoutException" in names:
+        return FailureKind.TIMEOUT
+    if names & {"TransportError", "RequestError", "ConnectionError"}:
+        return FailureKind.NETWORK
+    return FailureKind.ERROR
+
+
+def to_anthropic(messages: list[Message]) -> tuple[str, list[dict[str, str]], bool]:
+    """(system, messages, whether trailing whitespace was cut from the prefill)."""
+    system = "\n\n".join(
+        str(m.get("content") or "").strip() for m in messages if m.get("role") == "system"
+    ).strip()
+    turns: list[dict[str, str]] = []
+    for m in messages:
+        if m.get("role") == "system":
+            continue
+        role = "assistant" if m.get("role") == "assistant" else "user"
+        text = str(m.get("content") or "")
+        if not text.strip():
+            continue  # the API rejects empty text blocks
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + text
+        else:
+            turns.append({"role": role, "content": text})
+    # A history cut to its last N messages may open with the assistant: the API wants the user.
+    while len(turns) > 1 and turns[0]["role"] == "assistant":
+        turns.pop(0)
+    cut = False
+    if turns and turns[-1]["role"] == "assistant":
+        prefill = turns[-1]["content"].rstrip()
+        cut = prefill != turns[-1]["content"]
+        turns[-1]["content"] = prefill
+    return system, turns, cut
+
+
+class AnthropicLLM(LLMConnector):
+    name = "anthropic"
+    options: AnthropicOptions
+    can_probe = True
+
+    def __init__(self, options: AnthropicOptions):
+        super().__init__(options)
+        self._client: anthropic.AsyncAnthropic | None = None
+
+    @property
+    def client(self) -> anthropic.AsyncAnthropic:
+        if self._client is None:
+            self._client = anthropic.AsyncAnthropic(
+                api_key=self.options.api_key,
+                base_url=self.options.base_url,
+                max_retries=0,
+                timeout=SDK_TIMEOUT_S,
+            )
+        return self._client
+
+    async def warmup(self) -> None:
+        self.client  # noqa: B018 - builds the client (no request)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _request(
+        self, messages: list[Message], *, max_tokens: int | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """The SDK call's arguments, and whether the prefill lost trailing whitespace."""
+        system, turns, cut = to_anthropic(messages)
+        kwargs: dict[str, Any] = {
+            "model": self.options.model,
+            "max_tokens": max_tokens or self.options.max_tokens,
+            "messages": turns,
+        }
+        if system:
+            kwargs["system"] = system
+        if self.options.temperature is not None:
+            kwargs["temperature"] = self.options.temperature
+        return kwargs, cut
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        request, skip_space = self._request(messages)
+        try:
+            response = await self.client.messages.create(**request, stream=True)
+        except Exception as exc:
+            raise self.error(exc) from exc
+        finished = False
+        try:
+            async with response:
+                async for event in response:
+                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                        text = event.delta.text
+                        if skip_space:
+                            text = text.lstrip()
+                            skip_space = not text
+                        if text:
+                            yield text
+                    elif event.type == "message_stop":
+                        finished = True
+        except Exception as exc:
+            raise self.error(exc) from exc
+        if not finished:
+            raise ConnectorError(
+                FailureKind.STREAM, "anthropic: the stream ended without message_stop"
+            )
+
+    async def probe(self) -> None:
+        """A one-token message: proves the key, the model and the API answer."""
+        try:
+            await self.client.messages.create(
+                **self._request([{"role": "user", "content": "ping"}], max_tokens=1)[0]
+            )
+        except Exception as exc:
+            raise self.error(exc) from exc
+
+    def error(self, exc: BaseException) -> ConnectorError:
+        if isinstance(exc, ConnectorError):
+            return exc
+        if isinstance(exc, anthropic.APIStatusError):
+            kind, message = error_detail(exc.body)
+            status = exc.status_code
+            if status < 400:  # an error event inside the stream: its type tells what happened
+                status = ERROR_TYPE_STATUS.get(kind or "", 500)
+            return from_status(
+                status,
+                self._text(kind, message or exc.message),
+                retry_after_s=retry_after_s(exc.response.headers),
+            )
+        if isinstance(exc, anthropic.APITimeoutError):
+            return ConnectorError(FailureKind.TIMEOUT, self._text(None, "request timed out"))
+        if isinstance(exc, anthropic.APIConnectionError):
+            cause = exc.__cause__ or exc
+            return ConnectorError(
+                FailureKind.NETWORK, self._text(None, f"{type(cause).__name__}: {cause}")
+            )
+        return ConnectorError(transport_kind(exc), self._text(None, f"{type(exc).__name__}: {exc}"))
+
+    def _text(self, kind: str | None, message: str) -> str:
+        text = f"anthropic: {kind}: {message}" if kind else f"anthropic: {message}"
+        key = self.options.api_key
+        return text.replace(key, "***") if key else text

@@ -1,0 +1,184 @@
+"""Streaming chat completions on the official openai SDK, for OpenAI or any compatible server
+(Groq, Ollama, vLLM, llama.cpp's server) through `base_url`.
+
+The SDK's own retries are off: the fallback chain decides what happens after a failure, and a
+retry hidden inside one attempt would both mask the failure and outlast the attempt timeout. Every
+SDK failure leaves as a classified ConnectorError (429 with its Retry-After, 5xx, 401...).
+
+A trailing assistant message (the partial reply of a connector that died mid-stream) is sent as
+is: compatible servers continue it. OpenAI's own API starts a new reply instead, and
+`continue_reply` drops the restated prefix.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import openai
+
+from voicemesh.config.connectors import OpenAILLMOptions
+from voicemesh.connectors.base import LLMConnector, Message
+from voicemesh.connectors.errors import ConnectorError, FailureKind, from_status
+
+#: Per-operation SDK timeout (connect, each read). The chain's attempt timeout is the real
+#: limit on a turn; this only ends requests nobody waits for any more.
+SDK_TIMEOUT_S = 60.0
+#: Sent as the key to servers that need none (a local llama.cpp or Ollama): the SDK insists on
+#: one, and must not fall back to this process's OPENAI_API_KEY for a third-party base_url.
+NO_KEY = "unused"
+
+
+def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds the provider asks to wait: retry-after-ms, retry-after (seconds or HTTP date)."""
+    if not headers:
+        return None
+    try:
+        if ms := headers.get("retry-after-ms"):
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def error_detail(body: object) -> tuple[str | None, str | None]:
+    """(type or code, message) from an error body, OpenAI's {"error": {...}} or its inner dict."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            kind = inner.get("code") or inner.get("type")
+            message = inner.get("message")
+            return (str(kind) if kind else None, str(message) if message else None)
+    return None, None
+
+
+def transport_kind(exc: BaseException) -> FailureKind:
+    """Kind of an HTTP client error the SDK let through unwrapped (httpx or httpx2 alike)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "TimeoutException" in names:
+        return FailureKind.TIMEOUT
+    if names & {"TransportError", "RequestError", "ConnectionError"}:
+        return FailureKind.NETWORK
+    return FailureKind.ERROR
+
+
+class OpenAILLM(LLMConnector):
+    name = "openai"
+    options: OpenAILLMOptions
+    can_probe = True
+
+    def __init__(self, options: OpenAILLMOptions):
+        super().__init__(options)
+        self._client: openai.AsyncOpenAI | None = None
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            self._client = openai.AsyncOpenAI(
+                api_key=self.options.api_key or NO_KEY,
+                base_url=self.options.base_url,
+                organization=self.options.organization,
+                max_retries=0,
+                timeout=SDK_TIMEOUT_S,
+            )
+        return self._client
+
+    async def warmup(self) -> None:
+        self.client  # noqa: B018 - builds the client (no request)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    def _request(self, messages: list[Message]) -> dict[str, Any]:
+        opts = self.options
+        kwargs: dict[str, Any] = {
+            "model": opts.model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "stream": True,
+        }
+        if opts.temperature is not None:
+            kwargs["temperature"] = opts.temperature
+        if opts.max_tokens is not None:
+            kwargs["max_tokens"] = opts.max_tokens
+        return kwargs
+
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        try:
+            response = await self.client.chat.completions.create(**self._request(messages))
+        except Exception as exc:
+            raise self.error(exc) from exc
+        finished = False
+        try:
+            async with response:  # closes the HTTP response however the stream ends
+                async for chunk in response:
+                    for choice in chunk.choices:
+                        if choice.index != 0:
+                            continue
+                        if choice.finish_reason:
+                            finished = True
+                        if choice.delta is not None and choice.delta.content:
+                            yield choice.delta.content
+        except Exception as exc:
+            raise self.error(exc) from exc
+        if not finished:
+            # A body that ends cleanly but early (a proxy gave up) would pass for a whole reply.
+            raise ConnectorError(FailureKind.STREAM, "openai: the stream ended without finishing")
+
+    async def probe(self) -> None:
+        """The same streamed request as a turn, closed at its first chunk: it proves the model
+        answers (a models listing can succeed while completions fail)."""
+        request = self._request([{"role": "user", "content": "ping"}])
+        try:
+            response = await self.client.chat.completions.create(**request)
+            async with response:
+                async for _ in response:
+                    return
+        except Exception as exc:
+            raise self.error(exc) from exc
+        raise ConnectorError(FailureKind.STREAM, "openai: the probe stream was empty")
+
+    def error(self, exc: BaseException) -> ConnectorError:
+        """A classified failure whose message names the provider's error but never the key."""
+        if isinstance(exc, ConnectorError):
+            return exc
+        if isinstance(exc, openai.APIStatusError):
+            kind, message = error_detail(exc.body)
+            err = from_status(
+                exc.status_code,
+                self._text(kind, message or exc.message),
+                retry_after_s=retry_after_s(exc.response.headers),
+            )
+        elif isinstance(exc, openai.APITimeoutError):
+            err = ConnectorError(FailureKind.TIMEOUT, self._text(None, "request timed out"))
+        elif isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            err = ConnectorError(
+                FailureKind.NETWORK, self._text(None, f"{type(cause).__name__}: {cause}")
+            )
+        elif isinstance(exc, openai.APIError):  # an error event inside a 200 stream
+            kind, message = error_detail(exc.body)
+            err = ConnectorError(
+                FailureKind.RATE_LIMIT if kind and "rate_limit" in kind else FailureKind.SERVER,
+                self._text(kind, message or exc.message),
+            )
+        else:
+            err = ConnectorError(
+                transport_kind(exc), self._text(None, f"{type(exc).__name__}: {exc}")
+            )
+        return err
+
+    def _text(self, kind: str | None, message: str) -> str:
+        text = f"openai: {kind}: {message}" if kind else f"openai: {message}"
+        key = self.options.api_key
+        return text.replace(key, "***") if key and key != NO_KEY else text

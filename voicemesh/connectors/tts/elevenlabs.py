@@ -1,0 +1,169 @@
+"""ElevenLabs streaming text-to-speech on the official elevenlabs SDK, raw PCM16 mono out.
+
+One AsyncElevenLabs client (with its own httpx pool) serves every session of the process.
+`text_to_speech.stream` yields the body as it arrives, so chunks may split a 16-bit sample;
+`whole_samples` re-aligns them. The SDK's errors carry the status but no `response`, so they are
+turned into ConnectorErrors here (Retry-After included); the SDK does not retry (max_retries 0):
+the fallback chain decides what happens after a failure.
+
+Also home of the helpers the HTTP TTS connectors share: `whole_samples`, `transport_error`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
+
+import httpx
+
+from voicemesh.config.connectors import ElevenLabsOptions
+from voicemesh.connectors.base import TTSConnector
+from voicemesh.connectors.errors import ConnectorError, FailureKind, from_status
+
+if TYPE_CHECKING:
+    from elevenlabs.client import AsyncElevenLabs
+
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+async def whole_samples(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Re-chunk a PCM16 byte stream so every chunk holds whole samples: an odd trailing byte waits
+    for the next chunk (and is dropped if the stream ends on it)."""
+    carry = b""
+    async for chunk in chunks:
+        if carry:
+            chunk, carry = carry + chunk, b""
+        if len(chunk) & 1:
+            chunk, carry = chunk[:-1], chunk[-1:]
+        if chunk:
+            yield chunk
+
+
+def transport_error(exc: BaseException) -> ConnectorError | None:
+    """A ConnectorError for an httpx (or httpx2, openai's fork) transport failure: connection
+    refused/reset, or a body cut mid-stream (RemoteProtocolError). None for anything else."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "TransportError" not in names:
+        return None
+    kind = FailureKind.TIMEOUT if "TimeoutException" in names else FailureKind.NETWORK
+    return ConnectorError(kind, f"{type(exc).__name__}: {exc}")
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form), case-insensitive lookup."""
+    if not headers:
+        return None
+    value = next((v for k, v in dict(headers).items() if k.lower() == "retry-after"), None)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _detail(body: Any) -> str:
+    """ElevenLabs errors: {"detail": {"status", "message"}} (or a string, or a 422 list)."""
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, dict):
+        status, message = detail.get("status"), detail.get("message")
+        if status or message:
+            return ": ".join(str(p) for p in (status, message) if p)
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        return "; ".join(str(d.get("msg", d)) for d in detail)
+    return str(detail)[:300] if detail not in (None, "") else "no error body"
+
+
+def _api_error(exc: Exception) -> ConnectorError:
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        return ConnectorError(FailureKind.ERROR, f"ElevenLabs: {type(exc).__name__}")
+    return from_status(
+        status,
+        f"ElevenLabs: {_detail(getattr(exc, 'body', None))}",
+        retry_after_s=retry_after(getattr(exc, "headers", None)),
+    )
+
+
+class ElevenLabsTTS(TTSConnector):
+    name = "elevenlabs"
+    options: ElevenLabsOptions
+    can_probe = True
+
+    def __init__(self, options: ElevenLabsOptions):
+        super().__init__(options)
+        self._client: AsyncElevenLabs | None = None
+        self._http: httpx.AsyncClient | None = None
+        codec, _, rate = options.output_format.partition("_")
+        if codec != "pcm" or not rate.isdigit():
+            raise ValueError(f"output_format {options.output_format!r} is not raw PCM")
+        self._rate = int(rate)
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    def client(self) -> AsyncElevenLabs:
+        if self._client is None:
+            from elevenlabs.client import AsyncElevenLabs
+
+            self._http = httpx.AsyncClient(timeout=TIMEOUT)
+            self._client = AsyncElevenLabs(
+                api_key=self.options.api_key,
+                base_url=self.options.base_url,  # None: the SDK's production environment
+                httpx_client=self._http,
+            )
+        return self._client
+
+    async def warmup(self) -> None:
+        self.client()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        self._client = self._http = None
+
+    @staticmethod
+    def _request_options() -> Any:
+        # chunk_size None: hand on the body as it arrives instead of waiting for 1 KiB pieces.
+        return cast(Any, {"max_retries": 0, "chunk_size": None})
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        if not text.strip():
+            return
+        from elevenlabs.core.api_error import ApiError
+
+        opts = self.options
+        audio = self.client().text_to_speech.stream(
+            opts.voice_id,
+            text=text,
+            model_id=opts.model_id,
+            output_format=cast(Any, opts.output_format),
+            request_options=self._request_options(),
+        )
+        aligned = whole_samples(audio)
+        try:
+            async for chunk in aligned:
+                yield chunk
+        except ApiError as exc:
+            raise _api_error(exc) from None
+        except Exception as exc:
+            if (err := transport_error(exc)) is not None:
+                raise err from exc
+            raise
+        finally:  # on an early stop too (a fallback, a barge-in): release the connection now
+            await aligned.aclose()  # type: ignore[attr-defined]
+            await audio.aclose()  # type: ignore[attr-defined]
+
+    async def probe(self) -> None:
+        """GET /v1/voices/{voice_id}: the key works and the configured voice exists."""
+        from elevenlabs.core.api_error import ApiError
+
+        try:
+            await self.client().voices.get(
+                self.options.voice_id, request_options=self._request_options()
+            )
+        except ApiError as exc:
+            raise _api_error(exc) from None
+        except Exception as exc:
+            if (err := transport_error(exc)) is not None:
+                raise err from exc
+            raise

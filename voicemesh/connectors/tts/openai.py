@@ -1,0 +1,89 @@
+"""OpenAI text-to-speech on the official openai SDK: `audio.speech` with response_format "pcm",
+streamed as it is produced (raw PCM16 mono at 24 kHz). `base_url` points it at any compatible
+server. The SDK does not retry (max_retries 0): the fallback chain decides what happens after a
+failure. Its status errors carry `status_code` and the response (Retry-After included), which
+`errors.classify` reads as they are; a body cut mid-stream is turned into a network failure here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from voicemesh.config.connectors import OpenAITTSOptions
+from voicemesh.connectors.base import TTSConnector
+from voicemesh.connectors.tts.elevenlabs import transport_error, whole_samples
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+SAMPLE_RATE = 24000  # what the speech API's "pcm" format is
+TIMEOUT_S = 30.0
+
+
+class OpenAITTS(TTSConnector):
+    name = "openai"
+    options: OpenAITTSOptions
+    can_probe = True
+
+    def __init__(self, options: OpenAITTSOptions):
+        super().__init__(options)
+        if not options.api_key and not options.base_url:
+            raise ValueError(
+                'openai tts needs api_key (e.g. "${OPENAI_API_KEY}") for api.openai.com'
+            )
+        self._client: AsyncOpenAI | None = None
+
+    @property
+    def sample_rate(self) -> int:
+        return SAMPLE_RATE
+
+    def client(self) -> AsyncOpenAI:
+        if self._client is None:
+            from openai import AsyncOpenAI
+
+            self._client = AsyncOpenAI(
+                # A local compatible server may want no key, but the SDK insists on one.
+                api_key=self.options.api_key or "unused",
+                base_url=self.options.base_url,
+                max_retries=0,
+                timeout=TIMEOUT_S,
+            )
+        return self._client
+
+    async def warmup(self) -> None:
+        self.client()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        if not text.strip():
+            return
+        opts = self.options
+        extra: dict[str, Any] = {"instructions": opts.instructions} if opts.instructions else {}
+        try:
+            async with self.client().audio.speech.with_streaming_response.create(
+                model=opts.model, voice=opts.voice, input=text, response_format="pcm", **extra
+            ) as response:
+                aligned = whole_samples(response.iter_bytes())
+                try:
+                    async for chunk in aligned:
+                        yield chunk
+                finally:
+                    await aligned.aclose()  # type: ignore[attr-defined]
+        except Exception as exc:
+            if (err := transport_error(exc)) is not None:
+                raise err from exc
+            raise  # the SDK's own errors: errors.classify reads their status
+
+    async def probe(self) -> None:
+        """GET /v1/models: the key works and the server answers."""
+        try:
+            await self.client().models.list()
+        except Exception as exc:
+            if (err := transport_error(exc)) is not None:
+                raise err from exc
+            raise
