@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import Services
 from voicemesh.config.settings import Settings
-from voicemesh.router import Bus, ConfigStore
+from voicemesh.router import Bus, ConfigStore, Subjects
 from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,20 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     b = await Bus.connect(settings.nats_url, name="test")  # type: ignore[arg-type]
     yield b
     await b.close()
+
+
+@pytest.fixture
+async def services(settings: Settings) -> AsyncIterator[Services]:
+    """Stage services started in-process on the test's settings; stopped at teardown."""
+    s = Services(settings)
+    yield s
+    for svc in reversed(list(s.running)):
+        await s.stop(svc)
+
+
+@pytest.fixture
+def subjects(settings: Settings) -> Subjects:
+    return Subjects(settings.subject_prefix)
 
 
 @pytest.fixture

@@ -84,13 +84,14 @@ def from_status(status: int, message: str, *, retry_after_s: float | None = None
 
 
 def _status_of(exc: BaseException) -> int | None:
+    """An HTTP error status carried by an SDK exception; a 2xx (an error event inside a 200
+    stream, as Anthropic's SDK reports it) is not one."""
     for attr in ("status_code", "status"):
         value = getattr(exc, attr, None)
-        if isinstance(value, int) and 100 <= value < 600:
+        if isinstance(value, int) and 400 <= value < 600:
             return value
-    response = getattr(exc, "response", None)
-    value = getattr(response, "status_code", None)
-    return value if isinstance(value, int) else None
+    value = getattr(getattr(exc, "response", None), "status_code", None)
+    return value if isinstance(value, int) and 400 <= value < 600 else None
 
 
 def _retry_after(exc: BaseException) -> float | None:

@@ -1,0 +1,360 @@
+"""Fallback through the real stage services: for each stage and each way a provider fails, the
+primary (a loopback server speaking the provider's protocol) fails and the session's audio still
+arrives, with no text lost or repeated and sentences in order; a healed primary takes new work
+again on every instance.
+
+Stage services run in-process on the real NATS and Valkey; providers are loopback servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.support import Inbox, Services, has_last, listen, until
+from voicemesh.config.models import AgentConfig, parse_agent_config
+from voicemesh.connectors.health import fingerprint
+from voicemesh.pipeline import LLMService, STTService, TTSService
+from voicemesh.router import Bus, ConfigStore, Flag, Frame, Kind, Subjects
+from voicemesh.testing.loopback.anthropic import AnthropicServer
+from voicemesh.testing.loopback.azure import AzureSpeechServer
+from voicemesh.testing.loopback.deepgram import DeepgramServer
+from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer
+from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
+from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+from voicemesh.transport.egress import Reorderer
+
+REPLY = "The tide comes in at noon. Boats wait by the pier. Gulls circle over the harbour wall."
+HEARD = "when is high tide today"
+MODES = ["error", "hang", "429", "500", "401", "die"]
+TIMEOUT_MS = 400
+PRIMARY_HZ, FALLBACK_HZ = 300.0, 500.0
+
+
+@dataclass
+class Providers:
+    chat: OpenAIChatServer
+    claude: AnthropicServer
+    eleven: ElevenLabsServer
+    azure: AzureSpeechServer
+    deepgram: DeepgramServer
+    whisper_api: OpenAITranscribeServer
+
+    @property
+    def all(self) -> list[Any]:
+        return [self.chat, self.claude, self.eleven, self.azure, self.deepgram, self.whisper_api]
+
+
+@pytest.fixture
+async def providers(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Providers]:
+    monkeypatch.setenv("VM_TEST_KEY", "sk-loopback-secret")
+    p = Providers(
+        OpenAIChatServer([REPLY], chunk_words=2),
+        AnthropicServer([REPLY], chunk_words=2),
+        ElevenLabsServer(frequency_hz=PRIMARY_HZ),
+        AzureSpeechServer(frequency_hz=FALLBACK_HZ),
+        DeepgramServer(HEARD),
+        OpenAITranscribeServer(HEARD),
+    )
+    for server in p.all:
+        await server.start()
+    yield p
+    for server in p.all:
+        await server.stop()
+
+
+def cloud_config(agent_json: dict, p: Providers) -> AgentConfig:
+    key = "${VM_TEST_KEY}"
+    common = {"attempt_timeout_ms": TIMEOUT_MS, "probe_interval_ms": 200}
+    data = {**agent_json}
+    data["connectors"] = {
+        "stt": {
+            "primary": "deepgram",
+            "fallback": ["openai"],
+            "config": {
+                "deepgram": {"api_key": key, "base_url": p.deepgram.ws_url},
+                "openai": {"api_key": key, "base_url": p.whisper_api.base_url},
+            },
+            **common,
+        },
+        "llm": {
+            "primary": "openai",
+            "fallback": ["anthropic"],
+            "config": {
+                "openai": {"api_key": key, "base_url": f"{p.chat.url}/v1", "model": "gpt-x"},
+                "anthropic": {"api_key": key, "base_url": p.claude.url, "model": "claude-x"},
+            },
+            **common,
+        },
+        "tts": {
+            "primary": "elevenlabs",
+            "fallback": ["azure"],
+            "config": {
+                "elevenlabs": {"api_key": key, "base_url": p.eleven.url, "voice_id": "v1"},
+                "azure": {"api_key": key, "base_url": p.azure.url},
+            },
+            **common,
+        },
+    }
+    return parse_agent_config(data)
+
+
+def dominant_hz(pcm: bytes, rate: int) -> float:
+    x = np.frombuffer(pcm, np.int16).astype(np.float64)
+    return float(np.argmax(np.abs(np.fft.rfft(x))) * rate / x.size)
+
+
+@dataclass
+class Reply:
+    text: str
+    connectors: list[str]
+    indexes: list[int]
+    audio: list[Frame]
+
+    def pcm_by_rate(self) -> dict[int, bytes]:
+        out: dict[int, bytearray] = {}
+        for f in self.audio:
+            out.setdefault(f.sample_rate, bytearray()).extend(f.payload)
+        return {r: bytes(b) for r, b in out.items()}
+
+
+async def reply_of(inbox: Inbox, epoch: int, limit_s: float = 10.0) -> Reply:
+    """The reply as the transport plays it: audio through the reorderer until it completes
+    (sentences synthesized in parallel can arrive after the end-of-reply marker), transcripts."""
+
+    def play(frames: list[Frame]) -> tuple[Reorderer, list[Frame]]:
+        order = Reorderer()
+        order.reset(epoch)
+        played = [
+            g for f in frames if f.kind is Kind.AUDIO and f.epoch == epoch for g in order.push(f)
+        ]
+        return order, played
+
+    frames = await inbox.wait_for(lambda fs: play(fs)[0].done, limit_s)
+    _, played = play(frames)
+    events = [f.as_event for f in frames if f.kind is Kind.EVENT and f.epoch == epoch]
+    said = [e for e in events if e.get("type") == "transcript" and e["role"] == "assistant"]
+    return Reply(
+        text=" ".join(e["text"] for e in said),
+        connectors=[e["connector"] for e in said],
+        indexes=[e["index"] for e in said],
+        audio=[f for f in played if f.payload],
+    )
+
+
+async def start_llm_and_tts(services: Services, instances: int = 1) -> list[Any]:
+    started = []
+    for _ in range(instances):
+        started.append(await services.start(LLMService))
+        started.append(await services.start(TTSService))
+    return started
+
+
+async def say(bus: Bus, subjects: Subjects, sid: str, text: str, epoch: int) -> None:
+    await bus.publish(subjects.ctl(sid), Frame.event({"type": "turn", "epoch": epoch}, epoch=epoch))
+    await bus.publish(subjects.data("llm", sid), Frame.text(text, epoch=epoch))
+
+
+# --- LLM ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_llm_primary_fails_and_the_reply_still_arrives_whole(
+    mode: str,
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    # "die" cuts OpenAI's stream after 5 chunks (10 words): the reply must go on from there.
+    providers.chat.fail(mode, after=5)  # type: ignore[arg-type]
+    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
+    await start_llm_and_tts(services)
+    out = await listen(bus, subjects.data("transport", sid))
+    await say(bus, subjects, sid, "when is the tide?", 1)
+    reply = await reply_of(out, 1)
+
+    assert reply.text == REPLY  # nothing lost, nothing said twice
+    assert reply.indexes == list(range(len(reply.indexes)))
+    assert reply.connectors[-1] == "anthropic"
+    if mode == "die":
+        assert reply.connectors[0] == "openai", "the sentence already sent keeps its source"
+    assert reply.audio and all(f.sample_rate == 16000 for f in reply.audio)
+    context = await store.get_context(sid)
+    assert context[-1]["role"] == "assistant" and context[-1]["content"] == REPLY
+
+
+# --- TTS ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_tts_primary_fails_and_every_sentence_is_still_heard_in_order(
+    mode: str,
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    providers.eleven.fail(mode, after=2)  # type: ignore[arg-type]
+    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
+    await start_llm_and_tts(services)
+    out = await listen(bus, subjects.data("transport", sid))
+    await say(bus, subjects, sid, "when is the tide?", 1)
+    reply = await reply_of(out, 1)
+
+    assert reply.text == REPLY
+    sentences = REPLY.split(". ")
+    assert reply.indexes == list(range(len(sentences)))
+    pcm = b"".join(f.payload for f in reply.audio)
+    seconds = len(pcm) / 2 / 16000
+    expected = sum(len(s.split()) for s in sentences) * 0.120  # the loopbacks' 120 ms per word
+    # each sentence once: a "die" resumes where ElevenLabs' audio stopped, it does not restart
+    assert abs(seconds - expected) < 0.15 * len(sentences), (seconds, expected)
+    assert abs(dominant_hz(pcm, 16000) - FALLBACK_HZ) < 15
+
+
+# --- STT ------------------------------------------------------------------------------------
+
+
+def utterance(ms: int = 800) -> bytes:
+    t = np.arange(16 * ms) / 16000
+    return (np.sin(2 * np.pi * 220 * t) * 6000).astype(np.int16).tobytes()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stt_primary_fails_and_the_utterance_is_replayed_whole(
+    mode: str,
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    providers.deepgram.fail(mode, after=1)  # type: ignore[arg-type]
+    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
+    stt = await services.start(STTService)
+    await start_llm_and_tts(services)
+    out = await listen(bus, subjects.data("transport", sid))
+    reply = await bus.nc.request(subjects.assign("stt"), b'{"session_id": "%s"}' % sid.encode())
+    assert stt.instance in reply.data.decode()
+
+    pcm = utterance()
+    await bus.publish(subjects.ctl(sid), Frame.event({"type": "turn", "epoch": 1}, epoch=1))
+    frames = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+    for seq, chunk in enumerate(frames):
+        flags = Flag.START if seq == 0 else Flag.NONE
+        await bus.publish(
+            subjects.data("stt", sid),
+            Frame.audio(chunk, sample_rate=16000, epoch=1, seq=seq, flags=flags),
+        )
+    await bus.publish(
+        subjects.data("stt", sid),
+        Frame.audio(b"", sample_rate=16000, epoch=1, seq=len(frames), flags=Flag.END),
+    )
+    finished = await out.wait_for(
+        lambda fs: any(
+            f.kind is Kind.EVENT and f.as_event.get("final") and f.as_event["role"] == "user"
+            for f in fs
+        ),
+        10,
+    )
+    final = next(f.as_event for f in finished if f.kind is Kind.EVENT and f.as_event.get("final"))
+    assert final["text"] == HEARD and final["connector"] == "openai"
+    # the whole utterance was replayed to the fallback, from its start
+    assert providers.whisper_api.last["pcm_bytes"] == len(pcm)
+    reply = await reply_of(out, 1)
+    assert reply.text == REPLY and reply.audio
+
+
+# --- recovery ---------------------------------------------------------------------------------
+
+
+async def test_a_healed_primary_takes_new_work_again_on_every_instance(
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    config = cloud_config(agent_json, providers)
+    sid = (await store.create_session(config)).session_id
+    stages = await start_llm_and_tts(services, instances=2)
+    llms = [s for s in stages if isinstance(s, LLMService)]
+    cid = ("llm", "openai", fingerprint(config.options("llm", "openai")))
+    out = await listen(bus, subjects.data("transport", sid))
+
+    providers.chat.fail("500")
+    await say(bus, subjects, sid, "first", 1)
+    first = await reply_of(out, 1)
+    assert set(first.connectors) == {"anthropic"}
+    # the failure seen by one instance is known to both at once
+    await until(lambda: all(s.health.is_down(cid) for s in llms), 2, "both instances to know")
+
+    providers.chat.heal()
+    await until(lambda: not any(s.health.is_down(cid) for s in llms), 5, "the probe to heal it")
+    served_before = providers.chat.served
+    for epoch in range(2, 6):
+        await say(bus, subjects, sid, f"turn {epoch}", epoch)
+        again = await reply_of(out, epoch)
+        assert set(again.connectors) == {"openai"}, (epoch, again.connectors)
+    assert providers.chat.served - served_before == 4
+    for svc in llms:  # every instance now puts the primary first again
+        assert svc.chain(config).order() == ["openai", "anthropic"]
+
+
+async def test_a_down_mark_lapses_when_nobody_probes_it(
+    providers: Providers, services: Services, store: ConfigStore, agent_json: dict
+) -> None:
+    """If the instance probing a failed connector dies, the mark expires by itself."""
+    config = cloud_config(agent_json, providers)
+    llm = await services.start(LLMService)
+    cid = ("llm", "openai", fingerprint(config.options("llm", "openai")))
+    from voicemesh.connectors.errors import ConnectorError, FailureKind
+
+    await llm.health.mark_down(
+        cid,
+        ConnectorError(FailureKind.SERVER, "x"),
+        hold_ms=300,
+        probe=None,
+        probe_interval_ms=100,
+    )
+    assert llm.health.is_down(cid)
+    assert await store.client.exists(llm.health.key(cid))
+    await asyncio.sleep(0.5)
+    assert not llm.health.is_down(cid)
+    assert not await store.client.exists(llm.health.key(cid))
+
+
+async def test_no_resolved_secret_reaches_valkey_or_the_bus(
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    providers.chat.fail("401")
+    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
+    await start_llm_and_tts(services)
+    everything = await listen(bus, ">")
+    await say(bus, subjects, sid, "hi", 1)
+    await everything.wait_for(lambda fs: has_last([f for f in fs if f.kind is Kind.AUDIO]), 10)
+    headers = providers.claude.last_headers
+    assert "sk-loopback-secret" in (headers.get("x-api-key", "") + headers.get("authorization", ""))
+    blob = b"".join(
+        [f.payload for f in everything.frames]
+        + [await store.client.dump(k) or b"" for k in await store.client.keys("*")]
+    )
+    assert b"sk-loopback-secret" not in blob
+    assert b"${VM_TEST_KEY}" in blob  # the reference is what is stored
