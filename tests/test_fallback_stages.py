@@ -336,7 +336,8 @@ async def test_a_down_mark_lapses_when_nobody_probes_it(
     assert not await store.client.exists(llm.health.key(cid))
 
 
-async def test_no_resolved_secret_reaches_valkey_or_the_bus(
+async def test_no_resolved_secret_reaches_valkey_the_bus_or_a_log_line(
+    caplog: pytest.LogCaptureFixture,
     providers: Providers,
     services: Services,
     bus: Bus,
@@ -358,3 +359,65 @@ async def test_no_resolved_secret_reaches_valkey_or_the_bus(
     )
     assert b"sk-loopback-secret" not in blob
     assert b"${VM_TEST_KEY}" in blob  # the reference is what is stored
+    assert any("401" in r.getMessage() for r in caplog.records)  # the failure was logged...
+    assert not any("sk-loopback-secret" in r.getMessage() for r in caplog.records)  # ...safely
+
+
+async def test_connector_metrics_count_requests_errors_and_fallbacks(
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {
+        "req": value("voicemesh_connector_requests_total", stage="llm", connector="openai"),
+        "err": value(
+            "voicemesh_connector_errors_total", stage="llm", connector="openai", kind="rate_limit"
+        ),
+        "fb": value(
+            "voicemesh_connector_fallbacks_total",
+            stage="llm",
+            from_connector="openai",
+            to_connector="anthropic",
+            kind="rate_limit",
+        ),
+        "first": value(
+            "voicemesh_connector_first_result_seconds_count", stage="llm", connector="anthropic"
+        ),
+    }
+    providers.chat.fail("429")
+    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
+    await start_llm_and_tts(services)
+    out = await listen(bus, subjects.data("transport", sid))
+    await say(bus, subjects, sid, "hi", 1)
+    await reply_of(out, 1)
+    assert value("voicemesh_connector_requests_total", stage="llm", connector="openai") == (
+        before["req"] + 1
+    )
+    assert (
+        value(
+            "voicemesh_connector_errors_total", stage="llm", connector="openai", kind="rate_limit"
+        )
+        == before["err"] + 1
+    )
+    assert (
+        value(
+            "voicemesh_connector_fallbacks_total",
+            stage="llm",
+            from_connector="openai",
+            to_connector="anthropic",
+            kind="rate_limit",
+        )
+        == before["fb"] + 1
+    )
+    assert (
+        value("voicemesh_connector_first_result_seconds_count", stage="llm", connector="anthropic")
+        == before["first"] + 1
+    )
