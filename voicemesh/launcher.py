@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import nats
 
-from voicemesh.servers import free_port
+from voicemesh.servers import free_ports
 
 ROLES = ("transport", "stt", "llm", "tts")
 STAGES = ("stt", "llm", "tts")
@@ -40,10 +40,11 @@ class Stack:
         self.metrics_ports: dict[str, int] = {}
 
     def start(self) -> None:
+        ports = iter(free_ports(len(STAGES) * self.instances, self.http_host))
         for role in STAGES:
             for i in range(self.instances):
                 name = f"{role}-{i + 1}" if self.instances > 1 else role
-                port = self.metrics_ports[name] = free_port(self.http_host)
+                port = self.metrics_ports[name] = next(ports)
                 self.spawn(name, role, VOICEMESH_METRICS_PORT=str(port))
         self.spawn(
             "transport",

@@ -22,6 +22,7 @@ from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import ConnectorPool
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, ServiceRouter, Subjects
+from voicemesh.router.subjects import trace_id
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,10 @@ class StageService:
         if self.settings.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            start_http_server(self.settings.metrics_port, addr=self.settings.http_host)
+            try:
+                start_http_server(self.settings.metrics_port, addr=self.settings.http_host)
+            except OSError as exc:  # metrics are worth a warning, not a dead stage
+                log.error("cannot serve metrics on port %d: %s", self.settings.metrics_port, exc)
             log.info(
                 "metrics on http://%s:%d/metrics",
                 self.settings.http_host,
@@ -101,7 +105,7 @@ class StageService:
     async def intake(self, subject: str, handler: Any, *, queue: str = "") -> None:
         """Subscribe to work; these subscriptions end first on shutdown, so nothing new starts
         while in-flight work drains."""
-        self._intake.append(await self.bus.subscribe(subject, handler, queue=queue))
+        self._intake.append(await self.bus.subscribe(subject, handler, queue=queue, hop=self.role))
 
     async def stop(self) -> None:
         for sub in self._intake:
@@ -125,7 +129,8 @@ class StageService:
 
     def track(self, session: str, epoch: int, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         async def in_context() -> Any:
-            bind(session=session, turn=epoch)  # the task's own copy of the log context
+            # the task's own copy of the log context
+            bind(session=session, turn=epoch, trace_id=trace_id(session, epoch))
             return await coro
 
         task = self.bus.spawn(in_context(), what=f"{self.role} work of turn {epoch}")

@@ -95,6 +95,8 @@ class LLMService(StageService):
                     "epoch": epoch,
                     "index": index,
                     "connector": used,
+                    # the first sentence carries this hop's timing for the turn's trace
+                    **({"ttft_ms": round(ttft_ms or 0, 1)} if index == 0 else {}),
                 },
                 epoch=epoch,
             )

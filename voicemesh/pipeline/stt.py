@@ -77,7 +77,9 @@ class STTService(StageService):
         async with self._lock:
             holder = await self.leases.acquire(self.subjects_lease(session))
             if holder == self.instance and session not in self.streams:
-                sub = await self.bus.subscribe(self.subjects.data("stt", session), self._on_audio)
+                sub = await self.bus.subscribe(
+                    self.subjects.data("stt", session), self._on_audio, hop="stt"
+                )
                 self.streams[session] = Stream(sub)
                 log.info("took the audio stream of session %s", session)
         if msg.reply:

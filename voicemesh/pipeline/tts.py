@@ -5,6 +5,7 @@ transport play sentences synthesized in parallel in order."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from voicemesh.connectors.base import Connector, TTSConnector
@@ -56,6 +57,7 @@ class TTSService(StageService):
             return
         chain = self.chain(cached.config)
         seq, rate = 0, MARKER_RATE
+        t0 = time.perf_counter()
         try:
             async for _, (pcm, rate) in chain.stream(
                 lambda c, done: resume_sentence(c, frame.as_text, done)
@@ -64,6 +66,13 @@ class TTSService(StageService):
                 await self.bus.publish(
                     out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)
                 )
+                if seq == 0 and frame.index == 0:  # the turn's first audio: report this hop
+                    ttfb = round((time.perf_counter() - t0) * 1000, 1)
+                    await self.notify(
+                        session,
+                        {"type": "hop", "stage": "tts", "epoch": frame.epoch, "ttfb_ms": ttfb},
+                        epoch=frame.epoch,
+                    )
                 seq += 1
         except Exception as exc:  # not CancelledError: a newer turn needs no end for this one
             log.error("sentence %d of turn %d failed: %s", frame.index, frame.epoch, exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from voicemesh.router.codec import Frame, FrameError, decode, encode
+from voicemesh.router.metrics import DROPPED, FRAME_AGE
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,19 @@ class Bus:
         handler: FrameHandler,
         *,
         queue: str = "",
+        hop: str | None = None,
     ) -> Subscription:
+        """`hop` names the stage for the frame-age histogram (time since the frame's origin)."""
+        age = FRAME_AGE.labels(hop) if hop else None
+
         async def on_msg(msg: Msg) -> None:
             try:
                 frame = decode(msg.data)
             except FrameError as exc:
                 self._bad(msg.subject, exc)
                 return
+            if age is not None:
+                age.observe(max(0, time.time_ns() - frame.origin_ns) / 1e9)
             await self._run(handler, msg.subject, frame)
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_msg, pending_msgs_limit=65536)
@@ -91,6 +99,7 @@ class Bus:
     def _bad(self, subject: str, exc: Exception) -> None:
         self.dropped += 1
         kind = subject.rsplit(".", 1)[0]
+        DROPPED.labels(kind).inc()
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning("dropped malformed frame on %s: %s (logged once per subject)", subject, exc)

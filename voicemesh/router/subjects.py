@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 # Session ids become NATS subject tokens and key parts: no dots, spaces or wildcards.
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def trace_id(session: str, epoch: int) -> str:
+    """One turn's trace id, derived (not carried): every role computes the same one from the
+    session and the turn epoch that every frame carries."""
+    return hashlib.blake2s(f"{session}:{epoch}".encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -20,6 +19,7 @@ from voicemesh.config.logging import bind
 from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
 from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.service import NoInstance
+from voicemesh.transport.trace import TurnTrace
 from voicemesh.transport.vad import RATE, Rechunker, TurnDetector
 
 if TYPE_CHECKING:
@@ -40,8 +40,7 @@ class Call:
         self.epoch = 0
         self.seq = 0
         self.utterance: list[Frame] = []
-        self.speech_end: float | None = None
-        self.first_audio_sent = False
+        self.trace = TurnTrace(session_id, 0)
         self.ingress = "stt"
 
     async def run(self) -> None:
@@ -70,7 +69,10 @@ class Call:
                     break
                 if msg.get("bytes") is not None:
                     for frame in chunker.push(msg["bytes"]):
-                        for ev in detector.push(frame):
+                        events = detector.push(frame)
+                        if detector.last_voiced and (detector.speaking or events):
+                            self.trace.voiced()
+                        for ev in events:
                             await self._turn_event(ev.kind, ev.frames)
                 elif msg.get("text") is not None:
                     try:
@@ -103,7 +105,9 @@ class Call:
             self.ingress = await self.svc.router.next_stage(self.session)
             self.epoch = await self.svc.store.next_epoch(self.session)
             self.reorder.reset(self.epoch)
-            self.first_audio_sent, self.speech_end, self.seq = False, None, 0
+            self.trace, self.seq = TurnTrace(self.session, self.epoch), 0
+            self.trace.voiced()
+            bind(turn=self.epoch, trace_id=self.trace.trace_id)
             self.utterance = []
             await self.svc.bus.publish(
                 self.subjects.ctl(self.session),
@@ -124,7 +128,7 @@ class Call:
         if kind == "end":
             end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
             self.utterance.append(end)
-            self.speech_end = time.perf_counter()
+            self.trace.ended()
             try:
                 if await self.svc.ensure_owner(self.ingress, self.session, replay=self.utterance):
                     log.info("stt owner changed: replayed %d frames", len(self.utterance))
@@ -141,22 +145,27 @@ class Call:
     async def _egress(self, subject: str, frame: Frame) -> None:
         if frame.kind is Kind.EVENT:
             if frame.epoch >= self.epoch:
-                await self._event(frame.as_event)
+                event = frame.as_event
+                if frame.epoch == self.trace.epoch:
+                    self.trace.on_event(event)
+                await self._event(event)
             return
         if frame.kind is not Kind.AUDIO:
             return
         for f in self.reorder.push(frame):
             pcm = self.resample(f.payload, f.sample_rate)
             if pcm:
-                if not self.first_audio_sent:
-                    self.first_audio_sent = True
-                    latency = (
-                        round((time.perf_counter() - self.speech_end) * 1000, 1)
-                        if self.speech_end
-                        else None
-                    )
+                if f.epoch == self.trace.epoch and self.trace.audio_out():
+                    metrics = self.trace.observe()
                     await self._event(
-                        {"type": "bot_started", "epoch": f.epoch, "latency_ms": latency}
+                        {"type": "bot_started", "epoch": f.epoch, "latency_ms": metrics["v2v_ms"]}
+                    )
+                    await self._event(metrics)
+                    log.info(
+                        "turn %d: voice-to-voice %s ms",
+                        f.epoch,
+                        metrics["v2v_ms"],
+                        extra={"fields": {**metrics, "session": self.session}},
                     )
                 self.out.put_nowait(pcm)
             if f.has(Flag.LAST):

@@ -40,6 +40,7 @@ class TurnDetector:
         )
         self._end_frames = max(1, options.end_of_turn_silence_ms // FRAME_MS)
         self.speaking = False
+        self.last_voiced = False  # whether the last frame pushed was speech
         self._run = 0
         self._silence = 0
 
@@ -50,7 +51,7 @@ class TurnDetector:
 
     def push(self, frame: bytes) -> list[TurnEvent]:
         """Feed one 20 ms frame; returns what it changed."""
-        voiced = self.voiced(frame)
+        voiced = self.last_voiced = self.voiced(frame)
         if not self.speaking:
             self._preroll.append(frame)
             self._run = self._run + 1 if voiced else 0

@@ -1,0 +1,1 @@
+"""Benchmark harness support: rendering a benchmark report to Markdown, JSON and plots."""
