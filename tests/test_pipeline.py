@@ -348,7 +348,11 @@ async def test_llm_and_two_tts_instances_play_in_sentence_order(
         pcm = b"".join(f.payload for f in chunks)
         assert len(pcm) == 2 * rate * ms_per_word * n_words // 1000, (index, len(pcm))
     events = [f.as_event for f in transport.of(Kind.EVENT)]
-    assert [e["index"] for e in events] == list(range(len(words)))
+    said = [e for e in events if e["type"] == "transcript"]
+    assert [e["index"] for e in said] == list(range(len(words)))
+    # the turn's hop timings travel beside the flow: the LLM's on its first sentence, TTS's once
+    assert "ttft_ms" in said[0] and all("ttft_ms" not in e for e in said[1:])
+    assert [e["stage"] for e in events if e["type"] == "hop"] == ["tts"]
 
 
 # --- turn epochs -----------------------------------------------------------------------------

@@ -210,8 +210,52 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"         bot said:  {turn.bot_text!r}")
         latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "no reply"
         print(f"         end of speech to first bot audio: {latency}")
+        if turn.phases:
+            parts = [
+                f"{k.removesuffix('_ms')} {v:.0f}" for k, v in turn.phases.items() if v is not None
+            ]
+            print(f"         at the transport (ms): {', '.join(parts)}")
     print(f"saved {result.bot_seconds:.1f} s of bot audio to {args.out}")
     return 0 if all(t.latency_ms is not None for t in result.turns) else 1
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas: {text!r}"
+        ) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from voicemesh.bench.harness import Plan, run
+    from voicemesh.bench.report import render_markdown, write_report
+
+    _use_uvloop()
+    quick = args.quick
+    plan = Plan(
+        sessions=args.sessions or ([1, 20] if quick else [1, 50, 200]),
+        seconds=args.seconds or (3.0 if quick else 10.0),
+        capacity_steps=args.capacity_steps or ([50, 100] if quick else [100, 200, 300, 400, 600]),
+        capacity_seconds=3.0 if quick else 5.0,
+        switches=args.switches or (4 if quick else 20),
+        turns=args.turns or (2 if quick else 5),
+        skip=set(args.skip or []),
+    )
+    command = "voicemesh bench " + " ".join(sys.argv[2:])
+    try:
+        report = asyncio.run(run(plan, Path(args.agent_file), command.strip()))
+    except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
+        print(f"voicemesh bench: {exc}", file=sys.stderr)
+        return 1
+    paths = write_report(report, Path(args.out))
+    print(render_markdown(report))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -352,6 +396,36 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--session", help="join an existing session")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
     call.set_defaults(fn=cmd_call)
+
+    bench = sub.add_parser(
+        "bench",
+        help="latency harness: bus overhead vs raw NATS, capacity, config switch, voice to voice",
+    )
+    bench.add_argument(
+        "--out",
+        default="benchmarks/results/bench",
+        help="directory for report.md, report.json and the PNG plots",
+    )
+    bench.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    bench.add_argument(
+        "--sessions", type=_ints, help="concurrent sessions per bus run, e.g. 1,50,200"
+    )
+    bench.add_argument("--seconds", type=float, help="length of each bus run")
+    bench.add_argument("--capacity-steps", type=_ints, help="session counts tried for capacity")
+    bench.add_argument("--switches", type=int, help="config switches measured")
+    bench.add_argument("--turns", type=int, help="turns of the voice-to-voice call")
+    bench.add_argument(
+        "--skip",
+        action="append",
+        choices=["bus", "capacity", "switch", "voice"],
+        help="leave a part out (repeatable)",
+    )
+    bench.add_argument(
+        "--agent-file",
+        default=str(DEFAULT_AGENT_FILE),
+        help="agent with the offline engines, for the voice-to-voice call",
+    )
+    bench.set_defaults(fn=cmd_bench)
 
     cfg = sub.add_parser("config", help="validate, push, list and read configs")
     cfg.add_argument("--url", default="http://127.0.0.1:8080", help="transport API")

@@ -180,15 +180,26 @@ class OpenAITTSOptions(ConnectorOptions):
     instructions: str | None = None
 
 
+class PassthroughOptions(ConnectorOptions):
+    """The stage relays every frame to its next hop unchanged (no engine): for measuring the
+    bus and routing overhead of the whole loop, and for plumbing tests."""
+
+
 CONNECTOR_OPTIONS: dict[str, dict[str, type[ConnectorOptions]]] = {
     "transport": {"websocket": WebSocketTransportOptions},
-    "stt": {"whisper": WhisperOptions, "openai": OpenAISTTOptions, "deepgram": DeepgramOptions},
+    "stt": {
+        "whisper": WhisperOptions,
+        "openai": OpenAISTTOptions,
+        "deepgram": DeepgramOptions,
+        "passthrough": PassthroughOptions,
+    },
     "llm": {
         "smollm2": SmolLM2Options,
         "scripted": ScriptedOptions,
         "echo": EchoOptions,
         "openai": OpenAILLMOptions,
         "anthropic": AnthropicOptions,
+        "passthrough": PassthroughOptions,
     },
     "tts": {
         "piper": PiperOptions,
@@ -196,6 +207,7 @@ CONNECTOR_OPTIONS: dict[str, dict[str, type[ConnectorOptions]]] = {
         "elevenlabs": ElevenLabsOptions,
         "azure": AzureTTSOptions,
         "openai": OpenAITTSOptions,
+        "passthrough": PassthroughOptions,
     },
 }
 

@@ -24,7 +24,13 @@ _CLASSES: dict[tuple[str, str], str] = {
     ("tts", "elevenlabs"): "voicemesh.connectors.tts.elevenlabs:ElevenLabsTTS",
     ("tts", "azure"): "voicemesh.connectors.tts.azure:AzureTTS",
     ("tts", "openai"): "voicemesh.connectors.tts.openai:OpenAITTS",
+    ("stt", "passthrough"): "voicemesh.connectors.passthrough:PassthroughSTT",
+    ("llm", "passthrough"): "voicemesh.connectors.passthrough:PassthroughLLM",
+    ("tts", "passthrough"): "voicemesh.connectors.passthrough:PassthroughTTS",
 }
+
+#: Connectors with which the stage relays frames unchanged instead of calling an engine.
+RELAYS = frozenset({"passthrough"})
 
 assert {k for k in _CLASSES} == {
     (stage, name)

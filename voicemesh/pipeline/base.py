@@ -20,8 +20,8 @@ from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
-from voicemesh.connectors.registry import ConnectorPool
-from voicemesh.router import Bus, ConfigStore, Frame, Kind, ServiceRouter, Subjects
+from voicemesh.connectors.registry import RELAYS, ConnectorPool
+from voicemesh.router import Bus, ConfigStore, Frame, Kind, NoRoute, ServiceRouter, Subjects
 from voicemesh.router.subjects import trace_id
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,22 @@ class StageService:
         await self.health.stop()
         await self.pool.aclose()
         await self.store.close()
+
+    # --- relaying ----------------------------------------------------------------------------
+
+    async def relay(self, session: str, frame: Frame) -> bool:
+        """With a `passthrough` primary, forward the frame unchanged to the next hop; True if it
+        was relayed (or dropped as stale), False if the stage should do its own work."""
+        config = self.router.peek(session) or await self.router.load_config(session)
+        if config.stage(self.role).primary not in RELAYS:
+            return False
+        if self.current(session, frame.epoch):
+            try:
+                subject = self.router.next_subject_of(config, session)
+            except NoRoute:  # in flight while the flow changed and left this stage out: drop it
+                return True
+            await self.bus.publish(subject, frame)
+        return True
 
     # --- turns -------------------------------------------------------------------------------
 

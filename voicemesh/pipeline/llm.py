@@ -57,6 +57,8 @@ class LLMService(StageService):
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
+        if await self.relay(session, frame):
+            return
         if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
             return
         self.track(session, frame.epoch, self._turn(session, frame))

@@ -91,7 +91,9 @@ class STTService(StageService):
     async def _on_audio(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
         stream = self.streams.get(session)
-        if stream is None or frame.kind is not Kind.AUDIO or not self.current(session, frame.epoch):
+        if stream is None or await self.relay(session, frame):
+            return
+        if frame.kind is not Kind.AUDIO or not self.current(session, frame.epoch):
             return
         stream.last_frame = time.monotonic()
         if frame.has(Flag.START) or frame.epoch != stream.epoch:

@@ -42,6 +42,8 @@ class TTSService(StageService):
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
+        if await self.relay(session, frame):
+            return
         if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
             return
         self.track(session, frame.epoch, self._speak(session, frame))
@@ -62,17 +64,19 @@ class TTSService(StageService):
             async for _, (pcm, rate) in chain.stream(
                 lambda c, done: resume_sentence(c, frame.as_text, done)
             ):
-                flags = Flag.START if seq == 0 else Flag.NONE
-                await self.bus.publish(
-                    out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)
-                )
-                if seq == 0 and frame.index == 0:  # the turn's first audio: report this hop
+                if seq == 0 and frame.index == 0:
+                    # the turn's first audio: report this hop ahead of it (same subject, same
+                    # connection: the transport has the figure before it sends the audio on)
                     ttfb = round((time.perf_counter() - t0) * 1000, 1)
                     await self.notify(
                         session,
                         {"type": "hop", "stage": "tts", "epoch": frame.epoch, "ttfb_ms": ttfb},
                         epoch=frame.epoch,
                     )
+                flags = Flag.START if seq == 0 else Flag.NONE
+                await self.bus.publish(
+                    out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)
+                )
                 seq += 1
         except Exception as exc:  # not CancelledError: a newer turn needs no end for this one
             log.error("sentence %d of turn %d failed: %s", frame.index, frame.epoch, exc)

@@ -105,6 +105,11 @@ class ServiceRouter:
                 self._cache.popitem(last=False)
         return cached
 
+    def peek(self, session_id: str) -> AgentConfig | None:
+        """The cached config, or None: the per-frame fast path, with no await."""
+        cached = self._cache.get(session_id)
+        return cached.config if cached is not None else None
+
     def cached(self, session_id: str) -> AgentConfig:
         try:
             return self._cache[session_id].config

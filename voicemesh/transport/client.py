@@ -29,6 +29,8 @@ class TurnResult:
     server_latency_ms: float | None = None
     bot_audio: bytearray = field(default_factory=bytearray)
     indexes: list[int] = field(default_factory=list)
+    #: the transport's per-phase figures for the turn (eou, stt, llm_ttft, tts_ttfb, v2v, ...)
+    phases: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +118,8 @@ async def call_over_websocket(
                     if isinstance(end, float):
                         turn.latency_ms = (time.perf_counter() - end) * 1000
                     turn.server_latency_ms = ev.get("latency_ms")
+                elif kind == "turn_metrics":
+                    turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}
                 elif kind == "bot_done":
                     done.set()
 
