@@ -25,16 +25,17 @@ from voicemesh.config.connectors import (
     OpenAITTSOptions,
 )
 from voicemesh.config.models import AgentConfig
+from voicemesh.connectors.audio import whole_samples
 from voicemesh.connectors.base import TTSConnector
 from voicemesh.connectors.errors import ConnectorError, FailureKind, classify
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.registry import ConnectorPool, connector_class
 from voicemesh.connectors.tts.azure import ssml
-from voicemesh.connectors.tts.elevenlabs import whole_samples
 from voicemesh.pipeline.tts import resume_sentence
+from voicemesh.testing.loopback.audio import tone_pcm
 from voicemesh.testing.loopback.azure import AzureSpeechServer
 from voicemesh.testing.loopback.base import LoopbackServer
-from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer, tone_pcm
+from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
 
 PROVIDERS = ("elevenlabs", "azure", "openai")

@@ -3,12 +3,21 @@
 Every failure a connector raises, whatever its SDK, is turned into a ConnectorError here, so the
 fallback chain decides on one vocabulary: what kind of failure, whether retrying the same provider
 later can help, and which HTTP status (if any) the provider answered.
+
+Also home of the helpers every connector shares to build one: Retry-After parsing, OpenAI/Anthropic
+style error bodies, and the mapping of HTTP-client transport failures. No SDK is imported here:
+SDK and httpx exceptions are recognised by their class names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import Iterator
 from enum import StrEnum
+from typing import Any
 
 
 class FailureKind(StrEnum):
@@ -94,12 +103,84 @@ def _status_of(exc: BaseException) -> int | None:
     return value if isinstance(value, int) and 400 <= value < 600 else None
 
 
+def _header(headers: Any, name: str) -> Any:
+    """A header's value from any mapping (httpx.Headers, a plain dict), name case-insensitive."""
+    if not headers:
+        return None
+    return next((v for k, v in dict(headers).items() if k.lower() == name), None)
+
+
+def retry_after_s(headers: Any, *, delta_seconds_only: bool = False) -> float | None:
+    """Seconds the provider asks to wait, from response headers: retry-after-ms, else retry-after
+    (seconds or HTTP date), never negative; None when absent or unreadable.
+
+    `delta_seconds_only` reads only retry-after in its seconds form, as given: how the HTTP TTS
+    connectors and `classify` have always read it (they ignore retry-after-ms and HTTP dates)."""
+    try:
+        if delta_seconds_only:
+            value = _header(headers, "retry-after")
+            return float(value) if value is not None else None
+        if ms := _header(headers, "retry-after-ms"):
+            return max(0.0, float(ms) / 1000)
+        value = _header(headers, "retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def error_detail(
+    body: object, kind_keys: tuple[str, ...] = ("type",)
+) -> tuple[str | None, str | None]:
+    """(kind, message) of an error body shaped {"error": {...}} (OpenAI, Anthropic) or of that
+    inner dict itself; the kind is the first of `kind_keys` the error sets."""
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            kind = next((inner.get(k) for k in kind_keys if inner.get(k)), None)
+            message = inner.get("message")
+            return (str(kind) if kind else None, str(message) if message else None)
+    return None, None
+
+
+def transport_kind(exc: BaseException) -> FailureKind:
+    """Kind of an HTTP client error (httpx or httpx2 alike, told apart by class name)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "TimeoutException" in names:
+        return FailureKind.TIMEOUT
+    if names & {"TransportError", "RequestError", "ConnectionError"}:
+        return FailureKind.NETWORK
+    return FailureKind.ERROR
+
+
+def transport_error(exc: BaseException) -> ConnectorError | None:
+    """A ConnectorError for an httpx (or httpx2, openai's fork) transport failure: connection
+    refused/reset, or a body cut mid-stream (RemoteProtocolError). None for anything else."""
+    if "TransportError" not in {c.__name__ for c in type(exc).__mro__}:
+        return None
+    return ConnectorError(transport_kind(exc), f"{type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def map_transport_errors() -> Iterator[None]:
+    """Raise a transport failure inside the block as its ConnectorError (`transport_error`); any
+    other exception leaves as it is."""
+    try:
+        yield
+    except Exception as exc:
+        if (err := transport_error(exc)) is not None:
+            raise err from exc
+        raise
+
+
 def _retry_after(exc: BaseException) -> float | None:
     headers = getattr(getattr(exc, "response", None), "headers", None)
-    try:
-        return float(headers.get("retry-after")) if headers and headers.get("retry-after") else None
-    except (TypeError, ValueError):
-        return None
+    return retry_after_s(headers, delta_seconds_only=True)
 
 
 def classify(exc: BaseException, *, started: bool = False) -> ConnectorError:

@@ -13,16 +13,21 @@ which the SDK raises with the stream's status 200.
 
 from __future__ import annotations
 
-import email.utils
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
 
 from voicemesh.config.connectors import AnthropicOptions
 from voicemesh.connectors.base import LLMConnector, Message
-from voicemesh.connectors.errors import ConnectorError, FailureKind, from_status
+from voicemesh.connectors.errors import (
+    ConnectorError,
+    FailureKind,
+    error_detail,
+    from_status,
+    retry_after_s,
+    transport_kind,
+)
 
 #: Per-operation SDK timeout (connect, each read); the chain's attempt timeout is the real limit.
 SDK_TIMEOUT_S = 60.0
@@ -39,46 +44,6 @@ ERROR_TYPE_STATUS = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
-
-
-def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds the provider asks to wait: retry-after-ms, retry-after (seconds or HTTP date)."""
-    if not headers:
-        return None
-    try:
-        if ms := headers.get("retry-after-ms"):
-            return max(0.0, float(ms) / 1000)
-        value = headers.get("retry-after")
-        if not value:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def error_detail(body: object) -> tuple[str | None, str | None]:
-    """(type, message) of an error body: {"type": "error", "error": {"type", "message"}}."""
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            kind = inner.get("type")
-            message = inner.get("message")
-            return (str(kind) if kind else None, str(message) if message else None)
-    return None, None
-
-
-def transport_kind(exc: BaseException) -> FailureKind:
-    """Kind of an HTTP client error the SDK let through unwrapped (httpx or httpx2 alike)."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "TimeoutException" in names:
-        return FailureKind.TIMEOUT
-    if names & {"TransportError", "RequestError", "ConnectionError"}:
-        return FailureKind.NETWORK
-    return FailureKind.ERROR
 
 
 def to_anthropic(messages: list[Message]) -> tuple[str, list[dict[str, str]], bool]:

@@ -12,16 +12,21 @@ is: compatible servers continue it. OpenAI's own API starts a new reply instead,
 
 from __future__ import annotations
 
-import email.utils
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 
 from voicemesh.config.connectors import OpenAILLMOptions
 from voicemesh.connectors.base import LLMConnector, Message
-from voicemesh.connectors.errors import ConnectorError, FailureKind, from_status
+from voicemesh.connectors.errors import (
+    ConnectorError,
+    FailureKind,
+    error_detail,
+    from_status,
+    retry_after_s,
+    transport_kind,
+)
 
 #: Per-operation SDK timeout (connect, each read). The chain's attempt timeout is the real
 #: limit on a turn; this only ends requests nobody waits for any more.
@@ -29,46 +34,6 @@ SDK_TIMEOUT_S = 60.0
 #: Sent as the key to servers that need none (a local llama.cpp or Ollama): the SDK insists on
 #: one, and must not fall back to this process's OPENAI_API_KEY for a third-party base_url.
 NO_KEY = "unused"
-
-
-def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds the provider asks to wait: retry-after-ms, retry-after (seconds or HTTP date)."""
-    if not headers:
-        return None
-    try:
-        if ms := headers.get("retry-after-ms"):
-            return max(0.0, float(ms) / 1000)
-        value = headers.get("retry-after")
-        if not value:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def error_detail(body: object) -> tuple[str | None, str | None]:
-    """(type or code, message) from an error body, OpenAI's {"error": {...}} or its inner dict."""
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            kind = inner.get("code") or inner.get("type")
-            message = inner.get("message")
-            return (str(kind) if kind else None, str(message) if message else None)
-    return None, None
-
-
-def transport_kind(exc: BaseException) -> FailureKind:
-    """Kind of an HTTP client error the SDK let through unwrapped (httpx or httpx2 alike)."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "TimeoutException" in names:
-        return FailureKind.TIMEOUT
-    if names & {"TransportError", "RequestError", "ConnectionError"}:
-        return FailureKind.NETWORK
-    return FailureKind.ERROR
 
 
 class OpenAILLM(LLMConnector):
@@ -153,7 +118,7 @@ class OpenAILLM(LLMConnector):
         if isinstance(exc, ConnectorError):
             return exc
         if isinstance(exc, openai.APIStatusError):
-            kind, message = error_detail(exc.body)
+            kind, message = error_detail(exc.body, ("code", "type"))
             err = from_status(
                 exc.status_code,
                 self._text(kind, message or exc.message),
@@ -167,7 +132,7 @@ class OpenAILLM(LLMConnector):
                 FailureKind.NETWORK, self._text(None, f"{type(cause).__name__}: {cause}")
             )
         elif isinstance(exc, openai.APIError):  # an error event inside a 200 stream
-            kind, message = error_detail(exc.body)
+            kind, message = error_detail(exc.body, ("code", "type"))
             err = ConnectorError(
                 FailureKind.RATE_LIMIT if kind and "rate_limit" in kind else FailureKind.SERVER,
                 self._text(kind, message or exc.message),

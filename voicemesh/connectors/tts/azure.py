@@ -21,9 +21,15 @@ from xml.sax.saxutils import escape, quoteattr
 import httpx
 
 from voicemesh.config.connectors import AzureTTSOptions
+from voicemesh.connectors.audio import whole_samples
 from voicemesh.connectors.base import TTSConnector
-from voicemesh.connectors.errors import ConnectorError, from_status
-from voicemesh.connectors.tts.elevenlabs import TIMEOUT, retry_after, transport_error, whole_samples
+from voicemesh.connectors.errors import (
+    ConnectorError,
+    from_status,
+    map_transport_errors,
+    retry_after_s,
+)
+from voicemesh.connectors.http import TIMEOUT
 
 USER_AGENT = "voicemesh"
 RAW_FORMAT = re.compile(r"^raw-(\d+)(k?)hz-16bit-mono-pcm$")  # raw-16khz-…, raw-22050hz-…
@@ -54,7 +60,7 @@ def _error(response: httpx.Response, body: bytes) -> ConnectorError:
     return from_status(
         response.status_code,
         f"Azure TTS: {message[:300] or response.reason_phrase or 'no error body'}",
-        retry_after_s=retry_after(response.headers),
+        retry_after_s=retry_after_s(response.headers, delta_seconds_only=True),
     )
 
 
@@ -104,7 +110,7 @@ class AzureTTS(TTSConnector):
         if not text.strip():
             return
         opts = self.options
-        try:
+        with map_transport_errors():
             async with self.http().stream(
                 "POST",
                 f"{self.base_url}/cognitiveservices/v1",
@@ -122,20 +128,12 @@ class AzureTTS(TTSConnector):
                         yield chunk
                 finally:
                     await aligned.aclose()  # type: ignore[attr-defined]
-        except httpx.HTTPError as exc:
-            if (err := transport_error(exc)) is not None:
-                raise err from exc
-            raise
 
     async def probe(self) -> None:
         """GET the voices list: the key works for this region (only the status is read)."""
-        try:
+        with map_transport_errors():
             async with self.http().stream(
                 "GET", f"{self.base_url}/cognitiveservices/voices/list"
             ) as response:
                 if response.status_code >= 400:
                     raise _error(response, await response.aread())
-        except httpx.HTTPError as exc:
-            if (err := transport_error(exc)) is not None:
-                raise err from exc
-            raise

@@ -5,59 +5,29 @@ One AsyncElevenLabs client (with its own httpx pool) serves every session of the
 `whole_samples` re-aligns them. The SDK's errors carry the status but no `response`, so they are
 turned into ConnectorErrors here (Retry-After included); the SDK does not retry (max_retries 0):
 the fallback chain decides what happens after a failure.
-
-Also home of the helpers the HTTP TTS connectors share: `whole_samples`, `transport_error`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
 from voicemesh.config.connectors import ElevenLabsOptions
+from voicemesh.connectors.audio import whole_samples
 from voicemesh.connectors.base import TTSConnector
-from voicemesh.connectors.errors import ConnectorError, FailureKind, from_status
+from voicemesh.connectors.errors import (
+    ConnectorError,
+    FailureKind,
+    from_status,
+    map_transport_errors,
+    retry_after_s,
+)
+from voicemesh.connectors.http import TIMEOUT
 
 if TYPE_CHECKING:
     from elevenlabs.client import AsyncElevenLabs
-
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-
-
-async def whole_samples(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """Re-chunk a PCM16 byte stream so every chunk holds whole samples: an odd trailing byte waits
-    for the next chunk (and is dropped if the stream ends on it)."""
-    carry = b""
-    async for chunk in chunks:
-        if carry:
-            chunk, carry = carry + chunk, b""
-        if len(chunk) & 1:
-            chunk, carry = chunk[:-1], chunk[-1:]
-        if chunk:
-            yield chunk
-
-
-def transport_error(exc: BaseException) -> ConnectorError | None:
-    """A ConnectorError for an httpx (or httpx2, openai's fork) transport failure: connection
-    refused/reset, or a body cut mid-stream (RemoteProtocolError). None for anything else."""
-    names = {c.__name__ for c in type(exc).__mro__}
-    if "TransportError" not in names:
-        return None
-    kind = FailureKind.TIMEOUT if "TimeoutException" in names else FailureKind.NETWORK
-    return ConnectorError(kind, f"{type(exc).__name__}: {exc}")
-
-
-def retry_after(headers: Any) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form), case-insensitive lookup."""
-    if not headers:
-        return None
-    value = next((v for k, v in dict(headers).items() if k.lower() == "retry-after"), None)
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _detail(body: Any) -> str:
@@ -79,7 +49,7 @@ def _api_error(exc: Exception) -> ConnectorError:
     return from_status(
         status,
         f"ElevenLabs: {_detail(getattr(exc, 'body', None))}",
-        retry_after_s=retry_after(getattr(exc, "headers", None)),
+        retry_after_s=retry_after_s(getattr(exc, "headers", None), delta_seconds_only=True),
     )
 
 
@@ -141,14 +111,11 @@ class ElevenLabsTTS(TTSConnector):
         )
         aligned = whole_samples(audio)
         try:
-            async for chunk in aligned:
-                yield chunk
+            with map_transport_errors():
+                async for chunk in aligned:
+                    yield chunk
         except ApiError as exc:
             raise _api_error(exc) from None
-        except Exception as exc:
-            if (err := transport_error(exc)) is not None:
-                raise err from exc
-            raise
         finally:  # on an early stop too (a fallback, a barge-in): release the connection now
             await aligned.aclose()  # type: ignore[attr-defined]
             await audio.aclose()  # type: ignore[attr-defined]
@@ -158,12 +125,9 @@ class ElevenLabsTTS(TTSConnector):
         from elevenlabs.core.api_error import ApiError
 
         try:
-            await self.client().voices.get(
-                self.options.voice_id, request_options=self._request_options()
-            )
+            with map_transport_errors():
+                await self.client().voices.get(
+                    self.options.voice_id, request_options=self._request_options()
+                )
         except ApiError as exc:
             raise _api_error(exc) from None
-        except Exception as exc:
-            if (err := transport_error(exc)) is not None:
-                raise err from exc
-            raise

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from voicemesh.config.connectors import OpenAITTSOptions
+from voicemesh.connectors.audio import whole_samples
 from voicemesh.connectors.base import TTSConnector
-from voicemesh.connectors.tts.elevenlabs import transport_error, whole_samples
+from voicemesh.connectors.errors import map_transport_errors
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -64,7 +65,8 @@ class OpenAITTS(TTSConnector):
             return
         opts = self.options
         extra: dict[str, Any] = {"instructions": opts.instructions} if opts.instructions else {}
-        try:
+        # the SDK's own errors leave as they are: errors.classify reads their status
+        with map_transport_errors():
             async with self.client().audio.speech.with_streaming_response.create(
                 model=opts.model, voice=opts.voice, input=text, response_format="pcm", **extra
             ) as response:
@@ -74,16 +76,8 @@ class OpenAITTS(TTSConnector):
                         yield chunk
                 finally:
                     await aligned.aclose()  # type: ignore[attr-defined]
-        except Exception as exc:
-            if (err := transport_error(exc)) is not None:
-                raise err from exc
-            raise  # the SDK's own errors: errors.classify reads their status
 
     async def probe(self) -> None:
         """GET /v1/models: the key works and the server answers."""
-        try:
+        with map_transport_errors():
             await self.client().models.list()
-        except Exception as exc:
-            if (err := transport_error(exc)) is not None:
-                raise err from exc
-            raise

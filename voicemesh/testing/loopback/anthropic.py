@@ -28,15 +28,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from voicemesh.testing.loopback.base import Failure, LoopbackServer
-from voicemesh.testing.loopback.openai_chat import (
+from voicemesh.testing.loopback.base import Failure, LoopbackServer, StreamCut, wait_for_disconnect
+from voicemesh.testing.loopback.chat import (
     DieHow,
-    StreamCut,
     content_text,
+    continue_prefill,
     credential,
     split_pieces,
     sse,
-    wait_for_disconnect,
 )
 
 
@@ -73,13 +72,7 @@ class AnthropicServer(LoopbackServer):
     def answer(self, messages: list[dict[str, Any]]) -> str:
         reply = self.replies[self.served % len(self.replies)]
         self.served += 1
-        last = messages[-1] if messages else {}
-        if isinstance(last, dict) and last.get("role") == "assistant":
-            prefix = content_text(last.get("content"))
-            for candidate in (reply, *self.replies):
-                if prefix and candidate.startswith(prefix):
-                    return candidate[len(prefix) :]
-        return reply
+        return continue_prefill(reply, self.replies, messages)
 
     @staticmethod
     def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None):

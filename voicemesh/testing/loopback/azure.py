@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from voicemesh.testing.loopback.audio import PCMStream, chunk_bytes_for, tone_pcm
 from voicemesh.testing.loopback.base import Failure, LoopbackServer, hang
-from voicemesh.testing.loopback.elevenlabs import PCMStream, chunk_bytes_for, tone_pcm
 
 RAW_FORMAT = re.compile(r"^raw-(\d+)(k?)hz-16bit-mono-pcm$")  # raw-16khz-…, raw-22050hz-…
 VOICES = ["en-US-JennyNeural", "en-US-GuyNeural", "en-GB-SoniaNeural"]

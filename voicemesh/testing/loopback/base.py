@@ -7,17 +7,23 @@ Failure modes (`server.fail(mode, ...)`):
 - "429" / "500" / "401": that HTTP status with the provider's error body (429 adds Retry-After);
 - "die": stream `after` chunks normally, then cut the connection mid-stream.
 `times` limits how many requests fail before the server heals by itself (None: until `heal()`).
+
+Also home of what the servers share to fail: `hang` and `wait_for_disconnect` (never answer), and
+`StreamCut` / `cut_on_purpose` (end a body early), which uvicorn is kept from logging as errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import socket
 from dataclasses import dataclass
 from typing import Literal
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
 
 FailureMode = Literal["ok", "error", "hang", "429", "500", "401", "die"]
 
@@ -111,6 +117,63 @@ class LoopbackServer:
         await self.stop()
 
 
+# --- "hang": never answer --------------------------------------------------------------------
+
+
 async def hang() -> None:
     """Never answer (until the server stops or the client goes away)."""
     await asyncio.Event().wait()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Never answer: wait until the client gives up (or the server stops). Read after the body,
+    the next ASGI message is the disconnect, so a hung request ends with its client rather than
+    with a cancellation at server shutdown."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- "die": a body cut on purpose, which uvicorn must not log as a server error ----------------
+
+
+class StreamCut(Exception):
+    """Raised inside a streaming body: the server closes the connection without ending it."""
+
+
+# Set by `cut_on_purpose`, in the request task uvicorn logs from.
+_cut_on_purpose = contextvars.ContextVar("loopback_cut_on_purpose", default=False)
+
+
+def cut_on_purpose() -> None:
+    """Mark the current response as left incomplete on purpose (an ASGI app returning before its
+    body ends), so uvicorn's "returned without completing response" for it is not logged."""
+    _cut_on_purpose.set(True)
+
+
+def _raised_stream_cut(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, StreamCut):
+            return True
+        if isinstance(exc, BaseExceptionGroup) and any(
+            isinstance(e, StreamCut) for e in exc.exceptions
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class _QuietCuts(logging.Filter):
+    """Drops what uvicorn logs for an injected cut: "returned without completing response" after
+    `cut_on_purpose()`, and "Exception in ASGI application" for a StreamCut."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _cut_on_purpose.get() and "without completing response" in record.getMessage():
+            return False
+        return not _raised_stream_cut(record)
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietCuts())

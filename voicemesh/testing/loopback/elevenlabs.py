@@ -4,88 +4,19 @@ of a deterministic tone, ElevenLabs-shaped errors, and the voices endpoints used
     POST /v1/text-to-speech/{voice_id}/stream?output_format=pcm_16000   header xi-api-key
          body {"text": ..., "model_id": ...}  ->  200, chunked raw PCM16 mono
     GET  /v1/voices, GET /v1/voices/{voice_id}
-
-Also home of the pieces every TTS loopback server shares: `tone_pcm` (the audio) and `PCMStream`
-(a chunked body that can be cut mid-stream).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import logging
 from typing import Any
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
+from voicemesh.testing.loopback.audio import PCMStream, chunk_bytes_for, tone_pcm
 from voicemesh.testing.loopback.base import Failure, LoopbackServer, hang
-
-AMPLITUDE = 8000
-
-
-def tone_pcm(text: str, sample_rate: int, frequency_hz: float, ms_per_word: int) -> bytes:
-    """PCM16 mono sine whose duration follows the word count: what a loopback voice "says"."""
-    words = max(1, len(text.split()))
-    n = sample_rate * ms_per_word * words // 1000
-    t = np.arange(n) / sample_rate
-    return (np.sin(2 * np.pi * frequency_hz * t) * AMPLITUDE).astype("<i2").tobytes()
-
-
-# Set by PCMStream when it cuts a body on purpose, in the request task uvicorn logs from.
-_cut_on_purpose = contextvars.ContextVar("loopback_cut_on_purpose", default=False)
-
-
-class _QuietCut(logging.Filter):
-    """Drops uvicorn's "returned without completing response" for an injected cut only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (_cut_on_purpose.get() and "without completing response" in record.getMessage())
-
-
-_quiet_cut = _QuietCut()
-
-
-class PCMStream:
-    """An ASGI response streaming `pcm` in chunks (chunked transfer encoding, no length). With
-    `die_after` it stops after that many chunks without finishing the body, so uvicorn closes the
-    connection mid-stream and the client sees an incomplete chunked read."""
-
-    def __init__(
-        self,
-        pcm: bytes,
-        *,
-        chunk_bytes: int,
-        chunk_delay_s: float = 0.002,
-        die_after: int | None = None,
-        media_type: str = "audio/pcm",
-        headers: dict[str, str] | None = None,
-    ):
-        self.pcm, self.chunk_bytes, self.delay = pcm, max(1, chunk_bytes), chunk_delay_s
-        self.die_after = die_after
-        self.headers = [(b"content-type", media_type.encode())] + [
-            (k.lower().encode(), v.encode()) for k, v in (headers or {}).items()
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        for i, start in enumerate(range(0, len(self.pcm), self.chunk_bytes)):
-            if self.die_after is not None and i >= self.die_after:
-                _cut_on_purpose.set(True)
-                logging.getLogger("uvicorn.error").addFilter(_quiet_cut)  # idempotent
-                return  # response left incomplete: uvicorn drops the connection
-            chunk = self.pcm[start : start + self.chunk_bytes]
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await asyncio.sleep(self.delay)  # separate reads on the client, as a real stream
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def chunk_bytes_for(sample_rate: int, chunk_ms: int, chunk_bytes: int | None) -> int:
-    return chunk_bytes if chunk_bytes else sample_rate * chunk_ms // 1000 * 2
 
 
 class ElevenLabsServer(LoopbackServer):

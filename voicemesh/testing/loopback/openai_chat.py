@@ -17,12 +17,10 @@ With `api_key` set, any other bearer token is a 401.
 from __future__ import annotations
 
 import asyncio
-import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -30,77 +28,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from voicemesh.testing.loopback.base import Failure, LoopbackServer
-
-DieHow = Literal["cut", "clean", "error_event"]
-
-
-class StreamCut(Exception):
-    """Raised inside a streaming body: the server closes the connection without ending it."""
-
-
-def _not_a_stream_cut(record: logging.LogRecord) -> bool:
-    """Keep uvicorn from logging an intended cut as "Exception in ASGI application"."""
-    exc = record.exc_info[1] if record.exc_info else None
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, StreamCut):
-            return False
-        if isinstance(exc, BaseExceptionGroup) and any(
-            isinstance(e, StreamCut) for e in exc.exceptions
-        ):
-            return False
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return True
-
-
-logging.getLogger("uvicorn.error").addFilter(_not_a_stream_cut)
-
-
-def split_pieces(text: str, per_chunk: int = 1, *, space_after: bool = False) -> list[str]:
-    """Word chunks that concatenate back to `text` exactly; each carries the whitespace before
-    its words (" quick"), or with `space_after` the whitespace after them ("quick ")."""
-    if space_after:
-        lead = text[: len(text) - len(text.lstrip())]
-        words = re.findall(r"\S+\s*", text) or ([lead] if lead else [])
-        if words and lead and not words[0].startswith(lead):
-            words[0] = lead + words[0]
-    else:
-        words = re.findall(r"\s*\S+|\s+$", text)
-    return ["".join(words[i : i + per_chunk]) for i in range(0, len(words), per_chunk)]
-
-
-def content_text(content: Any) -> str:
-    """A message's text, whether a string or a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
-        )
-    return ""
-
-
-def credential(request: Request) -> str | None:
-    """The API key a request carries: `Authorization: Bearer <key>` or `x-api-key: <key>`."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Never answer: wait until the client gives up (or the server stops)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def sse(data: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n".encode() if event else b""
-    body = data if isinstance(data, bytes) else orjson.dumps(data)
-    return head + b"data: " + body + b"\n\n"
+from voicemesh.testing.loopback.base import Failure, LoopbackServer, StreamCut, wait_for_disconnect
+from voicemesh.testing.loopback.chat import (
+    DieHow,
+    content_text,
+    continue_prefill,
+    credential,
+    split_pieces,
+    sse,
+)
 
 
 class OpenAIChatServer(LoopbackServer):
@@ -147,13 +83,7 @@ class OpenAIChatServer(LoopbackServer):
         """The text to send: the next scripted reply, or the rest of one the request prefills."""
         reply = self.replies[self.served % len(self.replies)]
         self.served += 1
-        last = messages[-1] if messages else {}
-        if isinstance(last, dict) and last.get("role") == "assistant":
-            prefix = content_text(last.get("content"))
-            for candidate in (reply, *self.replies):
-                if prefix and candidate.startswith(prefix):
-                    return candidate[len(prefix) :]
-        return reply
+        return continue_prefill(reply, self.replies, messages)
 
     # --- failures ----------------------------------------------------------------------------
 

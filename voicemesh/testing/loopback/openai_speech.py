@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from voicemesh.testing.loopback.audio import PCMStream, chunk_bytes_for, tone_pcm
 from voicemesh.testing.loopback.base import Failure, LoopbackServer, hang
-from voicemesh.testing.loopback.elevenlabs import PCMStream, chunk_bytes_for, tone_pcm
 
 SAMPLE_RATE = 24000
 MODELS = ["gpt-4o-mini-tts", "tts-1", "tts-1-hd"]

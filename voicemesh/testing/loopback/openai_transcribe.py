@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from voicemesh.testing.loopback.base import LoopbackServer
+from voicemesh.testing.loopback.base import LoopbackServer, wait_for_disconnect
 
 Transcript = str | Callable[[bytes], str]
 
@@ -127,7 +127,7 @@ class OpenAITranscribeServer(LoopbackServer):
         if f.mode == "ok":
             return self._auth_error(request)
         if f.mode == "hang":
-            await _until_client_leaves(request)
+            await wait_for_disconnect(request)
             return Response(status_code=499)  # nobody is listening any more
         if f.mode in ("401", "429", "500"):
             return openai_error(int(f.mode))
@@ -207,14 +207,6 @@ class OpenAITranscribeServer(LoopbackServer):
         )
         failed = await self._failure(request, answer)
         return failed if failed is not None else answer
-
-
-async def _until_client_leaves(request: Request) -> None:
-    """Never answer; return when the client gives up (its body was already read, so the next
-    ASGI message is the disconnect), so a hung request ends with its client rather than with a
-    cancellation at server shutdown."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 class _DyingResponse(Response):
