@@ -30,6 +30,10 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra -m "not slow"
 
+# Micro-benchmarks of the per-frame hot path (not in `make test`); see benchmarks/README.md.
+bench: install
+	$(BIN)/python -m pytest benchmarks/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,ops -q
+
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

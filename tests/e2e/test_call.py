@@ -54,6 +54,11 @@ async def test_spoken_question_gets_a_spoken_reply(
     turn = result.turns[0]
     assert {"capital", "france"} <= set(words(turn.user_text)), turn.user_text
     assert turn.latency_ms is not None and turn.connectors == {"smollm2"}
+    # the transport's trace of the turn: every phase measured, and they add up
+    phases = turn.phases
+    for key in ("eou_ms", "stt_ms", "llm_ttft_ms", "tts_ttfb_ms", "first_audio_ms", "v2v_ms"):
+        assert phases.get(key) is not None and phases[key] > 0, (key, phases)
+    assert phases["v2v_ms"] >= phases["eou_ms"] + phases["stt_ms"]
     assert out.stat().st_size > 44 + 16000  # at least half a second of audio
     assert rms_dbfs(turn.bot_audio) > -40, "the reply is silent"
     heard = hear(turn.bot_audio)

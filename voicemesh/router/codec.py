@@ -36,6 +36,11 @@ class Flag(IntFlag):
     LAST = 4  # the unit is the last of its turn (the reply is complete after it)
 
 
+# Enum construction costs ~0.45 µs a call on 3.11: decode looks members up instead.
+_KINDS = {k.value: k for k in Kind}
+_FLAGS = {v: Flag(v) for v in range(8)}
+
+
 class FrameError(ValueError):
     """Bytes that are not a frame of this protocol version."""
 
@@ -110,14 +115,16 @@ def decode(data: bytes) -> Frame:
     version, kind, flags, epoch, index, seq, rate, channels, origin = HEADER.unpack_from(data)
     if version != VERSION:
         raise FrameError(f"frame version {version}, expected {VERSION}")
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise FrameError(f"unknown frame kind {kind}") from None
+    kind = _KINDS.get(kind)
+    if kind is None:
+        raise FrameError(f"unknown frame kind {data[1]}")
     payload = data[HEADER_SIZE:]
     if kind is Kind.AUDIO:
         if not (1 <= channels <= 8) or not (1000 <= rate <= 192_000):
             raise FrameError(f"audio frame with {channels} channels at {rate} Hz")
         if len(payload) % (2 * channels):
             raise FrameError(f"audio payload of {len(payload)} bytes is not whole PCM16 samples")
-    return Frame(Kind(kind), payload, epoch, index, seq, Flag(flags), rate, channels, origin)
+    flag = _FLAGS.get(flags)
+    if flag is None:
+        flag = Flag(flags)
+    return Frame(kind, payload, epoch, index, seq, flag, rate, channels, origin)
