@@ -259,6 +259,7 @@ class STTService(StageService):
         stream = self.streams.pop(session, None)
         if stream is not None:
             await stream.sub.unsubscribe()
+            await self._close_live(stream)  # an utterance cut off mid-way (hang-up, lost lease)
         if release:
             await self.leases.release(self.subjects_lease(session))
 
