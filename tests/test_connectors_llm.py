@@ -28,6 +28,14 @@ from voicemesh.pipeline.llm import continue_reply
 from voicemesh.testing.loopback.anthropic import AnthropicServer
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 
+
+@pytest.fixture(autouse=True)
+def _short_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests time out hung providers through a Chain quickly, including the last one of
+    the order, which in production waits up to fallback.LAST_RESORT_S."""
+    monkeypatch.setattr("voicemesh.connectors.fallback.LAST_RESORT_S", 0.0)
+
+
 REPLY = "The quick brown fox jumps over the lazy dog near the river bank."
 PARTIAL = "The quick brown"  # what three one-word chunks of REPLY deliver
 MESSAGES = [

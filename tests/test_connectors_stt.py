@@ -26,6 +26,14 @@ from voicemesh.connectors.stt.openai import OpenAISTT
 from voicemesh.testing.loopback.deepgram import DeepgramServer
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 
+
+@pytest.fixture(autouse=True)
+def _short_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests time out hung providers through a Chain quickly, including the last one of
+    the order, which in production waits up to fallback.LAST_RESORT_S."""
+    monkeypatch.setattr("voicemesh.connectors.fallback.LAST_RESORT_S", 0.0)
+
+
 RATE = 16000
 FRAME = 640  # 20 ms of PCM16 mono at 16 kHz, as the stage receives it
 DG_KEY = "dg-test-key-0123456789"

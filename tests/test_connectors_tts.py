@@ -38,6 +38,14 @@ from voicemesh.testing.loopback.base import LoopbackServer
 from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
 
+
+@pytest.fixture(autouse=True)
+def _short_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests time out hung providers through a Chain quickly, including the last one of
+    the order, which in production waits up to fallback.LAST_RESORT_S."""
+    monkeypatch.setattr("voicemesh.connectors.fallback.LAST_RESORT_S", 0.0)
+
+
 PROVIDERS = ("elevenlabs", "azure", "openai")
 FREQ = {"elevenlabs": 300.0, "azure": 500.0, "openai": 700.0, "tone": 440.0}
 KEYS = {"elevenlabs": "xi-test-key", "azure": "az-test-key", "openai": "sk-test-key"}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from tests.support import Inbox, Services, has_last, listen, until
@@ -421,3 +422,24 @@ async def test_connector_metrics_count_requests_errors_and_fallbacks(
         value("voicemesh_connector_first_result_seconds_count", stage="llm", connector="anthropic")
         == before["first"] + 1
     )
+
+
+async def test_the_last_connector_left_is_waited_for_past_the_attempt_timeout(
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    """The attempt timeout is a reason to fail over; with nowhere left to go (a single
+    connector, or the last one), a slow answer is waited for instead of losing the turn."""
+    data = orjson.loads(cloud_config(agent_json, providers).to_json())
+    data["connectors"]["llm"]["fallback"] = []
+    providers.chat.chunk_delay_s = (TIMEOUT_MS + 300) / 1000  # every chunk slower than the timeout
+    sid = (await store.create_session(parse_agent_config(data))).session_id
+    await start_llm_and_tts(services)
+    out = await listen(bus, subjects.data("transport", sid))
+    await say(bus, subjects, sid, "slowly please", 1)
+    reply = await reply_of(out, 1, limit_s=60)
+    assert reply.text == REPLY and set(reply.connectors) == {"openai"}

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: The attempt timeout of the last connector left in the order (see Chain.limit_s).
+LAST_RESORT_S = 60.0
+
 
 class AllConnectorsFailed(RuntimeError):
     def __init__(self, stage: str, errors: list[tuple[str, ConnectorError]]):
@@ -56,6 +59,12 @@ class Chain:
         self.timeout_s = timeout_ms / 1000
         self.probe_interval_ms = sc.probe_interval_ms
         self.failures: list[tuple[str, ConnectorError]] = []
+
+    def limit_s(self, name: str, order: list[str]) -> float:
+        """The attempt timeout is a reason to fail over: with nowhere left to go (the last
+        connector of the order), waiting is better than losing the unit, up to LAST_RESORT_S (a
+        local engine busy with other sessions' work is slow, not failed)."""
+        return self.timeout_s if name != order[-1] else max(self.timeout_s, LAST_RESORT_S)
 
     def cid(self, name: str) -> ConnectorId:
         return (self.stage, name, fingerprint(self.config.options(self.stage, name)))
@@ -109,14 +118,16 @@ class Chain:
 
     async def call_first(self, work: Callable[[Connector], Awaitable[T]]) -> tuple[Connector, T]:
         """One-shot work (an STT utterance): the result must come within the attempt timeout."""
-        for name in self.order():
+        order = self.order()
+        for name in order:
             conn: Connector | None = None
+            limit = self.limit_s(name, order)
             try:
                 conn = await self.get(name)
                 self._moved(name)
                 metrics.REQUESTS.labels(self.stage, name).inc()
                 t0 = time.perf_counter()
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(limit):
                     result = await work(conn)
                 metrics.FIRST_RESULT.labels(self.stage, name).observe(time.perf_counter() - t0)
                 return conn, result
@@ -125,7 +136,7 @@ class Chain:
             except Exception as exc:
                 if isinstance(exc, TimeoutError) and conn is not None:
                     exc = ConnectorError(
-                        FailureKind.TIMEOUT, f"no result within {self.timeout_s * 1000:.0f} ms"
+                        FailureKind.TIMEOUT, f"no result within {limit * 1000:.0f} ms"
                     )
                 await self.failed(name, conn, exc, started=False)
         raise AllConnectorsFailed(self.stage, self.failures)
@@ -136,9 +147,11 @@ class Chain:
         """Streamed work (an LLM reply, a TTS sentence). `work(conn, delivered)` gets what earlier
         connectors already delivered for this unit, to resume after it rather than repeat it."""
         delivered: list[T] = []
-        for name in self.order():
+        order = self.order()
+        for name in order:
             conn: Connector | None = None
             stream: AsyncIterator[T] | None = None
+            limit = self.limit_s(name, order)
             got = 0
             try:
                 conn = await self.get(name)
@@ -150,14 +163,14 @@ class Chain:
                     try:
                         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                         # cancellation (a barge-in) that lands as the item completes.
-                        async with asyncio.timeout(self.timeout_s):
+                        async with asyncio.timeout(limit):
                             item = await anext(stream)
                     except StopAsyncIteration:
                         return
                     except TimeoutError:
                         what = "first result" if not got else "next result (stream stalled)"
                         raise ConnectorError(
-                            FailureKind.TIMEOUT, f"no {what} within {self.timeout_s * 1000:.0f} ms"
+                            FailureKind.TIMEOUT, f"no {what} within {limit * 1000:.0f} ms"
                         ) from None
                     if not got:
                         metrics.FIRST_RESULT.labels(self.stage, name).observe(

@@ -22,6 +22,7 @@ from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import RELAYS, ConnectorPool
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, NoRoute, ServiceRouter, Subjects
+from voicemesh.router.claims import Claims
 from voicemesh.router.subjects import trace_id
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ class StageService:
             instance=self.instance,
         )
         await self.health.start()
+        self.claims = Claims(
+            self.store.client,
+            keys=self.store.keys,
+            owner=self.instance,
+            ttl_ms=self.settings.lease_ttl_ms,
+        )
+        # not bus.spawn: drain waits for spawned work, and this runs until the drain is over
+        self._renewer = asyncio.ensure_future(self._renew_claims())
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
         if self.settings.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -110,10 +119,28 @@ class StageService:
     async def stop(self) -> None:
         for sub in self._intake:
             await sub.unsubscribe()
-        await self.bus.drain()
+        await self.bus.drain()  # in-flight units finish, their claims renewed meanwhile
+        self._renewer.cancel()
         await self.health.stop()
         await self.pool.aclose()
         await self.store.close()
+
+    async def _renew_claims(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl_ms / 3000)
+            try:
+                await self.claims.renew_all()
+            except Exception as exc:
+                log.warning("claim renewal failed: %s", exc)
+
+    async def claimed(self, stage: str, session: str, frame: Frame) -> str | None:
+        """Claim a unit of work taken from the queue group; None if it is someone else's (a
+        live instance holds it) or already done: a duplicate delivery to drop."""
+        key = self.claims.key(stage, session, frame.epoch, frame.index)
+        if await asyncio.shield(self.claims.take(key)):
+            return key
+        log.info("unit %s is held or done elsewhere; dropped", key)
+        return None
 
     # --- relaying ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ complete (numbered, so parallel TTS results can be put back in order downstream)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import StageService
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.router import Flag, Frame, Kind, Subjects
+from voicemesh.router.claims import DONE
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +66,37 @@ class LLMService(StageService):
         self.track(session, frame.epoch, self._turn(session, frame))
 
     async def _turn(self, session: str, frame: Frame) -> None:
+        claim = await self.claimed("llm", session, frame)
+        if claim is None:
+            return
+        try:
+            sentences = await self._reply(session, frame)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.claims.release(claim))
+            raise
+        await self.claims.finish(claim, f"{DONE}:{sentences}")
+
+    async def _reply(self, session: str, frame: Frame) -> int:
+        """Generate and send the reply; returns how many sentences the turn has in all."""
         epoch, user = frame.epoch, frame.as_text
         cached = await self.router.load(session)
         config = cached.config
-        await self.store.append_context(session, {"role": "user", "content": user, "epoch": epoch})
-        history = await self.store.get_context(session, last=CONTEXT_MESSAGES)
+        # A redelivered turn (its first instance died) resumes after what was already sent.
+        sent_before = await asyncio.shield(self.claims.progress(session, epoch))
+        history = await asyncio.shield(self.store.get_context(session, last=CONTEXT_MESSAGES))
+        if not any(m["role"] == "user" and m.get("epoch") == epoch for m in history[-2:]):
+            entry = {"role": "user", "content": user, "epoch": epoch}
+            await asyncio.shield(self.store.append_context(session, entry))
+            history.append(entry)
         messages = [{"role": m["role"], "content": m["content"]} for m in history]
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         chain = self.chain(config)
         next_subject = self.router.next_subject_of(config, session)
-        splitter, parts, index, used = SentenceSplitter(), [], 0, ""
+        splitter, parts, index, used = SentenceSplitter(), [], len(sent_before), ""
+        prior = [" ".join(sent_before)] if sent_before else []
+        if sent_before:
+            log.info("turn %d resumes after %d sentences sent before", epoch, index)
         t0 = time.perf_counter()
         ttft_ms: float | None = None
 
@@ -87,6 +109,9 @@ class LLMService(StageService):
                 flags=Flag.START | Flag.END,
                 origin_ns=frame.origin_ns,
             )
+            # recorded before it can be heard; shielded, because a Valkey command cut off by a
+            # cancellation (a barge-in) can leave its connection waiting forever
+            await asyncio.shield(self.claims.add_progress(session, epoch, sentence))
             await self.bus.publish(next_subject, out)
             await self.notify(
                 session,
@@ -107,7 +132,7 @@ class LLMService(StageService):
         failed: str | None = None
         try:
             async for conn, piece in chain.stream(
-                lambda c, done: continue_reply(c, messages, done)
+                lambda c, done: continue_reply(c, messages, [*prior, *done])
             ):
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - t0) * 1000
@@ -123,12 +148,12 @@ class LLMService(StageService):
             await self.notify(
                 session, {"type": "error", "error": failed, "epoch": epoch}, epoch=epoch
             )
-        reply = "".join(parts).strip()
+        reply = " ".join([*sent_before, "".join(parts).strip()]).strip()
         if reply:
             entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
             if failed:
                 entry["error"] = failed
-            await self.store.append_context(session, entry)
+            await asyncio.shield(self.store.append_context(session, entry))
         # The reply is over (even a failed one): the transport must not wait for more.
         await self.bus.publish(
             next_subject,
@@ -139,3 +164,4 @@ class LLMService(StageService):
         log.info(
             "turn %d: %d sentences from %s, first token %.0f ms", epoch, index, used, ttft_ms or -1
         )
+        return index

@@ -4,6 +4,7 @@ transport play sentences synthesized in parallel in order."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,17 @@ class TTSService(StageService):
         self.track(session, frame.epoch, self._speak(session, frame))
 
     async def _speak(self, session: str, frame: Frame) -> None:
+        claim = await self.claimed("tts", session, frame)
+        if claim is None:
+            return
+        try:
+            await self._synthesize(session, frame)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.claims.release(claim))
+            raise
+        await self.claims.finish(claim)
+
+    async def _synthesize(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)
         out = self.router.next_subject_of(cached.config, session)
         common = {"epoch": frame.epoch, "index": frame.index, "origin_ns": frame.origin_ns}

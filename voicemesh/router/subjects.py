@@ -80,6 +80,14 @@ class Keys:
     def lease(self, stage: str, session: str) -> str:
         return f"{self.prefix}:lease:{stage}:{session}"
 
+    def claim(self, stage: str, session: str, epoch: int, index: int) -> str:
+        """Who works on (or finished) one unit: an LLM turn (index 0) or a TTS sentence."""
+        return f"{self.prefix}:claim:{stage}:{session}:{epoch}:{index}"
+
+    def progress(self, session: str, epoch: int) -> str:
+        """The sentences an LLM turn has sent so far (a redelivered turn resumes after them)."""
+        return f"{self.prefix}:progress:{session}:{epoch}"
+
     def agent(self, name: str) -> str:
         return f"{self.prefix}:agent:{name}"
 

@@ -19,6 +19,7 @@ from voicemesh.config.logging import bind
 from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
 from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.service import NoInstance
+from voicemesh.transport.supervisor import TurnSupervisor
 from voicemesh.transport.trace import TurnTrace
 from voicemesh.transport.vad import RATE, Rechunker, TurnDetector
 
@@ -41,6 +42,7 @@ class Call:
         self.seq = 0
         self.utterance: list[Frame] = []
         self.trace = TurnTrace(session_id, 0)
+        self.supervisor = TurnSupervisor(service, session_id)
         self.ingress = "stt"
 
     async def run(self) -> None:
@@ -58,6 +60,7 @@ class Call:
             self.subjects.data("transport", self.session), self._egress
         )
         sender = asyncio.create_task(self._send_loop())
+        watcher = asyncio.create_task(self._supervise())
         await self._event(
             {"type": "session", "session_id": self.session, "version": cached.version}
         )
@@ -88,6 +91,7 @@ class Call:
             await self._event({"type": "error", "error": f"session {self.session} has ended"})
             log.info("session deleted or expired during the call")
         finally:
+            watcher.cancel()
             await sub.unsubscribe()
             self.out.put_nowait(_CLOSE)
             await asyncio.gather(sender, return_exceptions=True)
@@ -106,6 +110,7 @@ class Call:
             self.epoch = await self.svc.store.next_epoch(self.session)
             self.reorder.reset(self.epoch)
             self.trace, self.seq = TurnTrace(self.session, self.epoch), 0
+            self.supervisor.begin(self.epoch)
             self.trace.voiced()
             bind(turn=self.epoch, trace_id=self.trace.trace_id)
             self.utterance = []
@@ -137,6 +142,7 @@ class Call:
             except NoInstance as exc:
                 log.error("%s", exc)
                 await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
+            self.supervisor.ended(self.utterance)
             self.utterance = []
             await self._event({"type": "user_stopped", "epoch": self.epoch})
 
@@ -148,6 +154,7 @@ class Call:
                 event = frame.as_event
                 if frame.epoch == self.trace.epoch:
                     self.trace.on_event(event)
+                    self.supervisor.on_event(event, frame.epoch)
                 await self._event(event)
             return
         if frame.kind is not Kind.AUDIO:
@@ -169,7 +176,19 @@ class Call:
                     )
                 self.out.put_nowait(pcm)
             if f.has(Flag.LAST):
+                self.supervisor.reply_done(f.epoch)
                 await self._event({"type": "bot_done", "epoch": f.epoch})
+
+    async def _supervise(self) -> None:
+        """Every third of a lease TTL, resend the unit the reply waits for if its worker died."""
+        while True:
+            await asyncio.sleep(self.supervisor.ttl_s / 3)
+            try:
+                await self.supervisor.check(self.reorder.next_index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Valkey or NATS down for a moment: try again next time
+                log.warning("turn supervision skipped: %s", exc)
 
     async def _event(self, body: dict[str, Any]) -> None:
         self.out.put_nowait(orjson.dumps(body).decode())

@@ -4,7 +4,7 @@ from the TTS's native rate to the caller's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import soxr
@@ -14,14 +14,38 @@ from voicemesh.router import Flag, Frame
 
 @dataclass
 class Reorderer:
+    """Also absorbs a sentence synthesized again from its start (its TTS instance died midway and
+    the unit was redelivered): the audio already played of it is skipped, by duration."""
+
     epoch: int = 0
     next_index: int = 0
     done: bool = False
     _pending: dict[int, list[Frame]] = field(default_factory=dict)
+    _played_s: float = 0.0  # of the sentence being played
+    _skip_s: float = 0.0
 
     def reset(self, epoch: int) -> None:
         self.epoch, self.next_index, self.done = epoch, 0, False
         self._pending.clear()
+        self._played_s = self._skip_s = 0.0
+
+    def _admit(self, frame: Frame) -> Frame:
+        """Account for a frame of the sentence being played; trim what was heard already."""
+        if frame.has(Flag.START) and self._played_s > 0:
+            self._skip_s, self._played_s = self._played_s, 0.0  # the sentence starts over
+        if frame.payload and frame.sample_rate:
+            payload = frame.payload
+            if self._skip_s > 0:
+                n = min(len(payload) // 2, round(self._skip_s * frame.sample_rate))
+                self._skip_s -= n / frame.sample_rate
+                payload = payload[2 * n :]
+                frame = replace(frame, payload=payload)
+            self._played_s += len(payload) / 2 / frame.sample_rate
+        return frame
+
+    def _advance(self) -> None:
+        self.next_index += 1
+        self._played_s = self._skip_s = 0.0
 
     def push(self, frame: Frame) -> list[Frame]:
         """Frames now playable, in order. Frames of an older turn are dropped."""
@@ -33,13 +57,13 @@ class Reorderer:
             if frame.index > self.next_index:
                 self._pending.setdefault(frame.index, []).append(frame)
             return []
-        out = [frame]
+        out = [self._admit(frame)]
         last: Frame | None = frame
         while last is not None and last.has(Flag.END) and not last.has(Flag.LAST):
-            self.next_index += 1
+            self._advance()
             last = None
             for queued in self._pending.pop(self.next_index, []):
-                out.append(queued)
+                out.append(self._admit(queued))
                 if queued.has(Flag.END):
                     last = queued
                     break
