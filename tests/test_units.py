@@ -381,3 +381,27 @@ def test_resampler_rates() -> None:
     spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
     peak_hz = np.argmax(spectrum) * 16000 / samples.size
     assert peak_hz == pytest.approx(440, abs=3)
+
+
+def test_a_long_first_sentence_is_cut_before_a_clause_word() -> None:
+    """No punctuation yet: the first chunk goes to TTS before "that"/"and"/... once it holds six
+    words, so the first audio does not wait for a long sentence; later sentences stay whole."""
+    s = SentenceSplitter()
+    out: list[str] = []
+    text = "The fun fact about cats is that they nap and they purr a lot and then sleep. Cats nap."
+    for word in text.split(" "):
+        out += s.push(word + " ")
+    out += s.flush()
+    assert out == [
+        "The fun fact about cats is",
+        "that they nap and they purr a lot and then sleep.",
+        "Cats nap.",
+    ]
+    assert " ".join(out) == text
+
+
+def test_a_clause_word_too_early_does_not_cut() -> None:
+    s = SentenceSplitter()
+    out = s.push("It is that we know the answer well enough ")
+    assert out == []  # "that" comes after two words only; nothing to cut yet
+    assert s.flush() == ["It is that we know the answer well enough"]
