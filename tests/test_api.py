@@ -10,16 +10,21 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from voicemesh.config.settings import Settings
 from voicemesh.router import Bus, Frame, Kind
 from voicemesh.transport.api import create_app, merge_patch
 from voicemesh.transport.service import TransportService
 
+API_KEY = "test-api-key-4f1c"
+
 
 @pytest.fixture
 async def service(settings: Settings) -> AsyncIterator[TransportService]:
-    svc = TransportService(settings)
+    # Auth stays on (the default): every request below carries the key (tests/test_security.py
+    # covers what happens without it).
+    svc = TransportService(settings.model_copy(update={"api_keys": (SecretStr(API_KEY),)}))
     await svc.start()  # ASGITransport does not run the lifespan
     yield svc
     await svc.stop()
@@ -28,7 +33,11 @@ async def service(settings: Settings) -> AsyncIterator[TransportService]:
 @pytest.fixture
 async def client(service: TransportService) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(service)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://t",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as c:
         yield c
 
 

@@ -127,9 +127,14 @@ def test_empty_event_and_text_payloads() -> None:
 
 
 def test_event_payload_must_be_an_object() -> None:
-    frame = decode(encode(Frame(Kind.EVENT, b"[1, 2]")))
+    with pytest.raises(FrameError, match="JSON object"):
+        decode(encode(Frame(Kind.EVENT, b"[1, 2]")))
+    with pytest.raises(FrameError, match="not JSON"):
+        decode(encode(Frame(Kind.EVENT, b"not json")))
+    with pytest.raises(FrameError, match="UTF-8"):
+        decode(encode(Frame(Kind.TEXT, b"\xff\xfe")))
     with pytest.raises(FrameError):
-        _ = frame.as_event
+        _ = Frame(Kind.EVENT, b"[1, 2]").as_event
 
 
 def test_default_origin_is_now() -> None:

@@ -347,7 +347,9 @@ def test_seed_form_maps_to_primary(agent_json: dict) -> None:
 def test_seed_form_bad_value_is_named_under_primary(agent_json: dict) -> None:
     data = mutated(
         agent_json,
-        lambda d: d["connectors"]["llm"].update(primary="smollm2", config={"max_tokens": 0}),
+        lambda d: d["connectors"]["llm"].update(
+            primary="smollm2", fallback=[], config={"max_tokens": 0}
+        ),
     )
     assert list(issues_of(data)) == ["connectors.llm.config.smollm2.max_tokens"]
 

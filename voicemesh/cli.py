@@ -47,13 +47,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     _use_uvloop()
+    from voicemesh.router import BusError, StoreError
+
     if args.role == "transport":
         import uvicorn
 
         from voicemesh.transport.api import create_app
+        from voicemesh.transport.security import AuthConfigError
         from voicemesh.transport.service import TransportService
 
-        app = create_app(TransportService(settings))
+        try:
+            app = create_app(TransportService(settings))
+        except AuthConfigError as exc:
+            print(f"voicemesh serve transport: {exc}", file=sys.stderr)
+            return 2
         config = uvicorn.Config(
             app,
             host=settings.http_host,
@@ -63,31 +70,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws="websockets-sansio",
             lifespan="on",
         )
-        asyncio.run(uvicorn.Server(config).serve())
-        return 0
+        server = uvicorn.Server(config)
+        asyncio.run(server.serve())
+        return 0 if server.started else 3  # startup failed (logged), as uvicorn.run exits
 
     from voicemesh.pipeline import SERVICES, run_service
 
-    asyncio.run(run_service(SERVICES[args.role](settings)))
+    async def checked() -> None:
+        await _check_valkey(settings)  # a clear error before the stage meets Valkey's refusal
+        await run_service(SERVICES[args.role](settings))
+
+    try:
+        asyncio.run(checked())
+    except (BusError, StoreError) as exc:
+        print(f"voicemesh serve {args.role}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _check_valkey(settings: Any) -> None:
+    from voicemesh.router.store import ConfigStore
+
+    store = ConfigStore.from_url(settings.valkey_url, settings=settings)
+    try:
+        await store.check()
+    finally:
+        await store.close()
 
 
 # --- up -------------------------------------------------------------------------------------
 
 
-async def _seed_agent(valkey_url: str, key_prefix: str, agent_file: Path) -> str:
+async def _seed_agent(settings: Any, valkey_url: str, agent_file: Path) -> str:
+    from voicemesh.config.connections import redact_url
     from voicemesh.config.models import parse_agent_config
     from voicemesh.router.store import ConfigStore
 
-    store = ConfigStore.from_url(valkey_url, key_prefix=key_prefix)
+    store = ConfigStore.from_url(valkey_url, settings=settings, key_prefix=settings.key_prefix)
     try:
+        await store.check()
         config = parse_agent_config(await asyncio.to_thread(agent_file.read_bytes))
         record, created = await store.ensure_default_agent(
             "local", config, description=f"from {agent_file}"
         )
         if created:
             return f"default agent {record.name!r} created from {agent_file}"
-        return f"default agent is {record.name!r} (kept from {valkey_url})"
+        return f"default agent is {record.name!r} (kept from {redact_url(valkey_url)})"
     finally:
         await store.close()
 
@@ -104,9 +132,35 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def _up_auth(env: dict[str, str], settings: Any, host: str, port: int) -> list[str]:
+    """`up` is for local use: the API needs no key unless the user gave keys (or asked for auth
+    explicitly). Sets VOICEMESH_AUTH in the roles' environment; returns what to tell the user."""
+    if "VOICEMESH_AUTH" not in os.environ:
+        env["VOICEMESH_AUTH"] = "required" if settings.api_keys else "off"
+    if env["VOICEMESH_AUTH"] == "required":
+        if not settings.api_keys:
+            raise ValueError(
+                "VOICEMESH_AUTH=required but VOICEMESH_API_KEYS is empty: set keys, or unset "
+                "VOICEMESH_AUTH (`up` is local use: auth off)"
+            )
+        return [
+            f"API auth is on: /api and /ws/call need one of the {len(settings.api_keys)} keys in "
+            "VOICEMESH_API_KEYS (Authorization: Bearer KEY; the page asks for it)"
+        ]
+    notes = ["API auth is off (local use): no key needed. Set VOICEMESH_API_KEYS to require one"]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        notes.append(
+            f"warning: auth is off and the API listens on {host}:{port}: anyone who can reach "
+            "it can start calls and change configs"
+        )
+    return notes
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from voicemesh.config.connections import redact_url
     from voicemesh.config.settings import Settings
     from voicemesh.launcher import Stack, StartupError
+    from voicemesh.router import BusError, StoreError
     from voicemesh.servers import ServerError, start_nats, start_valkey
 
     settings = Settings()
@@ -127,8 +181,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         _check_port_free(args.host, args.port)
+        auth_notes = _up_auth(env, settings, args.host, args.port)
         if settings.nats_url:
-            _say(f"using NATS at {settings.nats_url}")
+            _say(f"using NATS at {redact_url(settings.nats_url)}")
             nats_url = settings.nats_url
         else:
             t0 = time.monotonic()
@@ -137,7 +192,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             nats_url = nats.url
             _say(f"started nats-server at {nats_url} in {time.monotonic() - t0:.2f} s")
         if settings.valkey_url:
-            _say(f"using Valkey at {settings.valkey_url}")
+            _say(f"using Valkey at {redact_url(settings.valkey_url)}")
             valkey_url = settings.valkey_url
         else:
             t0 = time.monotonic()
@@ -149,18 +204,24 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"(data in {data_dir / 'valkey'})"
             )
         env.update(NATS_URL=nats_url, VALKEY_URL=valkey_url)
-        _say(asyncio.run(_seed_agent(valkey_url, settings.key_prefix, Path(args.agent_file))))
+        _say(asyncio.run(_seed_agent(settings, valkey_url, Path(args.agent_file))))
 
         stack = Stack(env, instances=args.instances, http_host=args.host, http_port=args.port)
         stack.start()
         _say(f"starting {', '.join(stack.procs)}; engines load once per process...")
         asyncio.run(
             stack.wait_ready(
-                nats_url, settings.subject_prefix, limit_s=args.startup_timeout, progress=_say
+                nats_url,
+                settings.subject_prefix,
+                limit_s=args.startup_timeout,
+                progress=_say,
+                settings=settings,
             )
         )
         metrics = ", ".join(f"{n} :{p}" for n, p in stack.metrics_ports.items())
         _say(f"Prometheus /metrics: transport :{args.port}, {metrics}")
+        for note in auth_notes:
+            _say(note)
         _say(
             f"up: web client and API at http://{args.host}:{args.port}/  "
             f"(API docs /docs, calls at ws://{args.host}:{args.port}/ws/call). Ctrl-C stops."
@@ -171,7 +232,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.3)
         return 0
-    except (ServerError, StartupError, OSError, ValueError) as exc:
+    except (ServerError, StartupError, BusError, StoreError, OSError, ValueError) as exc:
         _say(f"error: {exc}")
         return 1
     finally:
@@ -200,10 +261,12 @@ def cmd_call(args: argparse.Namespace) -> int:
                 agent=args.agent,
                 session_id=args.session,
                 turn_timeout=args.timeout,
+                api_key=args.api_key or None,
             )
         )
     except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
-        print(f"voicemesh call: {exc}", file=sys.stderr)
+        hint = " (pass --api-key or set VOICEMESH_API_KEY)" if "API key" in str(exc) else ""
+        print(f"voicemesh call: {exc}{hint}", file=sys.stderr)
         return 1
     for turn in result.turns:
         print(f"turn {turn.epoch}: you said:  {turn.user_text!r}")
@@ -264,8 +327,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     import httpx
 
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        resp = httpx.request(method, args.url.rstrip("/") + path, json=body, timeout=10)
+        resp = httpx.request(
+            method, args.url.rstrip("/") + path, json=body, headers=headers, timeout=10
+        )
     except httpx.HTTPError as exc:
         raise SystemExit(f"voicemesh config: cannot reach {args.url}: {exc}") from None
     data = resp.json() if resp.content else {}
@@ -274,7 +340,8 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
         if isinstance(detail, list):
             lines = "\n".join(f"  {d.get('path')}: {d.get('msg')}" for d in detail)
             raise SystemExit(f"voicemesh config: rejected ({resp.status_code}):\n{lines}")
-        raise SystemExit(f"voicemesh config: {resp.status_code}: {detail}")
+        hint = " (pass --api-key or set VOICEMESH_API_KEY)" if resp.status_code == 401 else ""
+        raise SystemExit(f"voicemesh config: {resp.status_code}: {detail}{hint}")
     return data
 
 
@@ -347,6 +414,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
+def _api_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VOICEMESH_API_KEY"),
+        help="API key of the transport (default: $VOICEMESH_API_KEY; the environment keeps it "
+        "out of the process list)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="voicemesh",
@@ -395,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--agent", help="agent name (default: the default agent)")
     who.add_argument("--session", help="join an existing session")
     call.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    _api_key_option(call)
     call.set_defaults(fn=cmd_call)
 
     bench = sub.add_parser(
@@ -429,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="validate, push, list and read configs")
     cfg.add_argument("--url", default="http://127.0.0.1:8080", help="transport API")
+    _api_key_option(cfg)
     csub = cfg.add_subparsers(dest="config_cmd", required=True)
     csub.add_parser("schema", help="print the JSON Schema of agent-config.json")
     v = csub.add_parser("validate", help="check a config file")

@@ -10,8 +10,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-import nats
-
+from voicemesh.config.settings import ConnectionSettings
+from voicemesh.router.bus import Bus
 from voicemesh.servers import free_ports
 
 ROLES = ("transport", "stt", "llm", "tts")
@@ -70,9 +70,12 @@ class Stack:
         *,
         limit_s: float = 600.0,
         progress: Callable[[str], None] = lambda _: None,
+        settings: ConnectionSettings | None = None,
     ) -> None:
-        """Until every role answers `<prefix>.health.<role>`; fails fast if a process exits."""
-        nc = await nats.connect(nats_url)
+        """Until every role answers `<prefix>.health.<role>`; fails fast if a process exits.
+        `settings` has NATS credentials and TLS (default: from the environment)."""
+        bus = await Bus.connect(nats_url, name="voicemesh-launcher", settings=settings)
+        nc = bus.nc
         try:
             pending, start, noted = set(ROLES), time.monotonic(), time.monotonic()
             while pending:
@@ -93,7 +96,7 @@ class Stack:
                     progress(f"  waiting for {', '.join(sorted(pending))} (loading engines)...")
                 await asyncio.sleep(0.2)
         finally:
-            await nc.close()
+            await bus.close()
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (each role drains), then SIGKILL whatever is left after `timeout`."""

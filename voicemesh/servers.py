@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,13 +113,23 @@ def _spawn(name: str, argv: list[str], port: int, url: str, data_dir: Path) -> E
     return EmbeddedServer(name, url, port, proc, log_path, argv)
 
 
-def start_nats(data_dir: Path, port: int | None = None) -> EmbeddedServer:
+def start_nats(
+    data_dir: Path, port: int | None = None, *, args: Sequence[str] = (), name: str = "nats-server"
+) -> EmbeddedServer:
+    """`args` are extra nats-server options (e.g. `--user u --pass p`, `--tlscert ...`)."""
     port = port or free_port()
-    argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)]
-    return _spawn("nats-server", argv, port, f"nats://127.0.0.1:{port}", data_dir)
+    argv = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), *args]
+    return _spawn(name, argv, port, f"nats://127.0.0.1:{port}", data_dir)
 
 
-def start_valkey(data_dir: Path, port: int | None = None) -> EmbeddedServer:
+def start_valkey(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    args: Sequence[str] = (),
+    name: str = "valkey-server",
+) -> EmbeddedServer:
+    """`args` are extra valkey-server options (e.g. `--requirepass p`)."""
     port = port or free_port()
     store = data_dir / "valkey"
     store.mkdir(parents=True, exist_ok=True)
@@ -140,5 +151,6 @@ def start_valkey(data_dir: Path, port: int | None = None) -> EmbeddedServer:
         "no",
         "--protected-mode",
         "yes",
+        *args,
     ]
-    return _spawn("valkey-server", argv, port, f"valkey://127.0.0.1:{port}/0", data_dir)
+    return _spawn(name, argv, port, f"valkey://127.0.0.1:{port}/0", data_dir)

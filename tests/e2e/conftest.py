@@ -22,6 +22,9 @@ from voicemesh.launcher import Stack
 from voicemesh.router import ConfigStore
 from voicemesh.servers import free_port
 
+#: The transport process runs with auth on (the default) and this key in VOICEMESH_API_KEYS.
+API_KEY = "e2e-key-3b9d7a"
+
 
 @dataclass
 class RunningStack:
@@ -29,6 +32,11 @@ class RunningStack:
     prefix: str
     stack: Stack
     store: ConfigStore
+    api_key: str = API_KEY
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +49,7 @@ def stack_env(servers: Servers) -> tuple[dict[str, str], str]:
         "VOICEMESH_SUBJECT_PREFIX": prefix,
         "VOICEMESH_KEY_PREFIX": prefix,
         "VOICEMESH_LEASE_TTL_MS": "2000",
+        "VOICEMESH_API_KEYS": API_KEY,
         "HF_HUB_OFFLINE": "1",
     }
     return env, prefix

@@ -29,7 +29,7 @@ def words(text: str) -> list[str]:
 
 
 async def new_session(stack: RunningStack, **body: object) -> str:
-    async with httpx.AsyncClient(base_url=stack.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as http:
         resp = await http.post("/api/sessions", json=body)
         assert resp.status_code == 201, resp.text
         return resp.json()["session_id"]
@@ -49,7 +49,12 @@ async def test_spoken_question_gets_a_spoken_reply(
     sid = await new_session(stack)  # no agent named: the default one
     out = tmp_path / "reply.wav"
     result = await call_over_websocket(
-        stack.url, [say("What is the capital of France?")], out, session_id=sid, turn_timeout=90
+        stack.url,
+        [say("What is the capital of France?")],
+        out,
+        session_id=sid,
+        turn_timeout=90,
+        api_key=stack.api_key,
     )
     turn = result.turns[0]
     assert {"capital", "france"} <= set(words(turn.user_text)), turn.user_text
@@ -89,14 +94,20 @@ async def test_live_swap_of_llm_and_tts_while_the_call_is_open(
                 }
             }
         )
-        async with httpx.AsyncClient(base_url=stack.url) as http:
+        async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as http:
             resp = await http.patch(f"/api/sessions/{sid}/config", json=patch)
             assert resp.status_code == 200, resp.text
             versions.append(resp.json()["version"])
 
     line = say("The weather is sunny.")
     result = await call_over_websocket(
-        stack.url, [line, line, line], None, session_id=sid, after_turn=swap, turn_timeout=60
+        stack.url,
+        [line, line, line],
+        None,
+        session_id=sid,
+        after_turn=swap,
+        turn_timeout=60,
+        api_key=stack.api_key,
     )
     first, second, third = result.turns
     assert versions == [2, 3]
@@ -127,6 +138,7 @@ async def test_concurrent_sessions_on_two_instances_of_every_stage(
             None,
             session_id=sid,
             turn_timeout=120,
+            api_key=stack.api_key,
         )
         return result.turns[0]
 

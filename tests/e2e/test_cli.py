@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -18,12 +19,18 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import ROOT
-from tests.e2e.conftest import RunningStack
+from tests.e2e.conftest import API_KEY, RunningStack
 
 pytestmark = pytest.mark.slow
 
 
-async def voicemesh(*args: str, limit_s: float = 60) -> subprocess.CompletedProcess[str]:
+async def voicemesh(
+    *args: str, limit_s: float = 60, api_key: str | None = API_KEY
+) -> subprocess.CompletedProcess[str]:
+    """The stack's key reaches the CLI as a user would give it: VOICEMESH_API_KEY."""
+    env = {k: v for k, v in os.environ.items() if k != "VOICEMESH_API_KEY"}
+    if api_key is not None:
+        env["VOICEMESH_API_KEY"] = api_key
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "voicemesh", *args],
@@ -31,6 +38,7 @@ async def voicemesh(*args: str, limit_s: float = 60) -> subprocess.CompletedProc
         text=True,
         timeout=limit_s,
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -49,14 +57,14 @@ def invalid(agent_json: dict) -> dict:
 
 
 async def new_session(stack: RunningStack, config: dict) -> str:
-    async with httpx.AsyncClient(base_url=stack.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as http:
         resp = await http.post("/api/sessions", json={"config": config})
         assert resp.status_code == 201, resp.text
         return resp.json()["session_id"]
 
 
 async def api(stack: RunningStack, method: str, path: str, **kw: object) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=stack.url) as http:
+    async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers) as http:
         return await http.request(method, path, **kw)  # type: ignore[arg-type]
 
 
@@ -223,3 +231,27 @@ async def test_config_push_of_an_invalid_file_names_each_problem(
     proc = await voicemesh(*url, "push", str(broken), "--agent", name)
     assert proc.returncode != 0 and str(broken) in proc.stderr, proc.stderr
     assert (await api(stack, "GET", f"/api/agents/{name}")).status_code == 404
+
+
+async def test_cli_without_the_api_key_is_refused_and_with_it_works(
+    stack: RunningStack, say: Callable[[str], Path], tmp_path: Path
+) -> None:
+    url = ("config", "--url", stack.url)
+    refused = await voicemesh(*url, "list", api_key=None)
+    assert refused.returncode != 0
+    assert "401: missing API key" in refused.stderr, refused.stderr
+    assert "--api-key" in refused.stderr  # the hint
+    wrong = await voicemesh(*url, "--api-key", "not-the-key", "list", api_key=None)
+    assert wrong.returncode != 0 and "401: invalid API key" in wrong.stderr, wrong.stderr
+    assert "not-the-key" not in wrong.stderr + wrong.stdout
+    given = await voicemesh(*url, "--api-key", stack.api_key, "list", api_key=None)
+    assert given.returncode == 0, given.stderr
+    assert re.search(r"^\* local\s", given.stdout, re.M), given.stdout
+
+    out = tmp_path / "none.wav"
+    call = await voicemesh(
+        "call", "--url", stack.url, "--wav", str(say("Hello.")), "--out", str(out), api_key=None
+    )
+    assert call.returncode != 0
+    assert call.stderr.startswith("voicemesh call: missing API key"), call.stderr
+    assert not out.exists()

@@ -146,6 +146,7 @@ def test_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         assert nats and out.find(r"started valkey-server at valkey://"), out.text
         assert len(ports) == 2, out.text
         assert out.find(r"default agent 'local' created from"), out.text
+        assert out.find(r"API auth is off \(local use\)"), out.text  # so no key below
 
         resp = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert resp.status_code == 200 and resp.json()["status"] == "ok", resp.text

@@ -151,6 +151,7 @@ async def environment(agent_file: Path, progress: Callable[[str], None]) -> Any:
         "VOICEMESH_SUBJECT_PREFIX": PREFIX,
         "VOICEMESH_KEY_PREFIX": PREFIX,
         "VOICEMESH_LOG_LEVEL": "WARNING",
+        "VOICEMESH_AUTH": "off",  # its own stack on loopback, like `voicemesh up`
         "HF_HUB_OFFLINE": "1",
     }
     store = ConfigStore.from_url(valkey_srv.url, key_prefix=PREFIX)

@@ -24,7 +24,8 @@ STAGE_IO: dict[str, tuple[str, str]] = {
 
 
 class ConnectorOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # JSON has no NaN or infinity: a value the stored config could not carry is refused here
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- transport -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -69,9 +70,44 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+_QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']+", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(\w://[^:/@\s]*:)[^@\s/]+@")
+
+
+def scrub(text: str) -> str:
+    """Mask an `api_key=` query value and a password inside a URL."""
+    if "api_key=" in text.lower():
+        text = _QUERY_KEY.sub(r"\1***", text)
+    if "://" in text and "@" in text:
+        text = _URL_PASSWORD.sub(r"\1***@", text)
+    return text
+
+
+class RedactSecrets(logging.Filter):
+    """Masks secrets a library may put in a line: uvicorn logs a WebSocket's path with its query
+    string (browsers send `?api_key=` there), a driver may log its URL with the password."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = scrub(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(scrub(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: scrub(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+def redact_logger(name: str) -> None:
+    """Put RedactSecrets on a logger (records logged on it directly, whatever its handlers)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+        logger.addFilter(RedactSecrets())
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text", *, role: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RedactSecrets())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

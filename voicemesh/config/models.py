@@ -113,7 +113,10 @@ class StageConnectors(BaseModel):
             return data
         # Keyed by connector when every value is an object and some key names a connector; the
         # seed's flat form holds option values (strings, numbers) for the primary.
-        names = {data.get("primary"), *(data.get("fallback") or []), *ALL_CONNECTORS}
+        chain = [data.get("primary")]
+        if isinstance(data.get("fallback"), list):
+            chain += data["fallback"]
+        names = {n for n in chain if isinstance(n, str)} | ALL_CONNECTORS
         keyed = all(isinstance(v, dict) for v in config.values()) and any(
             k in names for k in config
         )
@@ -231,6 +234,20 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
             except ValidationError as exc:
                 for err in exc.errors():
                     yield issue((*loc, *err["loc"]), err["msg"])
+                continue
+            for key, value in options.items():  # kept as given: it must survive to_json()
+                try:
+                    orjson.dumps(value)
+                except orjson.JSONEncodeError as exc:
+                    yield issue((*loc, key), f"value cannot be written as JSON: {exc}")
+        # A connector in the chain with no options given still needs its required ones.
+        for name in dict.fromkeys(sc.chain):
+            if name in known and name not in sc.config:
+                try:
+                    known[name].model_validate({})
+                except ValidationError as exc:
+                    for err in exc.errors():
+                        yield issue((*base, "config", name, *err["loc"]), err["msg"])
 
     # Flow: known stages, streams that fit both ends, one next hop per (stage, stream).
     seen: dict[tuple[str, str], int] = {}

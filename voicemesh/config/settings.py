@@ -1,25 +1,67 @@
 """Process settings from the environment (pydantic-settings).
 
-NATS_URL and VALKEY_URL keep their conventional names; everything else is VOICEMESH_*.
+NATS_URL and VALKEY_URL keep their conventional names; everything else is VOICEMESH_*. Secrets
+(API keys, NATS and Valkey passwords) are SecretStr: they print as '**********', and validation
+errors never echo an input value.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*$")
 
 
 def _instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VOICEMESH_", extra="ignore")
+class ConnectionSettings(BaseSettings):
+    """How every role authenticates to NATS and Valkey, and their TLS. Credentials inside
+    NATS_URL / VALKEY_URL work too (and win over these for Valkey)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEMESH_", extra="ignore", hide_input_in_errors=True
+    )
+
+    nats_user: str | None = Field(None, description="NATS user (with nats_password)")
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = Field(None, description="NATS token (instead of user/password)")
+    nats_creds: str | None = Field(None, description="NATS .creds file (JWT + NKey seed)")
+    nats_tls_ca: str | None = Field(None, description="CA bundle that signed the NATS server cert")
+    nats_tls_cert: str | None = Field(None, description="client certificate (mutual TLS)")
+    nats_tls_key: str | None = Field(None, description="client certificate's private key")
+    valkey_username: str | None = Field(None, description="Valkey ACL user (default: 'default')")
+    valkey_password: SecretStr | None = None
+    valkey_tls_ca: str | None = Field(None, description="needs a valkeys:// or rediss:// URL")
+    valkey_tls_cert: str | None = None
+    valkey_tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ConnectionSettings:
+        if self.nats_token is not None and (self.nats_user or self.nats_password is not None):
+            raise ValueError("set VOICEMESH_NATS_TOKEN or VOICEMESH_NATS_USER/PASSWORD, not both")
+        if (self.nats_password is not None) and not self.nats_user:
+            raise ValueError("VOICEMESH_NATS_PASSWORD needs VOICEMESH_NATS_USER")
+        for side in ("nats", "valkey"):
+            cert, key = getattr(self, f"{side}_tls_cert"), getattr(self, f"{side}_tls_key")
+            if bool(cert) != bool(key):
+                up = side.upper()
+                raise ValueError(f"set both VOICEMESH_{up}_TLS_CERT and VOICEMESH_{up}_TLS_KEY")
+        return self
+
+
+class Settings(ConnectionSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEMESH_", extra="ignore", hide_input_in_errors=True
+    )
 
     nats_url: str | None = Field(
         None,
@@ -53,6 +95,47 @@ class Settings(BaseSettings):
         description="agent-config.json the transport stores as agent 'local' when Valkey "
         "has no default agent yet",
     )
+    auth: Literal["required", "off"] = Field(
+        "required",
+        description="API keys on /api and /ws/call; 'off' only for local use (`voicemesh up`)",
+    )
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="comma-separated keys the transport accepts (secrets)"
+    )
+    session_rate: str | None = Field(
+        None,
+        description="new sessions allowed per client, 'N/SECONDS' (e.g. 30/60); unset: no limit",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # Never raise here with the raw value: it is a secret.
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        if isinstance(value, list | tuple):
+            return tuple(
+                k for k in value if (k.get_secret_value() if isinstance(k, SecretStr) else k)
+            )
+        return value
+
+    @field_validator("session_rate", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+            return None
+        m = _RATE.match(str(value))
+        if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
+            raise ValueError("expected COUNT/SECONDS, e.g. 30/60 (30 sessions per 60 s)")
+        return f"{int(m.group(1))}/{m.group(2)}"
+
+    @property
+    def session_rate_limit(self) -> tuple[int, float] | None:
+        """(sessions, window in seconds), or None for no limit."""
+        if not self.session_rate:
+            return None
+        count, window = self.session_rate.split("/")
+        return int(count), float(window)
 
 
 def get_settings(**overrides: object) -> Settings:

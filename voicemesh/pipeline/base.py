@@ -47,12 +47,15 @@ class StageService:
         bind(role=self.role, instance=self.instance)
         self.store = ConfigStore.from_url(
             self.settings.valkey_url,  # type: ignore[arg-type]
+            settings=self.settings,
             key_prefix=self.settings.key_prefix,
             default_ttl_s=self.settings.session_ttl_s,
         )
+        await self.store.check()
         self.bus = await Bus.connect(
             self.settings.nats_url,  # type: ignore[arg-type]
             name=f"voicemesh-{self.role}-{self.instance}",
+            settings=self.settings,
         )
         self.router = ServiceRouter(
             bus=self.bus, store=self.store, stage=self.role, subjects=self.subjects

@@ -74,6 +74,11 @@ class STTService(StageService):
             if msg.reply:
                 await self.bus.nc.publish(msg.reply, orjson.dumps({"error": str(exc)}))
             return
+        if await self.store.get_version(session) is None:  # no lease for a session that is not
+            if msg.reply:
+                error = f"session {session} not found or expired"
+                await self.bus.nc.publish(msg.reply, orjson.dumps({"error": error}))
+            return
         async with self._lock:
             holder = await self.leases.acquire(self.subjects_lease(session))
             if holder == self.instance and session not in self.streams:

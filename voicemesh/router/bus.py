@@ -7,22 +7,51 @@ Handlers run in the subscription's order; one that starts slow work (an LLM turn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from voicemesh.config.connections import nats_options, redact_url
+from voicemesh.config.settings import ConnectionSettings
 from voicemesh.router.codec import Frame, FrameError, decode, encode
 from voicemesh.router.metrics import DROPPED, FRAME_AGE
 
 log = logging.getLogger(__name__)
 
 FrameHandler = Callable[[str, Frame], Awaitable[None]]
+
+
+class BusError(ConnectionError):
+    """NATS refused the connection for a reason retrying cannot fix (credentials, TLS)."""
+
+
+def _fatal(exc: BaseException) -> bool:
+    if isinstance(exc, ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text or "tls" in text
+
+
+def _explain(where: str, exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) or "tls" in str(exc).lower():
+        reason = getattr(exc, "reason", None) or str(exc)
+        return (
+            f"TLS with NATS at {where} failed: {reason}. Check VOICEMESH_NATS_TLS_CA (the CA of "
+            "the server's certificate) and, if the server wants a client certificate, "
+            "VOICEMESH_NATS_TLS_CERT and VOICEMESH_NATS_TLS_KEY"
+        )
+    return (
+        f"NATS at {where} refused the connection ({str(exc).removeprefix('nats: ')}): set "
+        "VOICEMESH_NATS_USER and VOICEMESH_NATS_PASSWORD, VOICEMESH_NATS_TOKEN or "
+        "VOICEMESH_NATS_CREDS (or put the credentials in NATS_URL)"
+    )
 
 
 class Bus:
@@ -34,8 +63,30 @@ class Bus:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "voicemesh", **kw: Any) -> Bus:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str = "voicemesh",
+        settings: ConnectionSettings | None = None,
+        **kw: Any,
+    ) -> Bus:
+        """Connect with the credentials and TLS of `settings` (read from the environment when not
+        given). An unreachable server is retried forever, as roles may start before NATS; a
+        server that refuses our credentials or our TLS fails at once with a clear BusError."""
+        options = nats_options(settings if settings is not None else ConnectionSettings())
+        options.update(kw)
+        where = redact_url(url)
+        fatal: list[BaseException] = []
+        connecting: asyncio.Future[None] | None = None
+
         async def on_error(exc: Exception) -> None:
+            if connecting is not None and not connecting.done() and _fatal(exc):
+                # It may come from the connect loop or from the client's reader task: either way,
+                # stop the loop (it would retry forever) and report it below.
+                fatal.append(exc)
+                connecting.cancel()
+                return
             log.warning("nats: %s", exc)
 
         async def on_disconnect() -> None:
@@ -44,16 +95,27 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats: reconnected")
 
-        nc = await nats.connect(
-            url,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-            **kw,
+        nc = Client()
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                **options,
+            )
         )
+        try:
+            await connecting
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if fatal and isinstance(exc, asyncio.CancelledError):
+                raise BusError(_explain(where, fatal[0])) from None
+            raise
         return cls(nc, name=name)
 
     async def settle(self) -> None:

@@ -124,6 +124,18 @@ def decode(data: bytes) -> Frame:
             raise FrameError(f"audio frame with {channels} channels at {rate} Hz")
         if len(payload) % (2 * channels):
             raise FrameError(f"audio payload of {len(payload)} bytes is not whole PCM16 samples")
+    elif kind is Kind.TEXT:
+        try:
+            payload.decode()
+        except UnicodeDecodeError as exc:
+            raise FrameError(f"text payload is not UTF-8 (bad byte at {exc.start})") from None
+    else:  # an event: a JSON object, checked here so a handler never meets a bad one
+        try:
+            body = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise FrameError(f"event payload is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise FrameError("event payload is not a JSON object")
     flag = _FLAGS.get(flags)
     if flag is None:
         flag = Flag(flags)

@@ -17,8 +17,14 @@ from typing import Any
 import orjson
 import valkey.asyncio as valkey
 
+from voicemesh.config.connections import redact_url, valkey_options
 from voicemesh.config.models import AgentConfig, parse_agent_config
+from voicemesh.config.settings import ConnectionSettings
 from voicemesh.router.subjects import AGENT_NAME, SESSION_ID, Keys
+
+
+class StoreError(ConnectionError):
+    """Valkey cannot be used: unreachable, refused our login, or TLS failed."""
 
 
 class NotFound(LookupError):
@@ -177,6 +183,7 @@ class ConfigStore:
 
     def __init__(self, client: valkey.Valkey, *, key_prefix: str = "vm", default_ttl_s: int = 3600):
         self.client = client
+        self.where = "valkey"  # the redacted URL, for messages (set by from_url)
         self.keys = Keys(key_prefix)
         self.default_ttl_s = default_ttl_s
         self._create = client.register_script(_CREATE)
@@ -190,8 +197,41 @@ class ConfigStore:
         self._set_default = client.register_script(_SET_DEFAULT)
 
     @classmethod
-    def from_url(cls, url: str, **kw: Any) -> ConfigStore:
-        return cls(valkey.Valkey.from_url(url), **kw)
+    def from_url(
+        cls, url: str, *, settings: ConnectionSettings | None = None, **kw: Any
+    ) -> ConfigStore:
+        """A store on `url` with the credentials and TLS of `settings` (read from the environment
+        when not given; credentials in the URL win). Connects lazily: `check()` proves it."""
+        options = valkey_options(settings if settings is not None else ConnectionSettings(), url)
+        store = cls(valkey.Valkey.from_url(url, **options), **kw)
+        store.where = redact_url(url)
+        return store
+
+    async def check(self) -> None:
+        """One round trip; a refused login, TLS failure or unreachable server is a StoreError
+        that says what to set (and never carries a password)."""
+        try:
+            await self.client.ping()
+        except valkey.AuthenticationError as exc:
+            verb = "wants a login" if "required" in str(exc).lower() else "refused the login"
+            raise StoreError(
+                f"Valkey at {self.where} {verb} ({exc}): set VOICEMESH_VALKEY_PASSWORD "
+                "(and VOICEMESH_VALKEY_USERNAME for an ACL user), or put them in VALKEY_URL"
+            ) from None
+        except valkey.ResponseError as exc:
+            if "NOAUTH" in str(exc) or "NOPERM" in str(exc):
+                raise StoreError(
+                    f"Valkey at {self.where} wants a login ({exc}): set "
+                    "VOICEMESH_VALKEY_PASSWORD (and VOICEMESH_VALKEY_USERNAME)"
+                ) from None
+            raise
+        except (valkey.ConnectionError, OSError) as exc:
+            ssl_hint = (
+                " (TLS: check VOICEMESH_VALKEY_TLS_CA, _CERT and _KEY)"
+                if "ssl" in str(exc).lower() or "certificate" in str(exc).lower()
+                else ""
+            )
+            raise StoreError(f"cannot reach Valkey at {self.where}: {exc}{ssl_hint}") from None
 
     async def close(self) -> None:
         await self.client.aclose()

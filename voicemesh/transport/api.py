@@ -3,6 +3,10 @@
 Agents are named templates (no TTL, one default); a session copies an agent's config (or takes a
 raw one) at creation and is then changed on its own: replace (PUT) or merge-patch (PATCH, RFC 7396)
 its config while a call is open, and the stages apply it on their next unit of work.
+
+/api and /ws/call need an API key (security.py) unless VOICEMESH_AUTH=off; /healthz, /metrics,
+the page at / and the OpenAPI docs stay open. New sessions count against
+VOICEMESH_SESSION_RATE per client.
 """
 
 from __future__ import annotations
@@ -13,20 +17,37 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Body, FastAPI, Request, WebSocket
+from fastapi import APIRouter, Body, Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import make_asgi_app
 from pydantic import BaseModel, ConfigDict, Field
 
+from voicemesh.config.logging import redact_logger
 from voicemesh.config.models import (
     AgentConfig,
     ConfigIssue,
     ConfigValidationError,
     parse_agent_config,
 )
-from voicemesh.router.store import Conflict, NotFound, check_agent_name, check_session_id
+from voicemesh.router.bus import BusError
+from voicemesh.router.store import (
+    Conflict,
+    NotFound,
+    StoreError,
+    check_agent_name,
+    check_session_id,
+)
 from voicemesh.transport.call import Call
+from voicemesh.transport.security import (
+    ApiKeyAuth,
+    Client,
+    RateLimited,
+    SessionRateLimit,
+    Unauthorized,
+    on_rate_limited,
+    on_unauthorized,
+)
 from voicemesh.transport.service import TransportService
 
 log = logging.getLogger(__name__)
@@ -65,6 +86,30 @@ class TtlIn(BaseModel):
     ttl_s: int = Field(ge=10, le=30 * 86400)
 
 
+class IssueOut(BaseModel):
+    loc: list[str | int] = Field(description="JSON path of the problem, as a list")
+    path: str = Field(description='the same path, dotted: "connectors.llm.fallback[1]"')
+    msg: str
+
+
+class IssuesOut(BaseModel):
+    """What a 422 carries: every problem of the request, each named by its path."""
+
+    detail: list[IssueOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+# The error bodies this API really sends (FastAPI would document its own 422 shape otherwise).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "not found (or the session expired)"},
+    409: {"model": ErrorOut, "description": "conflict (the name is taken, or a concurrent write)"},
+    422: {"model": IssuesOut, "description": "invalid request: each issue names its JSON path"},
+}
+
+
 def _issues(issues: list[ConfigIssue]) -> JSONResponse:
     return JSONResponse(
         status_code=422,
@@ -94,15 +139,33 @@ def _config_json(config: AgentConfig) -> Any:
 
 
 def create_app(service: TransportService) -> FastAPI:
+    """Raises AuthConfigError when auth is required and no key is configured."""
+    auth = ApiKeyAuth(service.settings)
+    limit = SessionRateLimit.from_settings(service.settings)
+    if auth.required:
+        log.info("API keys required on /api and /ws/call (%d configured)", auth.key_count)
+    else:
+        log.warning("API auth is off (VOICEMESH_AUTH=off): anyone who reaches this port can use it")
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        redact_logger(name)  # uvicorn logs a WebSocket's query string, where ?api_key= may be
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        await service.start()
+        try:
+            await service.start()
+        except (BusError, StoreError) as exc:
+            log.error("transport cannot start: %s", exc)
+            raise
         yield
         await service.stop()
 
     app = FastAPI(title="voicemesh transport", version="0.1.0", lifespan=lifespan)
     app.state.service = service
-    api = APIRouter(prefix="/api")
+    # One dependency on each protected router: every route below them needs a key.
+    api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)
+    calls = APIRouter(dependencies=[Depends(auth)])
+    app.add_exception_handler(Unauthorized, on_unauthorized)  # type: ignore[arg-type]
+    app.add_exception_handler(RateLimited, on_rate_limited)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -210,8 +273,14 @@ def create_app(service: TransportService) -> FastAPI:
             "config": _config_json(stored.config),
         }
 
+    async def count_new_session(client: Client) -> None:
+        if limit is not None:
+            await limit.hit(store().client, client)
+
     @api.post("/sessions", status_code=201)
-    async def create_session(body: SessionIn | None = None) -> dict[str, Any]:
+    async def create_session(
+        body: SessionIn | None = None, client: Client = Depends(auth)
+    ) -> dict[str, Any]:
         body = body or SessionIn()
         if body.agent and body.config:
             raise ConfigValidationError(
@@ -231,6 +300,7 @@ def create_app(service: TransportService) -> FastAPI:
                     f"agent {body.agent!r} not found" if body.agent else "no default agent is set"
                 )
             config, agent_name = record.config, record.name
+        await count_new_session(client)
         stored = await store().create_session(config, ttl_s=body.ttl_s, agent=agent_name)
         return {
             "session_id": stored.session_id,
@@ -314,9 +384,12 @@ def create_app(service: TransportService) -> FastAPI:
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.websocket("/ws/call")
+    @calls.websocket("/ws/call")
     async def ws_call(
-        ws: WebSocket, session_id: str | None = None, agent: str | None = None
+        ws: WebSocket,
+        session_id: str | None = None,
+        agent: str | None = None,
+        client: Client = Depends(auth),  # the router's dependency, cached: runs once
     ) -> None:
         await ws.accept()
         try:
@@ -331,12 +404,15 @@ def create_app(service: TransportService) -> FastAPI:
                 )
                 if record is None:
                     raise NotFound(f"agent {agent!r} not found" if agent else "no default agent")
+                await count_new_session(client)
                 sid = (await store().create_session(record.config, agent=record.name)).session_id
         except NotFound as exc:
             await ws.send_text(orjson.dumps({"type": "error", "error": str(exc)}).decode())
             await ws.close(code=4404)
             return
         await Call(service, sid, ws).run()
+
+    app.include_router(calls)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Any:

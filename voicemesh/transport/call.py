@@ -1,8 +1,11 @@
 """One call over the WebSocket transport: caller audio in, turn detection, speech to STT over the
 bus; bot audio back in order, resampled, with transcripts and per-turn latency as JSON events.
 
-Frames from the peer: binary = PCM16 mono 16 kHz (any chunk size); text = JSON control
-({"type": "end"} hangs up). Frames to the peer: binary = PCM16 mono 16 kHz; text = JSON events.
+Frames from the peer: binary = PCM16 mono 16 kHz, raw (any even chunk size up to
+MAX_AUDIO_MESSAGE); text = JSON control ({"type": "end"} hangs up). Frames to the peer: binary =
+PCM16 mono 16 kHz; text = JSON events. A message in another format (an odd byte count, a WAV file,
+an oversized chunk, text that is not a known control message) is dropped whole with an `error`
+event naming the expected format; the call goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +32,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
+
+AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
+# 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
+# file) that would otherwise run through VAD and onto the bus as one long utterance at once.
+MAX_AUDIO_MESSAGE = 2 * RATE * 2
+CONTROL_TYPES = ("end",)
+
+
+def audio_problem(data: bytes) -> str | None:
+    """Why a binary message from the peer is not audio this call takes (None: it is)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return f"binary messages must be audio as {AUDIO_FORMAT}: this one is a WAV file"
+    if len(data) % 2:
+        return (
+            f"binary message of {len(data)} bytes is not whole samples: "
+            f"send audio as {AUDIO_FORMAT} (2 bytes a sample)"
+        )
+    if len(data) > MAX_AUDIO_MESSAGE:
+        return (
+            f"binary message of {len(data)} bytes is over the {MAX_AUDIO_MESSAGE}-byte limit: "
+            f"send audio as {AUDIO_FORMAT}, in chunks of 20-100 ms"
+        )
+    return None
 
 
 class Call:
@@ -71,6 +97,10 @@ class Call:
                 if msg["type"] == "websocket.disconnect":
                     break
                 if msg.get("bytes") is not None:
+                    problem = audio_problem(msg["bytes"])
+                    if problem is not None:
+                        await self._event({"type": "error", "error": problem})
+                        continue
                     for frame in chunker.push(msg["bytes"]):
                         events = detector.push(frame)
                         if detector.last_voiced and (detector.speaking or events):
@@ -83,8 +113,17 @@ class Call:
                     except orjson.JSONDecodeError:
                         await self._event({"type": "error", "error": "text frames must be JSON"})
                         continue
-                    if isinstance(ctl, dict) and ctl.get("type") == "end":
+                    kind = ctl.get("type") if isinstance(ctl, dict) else None
+                    if kind == "end":
                         break
+                    known = ", ".join(f'{{"type": "{t}"}}' for t in CONTROL_TYPES)
+                    await self._event(
+                        {
+                            "type": "error",
+                            "error": f"unknown control message {msg['text'][:100]!r}; "
+                            f"text frames are JSON control messages: {known}",
+                        }
+                    )
         except WebSocketDisconnect:
             pass
         except NotFound:

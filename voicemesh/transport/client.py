@@ -71,9 +71,11 @@ async def call_over_websocket(
     turn_timeout: float = 60.0,
     pause_s: float = 0.3,
     after_turn: Callable[[int, TurnResult], Awaitable[None]] | None = None,
+    api_key: str | None = None,
 ) -> CallResult:
     """Say each WAV as one turn and wait for the complete reply before the next; `after_turn` runs
-    between turns while the call stays open (tests swap providers there)."""
+    between turns while the call stays open (tests swap providers there). `api_key` goes in an
+    Authorization header (not the URL, which servers and proxies may log)."""
     utterances = [load_pcm16(w) for w in wavs]
     silence = bytes(FRAME_BYTES)
     turns: list[TurnResult] = []
@@ -81,8 +83,9 @@ async def call_over_websocket(
     done = asyncio.Event()
     state: dict[str, object] = {"turn": None, "speech_end": None}
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with websockets.connect(
-        ws_url(url, agent=agent, session_id=session_id), max_size=None
+        ws_url(url, agent=agent, session_id=session_id), max_size=None, additional_headers=headers
     ) as ws:
         hello = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         if hello.get("type") == "error":

@@ -42,12 +42,15 @@ class TransportService:
         bind(role=self.role, instance=self.settings.instance_id)
         self.store = ConfigStore.from_url(
             self.settings.valkey_url,  # type: ignore[arg-type]
+            settings=self.settings,
             key_prefix=self.settings.key_prefix,
             default_ttl_s=self.settings.session_ttl_s,
         )
+        await self.store.check()
         self.bus = await Bus.connect(
             self.settings.nats_url,  # type: ignore[arg-type]
             name=f"voicemesh-transport-{self.settings.instance_id}",
+            settings=self.settings,
         )
         self.router = ServiceRouter(
             bus=self.bus, store=self.store, stage="transport", subjects=self.subjects

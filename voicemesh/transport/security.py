@@ -1,0 +1,208 @@
+"""API keys on the config API and the call endpoint, and the limit on new sessions per client.
+
+Keys come from VOICEMESH_API_KEYS and are compared in constant time against every configured key.
+A client is known by a digest of its key (or by its address when auth is off); that id, never the
+key, is what reaches a log line or Valkey. The limit is a fixed-window counter in Valkey, so every
+transport instance enforces one shared budget per client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocketState
+
+from voicemesh.config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: WebSocket close codes (4000 + the HTTP status they stand for)
+WS_UNAUTHORIZED = 4401
+WS_RATE_LIMITED = 4429
+
+MISSING = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+INVALID = "invalid API key"
+
+
+class AuthConfigError(ValueError):
+    """The transport's auth settings cannot work (auth required, no keys)."""
+
+
+class Unauthorized(Exception):
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RateLimited(Exception):
+    def __init__(self, detail: str, retry_after_s: int):
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who is calling: `key:<digest>` (auth on) or `ip:<address>` (auth off)."""
+
+    id: str
+
+
+def key_id(key: str) -> str:
+    """A stable, non-reversible name for a key (logs, rate-limit counters)."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _address(conn: HTTPConnection) -> str:
+    return conn.client.host if conn.client else "unknown"
+
+
+class ApiKeyAuth:
+    """The FastAPI dependency guarding /api and /ws/call (applied to their routers)."""
+
+    def __init__(self, settings: Settings):
+        self.required = settings.auth == "required"
+        self._keys = [k.get_secret_value().encode() for k in settings.api_keys]
+        if self.required and not self._keys:
+            raise AuthConfigError(
+                "VOICEMESH_AUTH is 'required' but VOICEMESH_API_KEYS is empty: set one or more "
+                "keys (comma-separated), or VOICEMESH_AUTH=off for local use only"
+            )
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
+
+    @staticmethod
+    def presented(conn: HTTPConnection) -> str | None:
+        """The key the client sent: a Bearer token, X-API-Key, or (WebSocket only, as browsers
+        cannot set headers there) the `api_key` query parameter."""
+        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        header = conn.headers.get("x-api-key", "").strip()
+        if header:
+            return header
+        if conn.scope["type"] == "websocket":
+            query = conn.query_params.get("api_key", "").strip()
+            if query:
+                return query
+        return None
+
+    def matches(self, presented: str) -> bool:
+        """Constant time per key and no early exit: every configured key is compared."""
+        given = presented.encode()
+        found = False
+        for key in self._keys:
+            found |= secrets.compare_digest(given, key)
+        return found
+
+    async def __call__(self, conn: HTTPConnection) -> Client:
+        if not self.required:
+            return Client(f"ip:{_address(conn)}")
+        presented = self.presented(conn)
+        if presented is None:
+            self._refuse(conn, "no key")
+            raise Unauthorized(MISSING)
+        if not self.matches(presented):
+            self._refuse(conn, "wrong key")
+            raise Unauthorized(INVALID)
+        return Client(key_id(presented))
+
+    @staticmethod
+    def _refuse(conn: HTTPConnection, why: str) -> None:
+        what = "WebSocket" if conn.scope["type"] == "websocket" else conn.scope.get("method", "")
+        log.info("refused %s %s from %s: %s", what, conn.url.path, _address(conn), why)
+
+
+# Fixed window: the first hit of a window starts its expiry; a key found without one (it cannot
+# happen through this script, but a manual SET could do it) gets one too, so no client is ever
+# locked out for good.
+_HIT = """
+local n = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if n == 1 or ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+"""
+
+
+class SessionRateLimit:
+    """At most `count` new sessions per client per `window_s`, shared by every transport."""
+
+    def __init__(self, count: int, window_s: float, *, key_prefix: str):
+        self.count, self.window_s = count, window_s
+        self.window_ms = max(1, round(window_s * 1000))
+        self.key_prefix = key_prefix
+        self._script: Any = None
+        self._client: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SessionRateLimit | None:
+        limit = settings.session_rate_limit
+        return cls(*limit, key_prefix=settings.key_prefix) if limit else None
+
+    def key(self, client: Client) -> str:
+        return f"{self.key_prefix}:rate:sessions:{client.id}"
+
+    async def hit(self, valkey_client: Any, client: Client) -> None:
+        """Count one new session for `client`; RateLimited if it is over the limit."""
+        if self._client is not valkey_client:
+            self._client, self._script = valkey_client, valkey_client.register_script(_HIT)
+        n, ttl_ms = await self._script(keys=[self.key(client)], args=[self.window_ms])
+        if int(n) > self.count:
+            retry = max(1, math.ceil(int(ttl_ms) / 1000))
+            if int(n) == self.count + 1:  # once per window, not for every refused attempt
+                log.warning(
+                    "session rate limit reached by %s (%d per %g s)",
+                    client.id,
+                    self.count,
+                    self.window_s,
+                )
+            raise RateLimited(
+                f"too many new sessions: at most {self.count} per {self.window_s:g} s; "
+                f"retry in {retry} s",
+                retry,
+            )
+
+
+async def reject_websocket(ws: WebSocket, code: int, event: dict[str, Any]) -> None:
+    """Tell the caller why in an `error` event, then close with `code`."""
+    if ws.client_state == WebSocketState.CONNECTING:
+        await ws.accept()
+    await ws.send_text(orjson.dumps({"type": "error", **event}).decode())
+    await ws.close(code=code)
+
+
+async def on_unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
+    assert isinstance(exc, Unauthorized)
+    if isinstance(conn, WebSocket):
+        await reject_websocket(conn, WS_UNAUTHORIZED, {"error": exc.detail})
+        return None
+    return JSONResponse(
+        {"detail": exc.detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+async def on_rate_limited(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
+    assert isinstance(exc, RateLimited)
+    if isinstance(conn, WebSocket):
+        event = {"error": exc.detail, "retry_after_s": exc.retry_after_s}
+        await reject_websocket(conn, WS_RATE_LIMITED, event)
+        return None
+    return JSONResponse(
+        {"detail": exc.detail},
+        status_code=429,
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
