@@ -23,6 +23,7 @@ from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import RELAYS, ConnectorPool
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, NoRoute, ServiceRouter, Subjects
 from voicemesh.router.claims import Claims
+from voicemesh.router.store import best_effort
 from voicemesh.router.subjects import trace_id
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ class StageService:
         """Claim a unit of work taken from the queue group; None if it is someone else's (a
         live instance holds it) or already done: a duplicate delivery to drop."""
         key = self.claims.key(stage, session, frame.epoch, frame.index)
-        if await asyncio.shield(self.claims.take(key)):
+        # with Valkey unreachable the unit is done unclaimed (no redelivery for it if we die)
+        if await best_effort(f"claiming {key}", self.claims.take(key), True):
             return key
         log.info("unit %s is held or done elsewhere; dropped", key)
         return None

@@ -15,6 +15,7 @@ from voicemesh.pipeline.base import StageService
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.router import Flag, Frame, Kind, Subjects
 from voicemesh.router.claims import DONE
+from voicemesh.router.store import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ class LLMService(StageService):
         try:
             sentences = await self._reply(session, frame)
         except asyncio.CancelledError:
-            await asyncio.shield(self.claims.release(claim))
+            await best_effort("releasing the claim", self.claims.release(claim), None)
             raise
-        await self.claims.finish(claim, f"{DONE}:{sentences}")
+        done = self.claims.finish(claim, f"{DONE}:{sentences}")
+        await best_effort("finishing the claim", done, None)
 
     async def _reply(self, session: str, frame: Frame) -> int:
         """Generate and send the reply; returns how many sentences the turn has in all."""
@@ -82,11 +84,14 @@ class LLMService(StageService):
         cached = await self.router.load(session)
         config = cached.config
         # A redelivered turn (its first instance died) resumes after what was already sent.
-        sent_before = await asyncio.shield(self.claims.progress(session, epoch))
-        history = await asyncio.shield(self.store.get_context(session, last=CONTEXT_MESSAGES))
+        sent_before = await best_effort("progress", self.claims.progress(session, epoch), [])
+        history = await best_effort(
+            "reading the context", self.store.get_context(session, last=CONTEXT_MESSAGES), []
+        )
         if not any(m["role"] == "user" and m.get("epoch") == epoch for m in history[-2:]):
             entry = {"role": "user", "content": user, "epoch": epoch}
-            await asyncio.shield(self.store.append_context(session, entry))
+            stored = self.store.append_context(session, entry)
+            await best_effort("storing the user's turn", stored, 0)
             history.append(entry)
         messages = [{"role": m["role"], "content": m["content"]} for m in history]
         if config.system_prompt:
@@ -111,7 +116,7 @@ class LLMService(StageService):
             )
             # recorded before it can be heard; shielded, because a Valkey command cut off by a
             # cancellation (a barge-in) can leave its connection waiting forever
-            await asyncio.shield(self.claims.add_progress(session, epoch, sentence))
+            await best_effort("progress", self.claims.add_progress(session, epoch, sentence), None)
             await self.bus.publish(next_subject, out)
             await self.notify(
                 session,
@@ -153,7 +158,7 @@ class LLMService(StageService):
             entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
             if failed:
                 entry["error"] = failed
-            await asyncio.shield(self.store.append_context(session, entry))
+            await best_effort("storing the reply", self.store.append_context(session, entry), 0)
         # The reply is over (even a failed one): the transport must not wait for more.
         await self.bus.publish(
             next_subject,

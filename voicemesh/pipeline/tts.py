@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from voicemesh.connectors.base import Connector, TTSConnector
 from voicemesh.pipeline.base import StageService
 from voicemesh.router import Flag, Frame, Kind, Subjects
+from voicemesh.router.store import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class TTSService(StageService):
         try:
             await self._synthesize(session, frame)
         except asyncio.CancelledError:
-            await asyncio.shield(self.claims.release(claim))
+            await best_effort("releasing the claim", self.claims.release(claim), None)
             raise
-        await self.claims.finish(claim)
+        await best_effort("finishing the claim", self.claims.finish(claim), None)
 
     async def _synthesize(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)

@@ -9,18 +9,26 @@ without its TTL.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import valkey.asyncio as valkey
+from valkey.exceptions import ConnectionError as ValkeyConnectionError
+from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 
 from voicemesh.config.connections import redact_url, valkey_options
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import ConnectionSettings
 from voicemesh.router.subjects import AGENT_NAME, SESSION_ID, Keys
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StoreError(ConnectionError):
@@ -108,9 +116,16 @@ return 1
 """
 
 # KEYS[1] hash
+# ARGV[1]: the lowest epoch to return (a transport that numbered turns itself while Valkey was
+# down catches the counter up, so no epoch is ever handed out twice)
 _NEXT_EPOCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-return redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local e = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+if e < tonumber(ARGV[1] or 0) then
+  e = tonumber(ARGV[1])
+  redis.call('HSET', KEYS[1], 'epoch', e)
+end
+return e
 """
 
 # Append to the context with the session's remaining TTL. KEYS[1] hash, KEYS[2] context; ARGV items
@@ -152,6 +167,23 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
 """
+
+
+#: Valkey cannot be reached (down, restarting, loading its AOF): what a caller that can go on
+#: without it catches.
+UNREACHABLE = (ValkeyConnectionError, ValkeyTimeoutError)
+
+
+async def best_effort(what: str, aw: Awaitable[T], default: T) -> T:
+    """`aw`, or `default` with a warning while Valkey is unreachable: for the reads and writes a
+    turn can do without (claims, progress, context), so a Valkey outage degrades a live call
+    instead of losing its turns. Shielded: a command cut off by a cancellation can leave its
+    connection waiting forever."""
+    try:
+        return await asyncio.shield(aw)
+    except UNREACHABLE as exc:
+        log.warning("Valkey unreachable, %s skipped: %s", what, exc)
+        return default
 
 
 def new_session_id() -> str:
@@ -353,8 +385,8 @@ class ConfigStore:
             deleted, _ = await pipe.execute()
         return bool(deleted)
 
-    async def next_epoch(self, session_id: str) -> int:
-        epoch = await self._next_epoch(keys=[self.keys.session(session_id)])
+    async def next_epoch(self, session_id: str, *, at_least: int = 0) -> int:
+        epoch = await self._next_epoch(keys=[self.keys.session(session_id)], args=[at_least])
         if epoch < 0:
             raise NotFound(f"session {session_id} not found or expired")
         return int(epoch)

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from voicemesh.config.connectors import WebSocketTransportOptions
 from voicemesh.config.logging import bind
 from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
+from voicemesh.router.store import UNREACHABLE
 from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.service import NoInstance
 from voicemesh.transport.supervisor import TurnSupervisor
@@ -129,6 +130,9 @@ class Call:
         except NotFound:
             await self._event({"type": "error", "error": f"session {self.session} has ended"})
             log.info("session deleted or expired during the call")
+        except Exception as exc:  # the caller hears why, rather than a dropped socket
+            log.exception("call failed")
+            await self._event({"type": "error", "error": f"the call failed: {exc}"})
         finally:
             watcher.cancel()
             await sub.unsubscribe()
@@ -146,10 +150,17 @@ class Call:
             # Where caller audio goes is the session's flow's business (stt in every valid flow
             # today); it is re-read per turn so a live config change applies.
             self.ingress = await self.svc.router.next_stage(self.session)
-            self.epoch = await self.svc.store.next_epoch(self.session)
+            try:
+                self.epoch = await self.svc.store.next_epoch(self.session, at_least=self.epoch + 1)
+                valkey_down = False
+            except UNREACHABLE as exc:  # number the turn here; Valkey catches up on the next one
+                self.epoch, valkey_down = self.epoch + 1, True
+                log.warning("Valkey unreachable, turn %d numbered by the call: %s", self.epoch, exc)
             self.reorder.reset(self.epoch)
             self.trace, self.seq = TurnTrace(self.session, self.epoch), 0
             self.supervisor.begin(self.epoch)
+            if valkey_down:
+                self.supervisor.valkey_lost()
             self.trace.voiced()
             bind(turn=self.epoch, trace_id=self.trace.trace_id)
             self.utterance = []
@@ -226,7 +237,9 @@ class Call:
                 await self.supervisor.check(self.reorder.next_index)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Valkey or NATS down for a moment: try again next time
+            except UNREACHABLE:
+                self.supervisor.valkey_lost()
+            except Exception as exc:  # NATS down for a moment: try again next time
                 log.warning("turn supervision skipped: %s", exc)
 
     async def _event(self, body: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.router import Bus, ConfigStore, Frame, ServiceRouter, Subjects, publish_config_update
+from voicemesh.router.store import UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,15 @@ class TransportService:
         """Make sure one instance of a streaming stage owns the session; if the owner changed
         since we last looked (its lease lapsed), hand over and resend `replay`. True if replayed."""
         key = self.store.keys.lease(stage, session)
-        holder = await self.store.client.get(key)
         known = self._owners.get(session)
+        try:
+            holder = await self.store.client.get(key)
+        except UNREACHABLE as exc:
+            if known is None:  # nobody can take a lease now: this turn goes unheard
+                raise NoInstance(f"Valkey unreachable: no {stage} owner for {session}") from exc
+            # no lease to read: the owner we know keeps the stream (it keeps it too, see stt.py)
+            log.warning("Valkey unreachable, %s stream stays with %s: %s", stage, known, exc)
+            return False
         if holder is not None and holder.decode() == known:
             return False
         owner = await self._assign(stage, session)

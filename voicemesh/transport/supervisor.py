@@ -32,7 +32,11 @@ class TurnWork:
     ended_at: float | None = None
     user_text: str | None = None
     sent_at: dict[str, float] = field(default_factory=dict)  # unit -> when (re)sent or seen
+    claimed: set[str] = field(default_factory=set)  # units seen claimed since last (re)sent
     complete: bool = False
+    #: Valkey was unreachable during the turn, so its units may have been taken without a claim:
+    #: a missing claim proves nothing, and resending could say the reply twice
+    unsupervised: bool = False
 
 
 class TurnSupervisor:
@@ -66,6 +70,12 @@ class TurnSupervisor:
                 if not t.user_text:
                     t.complete = True  # nothing understood: no reply to wait for
 
+    def valkey_lost(self) -> None:
+        """Valkey could not be reached: stop resending this turn's units (see TurnWork)."""
+        if self.turn is not None and not self.turn.unsupervised:
+            self.turn.unsupervised = True
+            log.warning("turn %d: Valkey unreachable, its work is not redelivered", self.turn.epoch)
+
     def reply_done(self, epoch: int) -> None:
         if self.turn is not None and self.turn.epoch == epoch:
             self.turn.complete = True
@@ -79,7 +89,7 @@ class TurnSupervisor:
     async def check(self, next_index: int) -> None:
         """Resend the unit the reply is waiting for if its worker is gone."""
         t = self.turn
-        if t is None or t.complete or t.ended_at is None:
+        if t is None or t.complete or t.unsupervised or t.ended_at is None:
             return
         config = await self.svc.router.load_config(self.session)
         if config.next_hop("stt", "text") != "llm" or config.next_hop("llm", "text") != "tts":
@@ -109,8 +119,15 @@ class TurnSupervisor:
         if next_index > sentences:
             return
         key = self.claims.key("tts", self.session, t.epoch, next_index)
-        if await self.claims.state(key) is not None or not self._stale(f"tts{next_index}", now):
+        unit = f"tts{next_index}"
+        if await self.claims.state(key) is not None:
+            t.claimed.add(unit)
             return
+        # a claim seen alive and now gone lapsed a full TTL after its worker's last renewal: the
+        # worker is dead, no need to wait another TTL; a unit never seen claimed gets one TTL
+        if unit not in t.claimed and not self._stale(unit, now):
+            return
+        t.claimed.discard(unit)
         progress = await self.claims.progress(self.session, t.epoch)
         if next_index < sentences:
             if next_index >= len(progress):
