@@ -161,6 +161,23 @@ async def say(bus: Bus, subjects: Subjects, sid: str, text: str, epoch: int) -> 
     await bus.publish(subjects.data("llm", sid), Frame.text(text, epoch=epoch))
 
 
+async def one_turn(
+    providers: Providers,
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+    text: str = "when is the tide?",
+) -> tuple[str, Reply]:
+    """A session on the cloud config, one LLM and one TTS instance, one turn: its reply."""
+    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
+    await start_llm_and_tts(services)
+    out = await listen(bus, subjects.data("transport", sid))
+    await say(bus, subjects, sid, text, 1)
+    return sid, await reply_of(out, 1)
+
+
 # --- LLM ------------------------------------------------------------------------------------
 
 
@@ -176,11 +193,7 @@ async def test_llm_primary_fails_and_the_reply_still_arrives_whole(
 ) -> None:
     # "die" cuts OpenAI's stream after 5 chunks (10 words): the reply must go on from there.
     providers.chat.fail(mode, after=5)  # type: ignore[arg-type]
-    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
-    await start_llm_and_tts(services)
-    out = await listen(bus, subjects.data("transport", sid))
-    await say(bus, subjects, sid, "when is the tide?", 1)
-    reply = await reply_of(out, 1)
+    sid, reply = await one_turn(providers, services, bus, store, subjects, agent_json)
 
     assert reply.text == REPLY  # nothing lost, nothing said twice
     assert reply.indexes == list(range(len(reply.indexes)))
@@ -206,11 +219,7 @@ async def test_tts_primary_fails_and_every_sentence_is_still_heard_in_order(
     agent_json: dict,
 ) -> None:
     providers.eleven.fail(mode, after=2)  # type: ignore[arg-type]
-    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
-    await start_llm_and_tts(services)
-    out = await listen(bus, subjects.data("transport", sid))
-    await say(bus, subjects, sid, "when is the tide?", 1)
-    reply = await reply_of(out, 1)
+    _, reply = await one_turn(providers, services, bus, store, subjects, agent_json)
 
     assert reply.text == REPLY
     sentences = REPLY.split(". ")
@@ -394,11 +403,7 @@ async def test_connector_metrics_count_requests_errors_and_fallbacks(
         ),
     }
     providers.chat.fail("429")
-    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
-    await start_llm_and_tts(services)
-    out = await listen(bus, subjects.data("transport", sid))
-    await say(bus, subjects, sid, "hi", 1)
-    await reply_of(out, 1)
+    await one_turn(providers, services, bus, store, subjects, agent_json, "hi")
     assert value("voicemesh_connector_requests_total", stage="llm", connector="openai") == (
         before["req"] + 1
     )
