@@ -18,7 +18,7 @@ from voicemesh.config import parse_agent_config
 from voicemesh.config.connectors import AnthropicOptions, OpenAILLMOptions
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.secrets import SecretResolutionError
-from voicemesh.connectors.base import LLMConnector
+from voicemesh.connectors.base import NO_KEY, LLMConnector
 from voicemesh.connectors.errors import ConnectorError, FailureKind, classify
 from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
 from voicemesh.connectors.llm.anthropic import AnthropicLLM
@@ -358,7 +358,7 @@ async def test_openai_without_a_key_never_sends_the_process_key(
         pieces, exc = await collect(conn.stream(MESSAGES))
         await conn.aclose()
         assert exc is None and "".join(pieces) == REPLY
-        assert server.last_headers["authorization"] == "Bearer unused"
+        assert server.last_headers["authorization"] == f"Bearer {NO_KEY}"  # not the host key
 
 
 # --- failover through the chain ----------------------------------------------------------------

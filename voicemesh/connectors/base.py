@@ -35,6 +35,35 @@ class Connector(ABC):
         raise NotImplementedError
 
 
+#: The key sent when a config gives none: a local OpenAI-compatible server may want no key, but
+#: the SDKs insist on one. Never the process's own OPENAI_API_KEY.
+NO_KEY = "no-key"
+
+
+class SDKClient:
+    """For connectors on a provider SDK (mixed in before the stage's connector class): one async
+    client per connector instance, built on first use or at warmup, closed with the connector."""
+
+    _client: Any = None
+
+    def make_client(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self.make_client()
+        return self._client
+
+    async def warmup(self) -> None:
+        _ = self.client  # imports the SDK and builds its HTTP client; no request
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
 class STTStream(ABC):
     """One utterance streamed to a provider while it is spoken."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import anthropic
 
 from voicemesh.config.connectors import AnthropicOptions
-from voicemesh.connectors.base import LLMConnector, Message
+from voicemesh.connectors.base import LLMConnector, Message, SDKClient
 from voicemesh.connectors.errors import (
     ConnectorError,
     FailureKind,
@@ -74,33 +74,18 @@ def to_anthropic(messages: list[Message]) -> tuple[str, list[dict[str, str]], bo
     return system, turns, cut
 
 
-class AnthropicLLM(LLMConnector):
+class AnthropicLLM(SDKClient, LLMConnector):
     name = "anthropic"
     options: AnthropicOptions
     can_probe = True
 
-    def __init__(self, options: AnthropicOptions):
-        super().__init__(options)
-        self._client: anthropic.AsyncAnthropic | None = None
-
-    @property
-    def client(self) -> anthropic.AsyncAnthropic:
-        if self._client is None:
-            self._client = anthropic.AsyncAnthropic(
-                api_key=self.options.api_key,
-                base_url=self.options.base_url,
-                max_retries=0,
-                timeout=SDK_TIMEOUT_S,
-            )
-        return self._client
-
-    async def warmup(self) -> None:
-        self.client  # noqa: B018 - builds the client (no request)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+    def make_client(self) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            api_key=self.options.api_key,
+            base_url=self.options.base_url,
+            max_retries=0,
+            timeout=SDK_TIMEOUT_S,
+        )
 
     def _request(
         self, messages: list[Message], *, max_tokens: int | None = None

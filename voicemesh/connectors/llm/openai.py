@@ -18,7 +18,7 @@ from typing import Any
 import openai
 
 from voicemesh.config.connectors import OpenAILLMOptions
-from voicemesh.connectors.base import LLMConnector, Message
+from voicemesh.connectors.base import NO_KEY, LLMConnector, Message, SDKClient
 from voicemesh.connectors.errors import (
     ConnectorError,
     FailureKind,
@@ -33,37 +33,21 @@ from voicemesh.connectors.errors import (
 SDK_TIMEOUT_S = 60.0
 #: Sent as the key to servers that need none (a local llama.cpp or Ollama): the SDK insists on
 #: one, and must not fall back to this process's OPENAI_API_KEY for a third-party base_url.
-NO_KEY = "unused"
 
 
-class OpenAILLM(LLMConnector):
+class OpenAILLM(SDKClient, LLMConnector):
     name = "openai"
     options: OpenAILLMOptions
     can_probe = True
 
-    def __init__(self, options: OpenAILLMOptions):
-        super().__init__(options)
-        self._client: openai.AsyncOpenAI | None = None
-
-    @property
-    def client(self) -> openai.AsyncOpenAI:
-        if self._client is None:
-            self._client = openai.AsyncOpenAI(
-                api_key=self.options.api_key or NO_KEY,
-                base_url=self.options.base_url,
-                organization=self.options.organization,
-                max_retries=0,
-                timeout=SDK_TIMEOUT_S,
-            )
-        return self._client
-
-    async def warmup(self) -> None:
-        self.client  # noqa: B018 - builds the client (no request)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+    def make_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key=self.options.api_key or NO_KEY,
+            base_url=self.options.base_url,
+            organization=self.options.organization,
+            max_retries=0,
+            timeout=SDK_TIMEOUT_S,
+        )
 
     def _request(self, messages: list[Message]) -> dict[str, Any]:
         opts = self.options

@@ -16,11 +16,10 @@ import wave
 from typing import Any
 
 from voicemesh.config.connectors import OpenAISTTOptions
-from voicemesh.connectors.base import STTConnector
+from voicemesh.connectors.base import NO_KEY, SDKClient, STTConnector
 
 #: Sent when the config names no key: local OpenAI-compatible servers ignore it, and the SDK
 #: must not fall back to the process's OPENAI_API_KEY behind the config's back.
-PLACEHOLDER_KEY = "no-key"
 #: Shorter utterances are not sent (OpenAI rejects audio under 0.1 s with a 400).
 MIN_AUDIO_MS = 100
 
@@ -37,34 +36,19 @@ def pcm16_to_wav(pcm: bytes, sample_rate: int, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
-class OpenAISTT(STTConnector):
+class OpenAISTT(SDKClient, STTConnector):
     name = "openai"
     options: OpenAISTTOptions
     can_probe = True
 
-    def __init__(self, options: OpenAISTTOptions):
-        super().__init__(options)
-        self._client: Any = None
+    def make_client(self) -> Any:
+        from openai import AsyncOpenAI
 
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            from openai import AsyncOpenAI
-
-            self._client = AsyncOpenAI(
-                api_key=self.options.api_key or PLACEHOLDER_KEY,
-                base_url=self.options.base_url,
-                max_retries=0,
-            )
-        return self._client
-
-    async def warmup(self) -> None:
-        _ = self.client  # import the SDK and build the HTTP client ahead of the first utterance
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+        return AsyncOpenAI(
+            api_key=self.options.api_key or NO_KEY,
+            base_url=self.options.base_url,
+            max_retries=0,
+        )
 
     async def transcribe(self, pcm: bytes, sample_rate: int) -> str:
         if len(pcm) < sample_rate * 2 * MIN_AUDIO_MS // 1000:

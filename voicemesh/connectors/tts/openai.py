@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from voicemesh.config.connectors import OpenAITTSOptions
 from voicemesh.connectors.audio import whole_samples
-from voicemesh.connectors.base import TTSConnector
+from voicemesh.connectors.base import NO_KEY, SDKClient, TTSConnector
 from voicemesh.connectors.errors import map_transport_errors
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ SAMPLE_RATE = 24000  # what the speech API's "pcm" format is
 TIMEOUT_S = 30.0
 
 
-class OpenAITTS(TTSConnector):
+class OpenAITTS(SDKClient, TTSConnector):
     name = "openai"
     options: OpenAITTSOptions
     can_probe = True
@@ -33,32 +33,20 @@ class OpenAITTS(TTSConnector):
             raise ValueError(
                 'openai tts needs api_key (e.g. "${OPENAI_API_KEY}") for api.openai.com'
             )
-        self._client: AsyncOpenAI | None = None
 
     @property
     def sample_rate(self) -> int:
         return SAMPLE_RATE
 
-    def client(self) -> AsyncOpenAI:
-        if self._client is None:
-            from openai import AsyncOpenAI
+    def make_client(self) -> AsyncOpenAI:
+        from openai import AsyncOpenAI
 
-            self._client = AsyncOpenAI(
-                # A local compatible server may want no key, but the SDK insists on one.
-                api_key=self.options.api_key or "unused",
-                base_url=self.options.base_url,
-                max_retries=0,
-                timeout=TIMEOUT_S,
-            )
-        return self._client
-
-    async def warmup(self) -> None:
-        self.client()
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        return AsyncOpenAI(
+            api_key=self.options.api_key or NO_KEY,
+            base_url=self.options.base_url,
+            max_retries=0,
+            timeout=TIMEOUT_S,
+        )
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         if not text.strip():
@@ -67,7 +55,7 @@ class OpenAITTS(TTSConnector):
         extra: dict[str, Any] = {"instructions": opts.instructions} if opts.instructions else {}
         # the SDK's own errors leave as they are: errors.classify reads their status
         with map_transport_errors():
-            async with self.client().audio.speech.with_streaming_response.create(
+            async with self.client.audio.speech.with_streaming_response.create(
                 model=opts.model, voice=opts.voice, input=text, response_format="pcm", **extra
             ) as response:
                 aligned = whole_samples(response.iter_bytes())
@@ -80,4 +68,4 @@ class OpenAITTS(TTSConnector):
     async def probe(self) -> None:
         """GET /v1/models: the key works and the server answers."""
         with map_transport_errors():
-            await self.client().models.list()
+            await self.client.models.list()
