@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.support import Services
+from voicemesh.config.logging import route_loguru
 from voicemesh.config.settings import Settings
 from voicemesh.router import Bus, ConfigStore, Subjects
 from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
+
+route_loguru()  # pipecat's loguru chatter (DEBUG on every WebRTC event) into pytest's capture
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_FILE = ROOT / "config" / "agent-config.json"

@@ -118,10 +118,10 @@ def voice_frames(n: int) -> list[bytes]:
     return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
 
 
-def run(det: TurnDetector, frames: list[bytes]) -> list[tuple[int, TurnEvent]]:
+async def run(det: TurnDetector, frames: list[bytes]) -> list[tuple[int, TurnEvent]]:
     out = []
     for i, f in enumerate(frames):
-        out += [(i, ev) for ev in det.push(f)]
+        out += [(i, ev) for ev in await det.push(f)]
     return out
 
 
@@ -133,7 +133,7 @@ def test_dbfs() -> None:
     assert dbfs(b"") < -150
 
 
-def test_energy_vad_one_turn() -> None:
+async def test_energy_vad_one_turn() -> None:
     opts = WebSocketTransportOptions(
         vad="energy",
         energy_threshold_db=-40,
@@ -144,7 +144,7 @@ def test_energy_vad_one_turn() -> None:
     det = TurnDetector(opts)
     lead, loud, tail = [SILENCE] * 30, tone_frames(40), [SILENCE] * 30
     frames = lead + loud + tail
-    events = run(det, frames)
+    events = await run(det, frames)
     kinds = [ev.kind for _, ev in events]
     assert kinds.count("start") == 1
     assert kinds.count("end") == 1
@@ -172,49 +172,49 @@ def test_energy_vad_one_turn() -> None:
     assert all(i <= i_end for i, _ in events)
 
 
-def test_energy_vad_short_pause_does_not_end_turn() -> None:
+async def test_energy_vad_short_pause_does_not_end_turn() -> None:
     opts = WebSocketTransportOptions(
         vad="energy", start_speech_ms=60, end_of_turn_silence_ms=200, preroll_ms=100
     )
     det = TurnDetector(opts)
     frames = [SILENCE] * 10 + tone_frames(10) + [SILENCE] * 9 + tone_frames(10) + [SILENCE] * 10
-    kinds = [ev.kind for _, ev in run(det, frames)]
+    kinds = [ev.kind for _, ev in await run(det, frames)]
     assert kinds.count("start") == 1
     assert kinds.count("end") == 1
     assert kinds[-1] == "end"
 
 
-def test_energy_vad_blip_does_not_start_turn() -> None:
+async def test_energy_vad_blip_does_not_start_turn() -> None:
     opts = WebSocketTransportOptions(vad="energy", start_speech_ms=100)
     det = TurnDetector(opts)
     # Four loud frames (80 ms) separated by silence: never 100 ms in a row.
     frames = ([SILENCE] * 3 + tone_frames(4)) * 5 + [SILENCE] * 40
-    assert run(det, frames) == []
+    assert await run(det, frames) == []
     assert det.speaking is False
 
 
-def test_energy_threshold_is_respected() -> None:
+async def test_energy_threshold_is_respected() -> None:
     opts = WebSocketTransportOptions(vad="energy", energy_threshold_db=-20, start_speech_ms=40)
     det = TurnDetector(opts)
     quiet = tone_frames(20, amp=1000)  # about -33 dBFS: below the threshold
-    assert run(det, quiet) == []
+    assert await run(det, quiet) == []
     loud = tone_frames(2, amp=20000)
-    assert [ev.kind for _, ev in run(det, loud)] == ["start"]
+    assert [ev.kind for _, ev in await run(det, loud)] == ["start"]
 
 
-def test_two_turns() -> None:
+async def test_two_turns() -> None:
     opts = WebSocketTransportOptions(
         vad="energy", start_speech_ms=40, end_of_turn_silence_ms=100, preroll_ms=100
     )
     det = TurnDetector(opts)
     turn = [SILENCE] * 10 + tone_frames(10) + [SILENCE] * 10
-    kinds = [ev.kind for _, ev in run(det, turn + turn)]
+    kinds = [ev.kind for _, ev in await run(det, turn + turn)]
     assert kinds.count("start") == 2 and kinds.count("end") == 2
     starts = [i for i, k in enumerate(kinds) if k in ("start", "end")]
     assert [kinds[i] for i in starts] == ["start", "end", "start", "end"]
 
 
-def test_start_keeps_whole_voiced_run_when_start_exceeds_preroll() -> None:
+async def test_start_keeps_whole_voiced_run_when_start_exceeds_preroll() -> None:
     """start_speech_ms 200 with preroll_ms 100 (both valid): the first 200 ms of speech must
     reach STT, not only the last 100 ms of it."""
     opts = WebSocketTransportOptions(
@@ -223,11 +223,11 @@ def test_start_keeps_whole_voiced_run_when_start_exceeds_preroll() -> None:
     det = TurnDetector(opts)
     loud = tone_frames(20, freq=180)
     frames = [SILENCE] * 20 + loud
-    start = next(ev for _, ev in run(det, frames) if ev.kind == "start")
+    start = next(ev for _, ev in await run(det, frames) if ev.kind == "start")
     assert start.frames[-10:] == tuple(loud[:10])
 
 
-def test_webrtc_vad_one_turn() -> None:
+async def test_webrtc_vad_one_turn() -> None:
     opts = WebSocketTransportOptions(
         vad="webrtc",
         vad_aggressiveness=2,
@@ -238,7 +238,7 @@ def test_webrtc_vad_one_turn() -> None:
     det = TurnDetector(opts)
     voice = voice_frames(40)
     frames = [SILENCE] * 30 + voice + [SILENCE] * 50
-    events = run(det, frames)
+    events = await run(det, frames)
     kinds = [ev.kind for _, ev in events]
     assert kinds.count("start") == 1
     assert kinds.count("end") == 1
@@ -253,9 +253,9 @@ def test_webrtc_vad_one_turn() -> None:
     assert voice[0] in start.frames
 
 
-def test_webrtc_vad_ignores_silence() -> None:
+async def test_webrtc_vad_ignores_silence() -> None:
     det = TurnDetector(WebSocketTransportOptions(vad="webrtc", vad_aggressiveness=3))
-    assert run(det, [SILENCE] * 50) == []
+    assert await run(det, [SILENCE] * 50) == []
     assert not det.voiced(SILENCE)
     assert all(det.voiced(f) for f in voice_frames(10)[2:])
 

@@ -7,9 +7,9 @@ stage services will ever run.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 STAGES: tuple[str, ...] = ("transport", "stt", "llm", "tts")
 StreamKind = Literal["audio", "text"]
@@ -31,15 +31,90 @@ class ConnectorOptions(BaseModel):
 # --- transport -------------------------------------------------------------------------------
 
 
-class WebSocketTransportOptions(ConnectorOptions):
-    """The WebSocket call endpoint: 16 kHz PCM16 mono both ways, with end-of-turn detection."""
+class TurnOptions(ConnectorOptions):
+    """Voice activity and turn-taking, the same on every transport: which VAD hears speech, how
+    much of it opens a turn, what ends it, and whether speech over the bot interrupts it."""
 
-    vad: Literal["webrtc", "energy"] = "webrtc"
+    vad: Literal["webrtc", "silero", "energy"] = Field(
+        "webrtc", description="webrtcvad, pipecat's bundled Silero model, or an energy gate"
+    )
     vad_aggressiveness: int = Field(2, ge=0, le=3, description="webrtcvad mode, 0 (lax) to 3")
+    vad_confidence: float = Field(
+        0.7, ge=0, le=1, description="Silero: speech probability that counts as voiced"
+    )
+    vad_stop_confidence: float = Field(
+        0.35,
+        ge=0,
+        le=1,
+        description="Silero: probability under which a frame counts as silence again (hysteresis)",
+    )
     energy_threshold_db: float = Field(-40.0, le=0, description="energy VAD threshold, dBFS")
     start_speech_ms: int = Field(100, ge=20, le=2000, description="voiced time that opens a turn")
-    end_of_turn_silence_ms: int = Field(600, ge=100, le=5000, description="silence that ends it")
+    end_of_turn_silence_ms: int = Field(
+        None,  # type: ignore[assignment]  # filled in below: 600 ms, or 200 ms with smart_turn
+        ge=100,
+        le=5000,
+        description="silence that ends a turn (default 600 ms); with smart_turn, the pause after "
+        "which the model is asked whether the turn is over (default 200 ms)",
+    )
     preroll_ms: int = Field(300, ge=0, le=2000, description="audio kept from before speech start")
+    turn: Literal["silence", "smart_turn"] = Field(
+        "silence", description="end of turn from silence alone, or pipecat's smart-turn v3 model"
+    )
+    smart_turn_max_silence_ms: int = Field(
+        2000,
+        ge=200,
+        le=10000,
+        description="smart_turn: silence that ends a turn the model calls unfinished",
+    )
+    barge_in: bool = Field(True, description="user speech over the bot interrupts it")
+    barge_in_speech_ms: int = Field(
+        300,
+        ge=20,
+        le=2000,
+        description="voiced time over the bot's audio that counts as a barge-in: 300 ms lets "
+        "'wait' through (360 ms) but not 'uh' (220-260 ms)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _end_of_turn_default(cls, data: Any) -> Any:
+        """The pause that ends a turn depends on what decides: silence alone needs a long one,
+        the smart-turn model is asked after a short one (pipecat's 200 ms)."""
+        if isinstance(data, dict) and data.get("end_of_turn_silence_ms") is None:
+            smart = data.get("turn") == "smart_turn"
+            data = {**data, "end_of_turn_silence_ms": 200 if smart else 600}
+        return data
+
+
+class WebSocketTransportOptions(TurnOptions):
+    """The WebSocket call endpoint: 16 kHz PCM16 mono both ways, with end-of-turn detection."""
+
+
+class WebRTCTransportOptions(TurnOptions):
+    """WebRTC calls (aiortc, signalled on /api/offer as pipecat's SmallWebRTC runner does)."""
+
+    jitter_buffer_ms: int = Field(
+        20,
+        ge=0,
+        le=400,
+        description="audio the receiver holds before playing (aiortc's own default is 80 ms)",
+    )
+    ice_servers: list[str] = Field(
+        default_factory=list, description="STUN/TURN URLs; empty means host candidates only"
+    )
+
+
+class TwilioTransportOptions(TurnOptions):
+    """Twilio Media Streams on a WebSocket: μ-law 8 kHz both ways."""
+
+
+class DailyTransportOptions(TurnOptions):
+    """A Daily room joined through daily-python, as pipecat's DailyTransport does."""
+
+    room_url: str = Field("", description="https://<domain>.daily.co/<room>, or ${ENV}")
+    token: str = Field("", description="meeting token, a ${ENV} reference in stored configs")
+    bot_name: str = Field("voicemesh", max_length=100)
 
 
 # --- stt -------------------------------------------------------------------------------------
@@ -187,7 +262,12 @@ class PassthroughOptions(ConnectorOptions):
 
 
 CONNECTOR_OPTIONS: dict[str, dict[str, type[ConnectorOptions]]] = {
-    "transport": {"websocket": WebSocketTransportOptions},
+    "transport": {
+        "websocket": WebSocketTransportOptions,
+        "webrtc": WebRTCTransportOptions,
+        "twilio": TwilioTransportOptions,
+        "daily": DailyTransportOptions,
+    },
     "stt": {
         "whisper": WhisperOptions,
         "openai": OpenAISTTOptions,

@@ -115,3 +115,24 @@ def setup_logging(level: str = "INFO", fmt: str = "text", *, role: str | None = 
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     if role:
         bind(role=role)
+    route_loguru()
+
+
+def route_loguru() -> None:
+    """pipecat logs through loguru, straight to stderr, banner included: send its warnings and
+    errors through our handlers (format, secret redaction) instead, and drop its chatter."""
+    try:
+        from loguru import logger
+    except ImportError:
+        return
+
+    def forward(message: Any) -> None:
+        record = message.record
+        logging.getLogger(record["name"] or "pipecat").log(
+            record["level"].no,
+            record["message"],
+            exc_info=tuple(exc) if (exc := record["exception"]) else None,
+        )
+
+    logger.remove()
+    logger.add(forward, level="WARNING", format="{message}")

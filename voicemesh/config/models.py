@@ -174,6 +174,15 @@ class AgentConfig(BaseModel):
         """Typed options of one connector (defaults where the config gives none)."""
         return self._options[(stage, name)]
 
+    def transport_options(self, name: str) -> ConnectorOptions:
+        """Options for the transport a call came in on (websocket, webrtc, twilio, daily): a call
+        may use any endpoint, so one its config does not list runs on that transport's defaults."""
+        found = self._options.get(("transport", name))
+        if found is not None:
+            return found
+        given = self.stage("transport").config.get(name, {})
+        return CONNECTOR_OPTIONS["transport"][name].model_validate(given)
+
     def next_hop(self, stage: str, stream: str) -> str | None:
         return self._hops.get((stage, stream))
 

@@ -102,6 +102,11 @@ class Settings(ConnectionSettings):
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), description="comma-separated keys the transport accepts (secrets)"
     )
+    webrtc_loopback: bool = Field(
+        False,
+        description="offer 127.0.0.1 as a WebRTC host candidate too (aioice skips it): for a "
+        "caller on the same host with no other interface, as in a network namespace",
+    )
     session_rate: str | None = Field(
         None,
         description="new sessions allowed per client, 'N/SECONDS' (e.g. 30/60); unset: no limit",

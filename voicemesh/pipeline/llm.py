@@ -93,7 +93,8 @@ class LLMService(StageService):
             stored = self.store.append_context(session, entry)
             await best_effort("storing the user's turn", stored, 0)
             history.append(entry)
-        messages = [{"role": m["role"], "content": m["content"]} for m in history]
+        # a reply cut off before the caller heard a word is stored empty: nothing was said
+        messages = [{"role": m["role"], "content": m["content"]} for m in history if m["content"]]
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         chain = self.chain(config)
@@ -158,7 +159,8 @@ class LLMService(StageService):
             entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
             if failed:
                 entry["error"] = failed
-            await best_effort("storing the reply", self.store.append_context(session, entry), 0)
+            stored = self.store.put_reply(session, epoch, entry)
+            await best_effort("storing the reply", stored, False)
         # The reply is over (even a failed one): the transport must not wait for more.
         await self.bus.publish(
             next_subject,

@@ -137,6 +137,37 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return redis.call('LLEN', KEYS[2])
 """
 
+# The bot's reply of one turn: KEYS[1] session hash, KEYS[2] context list; ARGV epoch, entry JSON,
+# force ('1' from the transport: what the caller heard when cut off; '0' from the LLM stage).
+# An entry of that epoch is replaced in place, unless it marks an interruption and this write is not
+# forced (the LLM finished a reply the caller never heard all of); a new one goes before the first
+# message of a later turn, so a barge-in's truncated reply stays ahead of the turn that cut it off.
+_PUT_REPLY = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return -1 end
+local epoch = tonumber(ARGV[1])
+local items = redis.call('LRANGE', KEYS[2], -64, -1)
+local base = redis.call('LLEN', KEYS[2]) - #items
+local later = nil
+for i, raw in ipairs(items) do
+  local ok, m = pcall(cjson.decode, raw)
+  if ok and type(m) == 'table' then
+    local e = tonumber(m['epoch'])
+    if m['role'] == 'assistant' and e == epoch then
+      if m['interrupted'] and ARGV[3] ~= '1' then return 0 end
+      redis.call('LSET', KEYS[2], base + i - 1, ARGV[2])
+      redis.call('PEXPIRE', KEYS[2], ttl)
+      return 1
+    end
+    if later == nil and e ~= nil and e > epoch then later = raw end
+  end
+end
+if later ~= nil then redis.call('LINSERT', KEYS[2], 'BEFORE', later, ARGV[2])
+else redis.call('RPUSH', KEYS[2], ARGV[2]) end
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 2
+"""
+
 # Agents: KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key;
 # ARGV name, config, now_ms, mode ('create'|'update'), description or '' , keep-description flag
 _PUT_AGENT = """
@@ -224,6 +255,7 @@ class ConfigStore:
         self._extend = client.register_script(_EXTEND)
         self._next_epoch = client.register_script(_NEXT_EPOCH)
         self._append = client.register_script(_APPEND)
+        self._put_reply = client.register_script(_PUT_REPLY)
         self._put_agent = client.register_script(_PUT_AGENT)
         self._delete_agent = client.register_script(_DELETE_AGENT)
         self._set_default = client.register_script(_SET_DEFAULT)
@@ -401,6 +433,20 @@ class ConfigStore:
         if n < 0:
             raise NotFound(f"session {session_id} not found or expired")
         return int(n)
+
+    async def put_reply(
+        self, session_id: str, epoch: int, entry: dict[str, Any], *, force: bool = False
+    ) -> bool:
+        """Store turn `epoch`'s reply, replacing an earlier one of that turn. Without `force` (the
+        LLM stage) a reply cut off by a barge-in is left as the transport wrote it: the context
+        holds what the caller heard, not what was generated. False when it was left so."""
+        result = await self._put_reply(
+            keys=[self.keys.session(session_id), self.keys.context(session_id)],
+            args=[epoch, orjson.dumps({**entry, "epoch": epoch}), "1" if force else "0"],
+        )
+        if result < 0:
+            raise NotFound(f"session {session_id} not found or expired")
+        return bool(result)
 
     async def get_context(
         self, session_id: str, *, last: int | None = None

@@ -39,6 +39,7 @@ from voicemesh.router.store import (
     check_session_id,
 )
 from voicemesh.transport.call import Call
+from voicemesh.transport.daily import daily_routes
 from voicemesh.transport.security import (
     ApiKeyAuth,
     Client,
@@ -49,6 +50,9 @@ from voicemesh.transport.security import (
     on_unauthorized,
 )
 from voicemesh.transport.service import TransportService
+from voicemesh.transport.twilio import twilio_routes
+from voicemesh.transport.webrtc import webrtc_routes
+from voicemesh.transport.websocket import WebSocketPeer
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -384,6 +388,24 @@ def create_app(service: TransportService) -> FastAPI:
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    async def call_session(session_id: str | None, agent: str | None, client: Client) -> str:
+        """The session a new call joins: an existing one, or a new one from an agent (the default
+        agent when none is named). NotFound names what is missing."""
+        if session_id:
+            session_ok(session_id)
+            if await store().get_config(session_id) is None:
+                raise NotFound(f"session {session_id} not found or expired")
+            return session_id
+        record = await store().get_agent(agent) if agent else await store().get_default_agent()
+        if record is None:
+            raise NotFound(f"agent {agent!r} not found" if agent else "no default agent")
+        await count_new_session(client)
+        return (await store().create_session(record.config, agent=record.name)).session_id
+
+    app.state.call_session = call_session
+    for routes in (webrtc_routes, twilio_routes, daily_routes):
+        app.include_router(routes(service, call_session, auth), responses=ERRORS)
+
     @calls.websocket("/ws/call")
     async def ws_call(
         ws: WebSocket,
@@ -393,24 +415,12 @@ def create_app(service: TransportService) -> FastAPI:
     ) -> None:
         await ws.accept()
         try:
-            if session_id:
-                session_ok(session_id)
-                if await store().get_config(session_id) is None:
-                    raise NotFound(f"session {session_id} not found or expired")
-                sid = session_id
-            else:
-                record = (
-                    await store().get_agent(agent) if agent else await store().get_default_agent()
-                )
-                if record is None:
-                    raise NotFound(f"agent {agent!r} not found" if agent else "no default agent")
-                await count_new_session(client)
-                sid = (await store().create_session(record.config, agent=record.name)).session_id
+            sid = await call_session(session_id, agent, client)
         except NotFound as exc:
             await ws.send_text(orjson.dumps({"type": "error", "error": str(exc)}).decode())
             await ws.close(code=4404)
             return
-        await Call(service, sid, ws).run()
+        await Call(service, sid, WebSocketPeer(ws)).run()
 
     app.include_router(calls)
 

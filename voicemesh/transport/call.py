@@ -1,179 +1,127 @@
-"""One call over the WebSocket transport: caller audio in, turn detection, speech to STT over the
-bus; bot audio back in order, resampled, with transcripts and per-turn latency as JSON events.
+"""One call, whatever transport carries it (peer.py): caller audio through turn detection onto the
+bus towards STT; bot audio back from the bus put in order, resampled, queued and paced out in real
+time; barge-in; transcripts and per-turn latency as JSON events.
 
-Frames from the peer: binary = PCM16 mono 16 kHz, raw (any even chunk size up to
-MAX_AUDIO_MESSAGE); text = JSON control ({"type": "end"} hangs up). Frames to the peer: binary =
-PCM16 mono 16 kHz; text = JSON events. A message in another format (an odd byte count, a WAV file,
-an oversized chunk, text that is not a known control message) is dropped whole with an `error`
-event naming the expected format; the call goes on.
+A barge-in (the caller speaks over the bot, or while its reply is being generated) drops the queued
+bot audio at once, broadcasts `interrupt` on `vm.ctl.<session>` so the LLM and TTS instances cancel
+the old turn's work, and stores in the conversation context what the caller actually heard of the
+reply rather than what was generated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from starlette.websockets import WebSocket, WebSocketDisconnect
-
-from voicemesh.config.connectors import WebSocketTransportOptions
+from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
-from voicemesh.router.store import UNREACHABLE
+from voicemesh.router.store import UNREACHABLE, best_effort
 from voicemesh.transport.egress import Reorderer, Resampler
+from voicemesh.transport.peer import Peer
+from voicemesh.transport.playout import Playout, truncate
 from voicemesh.transport.service import NoInstance
 from voicemesh.transport.supervisor import TurnSupervisor
 from voicemesh.transport.trace import TurnTrace
-from voicemesh.transport.vad import RATE, Rechunker, TurnDetector
+from voicemesh.transport.vad import FRAME_MS, RATE, Rechunker, TurnDetector
 
 if TYPE_CHECKING:
     from voicemesh.transport.service import TransportService
 
 log = logging.getLogger(__name__)
 
-_CLOSE = object()
-
-AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
-# 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
-# file) that would otherwise run through VAD and onto the bus as one long utterance at once.
-MAX_AUDIO_MESSAGE = 2 * RATE * 2
-CONTROL_TYPES = ("end",)
-
-
-def audio_problem(data: bytes) -> str | None:
-    """Why a binary message from the peer is not audio this call takes (None: it is)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return f"binary messages must be audio as {AUDIO_FORMAT}: this one is a WAV file"
-    if len(data) % 2:
-        return (
-            f"binary message of {len(data)} bytes is not whole samples: "
-            f"send audio as {AUDIO_FORMAT} (2 bytes a sample)"
-        )
-    if len(data) > MAX_AUDIO_MESSAGE:
-        return (
-            f"binary message of {len(data)} bytes is over the {MAX_AUDIO_MESSAGE}-byte limit: "
-            f"send audio as {AUDIO_FORMAT}, in chunks of 20-100 ms"
-        )
-    return None
+FRAME_S = FRAME_MS / 1000
 
 
 class Call:
-    def __init__(self, service: TransportService, session_id: str, ws: WebSocket):
-        self.svc, self.session, self.ws = service, session_id, ws
+    def __init__(self, service: TransportService, session_id: str, peer: Peer):
+        self.svc, self.session, self.peer = service, session_id, peer
         self.subjects: Subjects = service.subjects
-        self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.reorder = Reorderer()
-        self.resample = Resampler(RATE)
+        self.resample = Resampler(peer.out_rate)
+        self.playout = Playout(peer.out_rate, FRAME_MS)
+        self._audio_ready = asyncio.Event()
         self.epoch = 0
         self.seq = 0
         self.utterance: list[Frame] = []
         self.trace = TurnTrace(session_id, 0)
         self.supervisor = TurnSupervisor(service, session_id)
         self.ingress = "stt"
+        self.options: TurnOptions = TurnOptions()
+        #: the reply being generated or played: its epoch, until its last audio has been played
+        self.replying: int | None = None
+        self.sentences: dict[int, str] = {}  # the text of that reply, by sentence index
+        self._ignoring = False  # a turn spoken over the bot with barge-in off
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: monotonic time of the last barge-in decision and what was played after it (tests)
+        self.last_interrupt: float | None = None
+
+    @property
+    def bot_busy(self) -> bool:
+        """The bot is generating or speaking: caller speech now is a barge-in."""
+        return self.replying is not None
 
     async def run(self) -> None:
         bind(session=self.session)
-        cached = await self.svc.router.load(self.session)
-        config = cached.config
-        transport = config.stage("transport")
-        options = (
-            config.options("transport", "websocket")
-            if "websocket" in transport.chain
-            else WebSocketTransportOptions()
-        )
-        detector, chunker = TurnDetector(options), Rechunker()
-        sub = await self.svc.bus.subscribe(
-            self.subjects.data("transport", self.session), self._egress
-        )
-        sender = asyncio.create_task(self._send_loop())
-        watcher = asyncio.create_task(self._supervise())
-        await self._event(
-            {"type": "session", "session_id": self.session, "version": cached.version}
-        )
-        log.info("call started")
+        pacer = watcher = sub = None
         try:
-            while True:
-                msg = await self.ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    break
-                if msg.get("bytes") is not None:
-                    problem = audio_problem(msg["bytes"])
-                    if problem is not None:
-                        await self._event({"type": "error", "error": problem})
-                        continue
-                    for frame in chunker.push(msg["bytes"]):
-                        events = detector.push(frame)
-                        if detector.last_voiced and (detector.speaking or events):
-                            self.trace.voiced()
-                        for ev in events:
-                            await self._turn_event(ev.kind, ev.frames)
-                elif msg.get("text") is not None:
-                    try:
-                        ctl = orjson.loads(msg["text"])
-                    except orjson.JSONDecodeError:
-                        await self._event({"type": "error", "error": "text frames must be JSON"})
-                        continue
-                    kind = ctl.get("type") if isinstance(ctl, dict) else None
-                    if kind == "end":
-                        break
-                    known = ", ".join(f'{{"type": "{t}"}}' for t in CONTROL_TYPES)
-                    await self._event(
-                        {
-                            "type": "error",
-                            "error": f"unknown control message {msg['text'][:100]!r}; "
-                            f"text frames are JSON control messages: {known}",
-                        }
-                    )
-        except WebSocketDisconnect:
-            pass
+            cached = await self.svc.router.load(self.session)
+            self.options = cached.config.transport_options(self.peer.name)  # type: ignore[assignment]
+            detector, chunker = TurnDetector(self.options), Rechunker()
+            sub = await self.svc.bus.subscribe(
+                self.subjects.data("transport", self.session), self._egress
+            )
+            pacer = asyncio.create_task(self._pace())
+            watcher = asyncio.create_task(self._supervise())
+            await self.peer.send_event(
+                {"type": "session", "session_id": self.session, "version": cached.version}
+            )
+            log.info("call started on %s", self.peer.name)
+            while (pcm := await self.peer.receive()) is not None:
+                for frame in chunker.push(pcm):
+                    events = await detector.push(frame, bot_speaking=self.bot_busy)
+                    if detector.last_voiced and (detector.speaking or events):
+                        self.trace.voiced()
+                    for ev in events:
+                        await self._turn_event(ev.kind, ev.frames)
         except NotFound:
-            await self._event({"type": "error", "error": f"session {self.session} has ended"})
+            await self.peer.send_event(
+                {"type": "error", "error": f"session {self.session} has ended"}
+            )
             log.info("session deleted or expired during the call")
-        except Exception as exc:  # the caller hears why, rather than a dropped socket
+        except Exception as exc:  # the caller hears why, rather than a dropped connection
             log.exception("call failed")
-            await self._event({"type": "error", "error": f"the call failed: {exc}"})
+            await self.peer.send_event({"type": "error", "error": f"the call failed: {exc}"})
         finally:
-            watcher.cancel()
-            await sub.unsubscribe()
-            self.out.put_nowait(_CLOSE)
-            await asyncio.gather(sender, return_exceptions=True)
+            for task in (watcher, pacer, *self._tasks):
+                if task is not None:
+                    task.cancel()
+            if sub is not None:
+                await sub.unsubscribe()
+            await asyncio.gather(
+                *(t for t in (watcher, pacer, *self._tasks) if t), return_exceptions=True
+            )
             await self.svc.bus.publish(
                 self.subjects.ctl(self.session), Frame.event({"type": "call_end"})
             )
+            await self.peer.close()
             log.info("call ended")
 
     # --- caller → bus ------------------------------------------------------------------------
 
     async def _turn_event(self, kind: str, frames: tuple[bytes, ...]) -> None:
         if kind == "start":
-            # Where caller audio goes is the session's flow's business (stt in every valid flow
-            # today); it is re-read per turn so a live config change applies.
-            self.ingress = await self.svc.router.next_stage(self.session)
-            try:
-                self.epoch = await self.svc.store.next_epoch(self.session, at_least=self.epoch + 1)
-                valkey_down = False
-            except UNREACHABLE as exc:  # number the turn here; Valkey catches up on the next one
-                self.epoch, valkey_down = self.epoch + 1, True
-                log.warning("Valkey unreachable, turn %d numbered by the call: %s", self.epoch, exc)
-            self.reorder.reset(self.epoch)
-            self.trace, self.seq = TurnTrace(self.session, self.epoch), 0
-            self.supervisor.begin(self.epoch)
-            if valkey_down:
-                self.supervisor.valkey_lost()
-            self.trace.voiced()
-            bind(turn=self.epoch, trace_id=self.trace.trace_id)
-            self.utterance = []
-            await self.svc.bus.publish(
-                self.subjects.ctl(self.session),
-                Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
-            )
-            await self._event({"type": "turn", "epoch": self.epoch})
-            try:
-                await self.svc.ensure_owner(self.ingress, self.session)
-            except NoInstance as exc:
-                log.error("%s", exc)
-                await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
+            if self.bot_busy and not self.options.barge_in:
+                self._ignoring = True  # half duplex: speech over the bot is not a turn
+                return
+            if self.bot_busy:
+                await self._interrupt()
+            await self._start_turn()
+        if self._ignoring:
+            self._ignoring = kind != "end"
+            return
         for pcm in frames:
             flags = Flag.START if self.seq == 0 else Flag.NONE
             frame = Frame.audio(pcm, sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
@@ -181,20 +129,75 @@ class Call:
             self.utterance.append(frame)
             await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), frame)
         if kind == "end":
-            end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
-            self.utterance.append(end)
-            self.trace.ended()
-            try:
-                if await self.svc.ensure_owner(self.ingress, self.session, replay=self.utterance):
-                    log.info("stt owner changed: replayed %d frames", len(self.utterance))
-                else:
-                    await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), end)
-            except NoInstance as exc:
-                log.error("%s", exc)
-                await self._event({"type": "error", "error": str(exc), "epoch": self.epoch})
-            self.supervisor.ended(self.utterance)
-            self.utterance = []
-            await self._event({"type": "user_stopped", "epoch": self.epoch})
+            await self._end_turn()
+
+    async def _start_turn(self) -> None:
+        # Where caller audio goes is the session's flow's business (stt in every valid flow
+        # today); it is re-read per turn so a live config change applies.
+        self.ingress = await self.svc.router.next_stage(self.session)
+        try:
+            self.epoch = await self.svc.store.next_epoch(self.session, at_least=self.epoch + 1)
+            valkey_down = False
+        except UNREACHABLE as exc:  # number the turn here; Valkey catches up on the next one
+            self.epoch, valkey_down = self.epoch + 1, True
+            log.warning("Valkey unreachable, turn %d numbered by the call: %s", self.epoch, exc)
+        self.reorder.reset(self.epoch)
+        self.trace, self.seq = TurnTrace(self.session, self.epoch), 0
+        self.supervisor.begin(self.epoch)
+        if valkey_down:
+            self.supervisor.valkey_lost()
+        self.trace.voiced()
+        bind(turn=self.epoch, trace_id=self.trace.trace_id)
+        self.utterance = []
+        await self.svc.bus.publish(
+            self.subjects.ctl(self.session),
+            Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
+        )
+        await self.peer.send_event({"type": "turn", "epoch": self.epoch})
+        try:
+            await self.svc.ensure_owner(self.ingress, self.session)
+        except NoInstance as exc:
+            log.error("%s", exc)
+            await self.peer.send_event({"type": "error", "error": str(exc), "epoch": self.epoch})
+
+    async def _end_turn(self) -> None:
+        end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
+        self.utterance.append(end)
+        self.trace.ended()
+        self.replying, self.sentences = self.epoch, {}
+        try:
+            if await self.svc.ensure_owner(self.ingress, self.session, replay=self.utterance):
+                log.info("stt owner changed: replayed %d frames", len(self.utterance))
+            else:
+                await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), end)
+        except NoInstance as exc:
+            log.error("%s", exc)
+            await self.peer.send_event({"type": "error", "error": str(exc), "epoch": self.epoch})
+        self.supervisor.ended(self.utterance)
+        self.utterance = []
+        await self.peer.send_event({"type": "user_stopped", "epoch": self.epoch})
+
+    async def _interrupt(self) -> None:
+        """Cut the bot off: nothing more of its reply is played from this instant, the stages drop
+        the old turn's work, and the context keeps what the caller heard."""
+        old = self.replying if self.replying is not None else self.epoch
+        self.reorder.done = True  # late frames of the old reply are not queued any more
+        heard = self.playout.clear(old)
+        self.peer.interrupted()
+        self.last_interrupt = time.monotonic()
+        self.replying = None
+        said = truncate(self.sentences, heard)
+        log.info("barge-in: turn %d cut off after %r", old, said)
+        await self.svc.bus.publish(
+            self.subjects.ctl(self.session),
+            Frame.event({"type": "interrupt", "epoch": old + 1, "interrupted": old}, epoch=old),
+        )
+        await self.peer.send_event({"type": "interrupted", "epoch": old, "heard": said})
+        entry = {"role": "assistant", "content": said, "interrupted": True}
+        write = self.svc.store.put_reply(self.session, old, entry, force=True)
+        task = asyncio.create_task(best_effort("storing the cut-off reply", write, False))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- bus → caller ------------------------------------------------------------------------
 
@@ -202,10 +205,25 @@ class Call:
         if frame.kind is Kind.EVENT:
             if frame.epoch >= self.epoch:
                 event = frame.as_event
+                if (
+                    event.get("type") == "transcript"
+                    and event.get("role") == "user"
+                    and not event.get("text")
+                    and frame.epoch == self.replying
+                ):
+                    self.replying = None  # nothing was heard: no reply is coming
                 if frame.epoch == self.trace.epoch:
                     self.trace.on_event(event)
                     self.supervisor.on_event(event, frame.epoch)
-                await self._event(event)
+                    if (
+                        event.get("type") == "transcript"
+                        and event.get("role") == "assistant"
+                        and frame.epoch == self.replying
+                    ):
+                        self.sentences[int(event.get("index", len(self.sentences)))] = str(
+                            event.get("text", "")
+                        )
+                await self.peer.send_event(event)
             return
         if frame.kind is not Kind.AUDIO:
             return
@@ -214,20 +232,55 @@ class Call:
             if pcm:
                 if f.epoch == self.trace.epoch and self.trace.audio_out():
                     metrics = self.trace.observe()
-                    await self._event(
+                    await self.peer.send_event(
                         {"type": "bot_started", "epoch": f.epoch, "latency_ms": metrics["v2v_ms"]}
                     )
-                    await self._event(metrics)
+                    await self.peer.send_event(metrics)
                     log.info(
                         "turn %d: voice-to-voice %s ms",
                         f.epoch,
                         metrics["v2v_ms"],
                         extra={"fields": {**metrics, "session": self.session}},
                     )
-                self.out.put_nowait(pcm)
+                self.playout.push(pcm, epoch=f.epoch, index=f.index)
+            if f.has(Flag.END):
+                self.playout.end_sentence(epoch=f.epoch, index=f.index)
             if f.has(Flag.LAST):
                 self.supervisor.reply_done(f.epoch)
-                await self._event({"type": "bot_done", "epoch": f.epoch})
+                self.playout.end_reply(f.epoch)
+            self._audio_ready.set()
+
+    async def _pace(self) -> None:
+        """Send queued bot audio one frame per 20 ms on an absolute clock (no drift), up to the
+        peer's lead ahead of it; announce each reply's end once its last frame is out."""
+        silence = bytes(self.playout.frame_bytes)
+        lead = self.peer.lead_frames * FRAME_S
+        clock = time.monotonic()
+        while True:
+            if not self.playout.busy and not self.peer.continuous:
+                self._audio_ready.clear()
+                await self._audio_ready.wait()
+                clock = max(clock, time.monotonic())
+            played = self.playout.pull()
+            if played.pcm is not None or self.peer.continuous:
+                await self.peer.send_audio(played.pcm if played.pcm is not None else silence)
+            for epoch in played.finished:
+                await self._reply_played(epoch)
+            clock += FRAME_S
+            if played.pcm is None and not self.peer.continuous:
+                continue
+            delay = clock - lead - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.2:  # fell behind (a stalled loop): resync rather than burst
+                clock = time.monotonic()
+
+    async def _reply_played(self, epoch: int) -> None:
+        if epoch == self.replying:
+            self.replying = None
+            self.sentences = {}
+        self.playout.forget(epoch)
+        await self.peer.send_event({"type": "bot_done", "epoch": epoch})
 
     async def _supervise(self) -> None:
         """Every third of a lease TTL, resend the unit the reply waits for if its worker died."""
@@ -241,16 +294,3 @@ class Call:
                 self.supervisor.valkey_lost()
             except Exception as exc:  # NATS down for a moment: try again next time
                 log.warning("turn supervision skipped: %s", exc)
-
-    async def _event(self, body: dict[str, Any]) -> None:
-        self.out.put_nowait(orjson.dumps(body).decode())
-
-    async def _send_loop(self) -> None:
-        while (item := await self.out.get()) is not _CLOSE:
-            try:
-                if isinstance(item, bytes):
-                    await self.ws.send_bytes(item)
-                else:
-                    await self.ws.send_text(item)
-            except (WebSocketDisconnect, RuntimeError):
-                return

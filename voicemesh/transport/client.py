@@ -38,6 +38,8 @@ class CallResult:
     session_id: str
     turns: list[TurnResult]
     bot_audio: bytes
+    #: the transport's `interrupted` events (barge-ins), with `at`: perf_counter on arrival
+    interrupts: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def bot_seconds(self) -> float:
@@ -61,6 +63,119 @@ def ws_url(base: str, **params: str | None) -> str:
     return f"{base}/ws/call" + (f"?{query}" if query else "")
 
 
+class Script:
+    """A caller's side of the call, whatever carries it: the turns, what was heard, when."""
+
+    def __init__(self, *, latency_on_sound: bool = False) -> None:
+        #: time latency to the first audible bot audio (a transport that sends silence between
+        #: replies: WebRTC) rather than to the transport's `bot_started` event
+        self.latency_on_sound = latency_on_sound
+        self.turns: list[TurnResult] = []
+        self.audio = bytearray()
+        self.done = asyncio.Event()
+        self.turn: TurnResult | None = None
+        self.speech_end: float | None = None
+        self.interrupts: list[dict[str, object]] = []
+        self.session_id: str | None = None
+
+    def on_audio(self, pcm: bytes, *, audible: bool = True) -> None:
+        """Bot audio at 16 kHz; `audible`: it is sound, not the silence between replies."""
+        self.audio.extend(pcm)
+        turn = self.turn
+        if turn is None:
+            return
+        turn.bot_audio.extend(pcm)
+        if self.latency_on_sound and audible and turn.latency_ms is None and self.speech_end:
+            turn.latency_ms = (time.perf_counter() - self.speech_end) * 1000
+
+    def on_event(self, ev: dict[str, object]) -> None:
+        kind = ev.get("type")
+        turn = self.turn
+        if kind == "session":
+            self.session_id = str(ev["session_id"])
+        elif kind == "interrupted":
+            self.interrupts.append({**ev, "at": time.perf_counter()})
+        elif kind == "turn":
+            self.turn = TurnResult(epoch=int(ev["epoch"]))  # type: ignore[arg-type]
+            self.turns.append(self.turn)
+        elif turn is None or ev.get("epoch", turn.epoch) != turn.epoch:
+            return
+        elif kind == "transcript" and ev.get("role") == "user":
+            turn.user_text = str(ev["text"])
+            if not ev["text"]:
+                self.done.set()
+        elif kind == "transcript" and ev.get("role") == "assistant":
+            turn.bot_text = (turn.bot_text + " " + str(ev["text"])).strip()
+            turn.connectors.add(str(ev.get("connector", "")))
+            turn.indexes.append(int(ev.get("index", -1)))  # type: ignore[arg-type]
+        elif kind == "bot_started":
+            if self.speech_end is not None and not self.latency_on_sound:
+                turn.latency_ms = (time.perf_counter() - self.speech_end) * 1000
+            turn.server_latency_ms = ev.get("latency_ms")  # type: ignore[assignment]
+        elif kind == "turn_metrics":
+            turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}  # type: ignore[misc]
+        elif kind == "bot_done":
+            self.done.set()
+
+    async def speak(
+        self,
+        utterances: list[bytes],
+        send: Callable[[bytes], Awaitable[None]],
+        *,
+        pause_s: float,
+        turn_timeout: float,
+        after_turn: Callable[[int, TurnResult], Awaitable[None]] | None,
+        alive: Callable[[], bool],
+        barge_in_after_s: float | None = None,
+    ) -> None:
+        """Say each utterance as a microphone would (20 ms frames in real time, silence between
+        turns) and wait for the whole reply, played to its end, before the next; or, with
+        `barge_in_after_s`, speak the next one that long after the reply started (a barge-in)."""
+        silence = bytes(FRAME_BYTES)
+        frame_s = FRAME_MS / 1000
+        clock = time.perf_counter()
+
+        async def paced(frame: bytes) -> None:
+            nonlocal clock
+            await send(frame)
+            clock += frame_s
+            delay = clock - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+        for n, pcm in enumerate(utterances):
+            if n and after_turn is not None and self.turn is not None:
+                await after_turn(n - 1, self.turn)
+            self.done.clear()
+            for _ in range(int(pause_s / frame_s)):
+                await paced(silence)
+            pcm += bytes(-len(pcm) % FRAME_BYTES)
+            self.speech_end = None
+            for i in range(0, len(pcm), FRAME_BYTES):
+                await paced(pcm[i : i + FRAME_BYTES])
+            self.speech_end = time.perf_counter()
+            deadline = time.perf_counter() + turn_timeout
+            cut_in = barge_in_after_s is not None and n + 1 < len(utterances)
+            while not self.done.is_set():
+                turn = self.turn
+                if cut_in and turn is not None and turn.latency_ms is not None:
+                    started = self.speech_end + turn.latency_ms / 1000
+                    if time.perf_counter() - started >= barge_in_after_s:  # type: ignore[operator]
+                        break
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"no complete reply within {turn_timeout:.0f} s")
+                if not alive():
+                    raise RuntimeError("the transport closed the call")
+                await paced(silence)
+
+    def result(self, out: Path | None) -> CallResult:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pcm = np.frombuffer(bytes(self.audio), dtype=np.int16)
+            sf.write(str(out), pcm, RATE, subtype="PCM_16")
+        return CallResult(self.session_id or "", self.turns, bytes(self.audio), self.interrupts)
+
+
 async def call_over_websocket(
     url: str,
     wavs: list[Path],
@@ -72,17 +187,13 @@ async def call_over_websocket(
     pause_s: float = 0.3,
     after_turn: Callable[[int, TurnResult], Awaitable[None]] | None = None,
     api_key: str | None = None,
+    barge_in_after_s: float | None = None,
 ) -> CallResult:
     """Say each WAV as one turn and wait for the complete reply before the next; `after_turn` runs
     between turns while the call stays open (tests swap providers there). `api_key` goes in an
     Authorization header (not the URL, which servers and proxies may log)."""
     utterances = [load_pcm16(w) for w in wavs]
-    silence = bytes(FRAME_BYTES)
-    turns: list[TurnResult] = []
-    audio = bytearray()
-    done = asyncio.Event()
-    state: dict[str, object] = {"turn": None, "speech_end": None}
-
+    script = Script()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with websockets.connect(
         ws_url(url, agent=agent, session_id=session_id), max_size=None, additional_headers=headers
@@ -90,78 +201,28 @@ async def call_over_websocket(
         hello = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
         if hello.get("type") == "error":
             raise RuntimeError(hello.get("error"))
-        sid = hello["session_id"]
+        script.on_event(hello)
 
         async def receive() -> None:
             async for msg in ws:
-                turn = state["turn"]
                 if isinstance(msg, bytes):
-                    audio.extend(msg)
-                    if isinstance(turn, TurnResult):
-                        turn.bot_audio.extend(msg)
-                    continue
-                ev = orjson.loads(msg)
-                kind = ev.get("type")
-                if kind == "turn":
-                    turn = TurnResult(epoch=ev["epoch"])
-                    turns.append(turn)
-                    state["turn"] = turn
-                elif not isinstance(turn, TurnResult) or ev.get("epoch", turn.epoch) != turn.epoch:
-                    continue
-                elif kind == "transcript" and ev["role"] == "user":
-                    turn.user_text = ev["text"]
-                    if not ev["text"]:
-                        done.set()
-                elif kind == "transcript" and ev["role"] == "assistant":
-                    turn.bot_text = (turn.bot_text + " " + ev["text"]).strip()
-                    turn.connectors.add(ev.get("connector", ""))
-                    turn.indexes.append(ev.get("index", -1))
-                elif kind == "bot_started":
-                    end = state["speech_end"]
-                    if isinstance(end, float):
-                        turn.latency_ms = (time.perf_counter() - end) * 1000
-                    turn.server_latency_ms = ev.get("latency_ms")
-                elif kind == "turn_metrics":
-                    turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}
-                elif kind == "bot_done":
-                    done.set()
+                    script.on_audio(msg)
+                else:
+                    script.on_event(orjson.loads(msg))
 
         receiver = asyncio.create_task(receive())
-        frame_s = FRAME_MS / 1000
-        clock = time.perf_counter()
-
-        async def send_paced(frame: bytes) -> None:
-            nonlocal clock
-            await ws.send(frame)
-            clock += frame_s
-            delay = clock - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-
         try:
-            for n, pcm in enumerate(utterances):
-                if n and after_turn is not None and isinstance(state["turn"], TurnResult):
-                    await after_turn(n - 1, state["turn"])
-                done.clear()
-                for _ in range(int(pause_s / frame_s)):
-                    await send_paced(silence)
-                pcm += bytes(-len(pcm) % FRAME_BYTES)
-                for i in range(0, len(pcm), FRAME_BYTES):
-                    await send_paced(pcm[i : i + FRAME_BYTES])
-                state["speech_end"] = time.perf_counter()
-                deadline = time.perf_counter() + turn_timeout
-                while not done.is_set():
-                    if time.perf_counter() > deadline:
-                        raise TimeoutError(f"no complete reply within {turn_timeout:.0f} s")
-                    if receiver.done():
-                        raise RuntimeError("the transport closed the call")
-                    await send_paced(silence)
+            await script.speak(
+                utterances,
+                ws.send,
+                pause_s=pause_s,
+                turn_timeout=turn_timeout,
+                after_turn=after_turn,
+                alive=lambda: not receiver.done(),
+                barge_in_after_s=barge_in_after_s,
+            )
             await ws.send(orjson.dumps({"type": "end"}).decode())
         finally:
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
-
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(out), np.frombuffer(bytes(audio), dtype=np.int16), RATE, subtype="PCM_16")
-    return CallResult(sid, turns, bytes(audio))
+    return script.result(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.router import Bus, ConfigStore, Frame, ServiceRouter, Subjects, publish_config_update
 from voicemesh.router.store import UNREACHABLE
+from voicemesh.transport.vad import preload
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class TransportService:
         self.settings = settings
         self.subjects = Subjects(settings.subject_prefix)
         self._owners: dict[str, str] = {}
+        #: run first on stop: what holds live calls (WebRTC peer connections, Daily rooms)
+        self.closers: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
         bind(role=self.role, instance=self.settings.instance_id)
@@ -57,6 +62,8 @@ class TransportService:
             bus=self.bus, store=self.store, stage="transport", subjects=self.subjects
         )
         await self.router.start()
+        # the VAD and turn models (Silero, smart-turn) load once here, not in a caller's turn
+        await asyncio.to_thread(preload, TurnOptions(vad="silero", turn="smart_turn"))
         if self.settings.default_agent_file:
             await self._seed_default_agent(Path(self.settings.default_agent_file))
         await self.bus.nc.subscribe(
@@ -75,6 +82,11 @@ class TransportService:
             log.info("stored default agent %r from %s", record.name, path)
 
     async def stop(self) -> None:
+        for close in self.closers:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing calls failed")
         await self.bus.drain()
         await self.store.close()
 

@@ -1,0 +1,51 @@
+"""What a call needs from whatever carries it (a WebSocket, a WebRTC peer connection, a Twilio
+media stream, a Daily room): caller audio in, bot audio and JSON events out.
+
+The call does everything else the same way on every transport: turn detection, the bus, ordering,
+pacing, barge-in. A peer only converts: its codec and rate to 16 kHz PCM16 mono on the way in, and
+20 ms PCM16 mono frames at `out_rate` to its codec on the way out.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from voicemesh.transport.security import Client
+
+#: the API's resolver of the session a new call joins: (session_id, agent, client) → session id;
+#: an existing session, or a new one from the agent (the default agent when None). Raises NotFound
+#: naming what is missing, RateLimited when the client opens sessions too fast.
+CallSession = Callable[[str | None, str | None, "Client"], Awaitable[str]]
+
+
+class Peer(ABC):
+    #: the transport connector name whose options (VAD, turns, jitter buffer...) the call reads
+    name: ClassVar[str]
+    #: the rate of the PCM16 mono frames `send_audio` takes
+    out_rate: int = 16000
+    #: a stream that must not stop (RTP): the call sends silence when the bot has nothing to say
+    continuous: bool = False
+    #: frames the call may send ahead of real time: a peer with its own playout buffer (a WebSocket
+    #: client) absorbs network jitter with it; 0 for a peer that paces by itself
+    lead_frames: int = 0
+
+    @abstractmethod
+    async def receive(self) -> bytes | None:
+        """Caller audio as 16 kHz PCM16 mono (any length), or None once the caller has gone."""
+
+    @abstractmethod
+    async def send_audio(self, pcm: bytes) -> None:
+        """One 20 ms frame of bot audio at `out_rate`, sent when it is due."""
+
+    @abstractmethod
+    async def send_event(self, body: dict[str, Any]) -> None:
+        """A JSON event for the caller's client (transcripts, turns, latency, errors)."""
+
+    def interrupted(self) -> None:
+        """Bot audio was cut off: a peer that buffers audio of its own drops it now."""
+
+    async def close(self) -> None:
+        """The call is over: hang up and free what the peer holds."""

@@ -1,0 +1,350 @@
+"""WebRTC calls on aiortc, signalled the way pipecat's SmallWebRTC runner does it, so pipecat's own
+clients (and the web page at /) can call in: `POST /api/offer` {sdp, type, pc_id, restart_pc,
+request_data: {agent | session_id}} → {sdp, type, pc_id, session_id}; `PATCH /api/offer` {pc_id,
+candidates} for trickle ICE. The peer connection itself is pipecat's SmallWebRTCConnection.
+
+Inbound Opus (48 kHz stereo from aiortc) becomes 16 kHz mono 20 ms frames for the bus; bot audio
+goes out as 48 kHz mono frames, one every 20 ms, silence between replies (RTP must not stop). JSON
+events travel on the data channel the client opens. aiortc's receiver holds 80 ms of audio before
+playing it (a jitter buffer with prefetch 4); a session sets its own with `jitter_buffer_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+from typing import Any, Literal
+
+import aioice.ice
+import numpy as np
+import soxr
+from aiortc import sdp
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+from fastapi import APIRouter, Depends, HTTPException
+from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.request_handler import (
+    IceCandidate,
+    SmallWebRTCPatchRequest,
+    SmallWebRTCRequest,
+    SmallWebRTCRequestHandler,
+)
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from voicemesh.config.connectors import WebRTCTransportOptions
+from voicemesh.router import NotFound
+from voicemesh.transport.peer import CallSession, Peer
+from voicemesh.transport.security import ApiKeyAuth, Client
+from voicemesh.transport.service import TransportService
+from voicemesh.transport.vad import RATE
+
+log = logging.getLogger(__name__)
+
+OPUS_RATE = 48000
+FRAME_SAMPLES = OPUS_RATE // 50  # 20 ms
+AIORTC_PREFETCH = 4  # what aiortc's RTCRtpReceiver holds by default: 80 ms
+
+
+def jitter_buffer(ms: int) -> JitterBuffer:
+    """An audio jitter buffer that starts playing after `ms` of packets (20 ms each)."""
+    prefetch = round(ms / 20)
+    capacity = 16
+    while capacity < 2 * prefetch:
+        capacity *= 2
+    return JitterBuffer(capacity=capacity, prefetch=prefetch)
+
+
+def set_jitter_buffer(receiver: Any, ms: int) -> None:
+    """Replace aiortc's audio jitter buffer (it has no option for it) before packets arrive."""
+    receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms)
+
+
+_original_host_addresses = aioice.ice.get_host_addresses
+
+
+def offer_loopback_candidates() -> None:
+    """aioice never offers 127.0.0.1; a caller on this host with no other interface needs it."""
+
+    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        found = _original_host_addresses(use_ipv4, use_ipv6)
+        return [*found, "127.0.0.1"] if use_ipv4 and "127.0.0.1" not in found else found
+
+    aioice.ice.get_host_addresses = with_loopback
+
+
+class BotAudioTrack(MediaStreamTrack):
+    """The bot's voice: frames the call's pacer hands over every 20 ms, 48 kHz mono s16."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=8)
+        self._pts = 0
+
+    def put(self, pcm: bytes) -> None:
+        if self._frames.full():  # the sender stalled: keep the newest audio, not a backlog
+            self._frames.get_nowait()
+        self._frames.put_nowait(pcm)
+
+    def flush(self) -> None:
+        while not self._frames.empty():
+            self._frames.get_nowait()
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        pcm = await self._frames.get()
+        samples = len(pcm) // 2
+        frame = AudioFrame(format="s16", layout="mono", samples=samples)
+        frame.planes[0].update(pcm)
+        frame.sample_rate = OPUS_RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, OPUS_RATE)
+        self._pts += samples
+        return frame
+
+
+def to_16k_mono(frame: AudioFrame, resampler: soxr.ResampleStream) -> bytes:
+    """aiortc's decoded Opus (s16, packed, usually stereo 48 kHz) as 16 kHz mono PCM16."""
+    data = frame.to_ndarray()  # packed: shape (1, samples * channels)
+    channels = len(frame.layout.channels)
+    samples = data.reshape(-1, channels).astype(np.float32).mean(axis=1)
+    return resampler.resample_chunk(samples.astype(np.int16)).tobytes()
+
+
+class WebRTCPeer(Peer):
+    name = "webrtc"
+    out_rate = OPUS_RATE
+    continuous = True
+
+    def __init__(self, connection: SmallWebRTCConnection, options: WebRTCTransportOptions):
+        self.connection = connection
+        self.options = options
+        self.track = BotAudioTrack()
+        self._input: Any = None
+        self._resampler: soxr.ResampleStream | None = None
+        self._rate = 0
+        self._gone = asyncio.Event()
+        self.hung_up = False
+
+        for state in ("closed", "failed", "disconnected"):
+            connection.event_handler(state)(self._on_gone)
+        connection.event_handler("app-message")(self._on_message)
+        connection.event_handler("connected")(self._on_connected)
+
+    def attach(self) -> None:
+        """Wire the tracks (after the offer was applied, before media flows)."""
+        transceivers = self.connection.pc.getTransceivers()
+        if not transceivers or transceivers[0].kind != "audio":
+            raise ValueError("the offer has no audio transceiver first: add one (sendrecv)")
+        set_jitter_buffer(transceivers[0].receiver, self.options.jitter_buffer_ms)
+        self.connection.replace_audio_track(self.track)
+        self._input = self.connection.audio_input_track()
+
+    async def _on_connected(self, _conn: Any) -> None:
+        log.info("WebRTC peer connected (%s)", self.connection.pc_id)
+
+    async def _on_gone(self, _conn: Any) -> None:
+        self._gone.set()
+
+    async def _on_message(self, _conn: Any, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "end":
+            self.hung_up = True
+            self._gone.set()
+
+    async def receive(self) -> bytes | None:
+        if self._input is None or self._gone.is_set():
+            return None
+        recv = asyncio.ensure_future(self._input.recv())
+        gone = asyncio.ensure_future(self._gone.wait())
+        try:
+            await asyncio.wait({recv, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not recv.done():
+            recv.cancel()
+            return None
+        try:
+            frame = recv.result()
+        except MediaStreamError:
+            return None
+        if frame is None:
+            return b""
+        if self._resampler is None or frame.sample_rate != self._rate:
+            self._rate = frame.sample_rate
+            self._resampler = soxr.ResampleStream(self._rate, RATE, 1, dtype="int16")
+        return to_16k_mono(frame, self._resampler)
+
+    async def send_audio(self, pcm: bytes) -> None:
+        self.track.put(pcm)
+
+    async def send_event(self, body: dict[str, Any]) -> None:
+        self.connection.send_app_message(body)
+
+    def interrupted(self) -> None:
+        self.track.flush()
+
+    async def close(self) -> None:
+        self.track.stop()
+        await self.connection.disconnect()
+
+
+def offer_problem(text: str) -> None:
+    """A 400 naming what is wrong with an SDP offer that cannot start a call."""
+    try:
+        parsed = sdp.SessionDescription.parse(text)
+    except Exception:
+        raise HTTPException(400, "the SDP offer could not be parsed") from None
+    if not parsed.media or parsed.media[0].kind != "audio":
+        raise HTTPException(400, "the SDP offer has no audio first: add an audio transceiver")
+
+
+class CallRequest(BaseModel):
+    """What a caller asks for in `request_data`: a named agent, or a session to join."""
+
+    model_config = ConfigDict(extra="ignore")
+    agent: str | None = Field(None, max_length=100)
+    session_id: str | None = Field(None, max_length=100)
+
+
+class OfferIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    sdp: str = Field(..., min_length=1, max_length=100_000)
+    type: Literal["offer"]
+    pc_id: str | None = Field(None, max_length=200)
+    restart_pc: bool | None = None
+    request_data: CallRequest | None = Field(
+        None, validation_alias=AliasChoices("request_data", "requestData")
+    )
+
+
+class CandidateIn(BaseModel):
+    candidate: str = Field(..., max_length=1000)
+    sdp_mid: str = Field(..., max_length=100, validation_alias=AliasChoices("sdp_mid", "sdpMid"))
+    sdp_mline_index: int = Field(
+        ..., ge=0, validation_alias=AliasChoices("sdp_mline_index", "sdpMLineIndex")
+    )
+
+
+class PatchIn(BaseModel):
+    pc_id: str = Field(..., max_length=200)
+    candidates: list[CandidateIn] = Field(..., max_length=50)
+
+
+def webrtc_routes(
+    service: TransportService, call_session: CallSession, auth: ApiKeyAuth
+) -> APIRouter:
+    from voicemesh.transport.call import Call  # call.py imports the peer layer, not this module
+
+    if service.settings.webrtc_loopback:
+        offer_loopback_candidates()
+    router = APIRouter(prefix="/api")
+    handlers: dict[tuple[str, ...], SmallWebRTCRequestHandler] = {}
+    calls: dict[str, asyncio.Task[None]] = {}
+
+    def handler_for(ice: list[str]) -> SmallWebRTCRequestHandler:
+        """One handler per ICE server list (most deployments have one): it keeps the peer
+        connections by pc_id for renegotiation and trickle ICE."""
+        key = tuple(ice)
+        if key not in handlers:
+            handlers[key] = SmallWebRTCRequestHandler(ice_servers=[IceServer(urls=u) for u in ice])
+        return handlers[key]
+
+    sessions_of: dict[str, tuple[str, tuple[str, ...]]] = {}  # pc_id → (session, ice key)
+
+    @router.post("/offer")
+    async def offer(body: OfferIn, client: Client = Depends(auth)) -> dict[str, Any]:
+        request = SmallWebRTCRequest(
+            sdp=body.sdp, type=body.type, pc_id=body.pc_id, restart_pc=body.restart_pc
+        )
+        if body.pc_id and body.pc_id in sessions_of:  # renegotiation of a live call
+            sid, key = sessions_of[body.pc_id]
+            answer = await handlers[key].handle_web_request(request, _no_new_call)
+            return {**answer, "session_id": sid}
+        if body.pc_id:
+            raise NotFound(f"peer connection {body.pc_id} not found (the call has ended)")
+        offer_problem(body.sdp)  # before a session is made for it
+        wanted = body.request_data or CallRequest()
+        sid = await call_session(wanted.session_id, wanted.agent, client)
+        try:
+            return await answer_call(body, sid, request)
+        except BaseException:
+            if not wanted.session_id:  # the session was made for this call: leave nothing behind
+                await service.store.delete_config(sid)
+                await service.session_deleted(sid)
+            raise
+
+    async def answer_call(body: OfferIn, sid: str, request: SmallWebRTCRequest) -> dict[str, Any]:
+        cached = await service.router.load(sid)
+        options = cached.config.transport_options("webrtc")
+        assert isinstance(options, WebRTCTransportOptions)
+        started: list[WebRTCPeer] = []
+        refused: list[SmallWebRTCConnection] = []
+
+        async def start_call(connection: SmallWebRTCConnection) -> None:
+            peer = WebRTCPeer(connection, options)
+            try:
+                peer.attach()
+            except ValueError as exc:
+                log.warning("WebRTC offer refused: %s", exc)
+                refused.append(connection)
+                return
+            started.append(peer)
+            await connection.connect()  # without it pipecat holds back data-channel messages
+
+        try:
+            answer = await handler_for(options.ice_servers).handle_web_request(request, start_call)
+        except Exception as exc:  # aiortc's words for a malformed offer
+            raise HTTPException(400, f"the SDP offer could not be answered: {exc}") from None
+        if not started:
+            for connection in refused:
+                await connection.disconnect()
+            raise HTTPException(400, "the offer has no audio transceiver: add one (sendrecv)")
+        peer = started[0]
+        pc_id = answer["pc_id"]
+        sessions_of[pc_id] = (sid, tuple(options.ice_servers))
+
+        async def run() -> None:
+            try:
+                await Call(service, sid, peer).run()
+            finally:
+                sessions_of.pop(pc_id, None)
+                calls.pop(pc_id, None)
+
+        calls[pc_id] = asyncio.create_task(run())
+        log.info("WebRTC call %s on session %s", pc_id, sid)
+        return {**answer, "session_id": sid}
+
+    @router.patch("/offer")
+    async def ice_candidates(body: PatchIn, client: Client = Depends(auth)) -> dict[str, str]:
+        if body.pc_id not in sessions_of:
+            raise NotFound(f"peer connection {body.pc_id} not found")
+        _, key = sessions_of[body.pc_id]
+        patch = SmallWebRTCPatchRequest(
+            pc_id=body.pc_id,
+            candidates=[
+                IceCandidate(c.candidate, c.sdp_mid, c.sdp_mline_index) for c in body.candidates
+            ],
+        )
+        await handlers[key].handle_patch_request(patch)
+        return {"status": "success"}
+
+    service.closers.append(lambda: _close_all(handlers, calls))
+    return router
+
+
+async def _no_new_call(_connection: SmallWebRTCConnection) -> None:
+    raise RuntimeError("renegotiation never starts a new call")
+
+
+async def _close_all(
+    handlers: dict[tuple[str, ...], SmallWebRTCRequestHandler], calls: dict[str, asyncio.Task[None]]
+) -> None:
+    for handler in handlers.values():
+        await handler.close()
+    for task in list(calls.values()):
+        task.cancel()
+    await asyncio.gather(*calls.values(), return_exceptions=True)

@@ -1,0 +1,113 @@
+"""The WebSocket call endpoint's peer: PCM16 mono 16 kHz both ways, JSON events as text frames.
+
+Frames from the client: binary = PCM16 mono 16 kHz, raw (any even chunk size up to
+MAX_AUDIO_MESSAGE); text = JSON control ({"type": "end"} hangs up). Frames to the client: binary =
+PCM16 mono 16 kHz, paced in real time (a few frames ahead, for the client's jitter buffer); text =
+JSON events; {"type": "interrupted"} means drop the bot audio not yet played. A message in another
+format (an odd byte count, a WAV file, an oversized chunk, text that is not a known control message)
+is dropped whole with an `error` event naming the expected format; the call goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from voicemesh.transport.peer import Peer
+from voicemesh.transport.vad import RATE
+
+AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
+# 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
+# file) that would otherwise run through VAD and onto the bus as one long utterance at once.
+MAX_AUDIO_MESSAGE = 2 * RATE * 2
+CONTROL_TYPES = ("end",)
+
+
+def audio_problem(data: bytes) -> str | None:
+    """Why a binary message from the peer is not audio this call takes (None: it is)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return f"binary messages must be audio as {AUDIO_FORMAT}: this one is a WAV file"
+    if len(data) % 2:
+        return (
+            f"binary message of {len(data)} bytes is not whole samples: "
+            f"send audio as {AUDIO_FORMAT} (2 bytes a sample)"
+        )
+    if len(data) > MAX_AUDIO_MESSAGE:
+        return (
+            f"binary message of {len(data)} bytes is over the {MAX_AUDIO_MESSAGE}-byte limit: "
+            f"send audio as {AUDIO_FORMAT}, in chunks of 20-100 ms"
+        )
+    return None
+
+
+class WebSocketPeer(Peer):
+    """One writer task owns the socket's send side: the pacer and event senders only queue."""
+
+    name = "websocket"
+    out_rate = RATE
+    lead_frames = 3
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self._out: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def receive(self) -> bytes | None:
+        while True:
+            try:
+                msg = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+            if msg["type"] == "websocket.disconnect":
+                return None
+            if msg.get("bytes") is not None:
+                problem = audio_problem(msg["bytes"])
+                if problem is None:
+                    return msg["bytes"]
+                await self.send_event({"type": "error", "error": problem})
+            elif msg.get("text") is not None:
+                problem = control_problem(msg["text"])
+                if problem is None:
+                    return None  # {"type": "end"}: the caller hangs up
+                await self.send_event({"type": "error", "error": problem})
+
+    async def send_audio(self, pcm: bytes) -> None:
+        self._put(pcm)
+
+    async def send_event(self, body: dict[str, Any]) -> None:
+        self._put(orjson.dumps(body).decode())
+
+    def _put(self, item: bytes | str) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+        self._out.put_nowait(item)
+
+    async def _write(self) -> None:
+        while (item := await self._out.get()) is not None:
+            try:
+                if isinstance(item, bytes):
+                    await self.ws.send_bytes(item)
+                else:
+                    await self.ws.send_text(item)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._out.put_nowait(None)
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+
+def control_problem(text: str) -> str | None:
+    """Why a text message is not a control message this call takes (None: it is `end`)."""
+    try:
+        ctl = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return "text frames must be JSON"
+    if isinstance(ctl, dict) and ctl.get("type") in CONTROL_TYPES:
+        return None
+    known = ", ".join(f'{{"type": "{t}"}}' for t in CONTROL_TYPES)
+    return f"unknown control message {text[:100]!r}; text frames are JSON control messages: {known}"
