@@ -182,6 +182,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         _check_port_free(args.host, args.port)
         auth_notes = _up_auth(env, settings, args.host, args.port)
+        # local use: a browser on this host may only reach the transport over loopback
+        env.setdefault("VOICEMESH_WEBRTC_LOOPBACK", "1")
         if settings.nats_url:
             _say(f"using NATS at {redact_url(settings.nats_url)}")
             nats_url = settings.nats_url
@@ -223,8 +225,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         for note in auth_notes:
             _say(note)
         _say(
-            f"up: web client and API at http://{args.host}:{args.port}/  "
-            f"(API docs /docs, calls at ws://{args.host}:{args.port}/ws/call). Ctrl-C stops."
+            f"up: web client and API at http://{args.host}:{args.port}/  (API docs /docs; "
+            f"calls: WebRTC offers at /api/offer, WebSocket at /ws/call). Ctrl-C stops."
         )
         while not stop:
             if dead := stack.dead():
@@ -249,22 +251,37 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    import httpx
+
     from voicemesh.transport.client import call_over_websocket
 
     _use_uvloop()
+    common: dict[str, Any] = dict(
+        agent=args.agent,
+        session_id=args.session,
+        turn_timeout=args.timeout,
+        api_key=args.api_key or None,
+        barge_in_after_s=args.barge_in_after,
+    )
+    wavs = [Path(w) for w in args.wav]
+    for wav in wavs:
+        if not wav.is_file():
+            print(f"voicemesh call: no such WAV file: {wav}", file=sys.stderr)
+            return 2
     try:
-        result = asyncio.run(
-            call_over_websocket(
-                args.url,
-                [Path(w) for w in args.wav],
-                Path(args.out),
-                agent=args.agent,
-                session_id=args.session,
-                turn_timeout=args.timeout,
-                api_key=args.api_key or None,
+        if args.transport == "webrtc":
+            from voicemesh.config.logging import route_loguru
+
+            route_loguru()  # before pipecat is imported: it logs a banner on import
+            from voicemesh.transport.webrtc_client import call_over_webrtc
+
+            call = call_over_webrtc(
+                args.url, wavs, Path(args.out), jitter_buffer_ms=args.jitter_buffer_ms, **common
             )
-        )
-    except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
+        else:
+            call = call_over_websocket(args.url, wavs, Path(args.out), **common)
+        result = asyncio.run(call)
+    except (OSError, RuntimeError, ValueError, TimeoutError, httpx.HTTPError) as exc:
         hint = " (pass --api-key or set VOICEMESH_API_KEY)" if "API key" in str(exc) else ""
         print(f"voicemesh call: {exc}{hint}", file=sys.stderr)
         return 1
@@ -278,6 +295,8 @@ def cmd_call(args: argparse.Namespace) -> int:
                 f"{k.removesuffix('_ms')} {v:.0f}" for k, v in turn.phases.items() if v is not None
             ]
             print(f"         at the transport (ms): {', '.join(parts)}")
+    for cut in result.interrupts:
+        print(f"turn {cut['epoch']}: interrupted; the bot had said: {cut['heard']!r}")
     print(f"saved {result.bot_seconds:.1f} s of bot audio to {args.out}")
     return 0 if all(t.latency_ms is not None for t in result.turns) else 1
 
@@ -461,7 +480,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="HTTP port (transport only)")
     serve.set_defaults(fn=cmd_serve)
 
-    call = sub.add_parser("call", help="call over the WebSocket transport with WAV files")
+    call = sub.add_parser(
+        "call", help="call with WAV files over WebRTC (default) or the WebSocket transport"
+    )
+    call.add_argument(
+        "--transport",
+        choices=("webrtc", "websocket"),
+        default="webrtc",
+        help="webrtc: a headless aiortc peer (latency to audible bot audio); websocket: PCM frames",
+    )
+    call.add_argument(
+        "--jitter-buffer-ms",
+        type=int,
+        default=20,
+        help="webrtc: audio this caller buffers before playing (aiortc's default is 80)",
+    )
+    call.add_argument(
+        "--barge-in-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="say the next WAV this long after the bot starts replying, cutting it off",
+    )
     call.add_argument(
         "--wav", action="append", required=True, help="what to say; repeat for several turns"
     )

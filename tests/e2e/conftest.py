@@ -50,6 +50,7 @@ def stack_env(servers: Servers) -> tuple[dict[str, str], str]:
         "VOICEMESH_KEY_PREFIX": prefix,
         "VOICEMESH_LEASE_TTL_MS": "2000",
         "VOICEMESH_API_KEYS": API_KEY,
+        "VOICEMESH_WEBRTC_LOOPBACK": "1",
         "HF_HUB_OFFLINE": "1",
     }
     return env, prefix

@@ -68,14 +68,23 @@ async def api(stack: RunningStack, method: str, path: str, **kw: object) -> http
         return await http.request(method, path, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("transport", ["webrtc", "websocket"])
 async def test_call_with_two_wavs(
-    stack: RunningStack, agent_json: dict, say: Callable[[str], Path], tmp_path: Path
+    stack: RunningStack,
+    agent_json: dict,
+    say: Callable[[str], Path],
+    tmp_path: Path,
+    transport: str,
 ) -> None:
+    """Caller, transport and every stage in a process of its own; over WebRTC the CLI is an aiortc
+    peer and times the reply to its first audible sound."""
     replies = ["The first answer.", "The second answer is longer."]
     sid = await new_session(stack, scripted(agent_json, replies))
     out = tmp_path / "bot" / "reply.wav"
     proc = await voicemesh(
         "call",
+        "--transport",
+        transport,
         "--url",
         stack.url,
         "--wav",
@@ -111,6 +120,46 @@ async def test_call_with_two_wavs(
     context = await stack.store.get_context(sid)
     assert [m["role"] for m in context] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in context if m["role"] == "assistant"] == replies
+
+
+async def test_barge_in_from_the_command_line(
+    stack: RunningStack, agent_json: dict, say: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """`--barge-in-after 1` speaks the second line a second into the bot's long first reply: the
+    bot is cut off, and the context keeps only what was heard of that reply."""
+    long_reply = (
+        "Let me tell you a long story about the sea. It begins on a grey morning in the north. "
+        "The fishing boats were leaving the harbour one by one. Nobody expected the storm."
+    )
+    sid = await new_session(stack, scripted(agent_json, [long_reply, "Sure, stopping."]))
+    proc = await voicemesh(
+        "call",
+        "--url",
+        stack.url,
+        "--wav",
+        str(say("Tell me a story.")),
+        "--wav",
+        str(say("Stop, please.")),
+        "--out",
+        str(tmp_path / "bot.wav"),
+        "--session",
+        sid,
+        "--timeout",
+        "90",
+        "--barge-in-after",
+        "1",
+        limit_s=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cut = re.search(r"^turn 1: interrupted; the bot had said: '(.*)'$", proc.stdout, re.M)
+    assert cut, proc.stdout
+    heard = cut.group(1)
+    assert heard and long_reply.startswith(heard.rstrip(".")), heard
+    assert len(heard.split()) < len(long_reply.split())
+    context = await stack.store.get_context(sid)
+    first = [m for m in context if m["role"] == "assistant" and m["epoch"] == 1]
+    assert first and first[0]["content"] == heard and first[0]["interrupted"] is True
+    assert "bot said:  'Sure, stopping.'" in proc.stdout, proc.stdout
 
 
 async def test_call_to_a_missing_session_fails(
