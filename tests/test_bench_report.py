@@ -79,6 +79,7 @@ def full_report() -> dict[str, Any]:
                 "llm_ttft_ms": llm,
                 "tts_ttfb_ms": tts,
                 "v2v_ms": v2v,
+                "caller_ms": v2v + 45.0 if v2v is not None else None,
                 "user_text": user,
                 "bot_text": bot,
             }
@@ -149,11 +150,13 @@ def test_markdown_full_report() -> None:
     assert f"| 10 | {vm['p50_ms']:.2f} | {raw['p50_ms']:.2f} | {ratio:.2f}× |" in md
     assert md.count("×") == 3  # one ratio per session count
 
-    assert "| 1 | 310.0 | 42.5 | 180.0 | 95.0 | 660.0 | Hello, who are you? |" in md
-    assert "| 3 | 320.0 | — | 210.0 | 101.0 | 700.0 |" in md  # missing stage shown as a dash
+    assert "| 1 | 310.0 | 42.5 | 180.0 | 95.0 | 660.0 | 705.0 | Hello, who are you? |" in md
+    assert "| 3 | 320.0 | — | 210.0 | 101.0 | 700.0 | 745.0 |" in md  # missing: a dash
     assert "What's the weather \\| today?" in md  # pipes in text escaped
     # nearest-rank p50 over the turns that have each figure
-    assert "| **p50** | **305.0** | **40.0** | **160.0** | **95.0** | **660.0** |" in md
+    assert (
+        "| **p50** | **305.0** | **40.0** | **160.0** | **95.0** | **660.0** | **705.0** |" in md
+    )
 
     assert "Limit: p99 bus overhead ≤ 5 ms." in md
     assert "| 200 | 7.25 | 3 |" in md

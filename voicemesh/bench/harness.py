@@ -152,6 +152,7 @@ async def environment(agent_file: Path, progress: Callable[[str], None]) -> Any:
         "VOICEMESH_KEY_PREFIX": PREFIX,
         "VOICEMESH_LOG_LEVEL": "WARNING",
         "VOICEMESH_AUTH": "off",  # its own stack on loopback, like `voicemesh up`
+        "VOICEMESH_WEBRTC_LOOPBACK": "1",
         "HF_HUB_OFFLINE": "1",
     }
     store = ConfigStore.from_url(valkey_srv.url, key_prefix=PREFIX)
@@ -395,7 +396,8 @@ def _speak(texts: list[str], out_dir: Path) -> list[Path]:
 
 
 async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict[str, Any]:
-    from voicemesh.transport.client import TurnResult, call_over_websocket
+    from voicemesh.transport.client import TurnResult
+    from voicemesh.transport.webrtc_client import call_over_webrtc
 
     texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
     wavs = await asyncio.to_thread(_speak, texts, env.data)
@@ -403,7 +405,8 @@ async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict
     async def after(_: int, __: TurnResult) -> None:
         tick()
 
-    result = await call_over_websocket(env.http_url, wavs, None, turn_timeout=120, after_turn=after)
+    # a WebRTC caller: its own figure includes both media paths and its jitter buffer
+    result = await call_over_webrtc(env.http_url, wavs, None, turn_timeout=120, after_turn=after)
     tick()
     rows = []
     for i, t in enumerate(result.turns, 1):
@@ -416,6 +419,7 @@ async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict
                 "llm_ttft_ms": p.get("llm_ttft_ms"),
                 "tts_ttfb_ms": p.get("tts_ttfb_ms"),
                 "v2v_ms": p.get("v2v_ms"),
+                "caller_ms": round(t.latency_ms, 1) if t.latency_ms is not None else None,
                 "user_text": t.user_text,
                 "bot_text": t.bot_text,
             }
@@ -458,15 +462,16 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     if v := report.get("voice_to_voice"):
-        p50 = percentile([t["v2v_ms"] for t in v["turns"] if t["v2v_ms"] is not None], 50)
-        out.append(
-            {
-                "goal": "voice-to-voice p50, offline engines",
-                "target": "< 900 ms",
-                "measured": f"{p50:.0f} ms" if p50 is not None else "no reply",
-                "met": p50 is not None and p50 < 900,
-            }
-        )
+        for key, where in (("v2v_ms", "at the transport"), ("caller_ms", "at a WebRTC caller")):
+            p50 = percentile([t[key] for t in v["turns"] if t.get(key) is not None], 50)
+            out.append(
+                {
+                    "goal": f"voice-to-voice p50, offline engines, {where}",
+                    "target": "< 900 ms",
+                    "measured": f"{p50:.0f} ms" if p50 is not None else "no reply",
+                    "met": p50 is not None and p50 < 900,
+                }
+            )
     return out
 
 

@@ -7,7 +7,7 @@ what is there is rendered)::
     command: str
     bus_overhead: [{mode: "voicemesh" | "raw-nats", sessions, fps, seconds, frames_sent,
                     frames_received, frames_lost, p50_ms, p95_ms, p99_ms, cpu_s, samples_ms}]
-    voice_to_voice: {turns: [{turn, eou_ms, stt_ms, llm_ttft_ms, tts_ttfb_ms, v2v_ms,
+    voice_to_voice: {turns: [{turn, eou_ms, stt_ms, llm_ttft_ms, tts_ttfb_ms, v2v_ms, caller_ms,
                               user_text, bot_text}]}
     capacity: {limit_ms, steps: [{sessions, p99_overhead_ms, frames_lost}], max_sessions}
     config_switch: {samples_ms, p50_ms, p95_ms, max_ms}
@@ -191,8 +191,12 @@ def _bus_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _v2v_section(turns: Sequence[Mapping[str, Any]]) -> list[str]:
-    keys = [k for k, _, _ in STAGES] + ["v2v_ms"]
-    header = ["turn"] + [f"{h} ms" for _, h, _ in STAGES] + ["V2V ms", "user said", "bot said"]
+    keys = [k for k, _, _ in STAGES] + ["v2v_ms", "caller_ms"]
+    header = (
+        ["turn"]
+        + [f"{h} ms" for _, h, _ in STAGES]
+        + ["V2V ms", "at caller ms", "user said", "bot said"]
+    )
     body = [
         [_int(t.get("turn"))]
         + [_num(t.get(k), 1) for k in keys]
@@ -202,7 +206,7 @@ def _v2v_section(turns: Sequence[Mapping[str, Any]]) -> list[str]:
     p50s = [percentile(_present(t.get(k) for t in turns), 50) for k in keys]
     body.append(["**p50**"] + [f"**{_num(v, 1)}**" for v in p50s] + ["", ""])
     lines = ["## Voice to voice", ""]
-    lines += _table(header, body, align="rrrrrrll")
+    lines += _table(header, body, align="rrrrrrrll")
     lines.append("")
     return lines
 
