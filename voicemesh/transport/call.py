@@ -74,6 +74,7 @@ class Call:
                 self.subjects.data("transport", self.session), self._egress
             )
             pacer = asyncio.create_task(self._pace())
+            pacer.add_done_callback(self._pacer_done)
             watcher = asyncio.create_task(self._supervise())
             await self.peer.send_event(
                 {"type": "session", "session_id": self.session, "version": cached.version}
@@ -161,7 +162,11 @@ class Call:
             await self.peer.send_event({"type": "error", "error": str(exc), "epoch": self.epoch})
 
     async def _end_turn(self) -> None:
-        end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END)
+        # END|LAST: the utterance is the turn's one unit, so a flow that relays it unchanged
+        # (pass-through stages) brings back a complete reply, not one waiting for more
+        end = Frame.audio(
+            b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END | Flag.LAST
+        )
         self.utterance.append(end)
         self.trace.ended()
         self.replying, self.sentences = self.epoch, {}
@@ -257,23 +262,28 @@ class Call:
         lead = self.peer.lead_frames * FRAME_S
         clock = time.monotonic()
         while True:
-            if not self.playout.busy and not self.peer.continuous:
-                self._audio_ready.clear()
-                await self._audio_ready.wait()
-                clock = max(clock, time.monotonic())
             played = self.playout.pull()
-            if played.pcm is not None or self.peer.continuous:
+            idle = played.pcm is None and not self.peer.continuous
+            if not idle:
                 await self.peer.send_audio(played.pcm if played.pcm is not None else silence)
             for epoch in played.finished:
                 await self._reply_played(epoch)
-            clock += FRAME_S
-            if played.pcm is None and not self.peer.continuous:
+            if idle:
+                self._audio_ready.clear()
+                if not self.playout.ready:  # checked after clear(): no wake-up is lost
+                    await self._audio_ready.wait()
+                clock = max(clock, time.monotonic())
                 continue
+            clock += FRAME_S
             delay = clock - lead - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -0.2:  # fell behind (a stalled loop): resync rather than burst
                 clock = time.monotonic()
+
+    def _pacer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("bot audio stopped: the pacer failed", exc_info=exc)
 
     async def _reply_played(self, epoch: int) -> None:
         if epoch == self.replying:
@@ -283,9 +293,10 @@ class Call:
         await self.peer.send_event({"type": "bot_done", "epoch": epoch})
 
     async def _supervise(self) -> None:
-        """Every third of a lease TTL, resend the unit the reply waits for if its worker died."""
+        """Every fifth of a lease TTL, resend the unit the reply waits for if its worker died:
+        the gap a dead worker costs is the claim's lapse plus up to one of these periods."""
         while True:
-            await asyncio.sleep(self.supervisor.ttl_s / 3)
+            await asyncio.sleep(self.supervisor.ttl_s / 5)
             try:
                 await self.supervisor.check(self.reorder.next_index)
             except asyncio.CancelledError:

@@ -61,9 +61,10 @@ class Playout:
         return self.queued_bytes // self.frame_bytes
 
     @property
-    def busy(self) -> bool:
-        """Audio (or the end-of-reply marker) still to be played."""
-        return bool(self._queue) or bool(self._partial)
+    def ready(self) -> bool:
+        """A frame (or the end-of-reply marker) can be pulled now. Less than a frame of a
+        sentence still arriving is not ready: it waits for the rest, or its sentence's end."""
+        return bool(self._queue)
 
     def push(self, pcm: bytes, *, epoch: int, index: int) -> None:
         tag = (epoch, index)

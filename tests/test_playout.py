@@ -1,0 +1,87 @@
+"""The bot-audio queue on the transport: frames out in order, what was heard when cut off, and the
+text of a reply as far as the caller heard it."""
+
+from __future__ import annotations
+
+from voicemesh.transport.playout import Heard, Playout, truncate
+
+RATE = 16000
+FRAME = 640  # 20 ms
+
+
+def pcm(ms: int, value: int = 1) -> bytes:
+    return value.to_bytes(2, "little", signed=True) * (RATE * ms // 1000)
+
+
+def drain(p: Playout) -> list[bytes]:
+    out = []
+    while (played := p.pull()).pcm is not None:
+        out.append(played.pcm)
+    return out
+
+
+def test_frames_come_out_whole_and_in_order() -> None:
+    p = Playout(RATE)
+    p.push(pcm(50, 1), epoch=1, index=0)  # 2.5 frames: the half frame waits for more
+    assert len(p) == 2 and p.ready
+    p.push(pcm(10, 2), epoch=1, index=0)
+    frames = drain(p)
+    assert [len(f) for f in frames] == [FRAME] * 3
+    assert frames[2][:2] == pcm(1, 1)[:2] and frames[2][-2:] == pcm(1, 2)[-2:]
+
+
+def test_a_part_frame_is_not_ready_until_its_sentence_ends() -> None:
+    """Less than a frame is not playable: the pacer must wait (not spin) until the sentence's end
+    pads it out (a pacer that took 'something queued' for 'something to play' hung the loop)."""
+    p = Playout(RATE)
+    p.push(pcm(10), epoch=1, index=0)
+    assert not p.ready and p.pull().pcm is None
+    p.end_sentence(epoch=1, index=0)
+    assert p.ready
+    (frame,) = drain(p)
+    assert frame == pcm(10) + bytes(FRAME // 2)
+
+
+def test_a_new_sentence_flushes_the_part_frame_of_the_last() -> None:
+    p = Playout(RATE)
+    p.push(pcm(10, 1), epoch=1, index=0)
+    p.push(pcm(20, 2), epoch=1, index=1)
+    frames = drain(p)
+    assert frames == [pcm(10, 1) + bytes(FRAME // 2), pcm(20, 2)]
+
+
+def test_the_end_of_a_reply_is_announced_with_its_last_frame() -> None:
+    p = Playout(RATE)
+    p.push(pcm(40), epoch=3, index=0)
+    p.end_reply(3)
+    first, second = p.pull(), p.pull()
+    assert first.finished == () and second.finished == (3,)
+    after = p.pull()
+    assert after.pcm is None and after.finished == ()
+    # a reply with no audio at all (an LLM that failed) still ends
+    p.end_reply(4)
+    assert p.ready and p.pull().finished == (4,)
+
+
+def test_clear_drops_everything_and_reports_what_was_heard() -> None:
+    p = Playout(RATE)
+    p.push(pcm(100), epoch=2, index=0)
+    p.push(pcm(200), epoch=2, index=1)
+    p.end_reply(2)
+    for _ in range(5 + 4):  # sentence 0 whole, 80 ms of sentence 1
+        assert p.pull().pcm is not None
+    heard = p.clear(2)
+    assert not p.ready and p.pull().pcm is None and len(p) == 0
+    assert heard.fraction(0) == 1.0
+    assert abs(heard.fraction(1) - 0.4) < 1e-9
+    assert heard.fraction(2) == 0.0
+
+
+def test_truncate_keeps_whole_sentences_then_the_words_begun() -> None:
+    sentences = {0: "The fox ran.", 1: "It met an old wise owl there.", 2: "The end."}
+    heard = Heard(1, played_s={0: 1.0, 1: 0.5}, total_s={0: 1.0, 1: 1.4, 2: 0.5})
+    # 0.5 / 1.4 of seven words: 2.5 words begun, so three said
+    assert truncate(sentences, heard) == "The fox ran. It met an"
+    assert truncate(sentences, Heard(1)) == ""
+    everything = Heard(1, played_s={0: 1, 1: 1.4, 2: 0.5}, total_s={0: 1, 1: 1.4, 2: 0.5})
+    assert truncate(sentences, everything) == " ".join(sentences.values())
