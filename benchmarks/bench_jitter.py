@@ -108,6 +108,11 @@ async def measure(jitter_ms: int | None, seconds: float) -> list[float]:
     return out[1:]  # the first burst also pays for the connection warming up
 
 
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -142,8 +147,7 @@ async def main() -> None:
         "400 ms, timed from the sender's track to the receiver's track (Opus, RTP on loopback, "
         "jitter buffer, decode).\n\n" + table + "\n"
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write(Path(args.out), text)
     print(f"\n{table}\nwrote {args.out}")
 
 

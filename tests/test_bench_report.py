@@ -154,9 +154,7 @@ def test_markdown_full_report() -> None:
     assert "| 3 | 320.0 | — | 210.0 | 101.0 | 700.0 | 745.0 |" in md  # missing: a dash
     assert "What's the weather \\| today?" in md  # pipes in text escaped
     # nearest-rank p50 over the turns that have each figure
-    assert (
-        "| **p50** | **305.0** | **40.0** | **160.0** | **95.0** | **660.0** | **705.0** |" in md
-    )
+    assert "| **p50** | **305.0** | **40.0** | **160.0** | **95.0** | **660.0** | **705.0** |" in md
 
     assert "Limit: p99 bus overhead ≤ 5 ms." in md
     assert "| 200 | 7.25 | 3 |" in md

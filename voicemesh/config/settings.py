@@ -107,6 +107,9 @@ class Settings(ConnectionSettings):
         description="offer 127.0.0.1 as a WebRTC host candidate too (aioice skips it): for a "
         "caller on the same host with no other interface, as in a network namespace",
     )
+    daily_join_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="how long a Daily bot waits to join its room"
+    )
     session_rate: str | None = Field(
         None,
         description="new sessions allowed per client, 'N/SECONDS' (e.g. 30/60); unset: no limit",
