@@ -14,6 +14,8 @@ from voicemesh.config.connectors import (
     EchoOptions,
     ScriptedOptions,
     SmolLM2Options,
+    TwilioTransportOptions,
+    WebRTCTransportOptions,
     WebSocketTransportOptions,
 )
 from voicemesh.config.models import (
@@ -79,7 +81,13 @@ def test_default_agent_config_validates(agent_json: dict) -> None:
     assert isinstance(opts, SmolLM2Options)
     assert opts.top_p == SmolLM2Options().top_p  # a default where the file gives none
     assert isinstance(cfg.options("llm", "scripted"), ScriptedOptions)
-    assert isinstance(cfg.options("transport", "websocket"), WebSocketTransportOptions)
+    # a call takes the options of the endpoint it came in on, listed in the chain or not
+    web = cfg.transport_options("websocket")
+    assert isinstance(web, WebSocketTransportOptions) and web.turn == "smart_turn"
+    assert web.end_of_turn_silence_ms == 200  # smart-turn's short pause, by default
+    rtc = cfg.transport_options("webrtc")
+    assert isinstance(rtc, WebRTCTransportOptions) and rtc.vad == "silero"
+    assert cfg.transport_options("twilio") == TwilioTransportOptions()
     # The same result from bytes, str and parsed JSON.
     assert parse_agent_config(AGENT_FILE.read_text()) == cfg
     assert parse_agent_config(agent_json) == cfg

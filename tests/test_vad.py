@@ -7,6 +7,7 @@ frames the detector itself marked voiced, never to a fixed frame number."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from voicemesh.config.connectors import TurnOptions
+from voicemesh.transport import vad
 from voicemesh.transport.vad import (
     FRAME_BYTES,
     FRAME_MS,
@@ -22,7 +24,6 @@ from voicemesh.transport.vad import (
     TurnEvent,
     silero_session,
     smart_turn_model,
-    turn_complete_probability,
 )
 
 COMPLETE = "What is the weather like today?"
@@ -237,7 +238,17 @@ async def test_smart_turn_holds_unfinished_sentence_until_max_silence(speak) -> 
     assert end - last == 1500 // FRAME_MS
 
 
-async def test_speech_resuming_cancels_pending_decision(speak) -> None:
+async def test_speech_resuming_cancels_pending_decision(speak, monkeypatch) -> None:
+    # The model's answer is held until the caller has gone on: on a busy machine the ~50 ms
+    # inference could otherwise land between two frames fed faster than real time.
+    answer_may_land = threading.Event()
+    real = vad.turn_complete_probability
+
+    def held(pcm: bytes) -> float:
+        answer_may_land.wait(10)
+        return real(pcm)
+
+    monkeypatch.setattr(vad, "turn_complete_probability", held)
     first = frames_of(quiet(300), speak(COMPLETE), quiet(1000))
     det = TurnDetector(opts(turn="smart_turn", end_of_turn_silence_ms=200))
     # Feed the question and its pause up to the frame that asks the model, and not one more.
@@ -250,13 +261,14 @@ async def test_speech_resuming_cancels_pending_decision(speak) -> None:
     assert det.deciding and det.speaking  # push returned while the model is still thinking
     # Left alone, that decision would end the turn: the model calls this audio complete.
     turn_pcm = b"".join(pushed[-(8000 // FRAME_MS) :])
-    assert await asyncio.to_thread(turn_complete_probability, turn_pcm) > 0.5
+    assert await asyncio.to_thread(real, turn_pcm) > 0.5
 
     # The caller goes on before the answer is acted on.
     more = frames_of(speak(CONTINUATION), quiet(1500))
     trace = await run(det, more[:30], settle=False)
     assert not det.deciding
     assert trace.kinds() == []
+    answer_may_land.set()  # the cancelled decision's answer arrives now, and must be ignored
     trace = await run(det, more[30:])
     assert trace.kinds() == ["end"]
     end = trace.index("end")
