@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 from av import AudioFrame
 
-from voicemesh.transport.webrtc import offer_loopback_candidates, set_jitter_buffer
+from voicemesh.transport.webrtc import audio_frame, offer_loopback_candidates, set_jitter_buffer
 
 RATE = 48000
 SAMPLES = RATE // 50  # 20 ms
@@ -50,10 +49,7 @@ class Bursts(MediaStreamTrack):
         if delay > 0:
             await asyncio.sleep(delay)
         burst = self.n % BURST_EVERY == 0 and self.n > 0
-        frame = AudioFrame(format="s16", layout="mono", samples=SAMPLES)
-        frame.planes[0].update(self.burst if burst else self.silence)
-        frame.sample_rate, frame.pts = RATE, self.n * SAMPLES
-        frame.time_base = fractions.Fraction(1, RATE)
+        frame = audio_frame(self.burst if burst else self.silence, RATE, self.n * SAMPLES)
         if burst:
             self.sent.append(time.perf_counter())
         self.n += 1

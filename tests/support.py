@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
 
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import StageService
 from voicemesh.router import Bus, Flag, Frame, Kind
+
+if TYPE_CHECKING:
+    from voicemesh.transport.service import TransportService
 
 
 async def until(cond: Callable[[], Any], limit_s: float = 5.0, what: str = "condition") -> None:
@@ -92,3 +100,67 @@ class Services:
     async def stop(self, svc: StageService) -> None:
         self.running.remove(svc)
         await svc.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(service: TransportService) -> AsyncIterator[str]:
+    """The transport's app on a real uvicorn on a free loopback port, in the test's event loop
+    (for WebSockets and WebRTC), logging through the root logger (caplog sees it); yields its
+    http:// base URL. The service must be started already (lifespan off)."""
+    from voicemesh.transport.api import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(service),
+        host="127.0.0.1",
+        port=port,
+        lifespan="off",
+        log_config=None,
+        log_level="info",
+        ws="websockets-sansio",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def loopback_agent(
+    agent_json: dict,
+    *,
+    transport: str,
+    stt_url: str,
+    replies: list[str] | None = None,
+    ms_per_word: int = 100,
+    **transport_options: Any,
+) -> dict:
+    """An agent that needs no engine: energy VAD with short turns on `transport`, the OpenAI STT
+    protocol against a loopback transcriber, scripted replies, a tone for a voice."""
+    data = copy.deepcopy(agent_json)
+    options = {
+        "vad": "energy",
+        "start_speech_ms": 60,
+        "end_of_turn_silence_ms": 200,
+        "preroll_ms": 100,
+        **transport_options,
+    }
+    data["connectors"]["transport"] = {"primary": transport, "config": {transport: options}}
+    data["connectors"]["stt"] = {"primary": "openai", "config": {"openai": {"base_url": stt_url}}}
+    data["connectors"]["llm"] = {
+        "primary": "scripted",
+        "config": {"scripted": {"replies": replies or ["You said {user}."]}},
+    }
+    data["connectors"]["tts"] = {
+        "primary": "tone",
+        "config": {"tone": {"ms_per_word": ms_per_word}},
+    }
+    return data

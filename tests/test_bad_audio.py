@@ -11,9 +11,7 @@ and the call stays up: a later valid turn is answered.
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
-import socket
 import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,16 +20,14 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-import uvicorn
 import websockets
 
-from tests.support import Services
+from tests.support import Services, loopback_agent, serving
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, Subjects, encode
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.api import create_app
 from voicemesh.transport.service import TransportService
 
 RATE = 16000
@@ -101,27 +97,9 @@ async def server(
     agent_json: dict,
     transcriber: OpenAITranscribeServer,
 ) -> AsyncIterator[Server]:
-    data = copy.deepcopy(agent_json)
-    data["connectors"]["transport"] = {
-        "primary": "websocket",
-        "config": {
-            "websocket": {
-                "vad": "energy",
-                "start_speech_ms": 60,
-                "end_of_turn_silence_ms": 200,
-                "preroll_ms": 100,
-            }
-        },
-    }
-    data["connectors"]["stt"] = {
-        "primary": "openai",
-        "config": {"openai": {"base_url": transcriber.base_url}},
-    }
-    data["connectors"]["llm"] = {
-        "primary": "scripted",
-        "config": {"scripted": {"replies": ["You said {user}."]}},
-    }
-    data["connectors"]["tts"] = {"primary": "tone", "config": {"tone": {"ms_per_word": 20}}}
+    data = loopback_agent(
+        agent_json, transport="websocket", stt_url=transcriber.base_url, ms_per_word=20
+    )
     sid = (await store.create_session(parse_agent_config(data))).session_id
     await services.start(STTService)
     await services.start(LLMService)
@@ -129,28 +107,10 @@ async def server(
 
     service = TransportService(open_settings(settings))
     await service.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(service),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="off",  # the service is started above, on this loop
-        ws="websockets-sansio",
-    )
-    uv = uvicorn.Server(config)
-    task = asyncio.ensure_future(uv.serve())
-    while not uv.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
     try:
-        yield Server(f"ws://127.0.0.1:{port}/ws/call", sid, service, service.subjects)
+        async with serving(service) as url:
+            yield Server(f"ws{url[4:]}/ws/call", sid, service, service.subjects)
     finally:
-        uv.should_exit = True
-        await asyncio.wait_for(task, 10)
         await service.stop()
 
 
@@ -346,6 +306,17 @@ async def test_end_still_hangs_up_after_bad_messages(caller: Caller) -> None:
     await caller.ws.send(orjson.dumps({"type": "dance"}).decode())
     await caller.ws.send(orjson.dumps({"type": "end"}).decode())
     await asyncio.wait_for(caller.closed.wait(), 5)
+
+
+async def test_deleting_the_session_hangs_up_the_call(server: Server, caller: Caller) -> None:
+    """The session deleted through the API mid-call: the caller is told why, then hung up."""
+    mark = len(caller.events)
+    await server.service.store.delete_config(server.sid)
+    await server.service.session_deleted(server.sid)
+    error = await caller.error_after(mark)
+    assert error == f"session {server.sid} was deleted"
+    await asyncio.wait_for(caller.closed.wait(), 5)
+    assert caller.ws.close_code == 4404
 
 
 # --- junk on the call's own egress subject ---------------------------------------------------

@@ -32,7 +32,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
-from tests.support import Services, listen, until
+from tests.support import Services, listen, loopback_agent, until
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
@@ -168,31 +168,15 @@ async def transcriber() -> AsyncIterator[OpenAITranscribeServer]:
 
 @pytest.fixture
 def config(agent_json: dict, transcriber: OpenAITranscribeServer) -> dict:
-    data = copy.deepcopy(agent_json)
-    data["connectors"]["transport"] = {
-        "primary": "daily",
-        "config": {
-            "daily": {
-                "vad": "energy",
-                "start_speech_ms": 60,
-                "end_of_turn_silence_ms": 200,
-                "preroll_ms": 100,
-                "room_url": "${VM_TEST_DAILY_ROOM}",
-                "token": "${VM_TEST_DAILY_TOKEN}",
-                "bot_name": "vm-test-bot",
-            }
-        },
-    }
-    data["connectors"]["stt"] = {
-        "primary": "openai",
-        "config": {"openai": {"base_url": transcriber.base_url}},
-    }
-    data["connectors"]["llm"] = {
-        "primary": "scripted",
-        "config": {"scripted": {"replies": ["You said {user}."]}},
-    }
-    data["connectors"]["tts"] = {"primary": "tone", "config": {"tone": {"ms_per_word": 150}}}
-    return data
+    return loopback_agent(
+        agent_json,
+        transport="daily",
+        stt_url=transcriber.base_url,
+        ms_per_word=150,
+        room_url="${VM_TEST_DAILY_ROOM}",
+        token="${VM_TEST_DAILY_TOKEN}",
+        bot_name="vm-test-bot",
+    )
 
 
 @pytest.fixture

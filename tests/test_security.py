@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 import websockets
 from pydantic import SecretStr, ValidationError
 
 from tests.conftest import AGENT_FILE, ROOT, Servers
+from tests.support import serving
 from voicemesh.cli import _up_auth
 from voicemesh.config.connections import nats_options, redact_url, valkey_options
 from voicemesh.config.models import parse_agent_config
@@ -81,32 +81,6 @@ async def api_client(
     transport = httpx.ASGITransport(app=app, client=(client_ip, 5000))
     async with httpx.AsyncClient(transport=transport, base_url="http://t", **kw) as c:
         yield c
-
-
-@contextlib.asynccontextmanager
-async def serving(service: TransportService) -> AsyncIterator[str]:
-    """The app on a real uvicorn (for WebSockets), logging through the root logger (caplog)."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(service),
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",
-        log_config=None,
-        log_level="info",
-        ws="websockets-sansio",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def seed_agent(service: TransportService) -> None:

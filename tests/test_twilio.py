@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,19 +21,16 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-import uvicorn
 import websockets
 from pydantic import SecretStr
 
-from tests.support import Services, listen, until
+from tests.support import Services, listen, loopback_agent, serving, until
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.router import Bus, ConfigStore, Kind, Subjects
-from voicemesh.servers import free_port
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport import twilio as twilio_module
-from voicemesh.transport.api import create_app
 from voicemesh.transport.service import TransportService
 from voicemesh.transport.twilio import MISSING_KEY
 
@@ -116,31 +112,13 @@ class App:
         return (await self.store.create_session(parse_agent_config(config))).session_id
 
     def config(self, *, ms_per_word: int = 100, replies: list[str] | None = None) -> dict:
-        data = copy.deepcopy(self.agent_json)
-        data["connectors"]["transport"] = {
-            "primary": "twilio",
-            "config": {
-                "twilio": {
-                    "vad": "energy",
-                    "start_speech_ms": 60,
-                    "end_of_turn_silence_ms": 200,
-                    "preroll_ms": 100,
-                }
-            },
-        }
-        data["connectors"]["stt"] = {
-            "primary": "openai",
-            "config": {"openai": {"base_url": self.transcriber.base_url}},
-        }
-        data["connectors"]["llm"] = {
-            "primary": "scripted",
-            "config": {"scripted": {"replies": replies or ["You said {user}."]}},
-        }
-        data["connectors"]["tts"] = {
-            "primary": "tone",
-            "config": {"tone": {"ms_per_word": ms_per_word}},
-        }
-        return data
+        return loopback_agent(
+            self.agent_json,
+            transport="twilio",
+            stt_url=self.transcriber.base_url,
+            replies=replies,
+            ms_per_word=ms_per_word,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -157,34 +135,12 @@ async def running_app(
         await services.start(TTSService)
     service = TransportService(settings)
     await service.start()
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(service),
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",  # the service is started above, on this loop
-        log_config=None,  # records reach the root logger, so caplog sees them
-        log_level="info",
-        ws="websockets-sansio",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
     try:
-        yield App(
-            f"ws://127.0.0.1:{port}/ws/twilio",
-            service,
-            service.subjects,
-            store,
-            agent_json,
-            transcriber,
-        )
+        async with serving(service) as url:
+            yield App(
+                f"ws{url[4:]}/ws/twilio", service, service.subjects, store, agent_json, transcriber
+            )
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
         await service.stop()
 
 

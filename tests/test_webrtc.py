@@ -7,9 +7,6 @@ The caller speaks tones whose pitch stands for a word (Opus keeps pitch, so the 
 
 from __future__ import annotations
 
-import asyncio
-import copy
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +15,14 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from tests.support import Services
+from tests.support import Services, loopback_agent, serving
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.router import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.api import create_app
 from voicemesh.transport.service import TransportService
 from voicemesh.transport.webrtc import jitter_buffer
 from voicemesh.transport.webrtc_client import AUDIBLE_DBFS, call_over_webrtc
@@ -83,28 +78,15 @@ async def server(
     agent_json: dict,
     transcriber: OpenAITranscribeServer,
 ) -> AsyncIterator[Server]:
-    data = copy.deepcopy(agent_json)
-    data["connectors"]["transport"] = {
-        "primary": "webrtc",
-        "config": {
-            "webrtc": {
-                "vad": "energy",
-                "start_speech_ms": 60,
-                "end_of_turn_silence_ms": 200,
-                "preroll_ms": 100,
-                "jitter_buffer_ms": 20,
-            }
-        },
-    }
-    data["connectors"]["stt"] = {
-        "primary": "openai",
-        "config": {"openai": {"base_url": transcriber.base_url}},
-    }
-    data["connectors"]["llm"] = {
-        "primary": "scripted",
-        "config": {"scripted": {"replies": ["You said {user}.", LONG_REPLY], "chunk_words": 2}},
-    }
-    data["connectors"]["tts"] = {"primary": "tone", "config": {"tone": {"ms_per_word": 90}}}
+    data = loopback_agent(
+        agent_json,
+        transport="webrtc",
+        stt_url=transcriber.base_url,
+        replies=["You said {user}.", LONG_REPLY],
+        ms_per_word=90,
+        jitter_buffer_ms=20,
+    )
+    data["connectors"]["llm"]["config"]["scripted"]["chunk_words"] = 2
     await store.create_agent("webrtc-test", parse_agent_config(data))
     await services.start(STTService)
     await services.start(LLMService)
@@ -112,25 +94,11 @@ async def server(
 
     service = TransportService(settings.model_copy(update={"auth": "off", "webrtc_loopback": True}))
     await service.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-        )
-    )
-    task = asyncio.ensure_future(uv.serve())
-    while not uv.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
     try:
-        yield Server(f"http://127.0.0.1:{port}", store, data)
+        async with serving(service) as url:
+            yield Server(url, store, data)
     finally:
-        uv.should_exit = True
         await service.stop()
-        await asyncio.wait_for(task, 10)
         await store.delete_agent("webrtc-test")
 
 

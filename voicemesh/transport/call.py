@@ -55,8 +55,7 @@ class Call:
         self.sentences: dict[int, str] = {}  # the text of that reply, by sentence index
         self._ignoring = False  # a turn spoken over the bot with barge-in off
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: monotonic time of the last barge-in decision and what was played after it (tests)
-        self.last_interrupt: float | None = None
+        self._ended = asyncio.Event()  # the session was deleted: hang up
 
     @property
     def bot_busy(self) -> bool:
@@ -65,7 +64,7 @@ class Call:
 
     async def run(self) -> None:
         bind(session=self.session)
-        pacer = watcher = sub = None
+        pacer = watcher = sub = ctl = None
         try:
             cached = await self.svc.router.load(self.session)
             self.options = cached.config.transport_options(self.peer.name)  # type: ignore[assignment]
@@ -73,6 +72,7 @@ class Call:
             sub = await self.svc.bus.subscribe(
                 self.subjects.data("transport", self.session), self._egress
             )
+            ctl = await self.svc.bus.subscribe(self.subjects.ctl(self.session), self._control)
             pacer = asyncio.create_task(self._pace())
             pacer.add_done_callback(self._pacer_done)
             watcher = asyncio.create_task(self._supervise())
@@ -87,6 +87,8 @@ class Call:
                         self.trace.voiced()
                     for ev in events:
                         await self._turn_event(ev.kind, ev.frames)
+            if self._ended.is_set():
+                log.info("session deleted during the call: hung up")
         except NotFound:
             await self.peer.send_event(
                 {"type": "error", "error": f"session {self.session} has ended"}
@@ -99,8 +101,9 @@ class Call:
             for task in (watcher, pacer, *self._tasks):
                 if task is not None:
                     task.cancel()
-            if sub is not None:
-                await sub.unsubscribe()
+            for subscription in (sub, ctl):
+                if subscription is not None:
+                    await subscription.unsubscribe()
             await asyncio.gather(
                 *(t for t in (watcher, pacer, *self._tasks) if t), return_exceptions=True
             )
@@ -109,6 +112,16 @@ class Call:
             )
             await self.peer.close()
             log.info("call ended")
+
+    async def _control(self, subject: str, frame: Frame) -> None:
+        """The session was deleted (`end` on `vm.ctl`): tell the caller, then hang up."""
+        if frame.kind is Kind.EVENT and frame.as_event.get("type") == "end":
+            if not self._ended.is_set():
+                self._ended.set()
+                await self.peer.send_event(
+                    {"type": "error", "error": f"session {self.session} was deleted"}
+                )
+                self.peer.hang_up()
 
     # --- caller → bus ------------------------------------------------------------------------
 
@@ -189,7 +202,6 @@ class Call:
         self.reorder.done = True  # late frames of the old reply are not queued any more
         heard = self.playout.clear(old)
         self.peer.interrupted()
-        self.last_interrupt = time.monotonic()
         self.replying = None
         said = truncate(self.sentences, heard)
         log.info("barge-in: turn %d cut off after %r", old, said)

@@ -44,6 +44,11 @@ class Peer(ABC):
     async def send_event(self, body: dict[str, Any]) -> None:
         """A JSON event for the caller's client (transcripts, turns, latency, errors)."""
 
+    @abstractmethod
+    def hang_up(self) -> None:
+        """End the call from our side (its session was deleted): `receive()` returns None soon,
+        after the events already sent have gone out."""
+
     def interrupted(self) -> None:
         """Bot audio was cut off: a peer that buffers audio of its own drops it now."""
 

@@ -192,6 +192,7 @@ class TwilioPeer(Peer):
 
     def __init__(self, ws: WebSocket):
         self.ws = ws
+        self._hang_up: asyncio.Future[None] | None = None
         self.stream_sid: str | None = None
         self.call_sid: str | None = None
         self.parameters: dict[str, str] = {}
@@ -391,6 +392,11 @@ class TwilioPeer(Peer):
             except (WebSocketDisconnect, RuntimeError, OSError):
                 self._closed = True
                 return
+
+    def hang_up(self) -> None:
+        """Close the stream: Twilio goes on with the TwiML after <Connect>."""
+        if self._hang_up is None:
+            self._hang_up = asyncio.ensure_future(_close(self.ws, 1000))
 
     async def close(self) -> None:
         self._closed = True

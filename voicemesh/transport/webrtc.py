@@ -97,14 +97,18 @@ class BotAudioTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         pcm = await self._frames.get()
-        samples = len(pcm) // 2
-        frame = AudioFrame(format="s16", layout="mono", samples=samples)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = OPUS_RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, OPUS_RATE)
-        self._pts += samples
+        frame = audio_frame(pcm, OPUS_RATE, self._pts)
+        self._pts += frame.samples
         return frame
+
+
+def audio_frame(pcm: bytes, rate: int, pts: int) -> AudioFrame:
+    """PCM16 mono as the frame aiortc's encoder takes, stamped at `pts` samples."""
+    frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+    frame.planes[0].update(pcm)
+    frame.sample_rate, frame.pts = rate, pts
+    frame.time_base = fractions.Fraction(1, rate)
+    return frame
 
 
 def to_16k_mono(frame: AudioFrame, resampler: soxr.ResampleStream) -> bytes:
@@ -186,6 +190,9 @@ class WebRTCPeer(Peer):
 
     def interrupted(self) -> None:
         self.track.flush()
+
+    def hang_up(self) -> None:
+        self._gone.set()
 
     async def close(self) -> None:
         self.track.stop()

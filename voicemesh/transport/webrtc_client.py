@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,7 @@ from av import AudioFrame
 
 from voicemesh.transport.client import CallResult, Script, TurnResult, load_pcm16
 from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS, RATE
-from voicemesh.transport.webrtc import offer_loopback_candidates, set_jitter_buffer
+from voicemesh.transport.webrtc import audio_frame, offer_loopback_candidates, set_jitter_buffer
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +65,7 @@ class Microphone(MediaStreamTrack):
             await asyncio.sleep(delay)
         pcm = self._frames.get_nowait() if not self._frames.empty() else bytes(FRAME_BYTES)
         self._taken.set()
-        frame = AudioFrame(format="s16", layout="mono", samples=samples)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, RATE)
+        frame = audio_frame(pcm, RATE, self._pts)
         self._pts += samples
         return frame
 

@@ -24,6 +24,7 @@ AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
 # file) that would otherwise run through VAD and onto the bus as one long utterance at once.
 MAX_AUDIO_MESSAGE = 2 * RATE * 2
 CONTROL_TYPES = ("end",)
+_HANG_UP = "\x00hang up"  # a writer-queue marker, never sent
 
 
 def audio_problem(data: bytes) -> str | None:
@@ -85,9 +86,15 @@ class WebSocketPeer(Peer):
             self._writer = asyncio.create_task(self._write())
         self._out.put_nowait(item)
 
+    def hang_up(self) -> None:
+        self._put(_HANG_UP)
+
     async def _write(self) -> None:
         while (item := await self._out.get()) is not None:
             try:
+                if item is _HANG_UP:  # after what was queued before it
+                    await self.ws.close(code=4404, reason="session deleted")
+                    return
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)
                 else:
