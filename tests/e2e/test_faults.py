@@ -703,6 +703,51 @@ async def test_turn_while_valkey_is_down_gets_its_reply(
         assert normal.epoch < outage.epoch < after.epoch
 
 
+async def test_first_turn_of_a_call_while_valkey_is_down(
+    tmp_path: Path, lines: dict[str, bytes]
+) -> None:
+    """Valkey dies as soon as the call is up, before its first turn: no stage has seen the
+    session yet. The transport assigned the STT stream when the call started and has the config
+    cached; the stages get the config from it over `vm.config.get`. The first turn is answered,
+    whole, and the call goes on once Valkey is back."""
+    async with (
+        KeyedChatServer([SLOW_REPLY], chunk_delay_s=WORD_DELAY_S) as server,
+        open_rig(tmp_path, llm_env=llm_key) as rig,
+    ):
+        assert isinstance(server, KeyedChatServer)
+        sid = await rig.new_session(agent_config(llm=slow_llm(server)))
+        line = lines[SHORT_LINE]
+        async with Caller(rig.url, sid) as caller:
+
+            async def stt_owner() -> bytes | None:
+                return await rig.store.client.get(rig.store.keys.lease("stt", sid))
+
+            holder = await first(stt_owner, 10, "the STT stream assigned when the call started")
+            rig.valkey.proc.kill()
+            rig.valkey.proc.wait()
+            t0 = time.perf_counter()
+            try:
+                outage = await caller.turn(line, limit_s=20)
+            finally:
+                await asyncio.to_thread(rig.valkey.restart)
+                down_ms = (time.perf_counter() - t0) * 1000
+            after = await caller.turn(line, limit_s=20)
+        print(
+            f"\n[first turn during a {down_ms:.0f} ms Valkey outage (STT owner {holder!r} known "
+            f"from the call's start): end of speech -> first bot audio {outage.gap_ms:.0f} ms; "
+            f"the next turn {after.gap_ms:.0f} ms]"
+        )
+        assert "sunny" in words(outage.user_text), outage.user_text
+        assert [i for i, _ in outage.sentences] == list(range(len(SLOW_SENTENCES)))
+        assert words(outage.bot_text) == words(SLOW_REPLY), outage.bot_text
+        assert words(after.bot_text) == words(SLOW_REPLY), after.bot_text
+        assert outage.epoch < after.epoch
+        transport_log = rig.stack.log("transport")
+        assert "config of" not in transport_log  # the transport itself never had to ask
+        stage_logs = rig.stack.log("llm-1") + rig.stack.log("tts-1")
+        assert "config of " + sid + " from the transport" in stage_logs
+
+
 # --- 4. graceful shutdown ---------------------------------------------------------------------
 
 

@@ -17,13 +17,15 @@ import orjson
 from nats.aio.msg import Msg
 
 from voicemesh.config.connectors import STAGE_IO
-from voicemesh.config.models import AgentConfig, StageConnectors
+from voicemesh.config.models import AgentConfig, StageConnectors, parse_agent_config
 from voicemesh.router.bus import Bus
 from voicemesh.router.codec import Frame
-from voicemesh.router.store import ConfigStore, NotFound
+from voicemesh.router.store import UNREACHABLE, ConfigStore, NotFound
 from voicemesh.router.subjects import Subjects
 
 log = logging.getLogger(__name__)
+
+CONFIG_GET_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,11 @@ class ServiceRouter:
         self.misses += 1
         self._loading[session_id] = self._loading.get(session_id, 0) + 1
         try:
-            stored = await self.store.get_config(session_id)
+            try:
+                found = await self.store.get_config(session_id)
+                stored = CachedConfig(found.config, found.version) if found else None
+            except UNREACHABLE as exc:
+                stored = await self._ask_transport(session_id, exc)
         finally:
             self._loading[session_id] -= 1
             announced = self._announced.get(session_id, 0)
@@ -98,12 +104,32 @@ class ServiceRouter:
                 self._announced.pop(session_id, None)
         if stored is None:
             raise NotFound(f"session {session_id} not found or expired")
-        cached = CachedConfig(stored.config, stored.version)
+        cached = stored
         if stored.version >= announced:  # else a newer version exists: read it next time
             self._cache[session_id] = cached
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return cached
+
+    async def _ask_transport(self, session_id: str, down: Exception) -> CachedConfig | None:
+        """Valkey is unreachable: the transport carrying the call has the config cached, so ask
+        it (`vm.config.get`, seed 000's request/reply). A stage that never saw the session can
+        then still serve a turn during an outage. Raises `down` when no transport knows it."""
+        try:
+            reply = await self.bus.nc.request(
+                self.subjects.config_get(session_id), b"", timeout=CONFIG_GET_TIMEOUT_S
+            )
+            body = orjson.loads(reply.data)
+        except Exception:
+            raise down from None
+        if body.get("status") != "success":
+            raise down
+        config = parse_agent_config(body["configurations"])
+        log.warning("Valkey unreachable: config of %s from the transport", session_id)
+        return CachedConfig(config, int(body["version"]))
+
+    def cached_entry(self, session_id: str) -> CachedConfig | None:
+        return self._cache.get(session_id)
 
     def peek(self, session_id: str) -> AgentConfig | None:
         """The cached config, or None: the per-frame fast path, with no await."""

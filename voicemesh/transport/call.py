@@ -80,6 +80,13 @@ class Call:
                 {"type": "session", "session_id": self.session, "version": cached.version}
             )
             log.info("call started on %s", self.peer.name)
+            # The STT stream is assigned now, not at the first turn: that turn starts sooner,
+            # and goes through even if Valkey is down by then (the owner is known).
+            try:
+                self.ingress = await self.svc.router.next_stage(self.session)
+                await self.svc.ensure_owner(self.ingress, self.session)
+            except (NoInstance, *UNREACHABLE) as exc:
+                log.warning("no %s owner yet (the first turn tries again): %s", self.ingress, exc)
             while (pcm := await self.peer.receive()) is not None:
                 for frame in chunker.push(pcm):
                     events = await detector.push(frame, bot_speaking=self.bot_busy)

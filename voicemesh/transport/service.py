@@ -105,7 +105,10 @@ class TransportService:
         if not msg.reply:
             return
         session = Subjects.session_of(msg.subject)
-        stored = await self.store.get_config(session)
+        try:
+            stored = await self.store.get_config(session)
+        except UNREACHABLE:  # a live call's config is cached here: a stage can go on with it
+            stored = self.router.cached_entry(session)
         body: dict[str, Any]
         if stored is None:
             body = {"status": "error", "error": f"session {session} not found or expired"}
