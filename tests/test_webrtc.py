@@ -18,13 +18,15 @@ import soundfile as sf
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from tests.support import Services, loopback_agent, serving
+from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.models import parse_agent_config
+from voicemesh.config.secrets import SecretResolutionError
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.router import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.service import TransportService
-from voicemesh.transport.webrtc import jitter_buffer
+from voicemesh.transport.webrtc import ice_servers, jitter_buffer
 from voicemesh.transport.webrtc_client import AUDIBLE_DBFS, call_over_webrtc
 
 RATE = 16000
@@ -224,3 +226,22 @@ def test_jitter_buffer_prefetch_follows_the_setting() -> None:
     assert jitter_buffer(80)._prefetch == 4  # aiortc's own default
     big = jitter_buffer(400)
     assert big._prefetch == 20 and big.capacity >= 40
+
+
+def test_turn_credentials_are_resolved_only_when_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = WebRTCTransportOptions(
+        ice_servers=["turn:turn.example.com:3478"],
+        ice_username="vm",
+        ice_credential="${VM_TEST_TURN_SECRET}",
+    )
+    assert options.ice_credential == "${VM_TEST_TURN_SECRET}"  # the stored config: a reference
+    with pytest.raises(SecretResolutionError, match="VM_TEST_TURN_SECRET"):
+        ice_servers(options)
+    monkeypatch.setenv("VM_TEST_TURN_SECRET", "s3cret")
+    (server,) = ice_servers(options)
+    assert (server.urls, server.username, server.credential) == (
+        "turn:turn.example.com:3478",
+        "vm",
+        "s3cret",
+    )
+    assert ice_servers(WebRTCTransportOptions()) == []

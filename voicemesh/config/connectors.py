@@ -103,6 +103,8 @@ class WebRTCTransportOptions(TurnOptions):
     ice_servers: list[str] = Field(
         default_factory=list, description="STUN/TURN URLs; empty means host candidates only"
     )
+    ice_username: str = Field("", description="TURN username, for the TURN URLs above")
+    ice_credential: str = Field("", description="TURN password: a ${ENV} reference")
 
 
 class TwilioTransportOptions(TurnOptions):

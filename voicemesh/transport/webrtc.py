@@ -34,6 +34,7 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.config.connectors import WebRTCTransportOptions
+from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.router import NotFound
 from voicemesh.transport.peer import CallSession, Peer
 from voicemesh.transport.security import ApiKeyAuth, Client
@@ -209,6 +210,22 @@ def offer_problem(text: str) -> None:
         raise HTTPException(400, "the SDP offer has no audio first: add an audio transceiver")
 
 
+def ice_key(options: WebRTCTransportOptions) -> tuple[str, ...]:
+    return (*options.ice_servers, options.ice_username, options.ice_credential)
+
+
+def ice_servers(options: WebRTCTransportOptions) -> list[IceServer]:
+    """aiortc's ICE servers; the TURN credential is resolved from this process's environment
+    here, and lives nowhere else."""
+    if not options.ice_servers:
+        return []
+    credential = resolve_secrets(options.ice_credential) or None
+    username = options.ice_username or None
+    return [
+        IceServer(urls=u, username=username, credential=credential) for u in options.ice_servers
+    ]
+
+
 class CallRequest(BaseModel):
     """What a caller asks for in `request_data`: a named agent, or a session to join."""
 
@@ -252,12 +269,12 @@ def webrtc_routes(
     handlers: dict[tuple[str, ...], SmallWebRTCRequestHandler] = {}
     calls: dict[str, asyncio.Task[None]] = {}
 
-    def handler_for(ice: list[str]) -> SmallWebRTCRequestHandler:
+    def handler_for(options: WebRTCTransportOptions) -> SmallWebRTCRequestHandler:
         """One handler per ICE server list (most deployments have one): it keeps the peer
         connections by pc_id for renegotiation and trickle ICE."""
-        key = tuple(ice)
+        key = ice_key(options)
         if key not in handlers:
-            handlers[key] = SmallWebRTCRequestHandler(ice_servers=[IceServer(urls=u) for u in ice])
+            handlers[key] = SmallWebRTCRequestHandler(ice_servers=ice_servers(options))
         return handlers[key]
 
     sessions_of: dict[str, tuple[str, tuple[str, ...]]] = {}  # pc_id → (session, ice key)
@@ -303,7 +320,11 @@ def webrtc_routes(
             await connection.connect()  # without it pipecat holds back data-channel messages
 
         try:
-            answer = await handler_for(options.ice_servers).handle_web_request(request, start_call)
+            handler = handler_for(options)
+        except SecretResolutionError as exc:  # the transport's environment lacks the TURN secret
+            raise HTTPException(503, f"WebRTC ICE servers: {exc}") from None
+        try:
+            answer = await handler.handle_web_request(request, start_call)
         except Exception as exc:  # aiortc's words for a malformed offer
             raise HTTPException(400, f"the SDP offer could not be answered: {exc}") from None
         if not started:
@@ -312,7 +333,7 @@ def webrtc_routes(
             raise HTTPException(400, "the offer has no audio transceiver: add one (sendrecv)")
         peer = started[0]
         pc_id = answer["pc_id"]
-        sessions_of[pc_id] = (sid, tuple(options.ice_servers))
+        sessions_of[pc_id] = (sid, ice_key(options))
 
         async def run() -> None:
             try:
