@@ -65,7 +65,7 @@ from typing import Any
 
 import orjson
 
-from voicemesh.bench.harness import FLOW, cpu_seconds, machine
+from voicemesh.bench.harness import FLOW, cpu_seconds, machine, stack_env
 from voicemesh.bench.report import summarize
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
@@ -557,17 +557,7 @@ def fmt(x: float | None, digits: int = 1) -> str:
 async def soak(run: Run, command: str) -> tuple[str, bool]:
     data = Path(tempfile.mkdtemp(prefix="voicemesh-soak-"))
     nats_srv, valkey_srv = start_nats(data), start_valkey(data)
-    env_vars = {
-        **os.environ,
-        "NATS_URL": nats_srv.url,
-        "VALKEY_URL": valkey_srv.url,
-        "VOICEMESH_SUBJECT_PREFIX": PREFIX,
-        "VOICEMESH_KEY_PREFIX": PREFIX,
-        "VOICEMESH_LOG_LEVEL": "WARNING",
-        "VOICEMESH_AUTH": "off",
-        "VOICEMESH_PRELOAD": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env_vars = stack_env(nats_srv.url, valkey_srv.url, prefix=PREFIX, VOICEMESH_PRELOAD="false")
     env_vars.pop("VOICEMESH_DEFAULT_AGENT_FILE", None)
     ports = free_ports(run.transports)
     stack = Stack(env_vars, instances=run.instances, http_port=ports[0])

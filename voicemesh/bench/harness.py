@@ -140,21 +140,29 @@ def start_relays(nats_url: str) -> list[subprocess.Popen[bytes]]:
     ]
 
 
+def stack_env(
+    nats_url: str, valkey_url: str, *, prefix: str = PREFIX, **extra: str
+) -> dict[str, str]:
+    """The environment of a benchmark's own stack: its servers, its prefix, quiet logs, no auth
+    (loopback only, like `voicemesh up`), no model downloads."""
+    return {
+        **os.environ,
+        "NATS_URL": nats_url,
+        "VALKEY_URL": valkey_url,
+        "VOICEMESH_SUBJECT_PREFIX": prefix,
+        "VOICEMESH_KEY_PREFIX": prefix,
+        "VOICEMESH_LOG_LEVEL": "WARNING",
+        "VOICEMESH_AUTH": "off",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
+
+
 @contextlib.asynccontextmanager
 async def environment(agent_file: Path, progress: Callable[[str], None]) -> Any:
     data = Path(tempfile.mkdtemp(prefix="voicemesh-bench-"))
     nats_srv, valkey_srv = start_nats(data), start_valkey(data)
-    env_vars = {
-        **os.environ,
-        "NATS_URL": nats_srv.url,
-        "VALKEY_URL": valkey_srv.url,
-        "VOICEMESH_SUBJECT_PREFIX": PREFIX,
-        "VOICEMESH_KEY_PREFIX": PREFIX,
-        "VOICEMESH_LOG_LEVEL": "WARNING",
-        "VOICEMESH_AUTH": "off",  # its own stack on loopback, like `voicemesh up`
-        "VOICEMESH_WEBRTC_LOOPBACK": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
+    env_vars = stack_env(nats_srv.url, valkey_srv.url, VOICEMESH_WEBRTC_LOOPBACK="1")
     store = ConfigStore.from_url(valkey_srv.url, key_prefix=PREFIX)
     raw = await asyncio.to_thread(agent_file.read_bytes)
     await store.ensure_default_agent("local", parse_agent_config(raw))
