@@ -81,12 +81,9 @@ class Call:
             )
             log.info("call started on %s", self.peer.name)
             # The STT stream is assigned now, not at the first turn: that turn starts sooner,
-            # and goes through even if Valkey is down by then (the owner is known).
-            try:
-                self.ingress = await self.svc.router.next_stage(self.session)
-                await self.svc.ensure_owner(self.ingress, self.session)
-            except (NoInstance, *UNREACHABLE) as exc:
-                log.warning("no %s owner yet (the first turn tries again): %s", self.ingress, exc)
+            # and goes through even if Valkey is down by then (the owner is known). In the
+            # background: with no STT instance up, assigning retries for seconds.
+            self._spawn(self._assign_early())
             while (pcm := await self.peer.receive()) is not None:
                 for frame in chunker.push(pcm):
                     events = await detector.push(frame, bot_speaking=self.bot_busy)
@@ -119,6 +116,18 @@ class Call:
             )
             await self.peer.close()
             log.info("call ended")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _assign_early(self) -> None:
+        try:
+            self.ingress = await self.svc.router.next_stage(self.session)
+            await self.svc.ensure_owner(self.ingress, self.session)
+        except (NoInstance, *UNREACHABLE) as exc:
+            log.warning("no %s owner yet (the first turn tries again): %s", self.ingress, exc)
 
     async def _control(self, subject: str, frame: Frame) -> None:
         """The session was deleted (`end` on `vm.ctl`): tell the caller, then hang up."""
@@ -219,9 +228,7 @@ class Call:
         await self.peer.send_event({"type": "interrupted", "epoch": old, "heard": said})
         entry = {"role": "assistant", "content": said, "interrupted": True}
         write = self.svc.store.put_reply(self.session, old, entry, force=True)
-        task = asyncio.create_task(best_effort("storing the cut-off reply", write, False))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(best_effort("storing the cut-off reply", write, False))
 
     # --- bus → caller ------------------------------------------------------------------------
 

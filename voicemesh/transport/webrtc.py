@@ -133,7 +133,6 @@ class WebRTCPeer(Peer):
         self._resampler: soxr.ResampleStream | None = None
         self._rate = 0
         self._gone = asyncio.Event()
-        self.hung_up = False
 
         for state in ("closed", "failed", "disconnected"):
             connection.event_handler(state)(self._on_gone)
@@ -156,8 +155,7 @@ class WebRTCPeer(Peer):
         self._gone.set()
 
     async def _on_message(self, _conn: Any, message: Any) -> None:
-        if isinstance(message, dict) and message.get("type") == "end":
-            self.hung_up = True
+        if isinstance(message, dict) and message.get("type") == "end":  # the caller hung up
             self._gone.set()
 
     async def receive(self) -> bytes | None:
