@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from voicemesh.config.connectors import WebSocketTransportOptions
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.router import Flag, Frame
-from voicemesh.transport.egress import Reorderer, Resampler
+from voicemesh.transport.egress import HOLD_S, MAX_HELD, Reorderer, Resampler
 from voicemesh.transport.vad import FRAME_BYTES, RATE, Rechunker, TurnDetector, TurnEvent, dbfs
 
 # --- SentenceSplitter ------------------------------------------------------------------------
@@ -361,6 +363,51 @@ def test_reorderer_ignores_duplicate_of_played_sentence() -> None:
     assert ro.push(s0) == []  # index 0 already played
     s1 = tts_frame(1, 1, 0, Flag.START | Flag.END | Flag.LAST)
     assert ro.push(s1) == [s1]
+
+
+def test_reorderer_puts_frames_of_a_sentence_in_order_by_seq() -> None:
+    """A pass-through stage with two instances relays one utterance's frames through both: they
+    arrive shuffled, and play in order all the same."""
+    ro = Reorderer(epoch=1)
+    frames = [tts_frame(1, 0, 0, Flag.START)] + [tts_frame(1, 0, n) for n in range(1, 6)]
+    frames.append(tts_frame(1, 0, 6, Flag.END | Flag.LAST))
+    played: list[Frame] = []
+    for i in (1, 2, 4, 5, 0, 3, 6):
+        played += ro.push(frames[i])
+    assert [f.seq for f in played] == list(range(7))
+    assert ro.done
+    # an END that overtakes the sentence's last frames waits for them
+    ro = Reorderer(epoch=2)
+    a, b = tts_frame(2, 0, 0, Flag.START), tts_frame(2, 0, 1)
+    end = tts_frame(2, 0, 2, Flag.END | Flag.LAST)
+    assert ro.push(a) == [a] and ro.push(end) == [] and not ro.done
+    assert ro.push(b) == [b, end] and ro.done
+
+
+def test_reorderer_drops_a_duplicate_frame_of_the_sentence_playing() -> None:
+    ro = Reorderer(epoch=1)
+    a, b = tts_frame(1, 0, 0, Flag.START), tts_frame(1, 0, 1)
+    assert ro.push(a) == [a] and ro.push(b) == [b]
+    assert ro.push(b) == []  # delivered twice: played once
+
+
+def test_reorderer_gives_up_on_a_lost_frame() -> None:
+    """A frame that never comes does not hold the reply forever: after HOLD_S (checked by
+    `expire`), or once MAX_HELD frames wait behind it, play goes on without it."""
+    ro = Reorderer(epoch=1)
+    start = tts_frame(1, 0, 0, Flag.START)
+    end = tts_frame(1, 0, 3, Flag.END | Flag.LAST)
+    assert ro.push(start) == [start]
+    assert ro.push(tts_frame(1, 0, 2)) == []  # 1 is lost
+    assert ro.push(end) == []
+    assert ro.expire() == []  # not yet
+    later = time.monotonic() + HOLD_S + 0.01
+    assert [f.seq for f in ro.expire(later)] == [2, 3]
+    assert ro.done
+    ro = Reorderer(epoch=2)
+    assert ro.push(tts_frame(2, 0, 0, Flag.START))
+    got = [f for n in range(2, MAX_HELD + 3) for f in ro.push(tts_frame(2, 0, n))]
+    assert [f.seq for f in got] == list(range(2, MAX_HELD + 3))
 
 
 # --- Resampler -------------------------------------------------------------------------------

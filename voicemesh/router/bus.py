@@ -90,7 +90,10 @@ class Bus:
             log.warning("nats: %s", exc)
 
         async def on_disconnect() -> None:
-            log.warning("nats: disconnected")
+            if nc.is_closed:  # our own close or drain: nothing is wrong
+                log.debug("nats: connection closed")
+            else:
+                log.warning("nats: disconnected")
 
         async def on_reconnect() -> None:
             log.info("nats: reconnected")

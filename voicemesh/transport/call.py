@@ -126,7 +126,7 @@ class Call:
         try:
             self.ingress = await self.svc.router.next_stage(self.session)
             await self.svc.ensure_owner(self.ingress, self.session)
-        except (NoInstance, *UNREACHABLE) as exc:
+        except Exception as exc:  # NATS or Valkey away, no instance up: the first turn retries
             log.warning("no %s owner yet (the first turn tries again): %s", self.ingress, exc)
 
     async def _control(self, subject: str, frame: Frame) -> None:
@@ -258,7 +258,11 @@ class Call:
             return
         if frame.kind is not Kind.AUDIO:
             return
-        for f in self.reorder.push(frame):
+        await self._play(self.reorder.push(frame))
+
+    async def _play(self, frames: list[Frame]) -> None:
+        """Queue bot audio now in order for the caller."""
+        for f in frames:
             pcm = self.resample(f.payload, f.sample_rate)
             if pcm:
                 if f.epoch == self.trace.epoch and self.trace.audio_out():
@@ -323,6 +327,8 @@ class Call:
         the gap a dead worker costs is the claim's lapse plus up to one of these periods."""
         while True:
             await asyncio.sleep(self.supervisor.ttl_s / 5)
+            # a frame of the reply lost on the way holds up the rest no longer than this
+            await self._play(self.reorder.expire())
             try:
                 await self.supervisor.check(self.reorder.next_index)
             except asyncio.CancelledError:

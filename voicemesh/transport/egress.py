@@ -4,6 +4,7 @@ from the TTS's native rate to the caller's."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -11,28 +12,46 @@ import soxr
 
 from voicemesh.router import Flag, Frame
 
+#: frames of the sentence being played held back waiting for a missing one, at most (~1 s)
+MAX_HELD = 50
+#: how long a missing frame is waited for once later ones are held
+HOLD_S = 0.3
+
 
 @dataclass
 class Reorderer:
-    """Also absorbs a sentence synthesized again from its start (its TTS instance died midway and
-    the unit was redelivered): the audio already played of it is skipped, by duration."""
+    """Sentences in order by index, and each sentence's frames in order by seq: frames of one
+    unit may cross different instances of a stage (a pass-through stage relays each frame as its
+    own unit through a queue group), and arrive out of order. A frame missing for HOLD_S, or more
+    than MAX_HELD frames behind, is given up on.
+
+    Also absorbs a sentence synthesized again from its start (its TTS instance died midway and
+    the unit was redelivered, START at seq 0 again): the audio already played of it is skipped,
+    by duration."""
 
     epoch: int = 0
     next_index: int = 0
     done: bool = False
-    _pending: dict[int, list[Frame]] = field(default_factory=dict)
+    _pending: dict[int, list[Frame]] = field(default_factory=dict)  # later sentences, as arrived
+    _next_seq: int = 0  # of the sentence being played
+    _held: dict[int, Frame] = field(default_factory=dict)  # its frames past a missing one, by seq
+    _held_since: float | None = None
     _played_s: float = 0.0  # of the sentence being played
     _skip_s: float = 0.0
 
     def reset(self, epoch: int) -> None:
         self.epoch, self.next_index, self.done = epoch, 0, False
         self._pending.clear()
+        self._start_sentence()
+
+    def _start_sentence(self) -> None:
+        self._next_seq = 0
+        self._held.clear()
+        self._held_since = None
         self._played_s = self._skip_s = 0.0
 
     def _admit(self, frame: Frame) -> Frame:
         """Account for a frame of the sentence being played; trim what was heard already."""
-        if frame.has(Flag.START) and self._played_s > 0:
-            self._skip_s, self._played_s = self._played_s, 0.0  # the sentence starts over
         if frame.payload and frame.sample_rate:
             payload = frame.payload
             if self._skip_s > 0:
@@ -43,9 +62,53 @@ class Reorderer:
             self._played_s += len(payload) / 2 / frame.sample_rate
         return frame
 
-    def _advance(self) -> None:
-        self.next_index += 1
-        self._played_s = self._skip_s = 0.0
+    def _take(self, frame: Frame, out: list[Frame]) -> bool:
+        """One frame of the sentence being played, in whatever order it came; appends what is
+        playable now to `out`. True once the sentence's END has been played."""
+        if frame.has(Flag.START) and frame.seq == 0 and self._next_seq > 0:
+            # the sentence starts over: what was played of it is skipped by duration
+            self._skip_s, self._played_s = self._played_s, 0.0
+            self._next_seq = 0
+            self._held.clear()
+            self._held_since = None
+        if frame.seq < self._next_seq:
+            return False  # a duplicate of a frame played already
+        if frame.seq > self._next_seq:
+            self._held[frame.seq] = frame
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+            if len(self._held) <= MAX_HELD:
+                return False
+            self._next_seq = min(self._held)  # too far behind: the missing frames are lost
+            frame = self._held.pop(self._next_seq)
+        return self._play_from(frame, out)
+
+    def _play_from(self, frame: Frame | None, out: list[Frame]) -> bool:
+        while frame is not None:
+            out.append(self._admit(frame))
+            self._next_seq = frame.seq + 1
+            if frame.has(Flag.END):
+                return True
+            frame = self._held.pop(self._next_seq, None)
+        self._held_since = time.monotonic() if self._held else None
+        return False
+
+    def _ended(self, last: Frame, out: list[Frame]) -> None:
+        """The sentence being played has ended with `last`: move on through what is pending."""
+        while not last.has(Flag.LAST):
+            self.next_index += 1
+            self._start_sentence()
+            ended = False
+            for queued in self._pending.pop(self.next_index, []):
+                if self._take(queued, out):
+                    ended = True
+                    last = out[-1]
+                    break
+            if not ended:
+                return
+        self.done = True
+        self._pending.clear()
+        self._held.clear()
 
     def push(self, frame: Frame) -> list[Frame]:
         """Frames now playable, in order. Frames of an older turn are dropped."""
@@ -57,19 +120,22 @@ class Reorderer:
             if frame.index > self.next_index:
                 self._pending.setdefault(frame.index, []).append(frame)
             return []
-        out = [self._admit(frame)]
-        last: Frame | None = frame
-        while last is not None and last.has(Flag.END) and not last.has(Flag.LAST):
-            self._advance()
-            last = None
-            for queued in self._pending.pop(self.next_index, []):
-                out.append(self._admit(queued))
-                if queued.has(Flag.END):
-                    last = queued
-                    break
-        if last is not None and last.has(Flag.LAST):
-            self.done = True
-            self._pending.clear()
+        out: list[Frame] = []
+        if self._take(frame, out):
+            self._ended(out[-1], out)
+        return out
+
+    def expire(self, now: float | None = None) -> list[Frame]:
+        """Give up on a frame missing for HOLD_S (called now and then: with no later frame
+        arriving, nothing else would play what is held behind it)."""
+        if self.done or self._held_since is None or not self._held:
+            return []
+        if (now if now is not None else time.monotonic()) - self._held_since < HOLD_S:
+            return []
+        self._next_seq = min(self._held)
+        out: list[Frame] = []
+        if self._play_from(self._held.pop(self._next_seq), out):
+            self._ended(out[-1], out)
         return out
 
 
