@@ -111,7 +111,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", *, role: str | None = 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("nats", "uvicorn.access", "httpx", "faster_whisper", "piper"):
+    for noisy in ("nats", "uvicorn.access", "httpx", "faster_whisper", "piper", "aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     if role:
         bind(role=role)
