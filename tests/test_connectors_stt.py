@@ -102,7 +102,10 @@ def openai_stt(server: OpenAITranscribeServer, **kw: Any) -> OpenAISTT:
     return OpenAISTT(OpenAISTTOptions(api_key=OA_KEY, base_url=server.base_url, **kw))
 
 
-def stt_config(dg_url: str, oa_url: str, chain: list[str], timeout_ms: int = 300) -> AgentConfig:
+# Loopback servers answer in milliseconds, but a connector's first request (SDK client, HTTP
+# connection) on a loaded 2-core machine has taken over 300 ms: the timeout proves hangs end,
+# with room for that.
+def stt_config(dg_url: str, oa_url: str, chain: list[str], timeout_ms: int = 800) -> AgentConfig:
     return AgentConfig.model_validate(
         {
             "pipeline": {
