@@ -1,14 +1,16 @@
-"""What the text-to-speech loopback servers share: the audio a loopback voice "says" (`tone_pcm`)
-and a chunked PCM body that can be cut mid-stream (`PCMStream`)."""
+"""What the text-to-speech loopback servers share: the audio a loopback voice "says" (`tone_pcm`),
+a chunked PCM body that can be cut mid-stream (`PCMStream`), and their common base
+(`SpeechServer`: the voice's settings, the last request, the spoken reply)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 from starlette.types import Receive, Scope, Send
 
-from voicemesh.testing.loopback.base import cut_on_purpose
+from voicemesh.testing.loopback.base import Failure, LoopbackServer, cut_on_purpose
 
 AMPLITUDE = 8000
 
@@ -23,6 +25,39 @@ def tone_pcm(text: str, sample_rate: int, frequency_hz: float, ms_per_word: int)
 
 def chunk_bytes_for(sample_rate: int, chunk_ms: int, chunk_bytes: int | None) -> int:
     return chunk_bytes if chunk_bytes else sample_rate * chunk_ms // 1000 * 2
+
+
+class SpeechServer(LoopbackServer):
+    """A loopback TTS provider: each subclass speaks its provider's protocol and errors; what it
+    says is always a tone of `frequency_hz` lasting `ms_per_word` a word."""
+
+    default_frequency_hz = 440.0
+
+    def __init__(
+        self,
+        *,
+        frequency_hz: float | None = None,
+        ms_per_word: int = 120,
+        chunk_ms: int = 100,
+        chunk_bytes: int | None = None,
+        api_key: str | None = None,
+    ):
+        """`chunk_bytes` overrides `chunk_ms` (an odd size tests sample re-alignment); `api_key`
+        None accepts any non-empty key."""
+        self.frequency_hz = frequency_hz if frequency_hz is not None else self.default_frequency_hz
+        self.ms_per_word = ms_per_word
+        self.chunk_ms, self.chunk_bytes, self.api_key = chunk_ms, chunk_bytes, api_key
+        self.last: dict[str, Any] | None = None  # the last synthesis request, for assertions
+        super().__init__()
+
+    def speak(self, text: str, sample_rate: int, failure: Failure, **kw: Any) -> PCMStream:
+        """The reply: `text` as the tone, streamed in chunks, cut short by a "die" failure."""
+        return PCMStream(
+            tone_pcm(text, sample_rate, self.frequency_hz, self.ms_per_word),
+            chunk_bytes=chunk_bytes_for(sample_rate, self.chunk_ms, self.chunk_bytes),
+            die_after=failure.after if failure.mode == "die" else None,
+            **kw,
+        )
 
 
 class PCMStream:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from voicemesh.testing.loopback.audio import PCMStream, chunk_bytes_for, tone_pcm
-from voicemesh.testing.loopback.base import Failure, LoopbackServer, hang
+from voicemesh.testing.loopback.audio import PCMStream, SpeechServer
+from voicemesh.testing.loopback.base import Failure, hang
 
 RAW_FORMAT = re.compile(r"^raw-(\d+)(k?)hz-16bit-mono-pcm$")  # raw-16khz-…, raw-22050hz-…
 VOICES = ["en-US-JennyNeural", "en-US-GuyNeural", "en-GB-SoniaNeural"]
@@ -32,23 +31,10 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]  # "{namespace}voice" -> "voice"
 
 
-class AzureSpeechServer(LoopbackServer):
+class AzureSpeechServer(SpeechServer):
     name = "azure"
 
-    def __init__(
-        self,
-        *,
-        frequency_hz: float = 500.0,
-        ms_per_word: int = 120,
-        chunk_ms: int = 100,
-        chunk_bytes: int | None = None,
-        api_key: str | None = None,
-    ):
-        """`chunk_bytes` overrides `chunk_ms`; `api_key` None accepts any non-empty key."""
-        self.frequency_hz, self.ms_per_word = frequency_hz, ms_per_word
-        self.chunk_ms, self.chunk_bytes, self.api_key = chunk_ms, chunk_bytes, api_key
-        self.last: dict[str, Any] | None = None  # the last synthesis request, for assertions
-        super().__init__()
+    default_frequency_hz = 500.0
 
     def build(self) -> Starlette:
         return Starlette(
@@ -119,11 +105,10 @@ class AzureSpeechServer(LoopbackServer):
             lang=root.get("{http://www.w3.org/XML/1998/namespace}lang"),
         )
         sample_rate = int(fmt.group(1)) * (1000 if fmt.group(2) else 1)
-        pcm = tone_pcm(text, sample_rate, self.frequency_hz, self.ms_per_word)
-        return PCMStream(
-            pcm,
-            chunk_bytes=chunk_bytes_for(sample_rate, self.chunk_ms, self.chunk_bytes),
-            die_after=failure.after if failure.mode == "die" else None,
+        return self.speak(
+            text,
+            sample_rate,
+            failure,
             media_type="audio/x-wav",  # what Azure labels raw PCM with
             headers={"X-RequestId": f"req-{self.requests}"},
         )

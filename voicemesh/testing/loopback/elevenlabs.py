@@ -15,28 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from voicemesh.testing.loopback.audio import PCMStream, chunk_bytes_for, tone_pcm
-from voicemesh.testing.loopback.base import Failure, LoopbackServer, hang
+from voicemesh.testing.loopback.audio import PCMStream, SpeechServer
+from voicemesh.testing.loopback.base import Failure, hang
 
 
-class ElevenLabsServer(LoopbackServer):
+class ElevenLabsServer(SpeechServer):
     name = "elevenlabs"
 
-    def __init__(
-        self,
-        *,
-        frequency_hz: float = 300.0,
-        ms_per_word: int = 120,
-        chunk_ms: int = 100,
-        chunk_bytes: int | None = None,
-        api_key: str | None = None,
-    ):
-        """`chunk_bytes` overrides `chunk_ms` (an odd size tests sample re-alignment); `api_key`
-        None accepts any non-empty key."""
-        self.frequency_hz, self.ms_per_word = frequency_hz, ms_per_word
-        self.chunk_ms, self.chunk_bytes, self.api_key = chunk_ms, chunk_bytes, api_key
-        self.last: dict[str, Any] | None = None  # the last synthesis request, for assertions
-        super().__init__()
+    default_frequency_hz = 300.0
 
     def build(self) -> Starlette:
         return Starlette(
@@ -104,12 +90,8 @@ class ElevenLabsServer(LoopbackServer):
                 400, "invalid_output_format", f"the loopback serves only pcm_*, not {output_format}"
             )
         sample_rate = int(rate)
-        pcm = tone_pcm(text, sample_rate, self.frequency_hz, self.ms_per_word)
-        return PCMStream(
-            pcm,
-            chunk_bytes=chunk_bytes_for(sample_rate, self.chunk_ms, self.chunk_bytes),
-            die_after=failure.after if failure.mode == "die" else None,
-            headers={"request-id": f"req-{self.requests}"},
+        return self.speak(
+            text, sample_rate, failure, headers={"request-id": f"req-{self.requests}"}
         )
 
     def _voice_json(self, voice_id: str) -> dict[str, Any]:

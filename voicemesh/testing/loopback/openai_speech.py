@@ -16,30 +16,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from voicemesh.testing.loopback.audio import PCMStream, chunk_bytes_for, tone_pcm
-from voicemesh.testing.loopback.base import Failure, LoopbackServer, hang
+from voicemesh.testing.loopback.audio import PCMStream, SpeechServer
+from voicemesh.testing.loopback.base import Failure, hang
 
 SAMPLE_RATE = 24000
 MODELS = ["gpt-4o-mini-tts", "tts-1", "tts-1-hd"]
 
 
-class OpenAISpeechServer(LoopbackServer):
+class OpenAISpeechServer(SpeechServer):
     name = "openai-speech"
 
-    def __init__(
-        self,
-        *,
-        frequency_hz: float = 700.0,
-        ms_per_word: int = 120,
-        chunk_ms: int = 100,
-        chunk_bytes: int | None = None,
-        api_key: str | None = None,
-    ):
-        """`chunk_bytes` overrides `chunk_ms`; `api_key` None accepts any non-empty key."""
-        self.frequency_hz, self.ms_per_word = frequency_hz, ms_per_word
-        self.chunk_ms, self.chunk_bytes, self.api_key = chunk_ms, chunk_bytes, api_key
-        self.last: dict[str, Any] | None = None  # the last synthesis request, for assertions
-        super().__init__()
+    default_frequency_hz = 700.0
 
     def build(self) -> Starlette:
         return Starlette(
@@ -120,12 +107,8 @@ class OpenAISpeechServer(LoopbackServer):
                 "invalid_request_error",
                 "unsupported_format",
             )
-        pcm = tone_pcm(body["input"], SAMPLE_RATE, self.frequency_hz, self.ms_per_word)
-        return PCMStream(
-            pcm,
-            chunk_bytes=chunk_bytes_for(SAMPLE_RATE, self.chunk_ms, self.chunk_bytes),
-            die_after=failure.after if failure.mode == "die" else None,
-            headers={"x-request-id": f"req_{self.requests}"},
+        return self.speak(
+            body["input"], SAMPLE_RATE, failure, headers={"x-request-id": f"req_{self.requests}"}
         )
 
     def _model_json(self, model: str) -> dict[str, Any]:
