@@ -24,7 +24,7 @@ AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
 # file) that would otherwise run through VAD and onto the bus as one long utterance at once.
 MAX_AUDIO_MESSAGE = 2 * RATE * 2
 CONTROL_TYPES = ("end",)
-_HANG_UP = "\x00hang up"  # a writer-queue marker, never sent
+_HANG_UP = object()  # the writer's marker: close the socket after what was queued before it
 
 
 def audio_problem(data: bytes) -> str | None:
@@ -53,7 +53,7 @@ class WebSocketPeer(Peer):
 
     def __init__(self, ws: WebSocket):
         self.ws = ws
-        self._out: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._out: asyncio.Queue[bytes | str | object | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
     async def receive(self) -> bytes | None:
@@ -81,7 +81,7 @@ class WebSocketPeer(Peer):
     async def send_event(self, body: dict[str, Any]) -> None:
         self._put(orjson.dumps(body).decode())
 
-    def _put(self, item: bytes | str) -> None:
+    def _put(self, item: bytes | str | object) -> None:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
         self._out.put_nowait(item)
@@ -92,12 +92,12 @@ class WebSocketPeer(Peer):
     async def _write(self) -> None:
         while (item := await self._out.get()) is not None:
             try:
-                if item is _HANG_UP:  # after what was queued before it
+                if item is _HANG_UP:
                     await self.ws.close(code=4404, reason="session deleted")
                     return
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)
-                else:
+                elif isinstance(item, str):
                     await self.ws.send_text(item)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 return

@@ -14,6 +14,7 @@ Azure produces it; chunks are re-aligned to whole samples.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from xml.sax.saxutils import escape, quoteattr
@@ -122,12 +123,10 @@ class AzureTTS(TTSConnector):
             ) as response:
                 if response.status_code >= 400:
                     raise _error(response, await response.aread())
-                aligned = whole_samples(response.aiter_bytes())
-                try:
+                # closed at once on an early stop too (a fallback, a barge-in)
+                async with contextlib.aclosing(whole_samples(response.aiter_bytes())) as aligned:
                     async for chunk in aligned:
                         yield chunk
-                finally:
-                    await aligned.aclose()  # type: ignore[attr-defined]
 
     async def probe(self) -> None:
         """GET the voices list: the key works for this region (only the status is read)."""

@@ -7,6 +7,7 @@ failure. Its status errors carry `status_code` and the response (Retry-After inc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -58,12 +59,10 @@ class OpenAITTS(SDKClient, TTSConnector):
             async with self.client.audio.speech.with_streaming_response.create(
                 model=opts.model, voice=opts.voice, input=text, response_format="pcm", **extra
             ) as response:
-                aligned = whole_samples(response.iter_bytes())
-                try:
+                # closed at once on an early stop too (a fallback, a barge-in)
+                async with contextlib.aclosing(whole_samples(response.iter_bytes())) as aligned:
                     async for chunk in aligned:
                         yield chunk
-                finally:
-                    await aligned.aclose()  # type: ignore[attr-defined]
 
     async def probe(self) -> None:
         """GET /v1/models: the key works and the server answers."""
