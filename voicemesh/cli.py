@@ -74,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(server.serve())
         return 0 if server.started else 3  # startup failed (logged), as uvicorn.run exits
 
+    from voicemesh.connectors.proof import EngineError
+    from voicemesh.launcher import ENGINE_FAILED
     from voicemesh.pipeline import SERVICES, run_service
 
     async def checked() -> None:
@@ -85,6 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (BusError, StoreError) as exc:
         print(f"voicemesh serve {args.role}: {exc}", file=sys.stderr)
         return 1
+    except EngineError as exc:  # `up` shows this line; its status tells it not to restart
+        print(f"voicemesh serve {args.role}: {exc}", file=sys.stderr, flush=True)
+        return ENGINE_FAILED
     return 0
 
 
@@ -121,9 +126,12 @@ async def _seed_agent(settings: Any, valkey_url: str, agent_file: Path) -> str:
 
 
 def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port that uvicorn would refuse, and only that: uvicorn binds with SO_REUSEADDR,
+    so the TIME_WAIT sockets a stack stopped a moment ago leaves behind do not count."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -228,11 +236,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"up: web client and API at http://{args.host}:{args.port}/  (API docs /docs; "
             f"calls: WebRTC offers at /api/offer, WebSocket at /ws/call). Ctrl-C stops."
         )
-        while not stop:
-            if dead := stack.dead():
-                _say(f"{', '.join(dead)} exited; stopping")
-                return 1
-            time.sleep(0.3)
+        asyncio.run(stack.supervise(lambda: stop, _say))
         return 0
     except (ServerError, StartupError, BusError, StoreError, OSError, ValueError) as exc:
         _say(f"error: {exc}")
@@ -290,6 +294,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"         bot said:  {turn.bot_text!r}")
         latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "no reply"
         print(f"         end of speech to first bot audio: {latency}")
+        if turn.error:
+            print(f"         error: {turn.error}")
         if turn.phases:
             parts = [
                 f"{k.removesuffix('_ms')} {v:.0f}" for k, v in turn.phases.items() if v is not None

@@ -77,6 +77,13 @@ class Settings(ConnectionSettings):
     key_prefix: str = Field("vm", pattern=r"^[A-Za-z0-9_:-]+$")
     session_ttl_s: int = Field(3600, ge=10, le=30 * 86400)
     lease_ttl_ms: int = Field(3000, ge=300, le=120_000)
+    stage_wait_ms: int = Field(
+        5000,
+        ge=500,
+        le=120_000,
+        description="how long a turn waits for an instance of its next stage to take its work "
+        "(resent meanwhile) before the caller gets an error naming the stage",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
     http_host: str = "127.0.0.1"

@@ -16,6 +16,9 @@ Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content":
 class Connector(ABC):
     stage: ClassVar[str]
     name: ClassVar[str]
+    #: The native engine a local connector runs in this process (None for a remote provider):
+    #: it is proven on real input at startup (voicemesh.connectors.proof).
+    engine: ClassVar[str | None] = None
 
     def __init__(self, options: ConnectorOptions):
         self.options = options

@@ -20,7 +20,8 @@ from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
-from voicemesh.connectors.registry import RELAYS, ConnectorPool
+from voicemesh.connectors.proof import prove, prove_isolated
+from voicemesh.connectors.registry import RELAYS, ConnectorPool, connector_class
 from voicemesh.router import Bus, ConfigStore, Frame, Kind, NoRoute, ServiceRouter, Subjects
 from voicemesh.router.claims import Claims
 from voicemesh.router.store import best_effort
@@ -103,13 +104,26 @@ class StageService:
         """Subscribe to this stage's work."""
 
     async def preload(self) -> None:
-        """Load the default agent's engines for this stage now, not on the first call."""
+        """Load the default agent's engines for this stage now, not on the first call, and prove
+        each local engine on real input (EngineError if one cannot run here: the role exits)."""
         agent = await self.store.get_default_agent()
         if agent is None or self.role not in agent.config.connectors:
             return
         t0 = time.perf_counter()
-        for error in await self.chain(agent.config).preload():
+        chain = self.chain(agent.config)
+        engines = [(n, connector_class(self.role, n)) for n in chain.names]
+        for name, cls in engines:
+            if cls.engine is not None:
+                options = agent.config.options(self.role, name)
+                log.info(
+                    "proved in a child process: %s",
+                    await prove_isolated(self.role, name, options, cls.engine),
+                )
+        for error in await chain.preload():
             log.warning("preloading failed (will retry on use): %s", error)
+        for name, cls in engines:
+            if cls.engine is not None:
+                log.info("proved: %s", await prove(await chain.get(name)))
         log.info("loaded %s engines in %.1f s", self.role, time.perf_counter() - t0)
 
     def chain(self, config: AgentConfig) -> Chain:

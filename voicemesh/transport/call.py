@@ -23,7 +23,7 @@ from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.peer import Peer
 from voicemesh.transport.playout import Playout, truncate
 from voicemesh.transport.service import NoInstance
-from voicemesh.transport.supervisor import TurnSupervisor
+from voicemesh.transport.supervisor import Stalled, TurnSupervisor
 from voicemesh.transport.trace import TurnTrace
 from voicemesh.transport.vad import FRAME_MS, RATE, Rechunker, TurnDetector
 
@@ -56,6 +56,7 @@ class Call:
         self._ignoring = False  # a turn spoken over the bot with barge-in off
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ended = asyncio.Event()  # the session was deleted: hang up
+        self._abandoned = 0  # the last turn given up for want of a stage instance
 
     @property
     def bot_busy(self) -> bool:
@@ -184,11 +185,15 @@ class Call:
             Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
         )
         await self.peer.send_event({"type": "turn", "epoch": self.epoch})
+        # In the background: with no instance up, assigning waits up to stage_wait_ms, and the
+        # caller's audio must keep flowing meanwhile (the end of the turn replays it anyway).
+        self._spawn(self._own_ingress(self.epoch))
+
+    async def _own_ingress(self, epoch: int) -> None:
         try:
             await self.svc.ensure_owner(self.ingress, self.session)
         except NoInstance as exc:
-            log.error("%s", exc)
-            await self.peer.send_event({"type": "error", "error": str(exc), "epoch": self.epoch})
+            await self._abandon(Stalled(self.ingress, epoch, str(exc)))
 
     async def _end_turn(self) -> None:
         # END|LAST: the utterance is the turn's one unit, so a flow that relays it unchanged
@@ -199,17 +204,43 @@ class Call:
         self.utterance.append(end)
         self.trace.ended()
         self.replying, self.sentences = self.epoch, {}
+        self.supervisor.ended(self.utterance)
+        self._spawn(self._hand_over(self.epoch, self.utterance, end))
+        self.utterance = []
+        await self.peer.send_event({"type": "user_stopped", "epoch": self.epoch})
+
+    async def _hand_over(self, epoch: int, utterance: list[Frame], end: Frame) -> None:
+        """Send the utterance's end to its owner, or all of it to a new owner; in the background,
+        since finding an owner may wait up to stage_wait_ms while the caller goes on speaking."""
         try:
-            if await self.svc.ensure_owner(self.ingress, self.session, replay=self.utterance):
-                log.info("stt owner changed: replayed %d frames", len(self.utterance))
+            if await self.svc.ensure_owner(self.ingress, self.session, replay=utterance):
+                log.info("stt owner changed: replayed %d frames", len(utterance))
             else:
                 await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), end)
         except NoInstance as exc:
-            log.error("%s", exc)
-            await self.peer.send_event({"type": "error", "error": str(exc), "epoch": self.epoch})
-        self.supervisor.ended(self.utterance)
-        self.utterance = []
-        await self.peer.send_event({"type": "user_stopped", "epoch": self.epoch})
+            await self._abandon(Stalled(self.ingress, epoch, str(exc)))
+
+    async def _abandon(self, stalled: Stalled) -> None:
+        """No instance took the turn's work in time: tell the caller which stage is missing, say
+        it once in the log, and close the turn so the next one starts clean (not a barge-in)."""
+        if stalled.epoch <= self._abandoned:
+            return  # both the hand-over and the supervisor may find it: one error is enough
+        self._abandoned = stalled.epoch
+        if self.supervisor.turn is not None and self.supervisor.turn.epoch == stalled.epoch:
+            self.supervisor.turn.complete = True  # nothing more of it is resent
+        log.error("turn %d given up: %s", stalled.epoch, stalled.error)
+        await self.peer.send_event(
+            {
+                "type": "error",
+                "error": stalled.error,
+                "stage": stalled.stage,
+                "epoch": stalled.epoch,
+            }
+        )
+        if self.replying == stalled.epoch:
+            # whatever of the reply was queued still plays; the reply ends after it
+            self.playout.end_reply(stalled.epoch)
+            self._audio_ready.set()
 
     async def _interrupt(self) -> None:
         """Cut the bot off: nothing more of its reply is played from this instant, the stages drop
@@ -330,7 +361,8 @@ class Call:
             # a frame of the reply lost on the way holds up the rest no longer than this
             await self._play(self.reorder.expire())
             try:
-                await self.supervisor.check(self.reorder.next_index)
+                if stalled := await self.supervisor.check(self.reorder.next_index):
+                    await self._abandon(stalled)
             except asyncio.CancelledError:
                 raise
             except UNREACHABLE:

@@ -31,6 +31,10 @@ class TurnResult:
     indexes: list[int] = field(default_factory=list)
     #: the transport's per-phase figures for the turn (eou, stt, llm_ttft, tts_ttfb, v2v, ...)
     phases: dict[str, float | None] = field(default_factory=dict)
+    #: the transport gave the turn up (e.g. "no llm instance is running"), this long after the
+    #: end of the caller's speech
+    error: str | None = None
+    error_ms: float | None = None
 
 
 @dataclass
@@ -116,6 +120,11 @@ class Script:
             turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}  # type: ignore[misc]
         elif kind == "bot_done":
             self.done.set()
+        elif kind == "error":
+            turn.error = str(ev.get("error"))
+            if self.speech_end is not None:
+                turn.error_ms = (time.perf_counter() - self.speech_end) * 1000
+            self.done.set()  # the turn is over: no reply is coming
 
     async def speak(
         self,

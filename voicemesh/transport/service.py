@@ -153,14 +153,31 @@ class TransportService:
         return False
 
     async def _assign(self, stage: str, session: str) -> str:
+        """Ask the stage's instances to take the session, retrying for up to stage_wait_ms: an
+        instance being restarted gets that long to come back."""
         payload = orjson.dumps({"session_id": session})
-        for attempt in range(20):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.stage_wait_ms / 1000
+        attempt, running = 0, False
+        while True:
+            left = deadline - loop.time()
             try:
-                reply = await self.bus.nc.request(self.subjects.assign(stage), payload, timeout=2)
+                reply = await self.bus.nc.request(
+                    self.subjects.assign(stage), payload, timeout=max(0.2, min(2.0, left))
+                )
                 body = orjson.loads(reply.data)
                 if "owner" in body:
                     return str(body["owner"])
                 raise NoInstance(f"{stage} refused session {session}: {body.get('error')}")
-            except (NoRespondersError, NatsTimeout):
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-        raise NoInstance(f"no {stage} instance answered for session {session}")
+            except NoRespondersError:
+                pass
+            except NatsTimeout:
+                running = True  # someone listens, but did not answer in time
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.05 * 2**attempt, 1.0, max(0.0, deadline - loop.time())))
+            attempt += 1
+        wait = self.settings.stage_wait_ms / 1000
+        if running:
+            raise NoInstance(f"no {stage} instance took session {session} within {wait:g} s")
+        raise NoInstance(f"no {stage} instance is running")

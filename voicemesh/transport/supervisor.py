@@ -1,12 +1,16 @@
 """The transport supervises each call's turn so that a stage instance dying mid-work costs a
-short gap, not the turn.
+short gap, not the turn, and a stage with no instance at all costs a clear error, not silence.
 
 Every unit of work is claimed in Valkey by the instance doing it (voicemesh.router.claims). For
-the turn in progress, the supervisor looks every third of a lease TTL at the unit the reply is
-waiting for: the utterance (STT lease), the LLM turn, or the next sentence (TTS claim). A unit
-with no claim a lease TTL after it was sent has lost its worker, so it is sent again: the
-utterance is replayed to a new STT owner, the LLM turn resumes after the sentences already sent,
-a sentence is synthesized again (the reorderer skips what was already heard).
+the turn in progress, the supervisor looks every fifth of a lease TTL (Call._supervise) at the
+unit the reply is waiting for: the utterance (STT lease), the LLM turn, or the next sentence (TTS
+claim). A unit with no claim a lease TTL after it was sent has lost its worker, so it is sent
+again: the utterance is replayed to a new STT owner, the LLM turn resumes after the sentences
+already sent, a sentence is synthesized again (the reorderer skips what was already heard).
+
+A unit that no instance has taken for `stage_wait_ms` (resends included) is given up: `check`
+returns a Stalled naming the stage, and the call tells the caller and closes the turn. A role that
+`voicemesh up` restarts within that time picks the resent unit up, so the turn goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nats.errors import NoRespondersError
+
 from voicemesh.router import Flag, Frame
 from voicemesh.router.claims import DONE, Claims
+from voicemesh.transport.service import NoInstance
 
 if TYPE_CHECKING:
     from voicemesh.transport.service import TransportService
@@ -33,16 +40,30 @@ class TurnWork:
     user_text: str | None = None
     sent_at: dict[str, float] = field(default_factory=dict)  # unit -> when (re)sent or seen
     claimed: set[str] = field(default_factory=set)  # units seen claimed since last (re)sent
+    #: unit -> since when it has waited for a taker (no claim or lease seen); cleared by one
+    unclaimed: dict[str, float] = field(default_factory=dict)
+    taken_once: set[str] = field(default_factory=set)  # units seen taken at least once
+    resent: set[str] = field(default_factory=set)  # units resent (and logged) this turn
     complete: bool = False
     #: Valkey was unreachable during the turn, so its units may have been taken without a claim:
     #: a missing claim proves nothing, and resending could say the reply twice
     unsupervised: bool = False
 
 
+@dataclass(frozen=True)
+class Stalled:
+    """No instance of `stage` took the turn's work in time: the turn is over, with `error`."""
+
+    stage: str
+    epoch: int
+    error: str
+
+
 class TurnSupervisor:
     def __init__(self, service: TransportService, session: str):
         self.svc, self.session = service, session
         self.ttl_s = service.settings.lease_ttl_ms / 1000
+        self.wait_s = service.settings.stage_wait_ms / 1000
         self.claims = Claims(
             service.store.client,
             keys=service.store.keys,
@@ -80,66 +101,130 @@ class TurnSupervisor:
         if self.turn is not None and self.turn.epoch == epoch:
             self.turn.complete = True
 
+    def _taken(self, unit: str) -> None:
+        assert self.turn is not None
+        self.turn.unclaimed.pop(unit, None)
+        self.turn.taken_once.add(unit)
+
+    def _untaken(self, unit: str, now: float, since: float | None = None) -> bool:
+        """Note that `unit` has no taker; True once it has waited longer than the bound. It
+        waits from `since` (when it was sent) or, if a worker had taken it, from now (the
+        worker's claim has just lapsed)."""
+        t = self.turn
+        assert t is not None
+        start = now if since is None or unit in t.taken_once else since
+        first = t.unclaimed.setdefault(unit, start)
+        return now - first > self.wait_s
+
+    def _resending(self, unit: str, what: str) -> None:
+        """Say a unit is sent again once per turn: resending every lease TTL while no instance
+        runs filled the log with one line every 2 s, and the first line says all of it."""
+        t = self.turn
+        assert t is not None
+        first = unit not in t.resent
+        t.resent.add(unit)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "turn %d: %s (for up to %g s)",
+            t.epoch,
+            what,
+            self.wait_s,
+        )
+
+    async def stalled(self, stage: str, reason: str | None = None) -> Stalled:
+        """Give the turn up (nothing of it is resent again) and say why, in the caller's words:
+        whether any instance of the stage is running at all is one health ping away."""
+        t = self.turn
+        assert t is not None
+        t.complete = True
+        if reason is None:
+            try:
+                await self.svc.bus.nc.request(
+                    self.svc.subjects.health(stage), b"{}", timeout=min(1.0, self.wait_s)
+                )
+                reason = f"no {stage} instance took turn {t.epoch} within {self.wait_s:g} s"
+            except NoRespondersError:
+                reason = f"no {stage} instance is running"
+            except Exception:  # timed out: instances may exist but none answers
+                reason = f"no {stage} instance answered within {self.wait_s:g} s"
+        return Stalled(stage, t.epoch, reason)
+
     def _stale(self, unit: str, now: float, since: float | None = None) -> bool:
         t = self.turn
         assert t is not None
         first = t.sent_at.setdefault(unit, since if since is not None else now)
         return now - first > self.ttl_s
 
-    async def check(self, next_index: int) -> None:
-        """Resend the unit the reply is waiting for if its worker is gone."""
+    async def check(self, next_index: int) -> Stalled | None:
+        """Resend the unit the reply is waiting for if its worker is gone; give the turn up
+        (a Stalled) if no instance has taken it for `stage_wait_ms`."""
         t = self.turn
         if t is None or t.complete or t.unsupervised or t.ended_at is None:
-            return
+            return None
         config = await self.svc.router.load_config(self.session)
         if config.next_hop("stt", "text") != "llm" or config.next_hop("llm", "text") != "tts":
-            return  # supervision knows the standard flow only
+            return None  # supervision knows the standard flow only
         now = time.monotonic()
         if t.user_text is None:  # waiting for STT: its lease tells whether its owner lives
             holder = await self.svc.store.client.get(self.svc.store.keys.lease("stt", self.session))
-            if holder is None and self._stale("stt", now, t.ended_at):
-                log.warning("turn %d: the STT owner is gone; replaying the utterance", t.epoch)
-                await self.svc.ensure_owner("stt", self.session, replay=t.utterance)
+            if holder is not None:
+                self._taken("stt")
+                return None
+            if self._untaken("stt", now, t.ended_at):
+                return await self.stalled("stt")
+            if self._stale("stt", now, t.ended_at):
+                self._resending("stt", "the STT owner is gone; replaying the utterance")
+                try:
+                    await self.svc.ensure_owner("stt", self.session, replay=t.utterance)
+                except NoInstance as exc:  # it waited the bound already
+                    return await self.stalled("stt", str(exc))
                 t.sent_at["stt"] = now
                 self.redeliveries += 1
-            return
+            return None
         llm = await self.claims.state(self.claims.key("llm", self.session, t.epoch))
         if llm is None:
+            if self._untaken("llm", now, t.sent_at.get("llm")):
+                return await self.stalled("llm")
             if self._stale("llm", now):
-                log.warning("turn %d: no LLM instance holds the turn; sending it again", t.epoch)
+                self._resending("llm", "no LLM instance holds the turn; sending it again")
                 await self._send(
                     "llm",
                     Frame.text(t.user_text, epoch=t.epoch, flags=Flag.START | Flag.END | Flag.LAST),
                 )
                 t.sent_at["llm"] = now
-            return
+            return None
+        self._taken("llm")
         if not llm.startswith(f"{DONE}:"):
-            return  # a live instance is generating
+            return None  # a live instance is generating
         sentences = int(llm.split(":", 1)[1])
         if next_index > sentences:
-            return
+            return None
         key = self.claims.key("tts", self.session, t.epoch, next_index)
         unit = f"tts{next_index}"
         if await self.claims.state(key) is not None:
             t.claimed.add(unit)
-            return
+            self._taken(unit)
+            return None
+        if self._untaken(unit, now):
+            return await self.stalled("tts")
         # a claim seen alive and now gone lapsed a full TTL after its worker's last renewal: the
         # worker is dead, no need to wait another TTL; a unit never seen claimed gets one TTL
         if unit not in t.claimed and not self._stale(unit, now):
-            return
+            return None
         t.claimed.discard(unit)
         progress = await self.claims.progress(self.session, t.epoch)
         if next_index < sentences:
             if next_index >= len(progress):
-                return
+                return None
             frame = Frame.text(
                 progress[next_index], epoch=t.epoch, index=next_index, flags=Flag.START | Flag.END
             )
         else:
             frame = Frame.text("", epoch=t.epoch, index=next_index, flags=Flag.END | Flag.LAST)
-        log.warning("turn %d: sentence %d has no TTS worker; sending it again", t.epoch, next_index)
+        self._resending(unit, f"sentence {next_index} has no TTS worker; sending it again")
         await self._send("tts", frame)
         t.sent_at[f"tts{next_index}"] = now
+        return None
 
     async def _send(self, stage: str, frame: Frame) -> None:
         self.redeliveries += 1

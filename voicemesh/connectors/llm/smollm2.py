@@ -42,6 +42,7 @@ def _model(n_ctx: int, threads: int) -> tuple[Any, threading.Lock]:
 
 class SmolLM2LLM(LLMConnector):
     name = "smollm2"
+    engine = "llama.cpp"
     options: SmolLM2Options
 
     async def warmup(self) -> None:

@@ -40,6 +40,7 @@ def pcm16_to_float(pcm: bytes, sample_rate: int) -> np.ndarray:
 
 class WhisperSTT(STTConnector):
     name = "whisper"
+    engine = "faster-whisper (CTranslate2)"
     options: WhisperOptions
 
     async def warmup(self) -> None:

@@ -30,6 +30,7 @@ def _voice(name: str) -> tuple[Any, threading.Lock]:
 
 class PiperTTS(TTSConnector):
     name = "piper"
+    engine = "Piper (onnxruntime)"
     options: PiperOptions
 
     async def warmup(self) -> None:
