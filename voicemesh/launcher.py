@@ -83,7 +83,7 @@ class Stack:
         if it dies."""
         self.specs[name] = (role, extra_env)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "voicemesh", "serve", role],
+            self.command(role),
             env={**self.env, **extra_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -92,6 +92,9 @@ class Stack:
         threading.Thread(target=_relay, args=(proc, tail), daemon=True).start()
         self.procs[name] = proc
         return proc
+
+    def command(self, role: str) -> list[str]:
+        return [sys.executable, "-m", "voicemesh", "serve", role]
 
     def respawn(self, name: str) -> subprocess.Popen[bytes]:
         role, extra_env = self.specs[name]
@@ -206,13 +209,13 @@ class Stack:
 
 
 def _relay(proc: subprocess.Popen[bytes], tail: deque[str]) -> None:
-    """Pass a role's output on to ours line by line, keeping its last lines."""
+    """Pass a role's output (its log) on to our stderr line by line, keeping its last lines."""
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
         tail.append(line)
         try:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-        except (OSError, ValueError):  # our stdout is gone (closed pipe, ended test capture)
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # our stderr is gone (closed pipe, ended test capture)
             pass

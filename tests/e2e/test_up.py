@@ -3,6 +3,7 @@ the default agent, starts every role, serves the API, and on Ctrl-C leaves nothi
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,7 @@ import pytest
 
 from tests.conftest import AGENT_FILE, ROOT
 from voicemesh.servers import free_port
+from voicemesh.transport.client import load_pcm16
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +185,150 @@ def test_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         for _, pid in embedded_servers(data, ports):
             os.kill(pid, signal.SIGKILL)
         stderr.close()
+
+
+# --- supervision: a role that dies is restarted; one whose engine cannot run stops `up` ---------
+
+
+class Up:
+    """`voicemesh up` as a newcomer runs it (embedded servers, the default agent), output read."""
+
+    def __init__(self, tmp_path: Path, **env: str):
+        self.data = tmp_path / "vm-up-data"
+        self.port = free_port()
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NATS_URL", "VALKEY_URL") and not k.startswith("VOICEMESH_")
+        }
+        self.stderr = (tmp_path / "up.stderr").open("w")
+        argv = [sys.executable, "-m", "voicemesh", "up", "--data-dir", str(self.data)]
+        self.proc = subprocess.Popen(
+            [*argv, "--port", str(self.port), "--agent-file", str(AGENT_FILE)],
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            cwd=ROOT,
+            env={**base, "HF_HUB_OFFLINE": "1", **env},
+            start_new_session=True,
+        )
+        self.out = Output(self.proc)
+
+    def wait_for(self, pattern: str, limit_s: float = 300) -> re.Match[str]:
+        deadline = time.monotonic() + limit_s
+        while (m := self.out.find(pattern)) is None:
+            assert time.monotonic() < deadline, f"no {pattern!r} within {limit_s} s:\n{self.text}"
+            if self.proc.poll() is not None:
+                self.out.thread.join(5)
+                if (m := self.out.find(pattern)) is not None:
+                    return m
+                raise AssertionError(f"up exited ({self.proc.returncode}):\n{self.text}")
+            time.sleep(0.1)
+        return m
+
+    @property
+    def text(self) -> str:
+        return self.out.text
+
+    @property
+    def nats_url(self) -> str:
+        return self.wait_for(r"started nats-server at (nats://127\.0\.0\.1:\d+)").group(1)
+
+    def role_pids(self, role: str) -> list[int]:
+        found = []
+        for pid in pids_with_env(f"NATS_URL={self.nats_url}"):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[-3:-1] == [b"serve", role.encode()]:
+                found.append(pid)
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for _, pid in embedded_servers(self.data, set()):
+            os.kill(pid, signal.SIGKILL)
+        self.stderr.close()
+
+
+async def test_up_restarts_a_killed_llm_and_the_next_turn_is_answered(
+    tmp_path: Path, say: Callable[[str], Path]
+) -> None:
+    """SIGKILL the only LLM instance during a call: `up` says so and starts it again, the rest of
+    the stack (and the call) stays up, and the next turn is answered by the new instance."""
+    from voicemesh.router import Bus
+    from voicemesh.transport.client import TurnResult, call_over_websocket
+
+    up = Up(tmp_path)
+    try:
+        up.wait_for(r"\bup:")
+        [old] = up.role_pids("llm")
+        others = {r: up.role_pids(r) for r in ("transport", "stt", "tts")}
+        bus = await Bus.connect(up.nats_url, name="e2e-up")
+        times: dict[str, float] = {}
+
+        async def kill_llm(_: int, turn: TurnResult) -> None:
+            assert turn.bot_text and turn.latency_ms is not None, turn  # turn 1 was answered
+            times["kill"] = time.perf_counter()
+            os.kill(old, signal.SIGKILL)
+            await asyncio.to_thread(up.wait_for, r"llm restarted \(pid \d+\)", 60)
+            while True:  # the new instance answers its health ping once its engine is proven
+                try:
+                    await bus.nc.request("vm.health.llm", b"{}", timeout=0.5)
+                    break
+                except Exception:
+                    assert time.perf_counter() - times["kill"] < 120, up.text
+                    await asyncio.sleep(0.1)
+            times["ready"] = time.perf_counter()
+
+        questions = [say("What is the capital of France?"), say("Tell me about the moon.")]
+        result = await call_over_websocket(
+            f"http://127.0.0.1:{up.port}", questions, None, after_turn=kill_llm, turn_timeout=60
+        )
+        await bus.close()
+        _, second = result.turns
+        assert second.error is None and second.bot_text, second  # answered by the new instance
+        assert second.latency_ms is not None
+        assert up.out.find(r"llm killed by SIGKILL; restarting it in 0\.5 s"), up.text
+        [new] = up.role_pids("llm")
+        assert new != old
+        assert {r: up.role_pids(r) for r in others} == others  # nothing else was restarted
+        assert up.proc.poll() is None  # and `up` itself kept running
+        # the reply starts when the caller's second question (said after recovery) is answered
+        spoken = len(load_pcm16(questions[1])) / 2 / 16000
+        reply = times["ready"] + 0.3 + spoken + second.latency_ms / 1000
+        back = times["ready"] - times["kill"]
+        print(
+            f"\nLLM SIGKILL under `voicemesh up`: back and proven {back:.1f} s after the kill; "
+            f"next reply {reply - times['kill']:.1f} s after it (v2v {second.latency_ms:.0f} ms)"
+        )
+    finally:
+        up.stop()
+
+
+def test_up_stops_with_the_engine_message_when_llama_cpp_dies_with_sigill(tmp_path: Path) -> None:
+    """A llama.cpp that dies with SIGILL on real input (here: at import, in a stand-in package
+    put ahead of the real one) stops `up` at startup with the engine, the cause and the cure."""
+    fake = tmp_path / "fake" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    up = Up(tmp_path, PYTHONPATH=str(tmp_path / "fake"))
+    try:
+        rc = up.proc.wait(300)
+        up.out.thread.join(10)
+        assert rc == 1, up.text
+        assert up.out.find(r"error: exited during startup: llm exit status 4"), up.text
+        assert up.out.find(
+            r"voicemesh serve llm: llama.cpp died with an illegal instruction \(SIGILL\): the "
+            r"installed build targets a CPU this machine does not have; run make clean && make run"
+        ), up.text
+        assert up.out.find(r"stopped nats-server and valkey-server"), up.text
+    finally:
+        up.stop()

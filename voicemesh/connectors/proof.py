@@ -13,6 +13,7 @@ runs in the role's own process, which also warms the engine's caches before the 
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import sys
 import time
@@ -66,7 +67,7 @@ async def prove(conn: Connector) -> str:
             await gen.aclose()  # type: ignore[attr-defined]
         if len(pieces) < LLM_MIN_PIECES:
             raise EngineError(
-                f"{conn.engine} gave {len(pieces)} tokens for a real question "
+                f"{conn.engine or conn.name} gave {len(pieces)} tokens for a real question "
                 f"(at least {LLM_MIN_PIECES} expected): {''.join(pieces)!r}"
             )
         done = f"{len(pieces)} tokens"
@@ -74,18 +75,20 @@ async def prove(conn: Connector) -> str:
         pcm, rate = utterance()
         text = await conn.transcribe(pcm, rate)
         if not text.strip():
-            raise EngineError(f"{conn.engine} heard nothing in a real utterance")
+            raise EngineError(f"{conn.engine or conn.name} heard nothing in a real utterance")
         done = f"heard {text!r}"
     elif isinstance(conn, TTSConnector):
         chunks = [c async for c in conn.synthesize(TTS_SENTENCE)]
         audio = np.frombuffer(b"".join(chunks), dtype=np.int16)
         seconds = audio.size / conn.sample_rate
         if seconds < 0.5 or not np.abs(audio).max(initial=0) > 300:
-            raise EngineError(f"{conn.engine} spoke {seconds:.2f} s of near silence for a sentence")
+            raise EngineError(
+                f"{conn.engine or conn.name} spoke {seconds:.2f} s of near silence for a sentence"
+            )
         done = f"{seconds:.1f} s of speech"
     else:  # pragma: no cover - every stage is one of the three
         raise TypeError(f"cannot prove {type(conn).__name__}")
-    return f"{conn.engine}: {done} in {time.perf_counter() - t0:.2f} s"
+    return f"{conn.engine or conn.name}: {done} in {time.perf_counter() - t0:.2f} s"
 
 
 def explain(engine: str, stage: str, name: str, returncode: int, tail: list[str]) -> str:
@@ -148,6 +151,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m voicemesh.connectors.proof STAGE NAME < options.json")
         return 2
+    # A crash is reported by the parent from our exit status; a core file would only fill disks.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
         print(asyncio.run(_child(*argv)), flush=True)
     except EngineError as exc:
