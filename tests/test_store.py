@@ -9,7 +9,7 @@ import time
 import pytest
 
 from voicemesh.config.models import AgentConfig, parse_agent_config
-from voicemesh.router.store import (
+from voicemesh.state.store import (
     ConfigStore,
     Conflict,
     NotFound,

@@ -10,8 +10,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+from voicemesh.bus.bus import Bus
 from voicemesh.config.settings import ConnectionSettings
-from voicemesh.router.bus import Bus
 from voicemesh.servers import free_ports
 
 ROLES = ("transport", "stt", "llm", "tts")

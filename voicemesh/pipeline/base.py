@@ -15,16 +15,18 @@ from typing import Any, ClassVar
 import orjson
 from nats.aio.msg import Msg
 
+from voicemesh.bus import Bus, Frame, Kind, Subjects
+from voicemesh.bus.subjects import trace_id
 from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import RELAYS, ConnectorPool
-from voicemesh.router import Bus, ConfigStore, Frame, Kind, NoRoute, ServiceRouter, Subjects
-from voicemesh.router.claims import Claims
-from voicemesh.router.store import best_effort
-from voicemesh.router.subjects import trace_id
+from voicemesh.router import NoRoute, ServiceRouter
+from voicemesh.state import ConfigStore
+from voicemesh.state.claims import Claims
+from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 

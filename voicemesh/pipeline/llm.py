@@ -10,12 +10,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import StageService
 from voicemesh.pipeline.text import SentenceSplitter
-from voicemesh.router import Flag, Frame, Kind, Subjects
-from voicemesh.router.claims import DONE
-from voicemesh.router.store import best_effort
+from voicemesh.state.claims import DONE
+from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 

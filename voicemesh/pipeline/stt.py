@@ -17,12 +17,13 @@ import orjson
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
 from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
 from voicemesh.pipeline.base import StageService
-from voicemesh.router import Flag, Frame, Kind, Leases, Subjects
-from voicemesh.router.store import check_session_id
+from voicemesh.state import Leases
+from voicemesh.state.store import check_session_id
 
 log = logging.getLogger(__name__)
 

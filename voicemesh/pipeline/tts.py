@@ -9,10 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.connectors.base import Connector, TTSConnector
 from voicemesh.pipeline.base import StageService
-from voicemesh.router import Flag, Frame, Kind, Subjects
-from voicemesh.router.store import best_effort
+from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Any
 import orjson
 from nats.aio.msg import Msg
 
+from voicemesh.bus.bus import Bus
+from voicemesh.bus.codec import Frame
+from voicemesh.bus.subjects import Subjects
 from voicemesh.config.connectors import STAGE_IO
 from voicemesh.config.models import AgentConfig, StageConnectors, parse_agent_config
-from voicemesh.router.bus import Bus
-from voicemesh.router.codec import Frame
-from voicemesh.router.store import UNREACHABLE, ConfigStore, NotFound
-from voicemesh.router.subjects import Subjects
+from voicemesh.state.store import UNREACHABLE, ConfigStore, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
-from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
-from voicemesh.router.store import UNREACHABLE, best_effort
+from voicemesh.state import NotFound
+from voicemesh.state.store import UNREACHABLE, best_effort
 from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.peer import Peer
 from voicemesh.transport.playout import Playout, truncate

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from voicemesh.config.connectors import DailyTransportOptions
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
-from voicemesh.router import NotFound
+from voicemesh.state import NotFound
 from voicemesh.transport.peer import CallSession, Peer
 from voicemesh.transport.security import ApiKeyAuth, Client
 from voicemesh.transport.service import TransportService

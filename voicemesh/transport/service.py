@@ -17,12 +17,14 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from voicemesh.bus import Bus, Frame, Subjects
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.router import Bus, ConfigStore, Frame, ServiceRouter, Subjects, publish_config_update
-from voicemesh.router.store import UNREACHABLE
+from voicemesh.router import ServiceRouter, publish_config_update
+from voicemesh.state import ConfigStore
+from voicemesh.state.store import UNREACHABLE
 from voicemesh.transport.vad import preload
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The transport supervises each call's turn so that a stage instance dying mid-work costs a
 short gap, not the turn.
 
-Every unit of work is claimed in Valkey by the instance doing it (voicemesh.router.claims). For
+Every unit of work is claimed in Valkey by the instance doing it (voicemesh.state.claims). For
 the turn in progress, the supervisor looks every third of a lease TTL at the unit the reply is
 waiting for: the utterance (STT lease), the LLM turn, or the next sentence (TTS claim). A unit
 with no claim a lease TTL after it was sent has lost its worker, so it is sent again: the
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from voicemesh.router import Flag, Frame
-from voicemesh.router.claims import DONE, Claims
+from voicemesh.bus import Flag, Frame
+from voicemesh.state.claims import DONE, Claims
 
 if TYPE_CHECKING:
     from voicemesh.transport.service import TransportService

@@ -25,7 +25,7 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 from voicemesh.config.connections import redact_url, valkey_options
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import ConnectionSettings
-from voicemesh.router.subjects import AGENT_NAME, SESSION_ID, Keys
+from voicemesh.state.keys import AGENT_NAME, SESSION_ID, Keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,10 +18,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from voicemesh.bus.codec import Frame, FrameError, decode, encode
+from voicemesh.bus.metrics import DROPPED, FRAME_AGE
 from voicemesh.config.connections import nats_options, redact_url
 from voicemesh.config.settings import ConnectionSettings
-from voicemesh.router.codec import Frame, FrameError, decode, encode
-from voicemesh.router.metrics import DROPPED, FRAME_AGE
 
 log = logging.getLogger(__name__)
 
