@@ -120,7 +120,7 @@ async def main(runs: int, timeout_ms: int) -> None:
             detect, failover, total, following = [], [], [], []
             for i in range(runs):
                 health = HealthBoard(
-                    client=store.client,
+                    store=store,
                     nc=bus.nc,
                     key_prefix=f"b{kind}{i}",
                     subject=f"bench.health.{kind}.{i}",

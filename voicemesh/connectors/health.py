@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-import valkey.asyncio as valkey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from voicemesh.config.connectors import ConnectorOptions
 from voicemesh.connectors.errors import ConnectorError
+from voicemesh.state import ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,17 @@ class HealthBoard:
     def __init__(
         self,
         *,
-        client: valkey.Valkey,
+        store: ConfigStore,
         nc: Client,
         key_prefix: str,
         subject: str,
         instance: str,
         refresh_s: float = 1.0,
     ):
-        self.client, self.nc, self.subject, self.instance = client, nc, subject, instance
+        # The marks are this board's own keys (under `key_prefix`, which a benchmark varies per
+        # run), not part of the store's session layout: it shares the store's connection only.
+        self.client = store.client
+        self.nc, self.subject, self.instance = nc, subject, instance
         self.key_prefix = key_prefix
         self.refresh_s = refresh_s
         self._down: dict[ConnectorId, float] = {}  # id -> local expiry (monotonic)

@@ -25,7 +25,6 @@ from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import RELAYS, ConnectorPool
 from voicemesh.router import NoRoute, ServiceRouter
 from voicemesh.state import ConfigStore
-from voicemesh.state.claims import Claims
 from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
@@ -65,19 +64,14 @@ class StageService:
         )
         await self.router.start()
         self.health = HealthBoard(
-            client=self.store.client,
+            store=self.store,
             nc=self.bus.nc,
             key_prefix=self.settings.key_prefix,
             subject=self.subjects.connector_health,
             instance=self.instance,
         )
         await self.health.start()
-        self.claims = Claims(
-            self.store.client,
-            keys=self.store.keys,
-            owner=self.instance,
-            ttl_ms=self.settings.lease_ttl_ms,
-        )
+        self.claims = self.store.claims(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         # not bus.spawn: drain waits for spawned work, and this runs until the drain is over
         self._renewer = asyncio.ensure_future(self._renew_claims())
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)

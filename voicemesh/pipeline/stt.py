@@ -22,7 +22,6 @@ from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
 from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
 from voicemesh.pipeline.base import StageService
-from voicemesh.state import Leases
 from voicemesh.state.store import check_session_id
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,7 @@ class STTService(StageService):
     role = "stt"
 
     async def setup(self) -> None:
-        self.leases = Leases(
-            self.store.client, owner=self.instance, ttl_ms=self.settings.lease_ttl_ms
-        )
+        self.leases = self.store.leases(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         self.streams: dict[str, Stream] = {}
         self._lock = asyncio.Lock()
         self._intake.append(

@@ -273,7 +273,7 @@ def create_app(service: TransportService) -> FastAPI:
 
     async def count_new_session(client: Client) -> None:
         if limit is not None:
-            await limit.hit(store().client, client)
+            await limit.hit(store(), client)
 
     @api.post("/sessions", status_code=201)
     async def create_session(
@@ -371,7 +371,7 @@ def create_app(service: TransportService) -> FastAPI:
     async def healthz() -> JSONResponse:
         checks = {"nats": service.bus.nc.is_connected, "valkey": True}
         try:
-            await store().client.ping()
+            await store().check()
         except Exception:
             checks["valkey"] = False
         ok = all(checks.values())

@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketState
 
 from voicemesh.config.settings import Settings
+from voicemesh.state import ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,10 @@ class SessionRateLimit:
     def key(self, client: Client) -> str:
         return f"{self.key_prefix}:rate:sessions:{client.id}"
 
-    async def hit(self, valkey_client: Any, client: Client) -> None:
+    async def hit(self, store: ConfigStore, client: Client) -> None:
         """Count one new session for `client`; RateLimited if it is over the limit."""
+        # The counters are this limiter's own keys; it borrows the store's connection only.
+        valkey_client = store.client
         if self._client is not valkey_client:
             self._client, self._script = valkey_client, valkey_client.register_script(_HIT)
         n, ttl_ms = await self._script(keys=[self.key(client)], args=[self.window_ms])

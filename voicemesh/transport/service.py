@@ -133,17 +133,16 @@ class TransportService:
     ) -> bool:
         """Make sure one instance of a streaming stage owns the session; if the owner changed
         since we last looked (its lease lapsed), hand over and resend `replay`. True if replayed."""
-        key = self.store.keys.lease(stage, session)
         known = self._owners.get(session)
         try:
-            holder = await self.store.client.get(key)
+            holder = await self.store.lease_holder(stage, session)
         except UNREACHABLE as exc:
             if known is None:  # nobody can take a lease now: this turn goes unheard
                 raise NoInstance(f"Valkey unreachable: no {stage} owner for {session}") from exc
             # no lease to read: the owner we know keeps the stream (it keeps it too, see stt.py)
             log.warning("Valkey unreachable, %s stream stays with %s: %s", stage, known, exc)
             return False
-        if holder is not None and holder.decode() == known:
+        if holder is not None and holder == known:
             return False
         owner = await self._assign(stage, session)
         self._owners[session] = owner

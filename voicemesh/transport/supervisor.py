@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from voicemesh.bus import Flag, Frame
-from voicemesh.state.claims import DONE, Claims
+from voicemesh.state.claims import DONE
 
 if TYPE_CHECKING:
     from voicemesh.transport.service import TransportService
@@ -43,12 +43,7 @@ class TurnSupervisor:
     def __init__(self, service: TransportService, session: str):
         self.svc, self.session = service, session
         self.ttl_s = service.settings.lease_ttl_ms / 1000
-        self.claims = Claims(
-            service.store.client,
-            keys=service.store.keys,
-            owner="transport",
-            ttl_ms=service.settings.lease_ttl_ms,
-        )
+        self.claims = service.store.claims(owner="transport", ttl_ms=service.settings.lease_ttl_ms)
         self.turn: TurnWork | None = None
         self.redeliveries = 0
 
@@ -96,7 +91,7 @@ class TurnSupervisor:
             return  # supervision knows the standard flow only
         now = time.monotonic()
         if t.user_text is None:  # waiting for STT: its lease tells whether its owner lives
-            holder = await self.svc.store.client.get(self.svc.store.keys.lease("stt", self.session))
+            holder = await self.svc.store.lease_holder("stt", self.session)
             if holder is None and self._stale("stt", now, t.ended_at):
                 log.warning("turn %d: the STT owner is gone; replaying the utterance", t.epoch)
                 await self.svc.ensure_owner("stt", self.session, replay=t.utterance)
