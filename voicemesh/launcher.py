@@ -12,13 +12,14 @@ from collections.abc import Callable, Mapping
 
 from voicemesh.bus.bus import Bus
 from voicemesh.config.settings import ConnectionSettings
+from voicemesh.errors import VoicemeshError
 from voicemesh.servers import free_ports
 
 ROLES = ("transport", "stt", "llm", "tts")
 STAGES = ("stt", "llm", "tts")
 
 
-class StartupError(RuntimeError):
+class StartupError(VoicemeshError, RuntimeError):
     pass
 
 

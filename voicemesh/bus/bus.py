@@ -22,13 +22,14 @@ from voicemesh.bus.codec import Frame, FrameError, decode, encode
 from voicemesh.bus.metrics import DROPPED, FRAME_AGE
 from voicemesh.config.connections import nats_options, redact_url
 from voicemesh.config.settings import ConnectionSettings
+from voicemesh.errors import VoicemeshError
 
 log = logging.getLogger(__name__)
 
 FrameHandler = Callable[[str, Frame], Awaitable[None]]
 
 
-class BusError(ConnectionError):
+class BusError(VoicemeshError, ConnectionError):
     """NATS refused the connection for a reason retrying cannot fix (credentials, TLS)."""
 
 

@@ -21,6 +21,7 @@ from voicemesh.bus.codec import Frame
 from voicemesh.bus.subjects import Subjects
 from voicemesh.config.connectors import STAGE_IO
 from voicemesh.config.models import AgentConfig, StageConnectors, parse_agent_config
+from voicemesh.errors import VoicemeshError
 from voicemesh.state.store import UNREACHABLE, ConfigStore, NotFound
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class CachedConfig:
     version: int
 
 
-class NoRoute(LookupError):
+class NoRoute(VoicemeshError, LookupError):
     """The session's flow has no edge out of this stage for the stream."""
 
 

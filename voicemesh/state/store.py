@@ -25,6 +25,7 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 from voicemesh.config.connections import redact_url, valkey_options
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import ConnectionSettings
+from voicemesh.errors import VoicemeshError
 from voicemesh.state.claims import Claims
 from voicemesh.state.keys import AGENT_NAME, SESSION_ID, Keys
 from voicemesh.state.lease import Leases
@@ -33,15 +34,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class StoreError(ConnectionError):
+class StoreError(VoicemeshError, ConnectionError):
     """Valkey cannot be used: unreachable, refused our login, or TLS failed."""
 
 
-class NotFound(LookupError):
+class NotFound(VoicemeshError, LookupError):
     pass
 
 
-class Conflict(ValueError):
+class Conflict(VoicemeshError, ValueError):
     pass
 
 

@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketState
 
 from voicemesh.config.settings import Settings
+from voicemesh.errors import VoicemeshError
 from voicemesh.state import ConfigStore
 
 log = logging.getLogger(__name__)
@@ -34,17 +35,17 @@ MISSING = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <k
 INVALID = "invalid API key"
 
 
-class AuthConfigError(ValueError):
+class AuthConfigError(VoicemeshError, ValueError):
     """The transport's auth settings cannot work (auth required, no keys)."""
 
 
-class Unauthorized(Exception):
+class Unauthorized(VoicemeshError):
     def __init__(self, detail: str):
         super().__init__(detail)
         self.detail = detail
 
 
-class RateLimited(Exception):
+class RateLimited(VoicemeshError):
     def __init__(self, detail: str, retry_after_s: int):
         super().__init__(detail)
         self.detail = detail

@@ -22,6 +22,7 @@ from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
+from voicemesh.errors import VoicemeshError
 from voicemesh.router import ServiceRouter, publish_config_update
 from voicemesh.state import ConfigStore
 from voicemesh.state.store import UNREACHABLE
@@ -30,7 +31,7 @@ from voicemesh.transport.vad import preload
 log = logging.getLogger(__name__)
 
 
-class NoInstance(RuntimeError):
+class NoInstance(VoicemeshError, RuntimeError):
     """No instance of a stage answered the assignment request."""
 
 
