@@ -60,6 +60,7 @@ class HealthBoard:
         return f"{self.key_prefix}:health:{':'.join(cid)}"
 
     async def start(self) -> None:
+        # hop: <- HealthBoard.mark_down and mark_up of every instance (vm.connector.health)
         await self.nc.subscribe(self.subject, cb=self._on_news)
         async for key in self.client.scan_iter(match=f"{self.key_prefix}:health:*", count=500):
             stage, name, fp = key.decode().rsplit(":", 3)[1:]
@@ -103,6 +104,7 @@ class HealthBoard:
         }
         await self.client.set(self.key(cid), orjson.dumps(body), px=hold_ms)
         self._down[cid] = time.monotonic() + hold_ms / 1000
+        # hop: -> HealthBoard._on_news of every instance (vm.connector.health)
         await self.nc.publish(self.subject, orjson.dumps(body))
         if probe is not None and cid not in self._probes:
             self._probes[cid] = asyncio.ensure_future(
@@ -119,6 +121,7 @@ class HealthBoard:
             "fp": cid[2],
             "by": self.instance,
         }
+        # hop: -> HealthBoard._on_news of every instance (vm.connector.health)
         await self.nc.publish(self.subject, orjson.dumps(body))
 
     async def _probe_forever(
