@@ -85,6 +85,7 @@ class Stack:
                     raise StartupError(f"exited during startup: {codes}")
                 for role in sorted(pending):
                     try:
+                        # hop: -> voicemesh.pipeline.base.StageService._on_health (vm.health.<role>)
                         await nc.request(f"{prefix}.health.{role}", b"{}", timeout=0.5)
                     except Exception:
                         continue

@@ -74,6 +74,7 @@ class StageService:
         self.claims = self.store.claims(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         # not bus.spawn: drain waits for spawned work, and this runs until the drain is over
         self._renewer = asyncio.ensure_future(self._renew_claims())
+        # hop: <- voicemesh.transport.call.Call._start_turn and _interrupt (vm.ctl.<sid>)
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
         if self.settings.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -91,6 +92,7 @@ class StageService:
             await self.preload()
         await self.setup()
         # Health answers only once engines are loaded and work is subscribed: ready means ready.
+        # hop: <- voicemesh.launcher.Stack.wait_ready (vm.health.<role>)
         await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
         await self.bus.settle()
         log.info("%s stage ready", self.role)
@@ -156,6 +158,7 @@ class StageService:
                 subject = self.router.next_subject_of(config, session)
             except NoRoute:  # in flight while the flow changed and left this stage out: drop it
                 return True
+            # hop: -> the next stage's _on_text, or transport.call.Call._egress (vm.<next>.<sid>)
             await self.bus.publish(subject, frame)
         return True
 
@@ -221,6 +224,7 @@ class StageService:
 
     async def notify(self, session: str, body: dict[str, Any], *, epoch: int = 0) -> None:
         """Events for the caller (transcripts); they travel beside the flow, to the transport."""
+        # hop: -> voicemesh.transport.call.Call._egress (vm.transport.<sid>)
         await self.bus.publish(
             self.subjects.data("transport", session), Frame.event(body, epoch=epoch)
         )

@@ -69,9 +69,11 @@ class TransportService:
         await asyncio.to_thread(preload, TurnOptions(vad="silero", turn="smart_turn"))
         if self.settings.default_agent_file:
             await self._seed_default_agent(Path(self.settings.default_agent_file))
+        # hop: <- voicemesh.router.service_router.ServiceRouter._ask_transport (vm.config.get.<sid>)
         await self.bus.nc.subscribe(
             self.subjects.config_get_all, queue="transport", cb=self._on_config_get
         )
+        # hop: <- voicemesh.launcher.Stack.wait_ready (vm.health.transport)
         await self.bus.nc.subscribe(self.subjects.health("transport"), cb=self._on_health)
         await self.bus.settle()
         log.info("transport ready")
@@ -95,11 +97,13 @@ class TransportService:
 
     async def config_changed(self, session_id: str, version: int, keys: list[str]) -> None:
         self.router.forget(session_id)
+        # hop: -> voicemesh.router.service_router.ServiceRouter._on_update (vm.config.update)
         await publish_config_update(self.bus, self.subjects, session_id, version, keys)
 
     async def session_deleted(self, session_id: str) -> None:
         self.router.forget(session_id)
         self._owners.pop(session_id, None)
+        # hop: -> voicemesh.pipeline.base.StageService._on_ctl and Call._control (vm.ctl.<sid>)
         await self.bus.publish(self.subjects.ctl(session_id), Frame.event({"type": "end"}))
         await publish_config_update(self.bus, self.subjects, session_id, 0, ["*"])
 
@@ -150,6 +154,7 @@ class TransportService:
         if replay:  # the stream moved (lease lapsed or taken over): resend the open utterance
             subject = self.subjects.data(stage, session)
             for frame in replay:
+                # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>, the replay)
                 await self.bus.publish(subject, frame)
             return True
         return False
@@ -158,6 +163,7 @@ class TransportService:
         payload = orjson.dumps({"session_id": session})
         for attempt in range(20):
             try:
+                # hop: -> voicemesh.pipeline.stt.STTService._on_assign (vm.assign.stt)
                 reply = await self.bus.nc.request(self.subjects.assign(stage), payload, timeout=2)
                 body = orjson.loads(reply.data)
                 if "owner" in body:

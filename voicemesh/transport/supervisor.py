@@ -138,4 +138,5 @@ class TurnSupervisor:
 
     async def _send(self, stage: str, frame: Frame) -> None:
         self.redeliveries += 1
+        # hop: -> voicemesh.pipeline.{llm,tts} LLMService/TTSService._on_text (vm.<stage>.<sid>)
         await self.svc.bus.publish(self.svc.subjects.data(stage, self.session), frame)
