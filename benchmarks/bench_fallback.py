@@ -27,13 +27,14 @@ from typing import Any
 
 import orjson
 
+from voicemesh.bus import Bus
 from voicemesh.config.models import parse_agent_config
 from voicemesh.connectors.base import Connector, LLMConnector
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.registry import ConnectorPool
-from voicemesh.router import Bus, ConfigStore
 from voicemesh.servers import start_nats, start_valkey
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.anthropic import AnthropicServer
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 
@@ -119,7 +120,7 @@ async def main(runs: int, timeout_ms: int) -> None:
             detect, failover, total, following = [], [], [], []
             for i in range(runs):
                 health = HealthBoard(
-                    client=store.client,
+                    store=store,
                     nc=bus.nc,
                     key_prefix=f"b{kind}{i}",
                     subject=f"bench.health.{kind}.{i}",

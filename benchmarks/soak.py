@@ -69,8 +69,8 @@ from voicemesh.bench.harness import FLOW, cpu_seconds, machine, stack_env
 from voicemesh.bench.report import summarize
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
-from voicemesh.router import ConfigStore
 from voicemesh.servers import free_ports, start_nats, start_valkey
+from voicemesh.state import ConfigStore
 
 PREFIX = "vsoak"
 RESULTS = Path(__file__).parent / "results" / "soak.md"

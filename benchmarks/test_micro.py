@@ -39,11 +39,12 @@ from nats.aio.client import (
     Client,
 )
 
+from voicemesh.bus import Bus, Subjects
+from voicemesh.bus.codec import HEADER_SIZE, Flag, Frame, Kind, decode, encode
 from voicemesh.config.models import AgentConfig, parse_agent_config
-from voicemesh.router import Bus, ConfigStore, Subjects
-from voicemesh.router.codec import HEADER_SIZE, Flag, Frame, Kind, decode, encode
 from voicemesh.router.service_router import CachedConfig, ServiceRouter
 from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
+from voicemesh.state import ConfigStore
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_FILE = ROOT / "config" / "agent-config.json"

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.support import Services
+from voicemesh.bus import Bus, Subjects
 from voicemesh.config.logging import route_loguru
 from voicemesh.config.settings import Settings
-from voicemesh.router import Bus, ConfigStore, Subjects
 from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
+from voicemesh.state import ConfigStore
 
 route_loguru()  # pipecat's loguru chatter (DEBUG on every WebRTC event) into pytest's capture
 

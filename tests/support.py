@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from voicemesh.bus import Bus, Flag, Frame, Kind
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import StageService
-from voicemesh.router import Bus, Flag, Frame, Kind
 
 if TYPE_CHECKING:
     from voicemesh.transport.service import TransportService

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
+from voicemesh.bus import Bus, Frame, Kind
 from voicemesh.config.settings import Settings
-from voicemesh.router import Bus, Frame, Kind
 from voicemesh.transport.api import create_app, merge_patch
 from voicemesh.transport.service import TransportService
 

@@ -23,10 +23,11 @@ import pytest
 import websockets
 
 from tests.support import Services, loopback_agent, serving
+from voicemesh.bus import Bus, Frame, Kind, Subjects, encode
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import Bus, ConfigStore, Frame, Kind, Subjects, encode
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.service import TransportService
 

@@ -32,12 +32,13 @@ from prometheus_client import REGISTRY
 
 from tests.conftest import Servers
 from tests.support import Inbox, Services, has_last, listen, until
+from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects, encode
+from voicemesh.bus.codec import HEADER, HEADER_SIZE, MAX_PAYLOAD, VERSION, FrameError, decode
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import Bus, ConfigStore, Flag, Frame, Kind, Subjects, encode
-from voicemesh.router.codec import HEADER, HEADER_SIZE, MAX_PAYLOAD, VERSION, FrameError, decode
 from voicemesh.servers import nats_server_binary
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.service import TransportService
 
@@ -201,7 +202,7 @@ def drop_warnings(caplog: pytest.LogCaptureFixture, family: str) -> list[logging
     return [
         r
         for r in caplog.records
-        if r.name == "voicemesh.router.bus"
+        if r.name == "voicemesh.bus.bus"
         and r.levelno == logging.WARNING
         and r.getMessage().startswith(f"dropped malformed frame on {family}.")
     ]
@@ -222,7 +223,7 @@ async def test_malformed_frames_are_dropped_counted_and_logged_once(
     stage: str, pipeline: Pipeline, caplog: pytest.LogCaptureFixture
 ) -> None:
     p = pipeline
-    caplog.set_level(logging.WARNING, logger="voicemesh.router.bus")
+    caplog.set_level(logging.WARNING, logger="voicemesh.bus.bus")
     family = f"{p.subjects.prefix}.{stage}"
     subject = f"{family}.{p.sid}"
     # who listens on the family: ctl goes to every stage, data to its stage (one instance here)
@@ -322,7 +323,7 @@ async def test_frame_just_over_the_codec_limit_is_dropped(
     transcriber: OpenAITranscribeServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="voicemesh.router.bus")
+    caplog.set_level(logging.WARNING, logger="voicemesh.bus.bus")
     prefix = f"b{uuid.uuid4().hex[:10]}"
     settings = Settings(
         nats_url=big_nats.url,

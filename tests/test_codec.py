@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from voicemesh.router.codec import (
+from voicemesh.bus.codec import (
     HEADER,
     HEADER_SIZE,
     MAX_PAYLOAD,

@@ -33,10 +33,11 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from tests.support import Services, listen, loopback_agent, until
+from voicemesh.bus import Bus, Kind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import Bus, ConfigStore, Kind
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport import daily
 from voicemesh.transport.api import create_app

@@ -18,10 +18,11 @@ import orjson
 import pytest
 
 from tests.support import Inbox, Services, has_last, listen, until
+from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.connectors.health import fingerprint
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import Bus, ConfigStore, Flag, Frame, Kind, Subjects
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.anthropic import AnthropicServer
 from voicemesh.testing.loopback.azure import AzureSpeechServer
 from voicemesh.testing.loopback.deepgram import DeepgramServer

@@ -47,8 +47,8 @@ from tests.config_strategies import (
 from tests.conftest import Servers
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.router import ConfigStore
-from voicemesh.router.subjects import AGENT_NAME
+from voicemesh.state import ConfigStore
+from voicemesh.state.keys import AGENT_NAME
 from voicemesh.transport.api import create_app
 from voicemesh.transport.service import TransportService
 

@@ -17,21 +17,11 @@ import orjson
 import pytest
 
 from tests.support import Services, has_last, listen, settle, until
+from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects, encode
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.pipeline import LLMService, StageService, STTService, TTSService
-from voicemesh.router import (
-    Bus,
-    ConfigStore,
-    Flag,
-    Frame,
-    Kind,
-    NoRoute,
-    NotFound,
-    ServiceRouter,
-    Subjects,
-    encode,
-    publish_config_update,
-)
+from voicemesh.router import NoRoute, ServiceRouter, publish_config_update
+from voicemesh.state import ConfigStore, NotFound
 from voicemesh.transport.egress import Reorderer
 
 # --- helpers ---------------------------------------------------------------------------------

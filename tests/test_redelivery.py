@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from tests.support import Inbox, Services, listen, until
+from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, TTSService
-from voicemesh.router import Bus, ConfigStore, Flag, Frame, Kind, Subjects
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.transport.egress import Reorderer
 from voicemesh.transport.service import TransportService

@@ -28,12 +28,13 @@ from pydantic import SecretStr, ValidationError
 
 from tests.conftest import AGENT_FILE, ROOT, Servers
 from tests.support import serving
+from voicemesh.bus import Bus, BusError
 from voicemesh.cli import _up_auth
 from voicemesh.config.connections import nats_options, redact_url, valkey_options
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import ConnectionSettings, Settings
-from voicemesh.router import Bus, BusError, ConfigStore, StoreError
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
+from voicemesh.state import ConfigStore, StoreError
 from voicemesh.transport import security
 from voicemesh.transport.api import create_app
 from voicemesh.transport.client import call_over_websocket, ws_url

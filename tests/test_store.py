@@ -9,7 +9,7 @@ import time
 import pytest
 
 from voicemesh.config.models import AgentConfig, parse_agent_config
-from voicemesh.router.store import (
+from voicemesh.state.store import (
     ConfigStore,
     Conflict,
     NotFound,
@@ -397,3 +397,27 @@ def test_valid_agent_names(name: str) -> None:
 def test_invalid_session_ids(sid: str) -> None:
     with pytest.raises(ValueError):
         check_session_id(sid)
+
+
+# --- leases and claims handed out by the store -----------------------------------------------
+
+
+async def test_lease_holder_follows_the_lease(store: ConfigStore) -> None:
+    session = "leasetest123"
+    assert await store.lease_holder("stt", session) is None
+    leases = store.leases(owner="stt-a", ttl_ms=5_000)
+    assert await leases.acquire(store.keys.lease("stt", session)) == "stt-a"
+    assert await store.lease_holder("stt", session) == "stt-a"
+    assert await store.lease_holder("tts", session) is None  # leases are per stage
+    await leases.release(store.keys.lease("stt", session))
+    assert await store.lease_holder("stt", session) is None
+
+
+async def test_claims_use_the_store_key_layout(store: ConfigStore) -> None:
+    claims = store.claims(owner="llm-a", ttl_ms=5_000)
+    key = claims.key("llm", "claimtest123", 7)
+    assert key == store.keys.claim("llm", "claimtest123", 7, 0)
+    assert await claims.take(key)
+    assert not await store.claims(owner="llm-b", ttl_ms=5_000).take(key)
+    await claims.finish(key)
+    assert await claims.state(key) == "done"

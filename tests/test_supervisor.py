@@ -19,7 +19,7 @@ from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.registry import connector_class
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import ConfigStore
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.client import CallResult, TurnResult, call_over_websocket
 from voicemesh.transport.service import TransportService

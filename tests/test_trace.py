@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import REGISTRY
 
-from voicemesh.router.subjects import trace_id
+from voicemesh.bus.subjects import trace_id
 from voicemesh.transport.trace import TurnTrace
 
 

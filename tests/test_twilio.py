@@ -25,10 +25,11 @@ import websockets
 from pydantic import SecretStr
 
 from tests.support import Services, listen, loopback_agent, serving, until
+from voicemesh.bus import Bus, Kind, Subjects
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import Bus, ConfigStore, Kind, Subjects
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport import twilio as twilio_module
 from voicemesh.transport.service import TransportService

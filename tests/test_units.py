@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from voicemesh.bus import Flag, Frame
 from voicemesh.config.connectors import WebSocketTransportOptions
 from voicemesh.pipeline.text import SentenceSplitter
-from voicemesh.router import Flag, Frame
 from voicemesh.transport.egress import HOLD_S, MAX_HELD, Reorderer, Resampler
 from voicemesh.transport.vad import FRAME_BYTES, RATE, Rechunker, TurnDetector, TurnEvent, dbfs
 

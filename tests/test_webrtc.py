@@ -23,7 +23,7 @@ from voicemesh.config.models import parse_agent_config
 from voicemesh.config.secrets import SecretResolutionError
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.router import ConfigStore
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.service import TransportService
 from voicemesh.transport.webrtc import ice_servers, jitter_buffer

@@ -47,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     _use_uvloop()
-    from voicemesh.router import BusError, StoreError
+    from voicemesh.bus import BusError
+    from voicemesh.state import StoreError
 
     if args.role == "transport":
         import uvicorn
@@ -94,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _check_valkey(settings: Any) -> None:
-    from voicemesh.router.store import ConfigStore
+    from voicemesh.state.store import ConfigStore
 
     store = ConfigStore.from_url(settings.valkey_url, settings=settings)
     try:
@@ -109,7 +110,7 @@ async def _check_valkey(settings: Any) -> None:
 async def _seed_agent(settings: Any, valkey_url: str, agent_file: Path) -> str:
     from voicemesh.config.connections import redact_url
     from voicemesh.config.models import parse_agent_config
-    from voicemesh.router.store import ConfigStore
+    from voicemesh.state.store import ConfigStore
 
     store = ConfigStore.from_url(valkey_url, settings=settings, key_prefix=settings.key_prefix)
     try:
@@ -165,11 +166,12 @@ def _up_auth(env: dict[str, str], settings: Any, host: str, port: int) -> list[s
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from voicemesh.bus import BusError
     from voicemesh.config.connections import redact_url
     from voicemesh.config.settings import Settings
     from voicemesh.launcher import Stack, StartupError
-    from voicemesh.router import BusError, StoreError
     from voicemesh.servers import ServerError, start_nats, start_valkey
+    from voicemesh.state import StoreError
 
     settings = Settings()
     args.host = args.host or settings.http_host

@@ -14,8 +14,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+from voicemesh.bus.bus import Bus
 from voicemesh.config.settings import ConnectionSettings
-from voicemesh.router.bus import Bus
+from voicemesh.errors import VoicemeshError
 from voicemesh.servers import free_ports
 
 ROLES = ("transport", "stt", "llm", "tts")
@@ -27,7 +28,7 @@ ENGINE_FAILED = 4
 TAIL_LINES = 30
 
 
-class StartupError(RuntimeError):
+class StartupError(VoicemeshError, RuntimeError):
     pass
 
 
@@ -180,6 +181,7 @@ class Stack:
                     )
                 for role in sorted(pending):
                     try:
+                        # hop: -> voicemesh.pipeline.base.StageService._on_health (vm.health.<role>)
                         await nc.request(f"{prefix}.health.{role}", b"{}", timeout=0.5)
                     except Exception:
                         continue

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from voicemesh.errors import VoicemeshError
 
-class ServerError(RuntimeError):
+
+class ServerError(VoicemeshError, RuntimeError):
     pass
 
 

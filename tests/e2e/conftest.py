@@ -19,8 +19,8 @@ import soundfile as sf
 from tests.conftest import AGENT_FILE, Servers
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
-from voicemesh.router import ConfigStore
 from voicemesh.servers import free_port
+from voicemesh.state import ConfigStore
 
 #: The transport process runs with auth on (the default) and this key in VOICEMESH_API_KEYS.
 API_KEY = "e2e-key-3b9d7a"

@@ -41,8 +41,8 @@ from starlette.responses import Response
 from tests.conftest import AGENT_FILE
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
-from voicemesh.router import ConfigStore
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
+from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.audio import PCMStream
 from voicemesh.testing.loopback.chat import credential
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer

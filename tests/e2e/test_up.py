@@ -263,7 +263,7 @@ async def test_up_restarts_a_killed_llm_and_the_next_turn_is_answered(
 ) -> None:
     """SIGKILL the only LLM instance during a call: `up` says so and starts it again, the rest of
     the stack (and the call) stays up, and the next turn is answered by the new instance."""
-    from voicemesh.router import Bus
+    from voicemesh.bus import Bus
     from voicemesh.transport.client import TurnResult, call_over_websocket
 
     up = Up(tmp_path)

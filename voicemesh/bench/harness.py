@@ -39,10 +39,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from voicemesh.bench.report import percentile, summarize
+from voicemesh.bus import Frame, Subjects, encode
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.launcher import Stack
-from voicemesh.router import ConfigStore, Frame, Subjects, encode
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
+from voicemesh.state import ConfigStore
 
 PREFIX = "vb"
 WARMUP_S = 1.0

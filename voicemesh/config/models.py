@@ -31,6 +31,7 @@ from voicemesh.config.connectors import (
     connector_names,
 )
 from voicemesh.config.secrets import find_clear_secrets
+from voicemesh.errors import VoicemeshError
 
 Path = tuple[str | int, ...]
 
@@ -53,7 +54,7 @@ def dotted(loc: Iterable[str | int]) -> str:
     return out or "<root>"
 
 
-class ConfigValidationError(ValueError):
+class ConfigValidationError(VoicemeshError, ValueError):
     """A config failed validation; `issues` name each problem by path."""
 
     def __init__(self, issues: list[ConfigIssue]):

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from voicemesh.errors import VoicemeshError
+
 SECRET_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # Keys whose values are credentials: they must be written as ${ENV} references, never in clear.
 # ("token" takes no plural: max_tokens is a length, not a credential.)
@@ -21,7 +23,7 @@ SECRET_KEY = re.compile(
 )
 
 
-class SecretResolutionError(LookupError):
+class SecretResolutionError(VoicemeshError, LookupError):
     """A config names an environment variable that this process does not have."""
 
 

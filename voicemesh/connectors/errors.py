@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
+from voicemesh.errors import VoicemeshError
+
 
 class FailureKind(StrEnum):
     TIMEOUT = "timeout"  # no first result within attempt_timeout_ms
@@ -41,7 +43,7 @@ CODES: dict[FailureKind, str] = {
 }
 
 
-class ConnectorError(Exception):
+class ConnectorError(VoicemeshError):
     """A classified connector failure."""
 
     def __init__(

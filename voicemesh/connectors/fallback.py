@@ -25,6 +25,7 @@ from voicemesh.connectors.base import Connector
 from voicemesh.connectors.errors import ConnectorError, FailureKind, classify
 from voicemesh.connectors.health import ConnectorId, HealthBoard, fingerprint
 from voicemesh.connectors.registry import ConnectorPool
+from voicemesh.errors import VoicemeshError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ T = TypeVar("T")
 LAST_RESORT_S = 60.0
 
 
-class AllConnectorsFailed(RuntimeError):
+class AllConnectorsFailed(VoicemeshError, RuntimeError):
     def __init__(self, stage: str, errors: list[tuple[str, ConnectorError]]):
         self.errors = errors
         detail = "; ".join(f"{name}: {err}" for name, err in errors)

@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-import valkey.asyncio as valkey
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from voicemesh.config.connectors import ConnectorOptions
 from voicemesh.connectors.errors import ConnectorError
+from voicemesh.state import ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,17 @@ class HealthBoard:
     def __init__(
         self,
         *,
-        client: valkey.Valkey,
+        store: ConfigStore,
         nc: Client,
         key_prefix: str,
         subject: str,
         instance: str,
         refresh_s: float = 1.0,
     ):
-        self.client, self.nc, self.subject, self.instance = client, nc, subject, instance
+        # The marks are this board's own keys (under `key_prefix`, which a benchmark varies per
+        # run), not part of the store's session layout: it shares the store's connection only.
+        self.client = store.client
+        self.nc, self.subject, self.instance = nc, subject, instance
         self.key_prefix = key_prefix
         self.refresh_s = refresh_s
         self._down: dict[ConnectorId, float] = {}  # id -> local expiry (monotonic)
@@ -57,6 +60,7 @@ class HealthBoard:
         return f"{self.key_prefix}:health:{':'.join(cid)}"
 
     async def start(self) -> None:
+        # hop: <- HealthBoard.mark_down and mark_up of every instance (vm.connector.health)
         await self.nc.subscribe(self.subject, cb=self._on_news)
         async for key in self.client.scan_iter(match=f"{self.key_prefix}:health:*", count=500):
             stage, name, fp = key.decode().rsplit(":", 3)[1:]
@@ -100,6 +104,7 @@ class HealthBoard:
         }
         await self.client.set(self.key(cid), orjson.dumps(body), px=hold_ms)
         self._down[cid] = time.monotonic() + hold_ms / 1000
+        # hop: -> HealthBoard._on_news of every instance (vm.connector.health)
         await self.nc.publish(self.subject, orjson.dumps(body))
         if probe is not None and cid not in self._probes:
             self._probes[cid] = asyncio.ensure_future(
@@ -116,6 +121,7 @@ class HealthBoard:
             "fp": cid[2],
             "by": self.instance,
         }
+        # hop: -> HealthBoard._on_news of every instance (vm.connector.health)
         await self.nc.publish(self.subject, orjson.dumps(body))
 
     async def _probe_forever(

@@ -25,6 +25,7 @@ import orjson
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, ConnectorOptions
 from voicemesh.connectors.base import Connector, LLMConnector, STTConnector, TTSConnector
+from voicemesh.errors import VoicemeshError
 
 #: Long enough to need several tokens of prompt processing (the SIGILL above struck there).
 LLM_PROMPT = [
@@ -38,7 +39,7 @@ TTS_SENTENCE = "Hello, this is a test of the voice before the first caller."
 STT_WAV = "proof-utterance.wav"
 
 
-class EngineError(RuntimeError):
+class EngineError(VoicemeshError, RuntimeError):
     """A local engine cannot run on this machine; the message names the engine and the cause."""
 
 

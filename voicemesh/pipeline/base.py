@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import orjson
 from nats.aio.msg import Msg
 
+from voicemesh.bus import Bus, Frame, Kind, Subjects
+from voicemesh.bus.subjects import trace_id
 from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
@@ -22,10 +24,9 @@ from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.proof import prove, prove_isolated
 from voicemesh.connectors.registry import RELAYS, ConnectorPool, connector_class
-from voicemesh.router import Bus, ConfigStore, Frame, Kind, NoRoute, ServiceRouter, Subjects
-from voicemesh.router.claims import Claims
-from voicemesh.router.store import best_effort
-from voicemesh.router.subjects import trace_id
+from voicemesh.router import NoRoute, ServiceRouter
+from voicemesh.state import ConfigStore
+from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +65,17 @@ class StageService:
         )
         await self.router.start()
         self.health = HealthBoard(
-            client=self.store.client,
+            store=self.store,
             nc=self.bus.nc,
             key_prefix=self.settings.key_prefix,
             subject=self.subjects.connector_health,
             instance=self.instance,
         )
         await self.health.start()
-        self.claims = Claims(
-            self.store.client,
-            keys=self.store.keys,
-            owner=self.instance,
-            ttl_ms=self.settings.lease_ttl_ms,
-        )
+        self.claims = self.store.claims(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         # not bus.spawn: drain waits for spawned work, and this runs until the drain is over
         self._renewer = asyncio.ensure_future(self._renew_claims())
+        # hop: <- voicemesh.transport.call.Call._start_turn and _interrupt (vm.ctl.<sid>)
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
         if self.settings.metrics_port is not None:
             from prometheus_client import start_http_server
@@ -96,6 +93,7 @@ class StageService:
             await self.preload()
         await self.setup()
         # Health answers only once engines are loaded and work is subscribed: ready means ready.
+        # hop: <- voicemesh.launcher.Stack.wait_ready (vm.health.<role>)
         await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
         await self.bus.settle()
         log.info("%s stage ready", self.role)
@@ -174,6 +172,7 @@ class StageService:
                 subject = self.router.next_subject_of(config, session)
             except NoRoute:  # in flight while the flow changed and left this stage out: drop it
                 return True
+            # hop: -> the next stage's _on_text, or transport.call.Call._egress (vm.<next>.<sid>)
             await self.bus.publish(subject, frame)
         return True
 
@@ -239,6 +238,7 @@ class StageService:
 
     async def notify(self, session: str, body: dict[str, Any], *, epoch: int = 0) -> None:
         """Events for the caller (transcripts); they travel beside the flow, to the transport."""
+        # hop: -> voicemesh.transport.call.Call._egress (vm.transport.<sid>)
         await self.bus.publish(
             self.subjects.data("transport", session), Frame.event(body, epoch=epoch)
         )

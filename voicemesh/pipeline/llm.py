@@ -10,12 +10,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import StageService
 from voicemesh.pipeline.text import SentenceSplitter
-from voicemesh.router import Flag, Frame, Kind, Subjects
-from voicemesh.router.claims import DONE
-from voicemesh.router.store import best_effort
+from voicemesh.state.claims import DONE
+from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class LLMService(StageService):
     role = "llm"
 
     async def setup(self) -> None:
+        # hop: <- voicemesh.pipeline.stt.STTService._transcribe (vm.llm.<sid>)
         await self.intake(self.subjects.data_all("llm"), self._on_text, queue="llm")
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
@@ -98,6 +99,7 @@ class LLMService(StageService):
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         chain = self.chain(config)
+        # hop: -> voicemesh.pipeline.tts.TTSService._on_text (vm.tts.<sid>, default flow)
         next_subject = self.router.next_subject_of(config, session)
         splitter, parts, index, used = SentenceSplitter(), [], len(sent_before), ""
         prior = [" ".join(sent_before)] if sent_before else []

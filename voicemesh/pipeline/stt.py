@@ -17,12 +17,12 @@ import orjson
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
 from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
 from voicemesh.pipeline.base import StageService
-from voicemesh.router import Flag, Frame, Kind, Leases, Subjects
-from voicemesh.router.store import check_session_id
+from voicemesh.state.store import check_session_id
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,10 @@ class STTService(StageService):
     role = "stt"
 
     async def setup(self) -> None:
-        self.leases = Leases(
-            self.store.client, owner=self.instance, ttl_ms=self.settings.lease_ttl_ms
-        )
+        self.leases = self.store.leases(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         self.streams: dict[str, Stream] = {}
         self._lock = asyncio.Lock()
+        # hop: <- voicemesh.transport.service.TransportService._assign (vm.assign.stt)
         self._intake.append(
             await self.bus.nc.subscribe(
                 self.subjects.assign("stt"), queue="stt", cb=self._on_assign
@@ -82,6 +81,7 @@ class STTService(StageService):
         async with self._lock:
             holder = await self.leases.acquire(self.subjects_lease(session))
             if holder == self.instance and session not in self.streams:
+                # hop: <- voicemesh.transport.call.Call._turn_event and _end_turn (vm.stt.<sid>)
                 sub = await self.bus.subscribe(
                     self.subjects.data("stt", session), self._on_audio, hop="stt"
                 )
@@ -243,6 +243,7 @@ class STTService(StageService):
                 flags=Flag.START | Flag.END | Flag.LAST,
                 origin_ns=stream.origin_ns,
             )
+            # hop: -> voicemesh.pipeline.llm.LLMService._on_text (vm.llm.<sid>, default flow)
             await self.router.route_to_next(out, session)
 
     async def _renew_forever(self) -> None:

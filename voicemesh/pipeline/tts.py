@@ -9,10 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.connectors.base import Connector, TTSConnector
 from voicemesh.pipeline.base import StageService
-from voicemesh.router import Flag, Frame, Kind, Subjects
-from voicemesh.router.store import best_effort
+from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class TTSService(StageService):
     role = "tts"
 
     async def setup(self) -> None:
+        # hop: <- voicemesh.pipeline.llm.LLMService._reply (vm.tts.<sid>)
         await self.intake(self.subjects.data_all("tts"), self._on_text, queue="tts")
 
     async def _on_text(self, subject: str, frame: Frame) -> None:
@@ -63,6 +64,7 @@ class TTSService(StageService):
 
     async def _synthesize(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)
+        # hop: -> voicemesh.transport.call.Call._egress (vm.transport.<sid>, default flow)
         out = self.router.next_subject_of(cached.config, session)
         common = {"epoch": frame.epoch, "index": frame.index, "origin_ns": frame.origin_ns}
         if not frame.payload:  # the end-of-reply marker: pass it on

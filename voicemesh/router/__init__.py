@@ -1,38 +1,9 @@
-"""NATS bus and wire codec, Valkey config store and leases, the ServiceRouter (next hop)."""
+"""ServiceRouter: a stage's cached view of each session's config and its next hop.
 
-from voicemesh.router.bus import Bus, BusError
-from voicemesh.router.codec import Flag, Frame, FrameError, Kind, decode, encode
-from voicemesh.router.lease import Leases
+Only routing lives here; the bus it publishes on is voicemesh.bus and the store it reads is
+voicemesh.state, both of which sit below it and never import it.
+"""
+
 from voicemesh.router.service_router import NoRoute, ServiceRouter, publish_config_update
-from voicemesh.router.store import (
-    AgentRecord,
-    ConfigStore,
-    Conflict,
-    NotFound,
-    StoredConfig,
-    StoreError,
-)
-from voicemesh.router.subjects import Keys, Subjects
 
-__all__ = [
-    "AgentRecord",
-    "Bus",
-    "BusError",
-    "ConfigStore",
-    "Conflict",
-    "Flag",
-    "Frame",
-    "FrameError",
-    "Keys",
-    "Kind",
-    "Leases",
-    "NoRoute",
-    "NotFound",
-    "ServiceRouter",
-    "StoreError",
-    "StoredConfig",
-    "Subjects",
-    "decode",
-    "encode",
-    "publish_config_update",
-]
+__all__ = ["NoRoute", "ServiceRouter", "publish_config_update"]

@@ -16,12 +16,13 @@ from typing import Any
 import orjson
 from nats.aio.msg import Msg
 
+from voicemesh.bus.bus import Bus
+from voicemesh.bus.codec import Frame
+from voicemesh.bus.subjects import Subjects
 from voicemesh.config.connectors import STAGE_IO
 from voicemesh.config.models import AgentConfig, StageConnectors, parse_agent_config
-from voicemesh.router.bus import Bus
-from voicemesh.router.codec import Frame
-from voicemesh.router.store import UNREACHABLE, ConfigStore, NotFound
-from voicemesh.router.subjects import Subjects
+from voicemesh.errors import VoicemeshError
+from voicemesh.state.store import UNREACHABLE, ConfigStore, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class CachedConfig:
     version: int
 
 
-class NoRoute(LookupError):
+class NoRoute(VoicemeshError, LookupError):
     """The session's flow has no edge out of this stage for the stream."""
 
 
@@ -59,6 +60,7 @@ class ServiceRouter:
         self.hits = self.misses = 0
 
     async def start(self) -> None:
+        # hop: <- publish_config_update below, sent by the transport service (vm.config.update)
         await self.bus.nc.subscribe(self.subjects.config_update, cb=self._on_update)
 
     async def _on_update(self, msg: Msg) -> None:
@@ -115,6 +117,7 @@ class ServiceRouter:
         """Valkey is unreachable: the transport carrying the call has the config cached, so ask
         it (`vm.config.get`, seed 000's request/reply). A stage that never saw the session can
         then still serve a turn during an outage. Raises `down` when no transport knows it."""
+        # hop: -> voicemesh.transport.service.TransportService._on_config_get (vm.config.get.<sid>)
         try:
             reply = await self.bus.nc.request(
                 self.subjects.config_get(session_id), b"", timeout=CONFIG_GET_TIMEOUT_S
@@ -187,5 +190,6 @@ async def publish_config_update(
         "updated_keys": updated_keys,
         "timestamp": time.time(),
     }
+    # hop: -> ServiceRouter._on_update above, in every stage and transport (vm.config.update)
     await bus.nc.publish(subjects.config_update, orjson.dumps(body))
     await bus.nc.flush()

@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import make_asgi_app
 from pydantic import BaseModel, ConfigDict, Field
 
+from voicemesh.bus.bus import BusError
 from voicemesh.config.logging import redact_logger
 from voicemesh.config.models import (
     AgentConfig,
@@ -30,14 +31,7 @@ from voicemesh.config.models import (
     ConfigValidationError,
     parse_agent_config,
 )
-from voicemesh.router.bus import BusError
-from voicemesh.router.store import (
-    Conflict,
-    NotFound,
-    StoreError,
-    check_agent_name,
-    check_session_id,
-)
+from voicemesh.state.store import Conflict, NotFound, StoreError, check_agent_name, check_session_id
 from voicemesh.transport.call import Call
 from voicemesh.transport.daily import daily_routes
 from voicemesh.transport.security import (
@@ -279,7 +273,7 @@ def create_app(service: TransportService) -> FastAPI:
 
     async def count_new_session(client: Client) -> None:
         if limit is not None:
-            await limit.hit(store().client, client)
+            await limit.hit(store(), client)
 
     @api.post("/sessions", status_code=201)
     async def create_session(
@@ -377,7 +371,7 @@ def create_app(service: TransportService) -> FastAPI:
     async def healthz() -> JSONResponse:
         checks = {"nats": service.bus.nc.is_connected, "valkey": True}
         try:
-            await store().client.ping()
+            await store().check()
         except Exception:
             checks["valkey"] = False
         ok = all(checks.values())

@@ -15,10 +15,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
-from voicemesh.router import Flag, Frame, Kind, NotFound, Subjects
-from voicemesh.router.store import UNREACHABLE, best_effort
+from voicemesh.state import NotFound
+from voicemesh.state.store import UNREACHABLE, best_effort
 from voicemesh.transport.egress import Reorderer, Resampler
 from voicemesh.transport.peer import Peer
 from voicemesh.transport.playout import Playout, truncate
@@ -70,9 +71,11 @@ class Call:
             cached = await self.svc.router.load(self.session)
             self.options = cached.config.transport_options(self.peer.name)  # type: ignore[assignment]
             detector, chunker = TurnDetector(self.options), Rechunker()
+            # hop: <- voicemesh.pipeline.tts.TTSService._synthesize (vm.transport.<sid>)
             sub = await self.svc.bus.subscribe(
                 self.subjects.data("transport", self.session), self._egress
             )
+            # hop: <- voicemesh.transport.service.TransportService.session_deleted (vm.ctl.<sid>)
             ctl = await self.svc.bus.subscribe(self.subjects.ctl(self.session), self._control)
             pacer = asyncio.create_task(self._pace())
             pacer.add_done_callback(self._pacer_done)
@@ -112,6 +115,7 @@ class Call:
             await asyncio.gather(
                 *(t for t in (watcher, pacer, *self._tasks) if t), return_exceptions=True
             )
+            # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
             await self.svc.bus.publish(
                 self.subjects.ctl(self.session), Frame.event({"type": "call_end"})
             )
@@ -158,6 +162,7 @@ class Call:
             frame = Frame.audio(pcm, sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
             self.seq += 1
             self.utterance.append(frame)
+            # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
             await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), frame)
         if kind == "end":
             await self._end_turn()
@@ -180,6 +185,7 @@ class Call:
         self.trace.voiced()
         bind(turn=self.epoch, trace_id=self.trace.trace_id)
         self.utterance = []
+        # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
         await self.svc.bus.publish(
             self.subjects.ctl(self.session),
             Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
@@ -216,6 +222,7 @@ class Call:
             if await self.svc.ensure_owner(self.ingress, self.session, replay=utterance):
                 log.info("stt owner changed: replayed %d frames", len(utterance))
             else:
+                # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
                 await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), end)
         except NoInstance as exc:
             await self._abandon(Stalled(self.ingress, epoch, str(exc)))
@@ -252,6 +259,7 @@ class Call:
         self.replying = None
         said = truncate(self.sentences, heard)
         log.info("barge-in: turn %d cut off after %r", old, said)
+        # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
         await self.svc.bus.publish(
             self.subjects.ctl(self.session),
             Frame.event({"type": "interrupt", "epoch": old + 1, "interrupted": old}, epoch=old),

@@ -49,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from voicemesh.config.connectors import DailyTransportOptions
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
-from voicemesh.router import NotFound
+from voicemesh.errors import VoicemeshError
+from voicemesh.state import NotFound
 from voicemesh.transport.peer import CallSession, Peer
 from voicemesh.transport.security import ApiKeyAuth, Client
 from voicemesh.transport.service import TransportService
@@ -72,7 +73,7 @@ JOIN_HELP = (
 )
 
 
-class JoinFailed(Exception):
+class JoinFailed(VoicemeshError):
     """The bot could not get into the room; the message names the room, never the token."""
 
 

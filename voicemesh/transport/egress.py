@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import soxr
 
-from voicemesh.router import Flag, Frame
+from voicemesh.bus import Flag, Frame
 
 #: frames of the sentence being played held back waiting for a missing one, at most (~1 s)
 MAX_HELD = 50

@@ -22,6 +22,8 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketState
 
 from voicemesh.config.settings import Settings
+from voicemesh.errors import VoicemeshError
+from voicemesh.state import ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +35,17 @@ MISSING = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <k
 INVALID = "invalid API key"
 
 
-class AuthConfigError(ValueError):
+class AuthConfigError(VoicemeshError, ValueError):
     """The transport's auth settings cannot work (auth required, no keys)."""
 
 
-class Unauthorized(Exception):
+class Unauthorized(VoicemeshError):
     def __init__(self, detail: str):
         super().__init__(detail)
         self.detail = detail
 
 
-class RateLimited(Exception):
+class RateLimited(VoicemeshError):
     def __init__(self, detail: str, retry_after_s: int):
         super().__init__(detail)
         self.detail = detail
@@ -156,8 +158,10 @@ class SessionRateLimit:
     def key(self, client: Client) -> str:
         return f"{self.key_prefix}:rate:sessions:{client.id}"
 
-    async def hit(self, valkey_client: Any, client: Client) -> None:
+    async def hit(self, store: ConfigStore, client: Client) -> None:
         """Count one new session for `client`; RateLimited if it is over the limit."""
+        # The counters are this limiter's own keys; it borrows the store's connection only.
+        valkey_client = store.client
         if self._client is not valkey_client:
             self._client, self._script = valkey_client, valkey_client.register_script(_HIT)
         n, ttl_ms = await self._script(keys=[self.key(client)], args=[self.window_ms])

@@ -17,18 +17,21 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from voicemesh.bus import Bus, Frame, Subjects
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.router import Bus, ConfigStore, Frame, ServiceRouter, Subjects, publish_config_update
-from voicemesh.router.store import UNREACHABLE
+from voicemesh.errors import VoicemeshError
+from voicemesh.router import ServiceRouter, publish_config_update
+from voicemesh.state import ConfigStore
+from voicemesh.state.store import UNREACHABLE
 from voicemesh.transport.vad import preload
 
 log = logging.getLogger(__name__)
 
 
-class NoInstance(RuntimeError):
+class NoInstance(VoicemeshError, RuntimeError):
     """No instance of a stage answered the assignment request."""
 
 
@@ -66,9 +69,11 @@ class TransportService:
         await asyncio.to_thread(preload, TurnOptions(vad="silero", turn="smart_turn"))
         if self.settings.default_agent_file:
             await self._seed_default_agent(Path(self.settings.default_agent_file))
+        # hop: <- voicemesh.router.service_router.ServiceRouter._ask_transport (vm.config.get.<sid>)
         await self.bus.nc.subscribe(
             self.subjects.config_get_all, queue="transport", cb=self._on_config_get
         )
+        # hop: <- voicemesh.launcher.Stack.wait_ready (vm.health.transport)
         await self.bus.nc.subscribe(self.subjects.health("transport"), cb=self._on_health)
         await self.bus.settle()
         log.info("transport ready")
@@ -92,11 +97,13 @@ class TransportService:
 
     async def config_changed(self, session_id: str, version: int, keys: list[str]) -> None:
         self.router.forget(session_id)
+        # hop: -> voicemesh.router.service_router.ServiceRouter._on_update (vm.config.update)
         await publish_config_update(self.bus, self.subjects, session_id, version, keys)
 
     async def session_deleted(self, session_id: str) -> None:
         self.router.forget(session_id)
         self._owners.pop(session_id, None)
+        # hop: -> voicemesh.pipeline.base.StageService._on_ctl and Call._control (vm.ctl.<sid>)
         await self.bus.publish(self.subjects.ctl(session_id), Frame.event({"type": "end"}))
         await publish_config_update(self.bus, self.subjects, session_id, 0, ["*"])
 
@@ -131,23 +138,23 @@ class TransportService:
     ) -> bool:
         """Make sure one instance of a streaming stage owns the session; if the owner changed
         since we last looked (its lease lapsed), hand over and resend `replay`. True if replayed."""
-        key = self.store.keys.lease(stage, session)
         known = self._owners.get(session)
         try:
-            holder = await self.store.client.get(key)
+            holder = await self.store.lease_holder(stage, session)
         except UNREACHABLE as exc:
             if known is None:  # nobody can take a lease now: this turn goes unheard
                 raise NoInstance(f"Valkey unreachable: no {stage} owner for {session}") from exc
             # no lease to read: the owner we know keeps the stream (it keeps it too, see stt.py)
             log.warning("Valkey unreachable, %s stream stays with %s: %s", stage, known, exc)
             return False
-        if holder is not None and holder.decode() == known:
+        if holder is not None and holder == known:
             return False
         owner = await self._assign(stage, session)
         self._owners[session] = owner
         if replay:  # the stream moved (lease lapsed or taken over): resend the open utterance
             subject = self.subjects.data(stage, session)
             for frame in replay:
+                # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>, the replay)
                 await self.bus.publish(subject, frame)
             return True
         return False
@@ -162,6 +169,7 @@ class TransportService:
         while True:
             left = deadline - loop.time()
             try:
+                # hop: -> voicemesh.pipeline.stt.STTService._on_assign (vm.assign.stt)
                 reply = await self.bus.nc.request(
                     self.subjects.assign(stage), payload, timeout=max(0.2, min(2.0, left))
                 )

@@ -1,7 +1,7 @@
 """The transport supervises each call's turn so that a stage instance dying mid-work costs a
 short gap, not the turn, and a stage with no instance at all costs a clear error, not silence.
 
-Every unit of work is claimed in Valkey by the instance doing it (voicemesh.router.claims). For
+Every unit of work is claimed in Valkey by the instance doing it (voicemesh.state.claims). For
 the turn in progress, the supervisor looks every fifth of a lease TTL (Call._supervise) at the
 unit the reply is waiting for: the utterance (STT lease), the LLM turn, or the next sentence (TTS
 claim). A unit with no claim a lease TTL after it was sent has lost its worker, so it is sent
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from nats.errors import NoRespondersError
 
-from voicemesh.router import Flag, Frame
-from voicemesh.router.claims import DONE, Claims
+from voicemesh.bus import Flag, Frame
+from voicemesh.state.claims import DONE
 from voicemesh.transport.service import NoInstance
 
 if TYPE_CHECKING:
@@ -64,12 +64,7 @@ class TurnSupervisor:
         self.svc, self.session = service, session
         self.ttl_s = service.settings.lease_ttl_ms / 1000
         self.wait_s = service.settings.stage_wait_ms / 1000
-        self.claims = Claims(
-            service.store.client,
-            keys=service.store.keys,
-            owner="transport",
-            ttl_ms=service.settings.lease_ttl_ms,
-        )
+        self.claims = service.store.claims(owner="transport", ttl_ms=service.settings.lease_ttl_ms)
         self.turn: TurnWork | None = None
         self.redeliveries = 0
 
@@ -166,7 +161,7 @@ class TurnSupervisor:
             return None  # supervision knows the standard flow only
         now = time.monotonic()
         if t.user_text is None:  # waiting for STT: its lease tells whether its owner lives
-            holder = await self.svc.store.client.get(self.svc.store.keys.lease("stt", self.session))
+            holder = await self.svc.store.lease_holder("stt", self.session)
             if holder is not None:
                 self._taken("stt")
                 return None
@@ -228,4 +223,5 @@ class TurnSupervisor:
 
     async def _send(self, stage: str, frame: Frame) -> None:
         self.redeliveries += 1
+        # hop: -> voicemesh.pipeline.{llm,tts} LLMService/TTSService._on_text (vm.<stage>.<sid>)
         await self.svc.bus.publish(self.svc.subjects.data(stage, self.session), frame)

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import Histogram
 
-from voicemesh.router.subjects import trace_id
+from voicemesh.bus.subjects import trace_id
 
 TURN_PHASE = Histogram(
     "voicemesh_turn_phase_seconds",

@@ -44,7 +44,7 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from voicemesh.router import NotFound
+from voicemesh.state import NotFound
 from voicemesh.transport.peer import CallSession, Peer
 from voicemesh.transport.security import (
     WS_RATE_LIMITED,

@@ -35,7 +35,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
-from voicemesh.router import NotFound
+from voicemesh.state import NotFound
 from voicemesh.transport.peer import CallSession, Peer
 from voicemesh.transport.security import ApiKeyAuth, Client
 from voicemesh.transport.service import TransportService

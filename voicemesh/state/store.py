@@ -25,21 +25,24 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 from voicemesh.config.connections import redact_url, valkey_options
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import ConnectionSettings
-from voicemesh.router.subjects import AGENT_NAME, SESSION_ID, Keys
+from voicemesh.errors import VoicemeshError
+from voicemesh.state.claims import Claims
+from voicemesh.state.keys import AGENT_NAME, SESSION_ID, Keys
+from voicemesh.state.lease import Leases
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class StoreError(ConnectionError):
+class StoreError(VoicemeshError, ConnectionError):
     """Valkey cannot be used: unreachable, refused our login, or TLS failed."""
 
 
-class NotFound(LookupError):
+class NotFound(VoicemeshError, LookupError):
     pass
 
 
-class Conflict(ValueError):
+class Conflict(VoicemeshError, ValueError):
     pass
 
 
@@ -299,6 +302,22 @@ class ConfigStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    # --- leases and claims: handed out here so no caller needs the raw client or the key layout
+
+    def leases(self, *, owner: str, ttl_ms: int) -> Leases:
+        """Session leases held as `owner` (a streaming stage's instance)."""
+        return Leases(self.client, owner=owner, ttl_ms=ttl_ms)
+
+    def claims(self, *, owner: str, ttl_ms: int) -> Claims:
+        """Claims on units of work, held (or watched) as `owner`."""
+        return Claims(self.client, keys=self.keys, owner=owner, ttl_ms=ttl_ms)
+
+    async def lease_holder(self, stage: str, session: str) -> str | None:
+        """The instance whose lease owns the session's stream on `stage`; None once it lapsed
+        (its holder died or let go), which is how a sender learns the stream needs a new owner."""
+        holder = await self.client.get(self.keys.lease(stage, session))
+        return holder.decode() if holder is not None else None
 
     def _ttl_ms(self, ttl_s: int | None) -> int:
         ttl = self.default_ttl_s if ttl_s is None else ttl_s

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from voicemesh.errors import VoicemeshError
+
 VERSION = 1
 # version u8, kind u8, flags u16, epoch u32, index u32, seq u32, sample_rate u32, channels u8,
 # 3 reserved bytes, origin timestamp u64 (ns since the Unix epoch, wall clock).
@@ -41,7 +43,7 @@ _KINDS = {k.value: k for k in Kind}
 _FLAGS = {v: Flag(v) for v in range(8)}
 
 
-class FrameError(ValueError):
+class FrameError(VoicemeshError, ValueError):
     """Bytes that are not a frame of this protocol version."""
 
 

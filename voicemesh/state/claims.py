@@ -13,7 +13,7 @@ from __future__ import annotations
 import orjson
 import valkey.asyncio as valkey
 
-from voicemesh.router.subjects import Keys
+from voicemesh.state.keys import Keys
 
 DONE = "done"
 

@@ -18,17 +18,18 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from voicemesh.bus.codec import Frame, FrameError, decode, encode
+from voicemesh.bus.metrics import DROPPED, FRAME_AGE
 from voicemesh.config.connections import nats_options, redact_url
 from voicemesh.config.settings import ConnectionSettings
-from voicemesh.router.codec import Frame, FrameError, decode, encode
-from voicemesh.router.metrics import DROPPED, FRAME_AGE
+from voicemesh.errors import VoicemeshError
 
 log = logging.getLogger(__name__)
 
 FrameHandler = Callable[[str, Frame], Awaitable[None]]
 
 
-class BusError(ConnectionError):
+class BusError(VoicemeshError, ConnectionError):
     """NATS refused the connection for a reason retrying cannot fix (credentials, TLS)."""
 
 
