@@ -77,11 +77,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from voicemesh.connectors.proof import EngineError
     from voicemesh.launcher import ENGINE_FAILED
-    from voicemesh.pipeline import SERVICES, run_service
+    from voicemesh.pipeline import SERVICES
+    from voicemesh.role import run_role
 
     async def checked() -> None:
         await _check_valkey(settings)  # a clear error before the stage meets Valkey's refusal
-        await run_service(SERVICES[args.role](settings))
+        await run_role(SERVICES[args.role](settings))
 
     try:
         asyncio.run(checked())

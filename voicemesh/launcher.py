@@ -181,7 +181,7 @@ class Stack:
                     )
                 for role in sorted(pending):
                     try:
-                        # hop: -> voicemesh.pipeline.base.StageService._on_health (vm.health.<role>)
+                        # hop: -> voicemesh.role.Role._on_health (vm.health.<role>)
                         await nc.request(f"{prefix}.health.{role}", b"{}", timeout=0.5)
                     except Exception:
                         continue

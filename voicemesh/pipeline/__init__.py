@@ -1,6 +1,7 @@
-"""The stage services (stt, llm, tts) on one StageService base."""
+"""The stage services (stt, llm, tts) on one StageService base (a Role, voicemesh/role.py); llm
+and tts are QueuedStages."""
 
-from voicemesh.pipeline.base import StageService, run_service
+from voicemesh.pipeline.base import QueuedStage, StageService
 from voicemesh.pipeline.llm import LLMService
 from voicemesh.pipeline.stt import STTService
 from voicemesh.pipeline.tts import TTSService
@@ -11,4 +12,4 @@ SERVICES: dict[str, type[StageService]] = {
     "tts": TTSService,
 }
 
-__all__ = ["SERVICES", "LLMService", "STTService", "StageService", "TTSService", "run_service"]
+__all__ = ["SERVICES", "LLMService", "QueuedStage", "STTService", "StageService", "TTSService"]

@@ -1,21 +1,20 @@
-"""StageService: what every stage shares. It connects to NATS and Valkey, keeps the session config
-cache (ServiceRouter), follows turn epochs from `vm.ctl.*` and cancels work a newer turn made stale,
-answers health pings, and drains on shutdown.
+"""The stage roles' bases. StageService adds to Role (voicemesh/role.py) what every stage needs:
+turn epochs followed from `vm.ctl.*`, with work a newer turn made stale cancelled; claims on units
+of work; the connector pool, with the default agent's engines loaded and proven before the stage
+answers health; and an intake that ends first on shutdown, so in-flight work drains and no new
+work starts. QueuedStage is the stateless stage (llm, tts): any instance takes a unit of work from
+the queue group, and a claim in Valkey makes a redelivered unit run once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Coroutine
-from typing import Any, ClassVar
+from typing import Any
 
-import orjson
-from nats.aio.msg import Msg
-
-from voicemesh.bus import Bus, Frame, Kind, Subjects
+from voicemesh.bus import Frame, Kind, Subjects
 from voicemesh.bus.subjects import trace_id
 from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
@@ -24,46 +23,31 @@ from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.proof import prove, prove_isolated
 from voicemesh.connectors.registry import RELAYS, ConnectorPool, connector_class
-from voicemesh.router import NoRoute, ServiceRouter
-from voicemesh.state import ConfigStore
+from voicemesh.role import Role
+from voicemesh.router import NoRoute
 from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
 
 
-class StageService:
-    role: ClassVar[str]
+class StageService(Role):
+    """A stage role: besides what every role has, it follows turn epochs from `vm.ctl.*` and
+    cancels work a newer turn made stale, claims units of work, and loads and proves its engines
+    before it reports ready."""
 
     def __init__(self, settings: Settings):
-        if not settings.nats_url or not settings.valkey_url:
-            raise ValueError(f"{self.role}: NATS_URL and VALKEY_URL must be set")
-        self.settings = settings
-        self.instance = settings.instance_id
-        self.subjects = Subjects(settings.subject_prefix)
+        super().__init__(settings)
         self.pool = ConnectorPool()
         self.epochs: dict[str, int] = {}
         self._work: dict[str, set[tuple[int, asyncio.Task[Any]]]] = {}
         self._intake: list[Any] = []
-        self.started_at = time.time()
+        self.closers.append(self._end_intake)
 
-    async def start(self) -> None:
-        bind(role=self.role, instance=self.instance)
-        self.store = ConfigStore.from_url(
-            self.settings.valkey_url,  # type: ignore[arg-type]
-            settings=self.settings,
-            key_prefix=self.settings.key_prefix,
-            default_ttl_s=self.settings.session_ttl_s,
-        )
-        await self.store.check()
-        self.bus = await Bus.connect(
-            self.settings.nats_url,  # type: ignore[arg-type]
-            name=f"voicemesh-{self.role}-{self.instance}",
-            settings=self.settings,
-        )
-        self.router = ServiceRouter(
-            bus=self.bus, store=self.store, stage=self.role, subjects=self.subjects
-        )
-        await self.router.start()
+    @property
+    def title(self) -> str:
+        return f"{self.role} stage"
+
+    async def prepare(self) -> None:
         self.health = HealthBoard(
             store=self.store,
             nc=self.bus.nc,
@@ -77,29 +61,8 @@ class StageService:
         self._renewer = asyncio.ensure_future(self._renew_claims())
         # hop: <- voicemesh.transport.call.Call._start_turn and _interrupt (vm.ctl.<sid>)
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
-        if self.settings.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            try:
-                start_http_server(self.settings.metrics_port, addr=self.settings.http_host)
-            except OSError as exc:  # metrics are worth a warning, not a dead stage
-                log.error("cannot serve metrics on port %d: %s", self.settings.metrics_port, exc)
-            log.info(
-                "metrics on http://%s:%d/metrics",
-                self.settings.http_host,
-                self.settings.metrics_port,
-            )
         if self.settings.preload:
             await self.preload()
-        await self.setup()
-        # Health answers only once engines are loaded and work is subscribed: ready means ready.
-        # hop: <- voicemesh.launcher.Stack.wait_ready (vm.health.<role>)
-        await self.bus.nc.subscribe(self.subjects.health(self.role), cb=self._on_health)
-        await self.bus.settle()
-        log.info("%s stage ready", self.role)
-
-    async def setup(self) -> None:
-        """Subscribe to this stage's work."""
 
     async def preload(self) -> None:
         """Load the default agent's engines for this stage now, not on the first call, and prove
@@ -132,14 +95,15 @@ class StageService:
         while in-flight work drains."""
         self._intake.append(await self.bus.subscribe(subject, handler, queue=queue, hop=self.role))
 
-    async def stop(self) -> None:
+    async def _end_intake(self) -> None:
         for sub in self._intake:
             await sub.unsubscribe()
-        await self.bus.drain()  # in-flight units finish, their claims renewed meanwhile
+
+    async def release(self) -> None:
+        # after the drain: in-flight units renewed their claims until they finished
         self._renewer.cancel()
         await self.health.stop()
         await self.pool.aclose()
-        await self.store.close()
 
     async def _renew_claims(self) -> None:
         while True:
@@ -229,10 +193,8 @@ class StageService:
         self.epochs.pop(session, None)
         self.router.forget(session)
 
-    async def _on_health(self, msg: Msg) -> None:
-        if msg.reply:
-            body = {"role": self.role, "instance": self.instance, "sessions": len(self.epochs)}
-            await self.bus.nc.publish(msg.reply, orjson.dumps(body))
+    def health_body(self) -> dict[str, Any]:
+        return {**super().health_body(), "sessions": len(self.epochs)}
 
     # --- side channel to the session's transport ---------------------------------------------
 
@@ -244,13 +206,36 @@ class StageService:
         )
 
 
-async def run_service(service: StageService) -> None:
-    """Run until SIGINT/SIGTERM, then drain in-flight work and exit."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    await stop.wait()
-    log.info("%s stage draining", service.role)
-    await service.stop()
+class QueuedStage(StageService):
+    """A stateless stage: any instance takes a unit (an LLM turn, a TTS sentence) from the queue
+    group on `vm.<role>.<session>`, claims it, and does `work`; a unit cancelled by a newer turn
+    gives its claim up, so only finished units are skipped on redelivery."""
+
+    async def setup(self) -> None:
+        # hop: <- the previous stage of the flow: STTService._transcribe (vm.llm.<sid>),
+        # LLMService._reply (vm.tts.<sid>), or a supervisor's resend (transport/supervisor.py)
+        await self.intake(self.subjects.data_all(self.role), self._on_text, queue=self.role)
+
+    async def _on_text(self, subject: str, frame: Frame) -> None:
+        session = Subjects.session_of(subject)
+        if await self.relay(session, frame):
+            return
+        if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
+            return
+        self.track(session, frame.epoch, self._take(session, frame))
+
+    async def _take(self, session: str, frame: Frame) -> None:
+        claim = await self.claimed(self.role, session, frame)
+        if claim is None:
+            return
+        try:
+            note = await self.work(session, frame)
+        except asyncio.CancelledError:
+            await best_effort("releasing the claim", self.claims.release(claim), None)
+            raise
+        await best_effort("finishing the claim", self.claims.finish(claim, note), None)
+
+    async def work(self, session: str, frame: Frame) -> str:
+        """Do one claimed unit; returns the note its claim is finished with (DONE, or DONE with
+        what a redelivery needs to know)."""
+        raise NotImplementedError

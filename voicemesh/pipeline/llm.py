@@ -5,14 +5,13 @@ complete (numbered, so parallel TTS results can be put back in order downstream)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 
-from voicemesh.bus import Flag, Frame, Kind, Subjects
+from voicemesh.bus import Flag, Frame
 from voicemesh.connectors.base import Connector, LLMConnector, Message
-from voicemesh.pipeline.base import StageService
+from voicemesh.pipeline.base import QueuedStage
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.state.claims import DONE
 from voicemesh.state.store import best_effort
@@ -52,32 +51,12 @@ async def continue_reply(
         yield pending
 
 
-class LLMService(StageService):
+class LLMService(QueuedStage):
     role = "llm"
 
-    async def setup(self) -> None:
-        # hop: <- voicemesh.pipeline.stt.STTService._transcribe (vm.llm.<sid>)
-        await self.intake(self.subjects.data_all("llm"), self._on_text, queue="llm")
-
-    async def _on_text(self, subject: str, frame: Frame) -> None:
-        session = Subjects.session_of(subject)
-        if await self.relay(session, frame):
-            return
-        if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
-            return
-        self.track(session, frame.epoch, self._turn(session, frame))
-
-    async def _turn(self, session: str, frame: Frame) -> None:
-        claim = await self.claimed("llm", session, frame)
-        if claim is None:
-            return
-        try:
-            sentences = await self._reply(session, frame)
-        except asyncio.CancelledError:
-            await best_effort("releasing the claim", self.claims.release(claim), None)
-            raise
-        done = self.claims.finish(claim, f"{DONE}:{sentences}")
-        await best_effort("finishing the claim", done, None)
+    async def work(self, session: str, frame: Frame) -> str:
+        # with the sentence count, the call supervisor knows which TTS sentences a reply has
+        return f"{DONE}:{await self._reply(session, frame)}"
 
     async def _reply(self, session: str, frame: Frame) -> int:
         """Generate and send the reply; returns how many sentences the turn has in all."""

@@ -30,7 +30,25 @@ IDLE_RELEASE_S = 600.0
 
 
 @dataclass
+class Utterance:
+    """One utterance as its END cut it from the stream: what transcribing it needs, fixed while
+    the stream goes on to the next one."""
+
+    epoch: int
+    pcm: bytes
+    rate: int
+    origin_ns: int
+    chain: Chain | None
+    live: STTStream | None
+    live_name: str
+    live_conn: Connector | None
+
+
+@dataclass
 class Stream:
+    """A session's audio stream, held by this instance while it holds the session's lease."""
+
+    session: str
     sub: Subscription
     epoch: int = -1
     rate: int = 16000
@@ -43,6 +61,28 @@ class Stream:
     live: STTStream | None = None
     live_name: str = ""
     live_conn: Connector | None = None
+
+    def begin(self, frame: Frame) -> None:
+        """Start a new utterance at `frame` (its live stream, if any, closed already)."""
+        self.audio.clear()
+        self.epoch, self.rate, self.origin_ns = frame.epoch, frame.sample_rate, frame.origin_ns
+
+    def cut(self) -> Utterance:
+        """Hand the utterance over to its transcription; the stream keeps nothing of it, so the
+        next utterance can start while this one is transcribed."""
+        utterance = Utterance(
+            self.epoch,
+            bytes(self.audio),
+            self.rate,
+            self.origin_ns,
+            self.chain,
+            self.live,
+            self.live_name,
+            self.live_conn,
+        )
+        self.audio.clear()
+        self.live = None
+        return utterance
 
 
 class STTService(StageService):
@@ -85,7 +125,7 @@ class STTService(StageService):
                 sub = await self.bus.subscribe(
                     self.subjects.data("stt", session), self._on_audio, hop="stt"
                 )
-                self.streams[session] = Stream(sub)
+                self.streams[session] = Stream(session, sub)
                 log.info("took the audio stream of session %s", session)
         if msg.reply:
             await self.bus.nc.publish(msg.reply, orjson.dumps({"owner": holder}))
@@ -103,14 +143,9 @@ class STTService(StageService):
         stream.last_frame = time.monotonic()
         if frame.has(Flag.START) or frame.epoch != stream.epoch:
             await self._close_live(stream)
-            stream.audio.clear()
-            stream.epoch, stream.rate, stream.origin_ns = (
-                frame.epoch,
-                frame.sample_rate,
-                frame.origin_ns,
-            )
+            stream.begin(frame)
             stream.chain = self.chain((await self.router.load(session)).config)
-            await self._open_live(session, stream)
+            await self._open_live(stream)
         stream.audio += frame.payload
         if stream.live is not None and frame.payload:
             try:
@@ -119,26 +154,11 @@ class STTService(StageService):
             except Exception as exc:
                 await self._live_failed(stream, exc)
         if frame.has(Flag.END):
-            pcm = bytes(stream.audio)
-            stream.audio.clear()
-            live, live_name, live_conn, chain = (
-                stream.live,
-                stream.live_name,
-                stream.live_conn,
-                stream.chain,
-            )
-            stream.live = None
-            self.track(
-                session,
-                frame.epoch,
-                self._transcribe(
-                    session, frame.epoch, pcm, stream, chain, live, live_name, live_conn
-                ),
-            )
+            self.track(session, frame.epoch, self._transcribe(stream, stream.cut()))
 
-    async def _open_live(self, session: str, stream: Stream) -> None:
+    async def _open_live(self, stream: Stream) -> None:
         """Start streaming the utterance if the first connector in the chain can."""
-        chain = stream.chain
+        session, chain = stream.session, stream.chain
         assert chain is not None
         name = chain.order()[0]
         try:
@@ -182,36 +202,27 @@ class STTService(StageService):
         if live is not None:
             await live.aclose()
 
-    async def _transcribe(
-        self,
-        session: str,
-        epoch: int,
-        pcm: bytes,
-        stream: Stream,
-        chain: Chain | None,
-        live: STTStream | None,
-        live_name: str,
-        live_conn: Connector | None,
-    ) -> None:
-        chain = chain or self.chain((await self.router.load(session)).config)
+    async def _transcribe(self, stream: Stream, utterance: Utterance) -> None:
+        session, epoch, live = stream.session, utterance.epoch, utterance.live
+        chain = utterance.chain or self.chain((await self.router.load(session)).config)
         t0 = time.perf_counter()
         text: str | None = None
-        name = live_name
+        name = utterance.live_name
         if live is not None:
             try:
                 async with asyncio.timeout(chain.timeout_s):
                     text = await live.finish()
-                metrics.REQUESTS.labels("stt", live_name).inc()
+                metrics.REQUESTS.labels("stt", name).inc()
             except asyncio.CancelledError:
                 await live.aclose()
                 raise
             except Exception as exc:
-                await chain.failed(live_name, live_conn, exc, started=False)
+                await chain.failed(name, utterance.live_conn, exc, started=False)
                 await live.aclose()
         if text is None:  # no live stream, or it failed: replay the utterance from its start
             try:
                 conn, text = await chain.call_first(
-                    lambda c: c.transcribe(pcm, stream.rate),  # type: ignore[attr-defined]
+                    lambda c: c.transcribe(utterance.pcm, utterance.rate),  # type: ignore[attr-defined]
                 )
                 name = conn.name
             except AllConnectorsFailed as exc:
@@ -241,7 +252,7 @@ class STTService(StageService):
                 text,
                 epoch=epoch,
                 flags=Flag.START | Flag.END | Flag.LAST,
-                origin_ns=stream.origin_ns,
+                origin_ns=utterance.origin_ns,
             )
             # hop: -> voicemesh.pipeline.llm.LLMService._on_text (vm.llm.<sid>, default flow)
             await self.router.route_to_next(out, session)

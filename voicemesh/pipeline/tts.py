@@ -4,15 +4,14 @@ transport play sentences synthesized in parallel in order."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 
-from voicemesh.bus import Flag, Frame, Kind, Subjects
+from voicemesh.bus import Flag, Frame
 from voicemesh.connectors.base import Connector, TTSConnector
-from voicemesh.pipeline.base import StageService
-from voicemesh.state.store import best_effort
+from voicemesh.pipeline.base import QueuedStage
+from voicemesh.state.claims import DONE
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +35,12 @@ async def resume_sentence(
         yield pcm, rate
 
 
-class TTSService(StageService):
+class TTSService(QueuedStage):
     role = "tts"
 
-    async def setup(self) -> None:
-        # hop: <- voicemesh.pipeline.llm.LLMService._reply (vm.tts.<sid>)
-        await self.intake(self.subjects.data_all("tts"), self._on_text, queue="tts")
-
-    async def _on_text(self, subject: str, frame: Frame) -> None:
-        session = Subjects.session_of(subject)
-        if await self.relay(session, frame):
-            return
-        if frame.kind is not Kind.TEXT or not self.current(session, frame.epoch):
-            return
-        self.track(session, frame.epoch, self._speak(session, frame))
-
-    async def _speak(self, session: str, frame: Frame) -> None:
-        claim = await self.claimed("tts", session, frame)
-        if claim is None:
-            return
-        try:
-            await self._synthesize(session, frame)
-        except asyncio.CancelledError:
-            await best_effort("releasing the claim", self.claims.release(claim), None)
-            raise
-        await best_effort("finishing the claim", self.claims.finish(claim), None)
+    async def work(self, session: str, frame: Frame) -> str:
+        await self._synthesize(session, frame)
+        return DONE
 
     async def _synthesize(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)

