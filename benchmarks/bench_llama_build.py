@@ -122,18 +122,22 @@ def llm_alone(sites: dict[str, Path], rounds: int) -> dict[str, Any]:
     return out
 
 
-async def voice(sites: dict[str, Path], turns: int) -> dict[str, Any]:
+async def voice(sites: dict[str, Path], turns: int, rounds: int) -> dict[str, Any]:
+    """`rounds` stacks per build, alternating (A B B A ...), `turns` turns each: a stack run
+    takes minutes, and load from elsewhere on the machine must not fall on one build only."""
     from voicemesh.bench.harness import environment, voice_to_voice
 
-    out = {}
-    for build in BUILDS:
-        os.environ["PYTHONPATH"] = str(sites[build])  # every role inherits it; the LLM uses it
-        try:
-            async with environment(ROOT / "config/agent-config.json", say) as env:
-                out[build] = await voice_to_voice(env, turns, lambda: None)
-        finally:
-            os.environ.pop("PYTHONPATH", None)
-        say(f"voice to voice with the {build} build: done")
+    out: dict[str, Any] = {b: {"turns": []} for b in BUILDS}
+    for r in range(rounds):
+        for build in BUILDS if r % 2 == 0 else tuple(reversed(BUILDS)):
+            os.environ["PYTHONPATH"] = str(sites[build])  # every role inherits it; LLM uses it
+            try:
+                async with environment(ROOT / "config/agent-config.json", say) as env:
+                    got = await voice_to_voice(env, turns, lambda: None)
+            finally:
+                os.environ.pop("PYTHONPATH", None)
+            out[build]["turns"] += got["turns"]
+            say(f"voice to voice, round {r + 1}/{rounds}, {build} build: done")
     return out
 
 
@@ -149,8 +153,9 @@ def report(alone: dict[str, Any], calls: dict[str, Any], args: argparse.Namespac
         "# Portable vs native llama.cpp build (llama-cpp-python 0.3.36, SmolLM2-135M Q4_1)",
         "",
         f"{time.strftime('%Y-%m-%d')}, {m.get('cpu')}, {m.get('cores')} cores; "
-        f"`benchmarks/bench_llama_build.py --rounds {args.rounds} --turns {args.turns}`. "
-        "Builds alternate within the run; ratios are portable ÷ native.",
+        f"`benchmarks/bench_llama_build.py --rounds {args.rounds} --turns {args.turns} "
+        f"--call-rounds {args.call_rounds}`. Builds alternate within the run; ratios are "
+        "portable ÷ native.",
         "",
         "## The LLM alone (time to first token from the request, in the LLM process)",
         "",
@@ -180,30 +185,39 @@ def report(alone: dict[str, Any], calls: dict[str, Any], args: argparse.Namespac
         "| build | turns | eou | stt | llm_ttft | tts_ttfb | v2v |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def col(b: str, key: str) -> float:
+        return p50([r[key] for r in calls[b]["turns"] if r[key] is not None])
+
     for b in BUILDS:
-        rows = calls[b]["turns"]
-
-        def col(key: str, rows: list[dict[str, Any]] = rows) -> str:
-            xs = [r[key] for r in rows if r[key] is not None]
-            return f"{p50(xs):.0f}" if xs else "-"
-
-        lines.append(
-            f"| {b} | {len(rows)} | {col('eou_ms')} | {col('stt_ms')} | {col('llm_ttft_ms')} "
-            f"| {col('tts_ttfb_ms')} | {col('v2v_ms')} |"
+        cells = " | ".join(
+            f"{col(b, k):.0f}" for k in ("eou_ms", "stt_ms", "llm_ttft_ms", "tts_ttfb_ms", "v2v_ms")
         )
+        lines.append(f"| {b} | {len(calls[b]['turns'])} | {cells} |")
+    if all(calls[b]["turns"] for b in BUILDS):
+        lines += [
+            "",
+            f"llm_ttft ratio {col('portable', 'llm_ttft_ms') / col('native', 'llm_ttft_ms'):.2f}; "
+            f"v2v ratio {col('portable', 'v2v_ms') / col('native', 'v2v_ms'):.2f}. The LLM's "
+            "first token here is the stage's (the turn's context read, then llama.cpp), and v2v "
+            "includes end of turn, whisper and Piper, which do not depend on the build.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=4, help="LLM-alone rounds per build")
-    ap.add_argument("--turns", type=int, default=6, help="voice-to-voice turns per build")
+    ap.add_argument("--turns", type=int, default=5, help="voice-to-voice turns per call")
+    ap.add_argument("--call-rounds", type=int, default=2, help="calls (stacks) per build")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/llama-build.md")
     args = ap.parse_args()
     sites = {b: site(b) for b in BUILDS}
     alone = llm_alone(sites, args.rounds)
     calls = (
-        asyncio.run(voice(sites, args.turns)) if args.turns else {b: {"turns": []} for b in BUILDS}
+        asyncio.run(voice(sites, args.turns, args.call_rounds))
+        if args.turns
+        else {b: {"turns": []} for b in BUILDS}
     )
     text = report(alone, calls, args)
     args.out.write_text(text)
