@@ -41,7 +41,7 @@ from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport import daily
 from voicemesh.transport.api import create_app
-from voicemesh.transport.call import Call
+from voicemesh.transport.call.call import Call
 from voicemesh.transport.daily import DailyBot, DailyPeer
 from voicemesh.transport.service import TransportService
 

@@ -47,8 +47,8 @@ from voicemesh.testing.loopback.audio import PCMStream
 from voicemesh.testing.loopback.chat import credential
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS
 from voicemesh.transport.client import TurnResult, call_over_websocket, load_pcm16, ws_url
-from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS
 
 pytestmark = pytest.mark.slow
 

@@ -81,7 +81,7 @@ class STTService(StageService):
         async with self._lock:
             holder = await self.leases.acquire(self.subjects_lease(session))
             if holder == self.instance and session not in self.streams:
-                # hop: <- voicemesh.transport.call.Call._turn_event and _end_turn (vm.stt.<sid>)
+                # hop: <- voicemesh.transport.call.call.Call._turn_event, _end_turn (vm.stt.<sid>)
                 sub = await self.bus.subscribe(
                     self.subjects.data("stt", session), self._on_audio, hop="stt"
                 )

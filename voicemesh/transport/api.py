@@ -32,7 +32,7 @@ from voicemesh.config.models import (
     parse_agent_config,
 )
 from voicemesh.state.store import Conflict, NotFound, StoreError, check_agent_name, check_session_id
-from voicemesh.transport.call import Call
+from voicemesh.transport.call.call import Call
 from voicemesh.transport.daily import daily_routes
 from voicemesh.transport.security import (
     ApiKeyAuth,

@@ -16,7 +16,7 @@ import soundfile as sf
 import soxr
 import websockets
 
-from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 
 
 @dataclass

@@ -22,17 +22,13 @@ from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.errors import VoicemeshError
 from voicemesh.router import ServiceRouter, publish_config_update
 from voicemesh.state import ConfigStore
 from voicemesh.state.store import UNREACHABLE
-from voicemesh.transport.vad import preload
+from voicemesh.transport.call.host import NoInstance
+from voicemesh.transport.call.turns import preload
 
 log = logging.getLogger(__name__)
-
-
-class NoInstance(VoicemeshError, RuntimeError):
-    """No instance of a stage answered the assignment request."""
 
 
 class TransportService:

@@ -36,10 +36,11 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.state import NotFound
-from voicemesh.transport.peer import CallSession, Peer
-from voicemesh.transport.security import ApiKeyAuth, Client
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.call.peer import Peer
+from voicemesh.transport.security import ApiKeyAuth, CallSession, Client
 from voicemesh.transport.service import TransportService
-from voicemesh.transport.vad import RATE
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,6 @@ class PatchIn(BaseModel):
 def webrtc_routes(
     service: TransportService, call_session: CallSession, auth: ApiKeyAuth
 ) -> APIRouter:
-    from voicemesh.transport.call import Call  # call.py imports the peer layer, not this module
-
     if service.settings.webrtc_loopback:
         offer_loopback_candidates()
     router = APIRouter(prefix="/api")

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from voicemesh.transport.peer import Peer
-from voicemesh.transport.vad import RATE
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.peer import Peer
 
 AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
 # 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole

@@ -24,15 +24,12 @@ import numpy as np
 import webrtcvad
 
 from voicemesh.config.connectors import TurnOptions
+from voicemesh.transport.call.audio import FRAME_MS, RATE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-
-RATE = 16000
-FRAME_MS = 20
-FRAME_BYTES = RATE * FRAME_MS // 1000 * 2  # 640
 
 # Silero v5 scores 512-sample windows at 16 kHz and wants the previous window's last 64 samples
 # prepended, so its state and context stay in step across windows.
@@ -330,19 +327,3 @@ class TurnDetector:
             self._silero.reset()
         if self._vad is not None:
             self._vad = webrtcvad.Vad(self.options.vad_aggressiveness)
-
-
-class Rechunker:
-    """Cuts arbitrary byte chunks from a peer into exact 20 ms frames."""
-
-    def __init__(self, frame_bytes: int = FRAME_BYTES):
-        self.frame_bytes = frame_bytes
-        self._buf = bytearray()
-
-    def push(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        n = len(self._buf) // self.frame_bytes * self.frame_bytes
-        if not n:
-            return []
-        chunk, self._buf = bytes(self._buf[:n]), self._buf[n:]
-        return [chunk[i : i + self.frame_bytes] for i in range(0, n, self.frame_bytes)]
