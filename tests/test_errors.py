@@ -16,7 +16,7 @@ from voicemesh.router import NoRoute
 from voicemesh.servers import ServerError
 from voicemesh.state import Conflict, NotFound, StoreError
 from voicemesh.transport.call.host import NoInstance
-from voicemesh.transport.daily import JoinFailed
+from voicemesh.transport.carriers.daily import JoinFailed
 from voicemesh.transport.security import AuthConfigError, RateLimited, Unauthorized
 
 # (error, the builtin base that existing except clauses rely on)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Body, Depends, FastAPI, Request, WebSocket
+from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import make_asgi_app
@@ -32,8 +32,10 @@ from voicemesh.config.models import (
     parse_agent_config,
 )
 from voicemesh.state.store import Conflict, NotFound, StoreError, check_agent_name, check_session_id
-from voicemesh.transport.call.call import Call
-from voicemesh.transport.daily import daily_routes
+from voicemesh.transport.carriers.daily import daily_routes
+from voicemesh.transport.carriers.twilio import twilio_routes
+from voicemesh.transport.carriers.webrtc import webrtc_routes
+from voicemesh.transport.carriers.websocket import websocket_routes
 from voicemesh.transport.security import (
     ApiKeyAuth,
     Client,
@@ -44,9 +46,6 @@ from voicemesh.transport.security import (
     on_unauthorized,
 )
 from voicemesh.transport.service import TransportService
-from voicemesh.transport.twilio import twilio_routes
-from voicemesh.transport.webrtc import webrtc_routes
-from voicemesh.transport.websocket import WebSocketPeer
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -161,7 +160,6 @@ def create_app(service: TransportService) -> FastAPI:
     app.state.service = service
     # One dependency on each protected router: every route below them needs a key.
     api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)
-    calls = APIRouter(dependencies=[Depends(auth)])
     app.add_exception_handler(Unauthorized, on_unauthorized)  # type: ignore[arg-type]
     app.add_exception_handler(RateLimited, on_rate_limited)  # type: ignore[arg-type]
 
@@ -400,23 +398,7 @@ def create_app(service: TransportService) -> FastAPI:
     for routes in (webrtc_routes, twilio_routes, daily_routes):
         app.include_router(routes(service, call_session, auth), responses=ERRORS)
 
-    @calls.websocket("/ws/call")
-    async def ws_call(
-        ws: WebSocket,
-        session_id: str | None = None,
-        agent: str | None = None,
-        client: Client = Depends(auth),  # the router's dependency, cached: runs once
-    ) -> None:
-        await ws.accept()
-        try:
-            sid = await call_session(session_id, agent, client)
-        except NotFound as exc:
-            await ws.send_text(orjson.dumps({"type": "error", "error": str(exc)}).decode())
-            await ws.close(code=4404)
-            return
-        await Call(service, sid, WebSocketPeer(ws)).run()
-
-    app.include_router(calls)
+    app.include_router(websocket_routes(service, call_session, auth))
 
     @app.get("/", include_in_schema=False)
     async def index() -> Any:

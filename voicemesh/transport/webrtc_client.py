@@ -25,8 +25,12 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.carriers.rtc import (
+    audio_frame,
+    offer_loopback_candidates,
+    set_jitter_buffer,
+)
 from voicemesh.transport.client import CallResult, Script, TurnResult, load_pcm16
-from voicemesh.transport.webrtc import audio_frame, offer_loopback_candidates, set_jitter_buffer
 
 log = logging.getLogger(__name__)
 
