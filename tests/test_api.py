@@ -14,8 +14,8 @@ from pydantic import SecretStr
 
 from voicemesh.bus import Bus, Frame, Kind
 from voicemesh.config.settings import Settings
-from voicemesh.transport.api import create_app, merge_patch
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.app import create_app, merge_patch
+from voicemesh.transport.api.service import TransportService
 
 API_KEY = "test-api-key-4f1c"
 

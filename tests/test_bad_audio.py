@@ -29,7 +29,7 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.service import TransportService
 
 RATE = 16000
 CHUNK = 640  # 20 ms

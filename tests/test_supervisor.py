@@ -21,8 +21,8 @@ from voicemesh.connectors.registry import connector_class
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.client import CallResult, TurnResult, call_over_websocket
-from voicemesh.transport.service import TransportService
 from voicemesh.transport.webrtc_client import AUDIBLE_DBFS, call_over_webrtc
 
 RATE = 16000

@@ -31,9 +31,9 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.carriers import twilio as twilio_module
 from voicemesh.transport.carriers.twilio import MISSING_KEY
-from voicemesh.transport.service import TransportService
 
 TWILIO_RATE = 8000
 BUS_RATE = 16000

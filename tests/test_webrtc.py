@@ -25,9 +25,9 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.carriers.rtc import jitter_buffer
 from voicemesh.transport.carriers.webrtc import ice_servers
-from voicemesh.transport.service import TransportService
 from voicemesh.transport.webrtc_client import AUDIBLE_DBFS, call_over_webrtc
 
 RATE = 16000

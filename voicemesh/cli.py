@@ -53,9 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "transport":
         import uvicorn
 
-        from voicemesh.transport.api import create_app
-        from voicemesh.transport.security import AuthConfigError
-        from voicemesh.transport.service import TransportService
+        from voicemesh.transport.api.app import create_app
+        from voicemesh.transport.api.security import AuthConfigError
+        from voicemesh.transport.api.service import TransportService
 
         try:
             app = create_app(TransportService(settings))

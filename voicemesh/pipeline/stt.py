@@ -52,7 +52,7 @@ class STTService(StageService):
         self.leases = self.store.leases(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         self.streams: dict[str, Stream] = {}
         self._lock = asyncio.Lock()
-        # hop: <- voicemesh.transport.service.TransportService._assign (vm.assign.stt)
+        # hop: <- voicemesh.transport.api.service.TransportService._assign (vm.assign.stt)
         self._intake.append(
             await self.bus.nc.subscribe(
                 self.subjects.assign("stt"), queue="stt", cb=self._on_assign

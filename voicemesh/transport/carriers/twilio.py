@@ -45,10 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from voicemesh.state import NotFound
-from voicemesh.transport.call.audio import RATE
-from voicemesh.transport.call.call import Call
-from voicemesh.transport.call.peer import Peer
-from voicemesh.transport.security import (
+from voicemesh.transport.api.security import (
     WS_RATE_LIMITED,
     WS_UNAUTHORIZED,
     ApiKeyAuth,
@@ -58,7 +55,10 @@ from voicemesh.transport.security import (
     Unauthorized,
     key_id,
 )
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.call.peer import Peer
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.state import NotFound
+from voicemesh.transport.api.security import ApiKeyAuth, CallSession, Client
+from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
@@ -41,8 +43,6 @@ from voicemesh.transport.carriers.rtc import (
     set_jitter_buffer,
     to_16k_mono,
 )
-from voicemesh.transport.security import ApiKeyAuth, CallSession, Client
-from voicemesh.transport.service import TransportService
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from fastapi import APIRouter, Depends
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from voicemesh.state import NotFound
+from voicemesh.transport.api.security import ApiKeyAuth, CallSession, Client
+from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
-from voicemesh.transport.security import ApiKeyAuth, CallSession, Client
-from voicemesh.transport.service import TransportService
 
 AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
 # 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole

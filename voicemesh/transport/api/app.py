@@ -32,11 +32,7 @@ from voicemesh.config.models import (
     parse_agent_config,
 )
 from voicemesh.state.store import Conflict, NotFound, StoreError, check_agent_name, check_session_id
-from voicemesh.transport.carriers.daily import daily_routes
-from voicemesh.transport.carriers.twilio import twilio_routes
-from voicemesh.transport.carriers.webrtc import webrtc_routes
-from voicemesh.transport.carriers.websocket import websocket_routes
-from voicemesh.transport.security import (
+from voicemesh.transport.api.security import (
     ApiKeyAuth,
     Client,
     RateLimited,
@@ -45,7 +41,11 @@ from voicemesh.transport.security import (
     on_rate_limited,
     on_unauthorized,
 )
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.carriers.daily import daily_routes
+from voicemesh.transport.carriers.twilio import twilio_routes
+from voicemesh.transport.carriers.webrtc import webrtc_routes
+from voicemesh.transport.carriers.websocket import websocket_routes
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
