@@ -12,7 +12,6 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,12 +57,6 @@ class Client:
     """Who is calling: `key:<digest>` (auth on) or `ip:<address>` (auth off)."""
 
     id: str
-
-
-#: the API's resolver of the session a new call joins: (session_id, agent, client) → session id;
-#: an existing session, or a new one from the agent (the default agent when None). Raises NotFound
-#: naming what is missing, RateLimited when the client opens sessions too fast.
-CallSession = Callable[[str | None, str | None, Client], Awaitable[str]]
 
 
 def key_id(key: str) -> str:

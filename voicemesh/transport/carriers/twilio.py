@@ -49,13 +49,13 @@ from voicemesh.transport.api.security import (
     WS_RATE_LIMITED,
     WS_UNAUTHORIZED,
     ApiKeyAuth,
-    CallSession,
     Client,
     RateLimited,
     Unauthorized,
     key_id,
 )
 from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer

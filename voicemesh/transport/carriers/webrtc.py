@@ -32,8 +32,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.state import NotFound
-from voicemesh.transport.api.security import ApiKeyAuth, CallSession, Client
+from voicemesh.transport.api.security import ApiKeyAuth, Client
 from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer

@@ -19,8 +19,9 @@ from fastapi import APIRouter, Depends
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from voicemesh.state import NotFound
-from voicemesh.transport.api.security import ApiKeyAuth, CallSession, Client
+from voicemesh.transport.api.security import ApiKeyAuth, Client
 from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
