@@ -29,6 +29,7 @@ from pydantic import SecretStr, ValidationError
 from tests.conftest import AGENT_FILE, ROOT, Servers
 from tests.support import serving
 from voicemesh.bus import Bus, BusError
+from voicemesh.callers.websocket import call_over_websocket, ws_url
 from voicemesh.cli import _up_auth
 from voicemesh.config.connections import nats_options, redact_url, valkey_options
 from voicemesh.config.models import parse_agent_config
@@ -39,7 +40,6 @@ from voicemesh.transport.api import security
 from voicemesh.transport.api.app import create_app
 from voicemesh.transport.api.security import INVALID, MISSING, ApiKeyAuth, AuthConfigError
 from voicemesh.transport.api.service import TransportService
-from voicemesh.transport.client import call_over_websocket, ws_url
 
 KEY = "k-primary-9a8b7c6d5e"
 OTHER_KEY = "k-second-1f2e3d4c5b"

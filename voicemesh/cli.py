@@ -259,7 +259,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_call(args: argparse.Namespace) -> int:
     import httpx
 
-    from voicemesh.transport.client import call_over_websocket
+    from voicemesh.callers.websocket import call_over_websocket
 
     _use_uvloop()
     common: dict[str, Any] = dict(
@@ -279,7 +279,7 @@ def cmd_call(args: argparse.Namespace) -> int:
             from voicemesh.config.logging import route_loguru
 
             route_loguru()  # before pipecat is imported: it logs a banner on import
-            from voicemesh.transport.webrtc_client import call_over_webrtc
+            from voicemesh.callers.webrtc import call_over_webrtc
 
             call = call_over_webrtc(
                 args.url, wavs, Path(args.out), jitter_buffer_ms=args.jitter_buffer_ms, **common

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import RunningStack, rms_dbfs
-from voicemesh.transport.client import TurnResult, call_over_websocket
+from voicemesh.callers.websocket import TurnResult, call_over_websocket
 
 pytestmark = pytest.mark.slow
 

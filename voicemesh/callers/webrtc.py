@@ -24,13 +24,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from voicemesh.callers.websocket import CallResult, Script, TurnResult, load_pcm16
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.carriers.rtc import (
     audio_frame,
     offer_loopback_candidates,
     set_jitter_buffer,
+    to_16k_mono,
 )
-from voicemesh.transport.client import CallResult, Script, TurnResult, load_pcm16
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +129,13 @@ async def call_over_webrtc(
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
             if resampler is None:
                 resampler = soxr.ResampleStream(frame.sample_rate, RATE, 1, dtype="int16")
-            pcm = resampler.resample_chunk(data.astype(np.int16))
-            audible = _dbfs(pcm) > AUDIBLE_DBFS
-            script.on_audio(pcm.tobytes(), audible=audible)
+            pcm = to_16k_mono(frame, resampler)
+            audible = _dbfs(np.frombuffer(pcm, dtype=np.int16)) > AUDIBLE_DBFS
+            script.on_audio(pcm, audible=audible)
             if on_audio is not None:
-                on_audio(time.perf_counter(), pcm.tobytes())
+                on_audio(time.perf_counter(), pcm)
 
     @pc.on("track")
     def _track(track: MediaStreamTrack) -> None:
