@@ -15,8 +15,9 @@ import pytest
 import soundfile as sf
 
 from tests.support import Services, loopback_agent, serving
+from voicemesh.callers.script import CallResult, TurnResult
 from voicemesh.callers.webrtc import AUDIBLE_DBFS, call_over_webrtc
-from voicemesh.callers.websocket import CallResult, TurnResult, call_over_websocket
+from voicemesh.callers.websocket import call_over_websocket
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.registry import connector_class

@@ -39,7 +39,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.conftest import AGENT_FILE
-from voicemesh.callers.websocket import TurnResult, call_over_websocket, load_pcm16, ws_url
+from voicemesh.callers.script import TurnResult, load_pcm16
+from voicemesh.callers.websocket import call_over_websocket, ws_url
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey

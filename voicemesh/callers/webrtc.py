@@ -1,6 +1,7 @@
-"""A headless WebRTC caller (aiortc): the microphone is a track that plays WAV files in real time,
-the bot's audio is recorded, events come on the data channel. Signalling is pipecat's SmallWebRTC
-shape, so this client can call any server that speaks it.
+"""A headless caller for the WebRTC carrier (aiortc), to measure what a browser user would hear:
+the microphone is a track that plays WAV files in real time, the bot's audio is recorded, events
+come on the data channel. Signalling is pipecat's SmallWebRTC shape, so this client can call any
+server that speaks it.
 
 Latency here is the caller's own: from the end of its speech to the first audible bot audio out of
 its jitter buffer, so it includes both directions of the media path.
@@ -24,7 +25,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from voicemesh.callers.websocket import CallResult, Script, TurnResult, load_pcm16
+from voicemesh.callers.script import CallResult, Script, TurnResult, load_pcm16
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.carriers.rtc import (
     audio_frame,

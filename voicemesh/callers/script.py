@@ -1,0 +1,176 @@
+"""The caller's side of a call, whatever carries it: the turns it speaks, paced as a microphone
+would; what it heard; and each turn's latency timed where a user would time it. Both callers
+(websocket.py, webrtc.py) drive the same Script, so their results compare turn for turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
+
+
+@dataclass
+class TurnResult:
+    epoch: int = 0
+    user_text: str = ""
+    bot_text: str = ""
+    connectors: set[str] = field(default_factory=set)
+    latency_ms: float | None = None
+    server_latency_ms: float | None = None
+    bot_audio: bytearray = field(default_factory=bytearray)
+    indexes: list[int] = field(default_factory=list)
+    #: the transport's per-phase figures for the turn (eou, stt, llm_ttft, tts_ttfb, v2v, ...)
+    phases: dict[str, float | None] = field(default_factory=dict)
+    #: the transport gave the turn up (e.g. "no llm instance is running"), this long after the
+    #: end of the caller's speech
+    error: str | None = None
+    error_ms: float | None = None
+
+
+@dataclass
+class CallResult:
+    session_id: str
+    turns: list[TurnResult]
+    bot_audio: bytes
+    #: the transport's `interrupted` events (barge-ins), with `at`: perf_counter on arrival
+    interrupts: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def bot_seconds(self) -> float:
+        return len(self.bot_audio) / 2 / RATE
+
+
+def load_pcm16(path: Path) -> bytes:
+    """Any WAV/FLAC that soundfile reads, as 16 kHz mono PCM16."""
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    mono = audio.mean(axis=1)
+    if rate != RATE:
+        mono = soxr.resample(mono, rate, RATE)
+    return (np.clip(mono, -1, 1) * 32767).astype(np.int16).tobytes()
+
+
+class Script:
+    """A caller's side of the call, whatever carries it: the turns, what was heard, when."""
+
+    def __init__(self, *, latency_on_sound: bool = False) -> None:
+        #: time latency to the first audible bot audio (a transport that sends silence between
+        #: replies: WebRTC) rather than to the transport's `bot_started` event
+        self.latency_on_sound = latency_on_sound
+        self.turns: list[TurnResult] = []
+        self.audio = bytearray()
+        self.done = asyncio.Event()
+        self.turn: TurnResult | None = None
+        self.speech_end: float | None = None
+        self.interrupts: list[dict[str, object]] = []
+        self.session_id: str | None = None
+
+    def on_audio(self, pcm: bytes, *, audible: bool = True) -> None:
+        """Bot audio at 16 kHz; `audible`: it is sound, not the silence between replies."""
+        self.audio.extend(pcm)
+        turn = self.turn
+        if turn is None:
+            return
+        turn.bot_audio.extend(pcm)
+        if self.latency_on_sound and audible and turn.latency_ms is None and self.speech_end:
+            turn.latency_ms = (time.perf_counter() - self.speech_end) * 1000
+
+    def on_event(self, ev: dict[str, object]) -> None:
+        kind = ev.get("type")
+        turn = self.turn
+        if kind == "session":
+            self.session_id = str(ev["session_id"])
+        elif kind == "interrupted":
+            self.interrupts.append({**ev, "at": time.perf_counter()})
+        elif kind == "turn":
+            self.turn = TurnResult(epoch=int(ev["epoch"]))  # type: ignore[arg-type]
+            self.turns.append(self.turn)
+        elif turn is None or ev.get("epoch", turn.epoch) != turn.epoch:
+            return
+        elif kind == "transcript" and ev.get("role") == "user":
+            turn.user_text = str(ev["text"])
+            if not ev["text"]:
+                self.done.set()
+        elif kind == "transcript" and ev.get("role") == "assistant":
+            turn.bot_text = (turn.bot_text + " " + str(ev["text"])).strip()
+            turn.connectors.add(str(ev.get("connector", "")))
+            turn.indexes.append(int(ev.get("index", -1)))  # type: ignore[arg-type]
+        elif kind == "bot_started":
+            if self.speech_end is not None and not self.latency_on_sound:
+                turn.latency_ms = (time.perf_counter() - self.speech_end) * 1000
+            turn.server_latency_ms = ev.get("latency_ms")  # type: ignore[assignment]
+        elif kind == "turn_metrics":
+            turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}  # type: ignore[misc]
+        elif kind == "bot_done":
+            self.done.set()
+        elif kind == "error":
+            turn.error = str(ev.get("error"))
+            if self.speech_end is not None:
+                turn.error_ms = (time.perf_counter() - self.speech_end) * 1000
+            self.done.set()  # the turn is over: no reply is coming
+
+    async def speak(
+        self,
+        utterances: list[bytes],
+        send: Callable[[bytes], Awaitable[None]],
+        *,
+        pause_s: float,
+        turn_timeout: float,
+        after_turn: Callable[[int, TurnResult], Awaitable[None]] | None,
+        alive: Callable[[], bool],
+        barge_in_after_s: float | None = None,
+    ) -> None:
+        """Say each utterance as a microphone would (20 ms frames in real time, silence between
+        turns) and wait for the whole reply, played to its end, before the next; or, with
+        `barge_in_after_s`, speak the next one that long after the reply started (a barge-in)."""
+        silence = bytes(FRAME_BYTES)
+        frame_s = FRAME_MS / 1000
+        clock = time.perf_counter()
+
+        async def paced(frame: bytes) -> None:
+            nonlocal clock
+            await send(frame)
+            clock += frame_s
+            delay = clock - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+        for n, pcm in enumerate(utterances):
+            if n and after_turn is not None and self.turn is not None:
+                await after_turn(n - 1, self.turn)
+            self.done.clear()
+            for _ in range(int(pause_s / frame_s)):
+                await paced(silence)
+            pcm += bytes(-len(pcm) % FRAME_BYTES)
+            self.speech_end = None
+            for i in range(0, len(pcm), FRAME_BYTES):
+                await paced(pcm[i : i + FRAME_BYTES])
+            self.speech_end = time.perf_counter()
+            deadline = time.perf_counter() + turn_timeout
+            cut_in = barge_in_after_s is not None and n + 1 < len(utterances)
+            while not self.done.is_set():
+                turn = self.turn
+                if cut_in and turn is not None and turn.latency_ms is not None:
+                    started = self.speech_end + turn.latency_ms / 1000
+                    if time.perf_counter() - started >= barge_in_after_s:  # type: ignore[operator]
+                        break
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"no complete reply within {turn_timeout:.0f} s")
+                if not alive():
+                    raise RuntimeError("the transport closed the call")
+                await paced(silence)
+
+    def result(self, out: Path | None) -> CallResult:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pcm = np.frombuffer(bytes(self.audio), dtype=np.int16)
+            sf.write(str(out), pcm, RATE, subtype="PCM_16")
+        return CallResult(self.session_id or "", self.turns, bytes(self.audio), self.interrupts)
