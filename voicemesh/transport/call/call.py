@@ -6,6 +6,9 @@ A barge-in (the caller speaks over the bot, or while its reply is being generate
 bot audio at once, broadcasts `interrupt` on `vm.ctl.<session>` so the LLM and TTS instances cancel
 the old turn's work, and stores in the conversation context what the caller actually heard of the
 reply rather than what was generated.
+
+All of this is done once, here, for every carrier: a carrier only converts its media (peer.py), so
+a call behaves the same over a WebSocket, WebRTC, a phone line or a Daily room.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ closes it, either after a fixed pause or, with smart_turn, as soon as pipecat's 
 model hears a finished sentence. Both ONNX models are loaded once per process and shared by every
 call: onnxruntime's InferenceSession.run is thread-safe, and Silero's recurrent state lives in
 each detector, never in the session.
+
+Turns are decided in the call, before the bus: only speech (with its pre-roll) is published to
+STT, and a barge-in is noticed without a network hop.
 """
 
 from __future__ import annotations
