@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from voicemesh.config.connectors import TurnOptions
-from voicemesh.transport import vad
-from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS, RATE, TurnDetector
+from voicemesh.transport.call import turns as vad
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.call.turns import TurnDetector
 
 SENTENCES = [
     ("What is the weather like today?", "complete"),

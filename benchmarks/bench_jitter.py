@@ -23,7 +23,11 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 from av import AudioFrame
 
-from voicemesh.transport.webrtc import audio_frame, offer_loopback_candidates, set_jitter_buffer
+from voicemesh.transport.carriers.rtc import (
+    audio_frame,
+    offer_loopback_candidates,
+    set_jitter_buffer,
+)
 
 RATE = 48000
 SAMPLES = RATE // 50  # 20 ms

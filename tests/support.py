@@ -17,7 +17,7 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import StageService
 
 if TYPE_CHECKING:
-    from voicemesh.transport.service import TransportService
+    from voicemesh.transport.api.service import TransportService
 
 
 async def until(cond: Callable[[], Any], limit_s: float = 5.0, what: str = "condition") -> None:
@@ -107,7 +107,7 @@ async def serving(service: TransportService) -> AsyncIterator[str]:
     """The transport's app on a real uvicorn on a free loopback port, in the test's event loop
     (for WebSockets and WebRTC), logging through the root logger (caplog sees it); yields its
     http:// base URL. The service must be started already (lifespan off)."""
-    from voicemesh.transport.api import create_app
+    from voicemesh.transport.api.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,8 +14,9 @@ from pydantic import SecretStr
 
 from voicemesh.bus import Bus, Frame, Kind
 from voicemesh.config.settings import Settings
-from voicemesh.transport.api import create_app, merge_patch
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.app import create_app
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import merge_patch
 
 API_KEY = "test-api-key-4f1c"
 

@@ -1,11 +1,11 @@
 """The WebSocket call endpoint fed input in the wrong format, over a real uvicorn (on a free
 loopback port, in the test's event loop) with the real servers and the stage services in-process.
 
-The contract (voicemesh/transport/call.py): binary messages are raw PCM16 mono 16 kHz, text
-messages are JSON control messages ({"type": "end"} hangs up). "Rejected with a clear error"
-means: the message is dropped whole (nothing of it reaches the turn detector, so the audio that
-follows stays sample-aligned), the caller gets an `error` event that names the expected format,
-and the call stays up: a later valid turn is answered.
+The contract (voicemesh/transport/carriers/websocket.py): binary messages are raw PCM16 mono
+16 kHz, text messages are JSON control messages ({"type": "end"} hangs up). "Rejected with a
+clear error" means: the message is dropped whole (nothing of it reaches the turn detector, so the
+audio that follows stays sample-aligned), the caller gets an `error` event that names the expected
+format, and the call stays up: a later valid turn is answered.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.service import TransportService
 
 RATE = 16000
 CHUNK = 640  # 20 ms

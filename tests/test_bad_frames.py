@@ -40,7 +40,7 @@ from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.servers import nats_server_binary
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.service import TransportService
 
 HEARD = "turn the lights on"
 RATE = 16000

@@ -39,11 +39,11 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport import daily
-from voicemesh.transport.api import create_app
-from voicemesh.transport.call import Call
-from voicemesh.transport.daily import DailyBot, DailyPeer
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.app import create_app
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.carriers import daily
+from voicemesh.transport.carriers.daily import DailyBot, DailyPeer
 
 TOKEN = "tok-SECRET-4b3a29f1e0"  # what ${VM_TEST_DAILY_TOKEN} resolves to
 UNREACHABLE = "https://voicemesh-test.invalid/no-such-room"

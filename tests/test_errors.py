@@ -15,9 +15,9 @@ from voicemesh.launcher import CrashLoop, StartupError
 from voicemesh.router import NoRoute
 from voicemesh.servers import ServerError
 from voicemesh.state import Conflict, NotFound, StoreError
-from voicemesh.transport.daily import JoinFailed
-from voicemesh.transport.security import AuthConfigError, RateLimited, Unauthorized
-from voicemesh.transport.service import NoInstance
+from voicemesh.transport.api.security import AuthConfigError, RateLimited, Unauthorized
+from voicemesh.transport.call.host import NoInstance
+from voicemesh.transport.carriers.daily import JoinFailed
 
 # (error, the builtin base that existing except clauses rely on)
 ERRORS: list[tuple[type[Exception], type[Exception]]] = [

@@ -29,7 +29,7 @@ from voicemesh.testing.loopback.deepgram import DeepgramServer
 from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.egress import Reorderer
+from voicemesh.transport.call.egress import Reorderer
 
 REPLY = "The tide comes in at noon. Boats wait by the pier. Gulls circle over the harbour wall."
 HEARD = "when is high tide today"

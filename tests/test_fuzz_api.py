@@ -49,8 +49,8 @@ from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.state import ConfigStore
 from voicemesh.state.keys import AGENT_NAME
-from voicemesh.transport.api import create_app
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api.app import create_app
+from voicemesh.transport.api.service import TransportService
 
 EXAMPLES = 50
 

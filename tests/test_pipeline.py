@@ -22,7 +22,7 @@ from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.pipeline import LLMService, StageService, STTService, TTSService
 from voicemesh.router import NoRoute, ServiceRouter, publish_config_update
 from voicemesh.state import ConfigStore, NotFound
-from voicemesh.transport.egress import Reorderer
+from voicemesh.transport.call.egress import Reorderer
 
 # --- helpers ---------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ text of a reply as far as the caller heard it."""
 
 from __future__ import annotations
 
-from voicemesh.transport.playout import Heard, Playout, truncate
+from voicemesh.transport.call.playout import Heard, Playout, truncate
 
 RATE = 16000
 FRAME = 640  # 20 ms

@@ -16,9 +16,9 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
-from voicemesh.transport.egress import Reorderer
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.supervisor import TurnSupervisor
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.call.egress import Reorderer
+from voicemesh.transport.call.supervisor import TurnSupervisor
 
 REPLY = "One fish swims. Two fish swim. Red fish rest. Blue fish dream. Old fish sleep."
 

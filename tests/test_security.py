@@ -29,17 +29,17 @@ from pydantic import SecretStr, ValidationError
 from tests.conftest import AGENT_FILE, ROOT, Servers
 from tests.support import serving
 from voicemesh.bus import Bus, BusError
+from voicemesh.callers.websocket import call_over_websocket, ws_url
 from voicemesh.cli import _up_auth
 from voicemesh.config.connections import nats_options, redact_url, valkey_options
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import ConnectionSettings, Settings
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
 from voicemesh.state import ConfigStore, StoreError
-from voicemesh.transport import security
-from voicemesh.transport.api import create_app
-from voicemesh.transport.client import call_over_websocket, ws_url
-from voicemesh.transport.security import INVALID, MISSING, ApiKeyAuth, AuthConfigError
-from voicemesh.transport.service import TransportService
+from voicemesh.transport.api import security
+from voicemesh.transport.api.app import create_app
+from voicemesh.transport.api.security import INVALID, MISSING, ApiKeyAuth, AuthConfigError
+from voicemesh.transport.api.service import TransportService
 
 KEY = "k-primary-9a8b7c6d5e"
 OTHER_KEY = "k-second-1f2e3d4c5b"

@@ -1,5 +1,5 @@
-"""A turn never waits forever for a stage that is not there (voicemesh/transport/supervisor.py and
-the call's hand-over): when no instance of the next stage takes the turn's work within
+"""A turn never waits forever for a stage that is not there (voicemesh/transport/call/supervisor.py
+and the call's hand-over): when no instance of the next stage takes the turn's work within
 `stage_wait_ms`, the caller gets an `error` event naming the stage, the log says so once, and the
 next turn starts clean. Over a real WebSocket and a real WebRTC peer, on the real servers."""
 
@@ -15,15 +15,16 @@ import pytest
 import soundfile as sf
 
 from tests.support import Services, loopback_agent, serving
+from voicemesh.callers.script import CallResult, TurnResult
+from voicemesh.callers.webrtc import AUDIBLE_DBFS, call_over_webrtc
+from voicemesh.callers.websocket import call_over_websocket
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.connectors.registry import connector_class
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.client import CallResult, TurnResult, call_over_websocket
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.webrtc_client import AUDIBLE_DBFS, call_over_webrtc
+from voicemesh.transport.api.service import TransportService
 
 RATE = 16000
 WAIT_MS = 1500

@@ -8,7 +8,7 @@ import time
 from prometheus_client import REGISTRY
 
 from voicemesh.bus.subjects import trace_id
-from voicemesh.transport.trace import TurnTrace
+from voicemesh.transport.call.trace import TurnTrace
 
 
 def count(phase: str) -> float:

@@ -31,9 +31,9 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport import twilio as twilio_module
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.twilio import MISSING_KEY
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.carriers import twilio as twilio_module
+from voicemesh.transport.carriers.twilio import MISSING_KEY
 
 TWILIO_RATE = 8000
 BUS_RATE = 16000
@@ -321,7 +321,7 @@ async def test_marks_are_sent_and_their_echo_is_read(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
     sid = await app.session(ms_per_word=600)  # 2.4 s of reply: two marks
-    caplog.set_level(logging.DEBUG, logger="voicemesh.transport.twilio")
+    caplog.set_level(logging.DEBUG, logger="voicemesh.transport.carriers.twilio")
     async with twilio(app.url) as tw:
         await tw.start(session_id=sid)
         mark = time.monotonic()
@@ -399,7 +399,7 @@ async def test_bad_messages_are_logged_and_the_call_goes_on(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
     sid = await app.session()
-    caplog.set_level(logging.WARNING, logger="voicemesh.transport.twilio")
+    caplog.set_level(logging.WARNING, logger="voicemesh.transport.carriers.twilio")
     async with twilio(app.url) as tw:
         await tw.start(session_id=sid)
         for raw, _ in BAD_MESSAGES:
@@ -427,7 +427,7 @@ async def test_media_before_start_is_dropped_with_a_warning(
 ) -> None:
     sid = await app.session()
     inbound = await listen(bus, app.subjects.data("stt", sid))
-    caplog.set_level(logging.WARNING, logger="voicemesh.transport.twilio")
+    caplog.set_level(logging.WARNING, logger="voicemesh.transport.carriers.twilio")
     async with twilio(app.url) as tw:
         await tw.media(ulaw_encode(tone(600)))  # no start yet: nobody knows whose audio this is
         await tw.start(session_id=sid)
@@ -453,7 +453,7 @@ async def test_a_stream_that_never_starts_is_closed(
 async def test_unknown_session_and_agent_are_refused_with_4404(
     app: App, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="voicemesh.transport.twilio")
+    caplog.set_level(logging.WARNING, logger="voicemesh.transport.carriers.twilio")
     for params, expected in (
         ({"session_id": "0" * 32}, "not found"),
         ({"agent": "nobody"}, "agent 'nobody' not found"),

@@ -10,8 +10,9 @@ import pytest
 from voicemesh.bus import Flag, Frame
 from voicemesh.config.connectors import WebSocketTransportOptions
 from voicemesh.pipeline.text import SentenceSplitter
-from voicemesh.transport.egress import HOLD_S, MAX_HELD, Reorderer, Resampler
-from voicemesh.transport.vad import FRAME_BYTES, RATE, Rechunker, TurnDetector, TurnEvent, dbfs
+from voicemesh.transport.call.audio import FRAME_BYTES, RATE, Rechunker
+from voicemesh.transport.call.egress import HOLD_S, MAX_HELD, Reorderer, Resampler
+from voicemesh.transport.call.turns import TurnDetector, TurnEvent, dbfs
 
 # --- SentenceSplitter ------------------------------------------------------------------------
 

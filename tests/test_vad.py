@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 
 from voicemesh.config.connectors import TurnOptions
-from voicemesh.transport import vad
-from voicemesh.transport.vad import (
-    FRAME_BYTES,
-    FRAME_MS,
-    RATE,
+from voicemesh.transport.call import turns as vad
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.call.turns import (
     TurnDetector,
     TurnEvent,
     silero_session,

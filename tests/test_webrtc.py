@@ -1,4 +1,4 @@
-"""WebRTC calls with a real peer: the headless aiortc caller (voicemesh/transport/webrtc_client.py)
+"""WebRTC calls with a real peer: the headless aiortc caller (voicemesh/callers/webrtc.py)
 against the transport on a real uvicorn, real NATS and Valkey, and the stage services in-process.
 
 The caller speaks tones whose pitch stands for a word (Opus keeps pitch, so the loopback STT can
@@ -18,6 +18,7 @@ import soundfile as sf
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from tests.support import Services, loopback_agent, serving
+from voicemesh.callers.webrtc import AUDIBLE_DBFS, call_over_webrtc
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.secrets import SecretResolutionError
@@ -25,9 +26,9 @@ from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.webrtc import ice_servers, jitter_buffer
-from voicemesh.transport.webrtc_client import AUDIBLE_DBFS, call_over_webrtc
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.carriers.rtc import jitter_buffer
+from voicemesh.transport.carriers.webrtc import ice_servers
 
 RATE = 16000
 WORDS = {300.0: "apple", 500.0: "banana", 700.0: "cherry"}

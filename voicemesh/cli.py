@@ -53,9 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "transport":
         import uvicorn
 
-        from voicemesh.transport.api import create_app
-        from voicemesh.transport.security import AuthConfigError
-        from voicemesh.transport.service import TransportService
+        from voicemesh.transport.api.app import create_app
+        from voicemesh.transport.api.security import AuthConfigError
+        from voicemesh.transport.api.service import TransportService
 
         try:
             app = create_app(TransportService(settings))
@@ -260,7 +260,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_call(args: argparse.Namespace) -> int:
     import httpx
 
-    from voicemesh.transport.client import call_over_websocket
+    from voicemesh.callers.websocket import call_over_websocket
 
     _use_uvloop()
     common: dict[str, Any] = dict(
@@ -280,7 +280,7 @@ def cmd_call(args: argparse.Namespace) -> int:
             from voicemesh.config.logging import route_loguru
 
             route_loguru()  # before pipecat is imported: it logs a banner on import
-            from voicemesh.transport.webrtc_client import call_over_webrtc
+            from voicemesh.callers.webrtc import call_over_webrtc
 
             call = call_over_webrtc(
                 args.url, wavs, Path(args.out), jitter_buffer_ms=args.jitter_buffer_ms, **common

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import RunningStack, rms_dbfs
-from voicemesh.transport.client import TurnResult, call_over_websocket
+from voicemesh.callers.script import TurnResult
+from voicemesh.callers.websocket import call_over_websocket
 
 pytestmark = pytest.mark.slow
 

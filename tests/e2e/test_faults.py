@@ -39,6 +39,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.conftest import AGENT_FILE
+from voicemesh.callers.script import TurnResult, load_pcm16
+from voicemesh.callers.websocket import call_over_websocket, ws_url
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
@@ -47,8 +49,7 @@ from voicemesh.testing.loopback.audio import PCMStream
 from voicemesh.testing.loopback.chat import credential
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
-from voicemesh.transport.client import TurnResult, call_over_websocket, load_pcm16, ws_url
-from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from tests.conftest import AGENT_FILE, ROOT
+from voicemesh.callers.script import load_pcm16
 from voicemesh.servers import free_port
-from voicemesh.transport.client import load_pcm16
 
 pytestmark = pytest.mark.slow
 
@@ -264,7 +264,8 @@ async def test_up_restarts_a_killed_llm_and_the_next_turn_is_answered(
     """SIGKILL the only LLM instance during a call: `up` says so and starts it again, the rest of
     the stack (and the call) stays up, and the next turn is answered by the new instance."""
     from voicemesh.bus import Bus
-    from voicemesh.transport.client import TurnResult, call_over_websocket
+    from voicemesh.callers.script import TurnResult
+    from voicemesh.callers.websocket import call_over_websocket
 
     up = Up(tmp_path)
     try:

@@ -405,8 +405,8 @@ def _speak(texts: list[str], out_dir: Path) -> list[Path]:
 
 
 async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict[str, Any]:
-    from voicemesh.transport.client import TurnResult
-    from voicemesh.transport.webrtc_client import call_over_webrtc
+    from voicemesh.callers.script import TurnResult
+    from voicemesh.callers.webrtc import call_over_webrtc
 
     texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
     wavs = await asyncio.to_thread(_speak, texts, env.data)

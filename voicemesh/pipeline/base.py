@@ -59,7 +59,7 @@ class StageService(Role):
         self.claims = self.store.claims(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         # not bus.spawn: drain waits for spawned work, and this runs until the drain is over
         self._renewer = asyncio.ensure_future(self._renew_claims())
-        # hop: <- voicemesh.transport.call.Call._start_turn and _interrupt (vm.ctl.<sid>)
+        # hop: <- voicemesh.transport.call.call.Call._start_turn and _interrupt (vm.ctl.<sid>)
         await self.bus.subscribe(self.subjects.ctl_all, self._on_ctl)
         if self.settings.preload:
             await self.preload()
@@ -136,7 +136,7 @@ class StageService(Role):
                 subject = self.router.next_subject_of(config, session)
             except NoRoute:  # in flight while the flow changed and left this stage out: drop it
                 return True
-            # hop: -> the next stage's _on_text, or transport.call.Call._egress (vm.<next>.<sid>)
+            # hop: -> next stage's _on_text, or transport.call.call.Call._egress (vm.<next>.<sid>)
             await self.bus.publish(subject, frame)
         return True
 
@@ -200,7 +200,7 @@ class StageService(Role):
 
     async def notify(self, session: str, body: dict[str, Any], *, epoch: int = 0) -> None:
         """Events for the caller (transcripts); they travel beside the flow, to the transport."""
-        # hop: -> voicemesh.transport.call.Call._egress (vm.transport.<sid>)
+        # hop: -> voicemesh.transport.call.call.Call._egress (vm.transport.<sid>)
         await self.bus.publish(
             self.subjects.data("transport", session), Frame.event(body, epoch=epoch)
         )

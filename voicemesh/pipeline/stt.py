@@ -92,7 +92,7 @@ class STTService(StageService):
         self.leases = self.store.leases(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         self.streams: dict[str, Stream] = {}
         self._lock = asyncio.Lock()
-        # hop: <- voicemesh.transport.service.TransportService._assign (vm.assign.stt)
+        # hop: <- voicemesh.transport.api.service.TransportService._assign (vm.assign.stt)
         self._intake.append(
             await self.bus.nc.subscribe(
                 self.subjects.assign("stt"), queue="stt", cb=self._on_assign
@@ -121,7 +121,7 @@ class STTService(StageService):
         async with self._lock:
             holder = await self.leases.acquire(self.subjects_lease(session))
             if holder == self.instance and session not in self.streams:
-                # hop: <- voicemesh.transport.call.Call._turn_event and _end_turn (vm.stt.<sid>)
+                # hop: <- voicemesh.transport.call.call.Call._turn_event, _end_turn (vm.stt.<sid>)
                 sub = await self.bus.subscribe(
                     self.subjects.data("stt", session), self._on_audio, hop="stt"
                 )

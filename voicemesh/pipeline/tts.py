@@ -44,7 +44,7 @@ class TTSService(QueuedStage):
 
     async def _synthesize(self, session: str, frame: Frame) -> None:
         cached = await self.router.load(session)
-        # hop: -> voicemesh.transport.call.Call._egress (vm.transport.<sid>, default flow)
+        # hop: -> voicemesh.transport.call.call.Call._egress (vm.transport.<sid>, default flow)
         out = self.router.next_subject_of(cached.config, session)
         common = {"epoch": frame.epoch, "index": frame.index, "origin_ns": frame.origin_ns}
         if not frame.payload:  # the end-of-reply marker: pass it on

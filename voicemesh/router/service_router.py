@@ -117,7 +117,7 @@ class ServiceRouter:
         """Valkey is unreachable: the transport carrying the call has the config cached, so ask
         it (`vm.config.get`, seed 000's request/reply). A stage that never saw the session can
         then still serve a turn during an outage. Raises `down` when no transport knows it."""
-        # hop: -> voicemesh.transport.service.TransportService._on_config_get (vm.config.get.<sid>)
+        # hop: -> transport.api.service.TransportService._on_config_get (vm.config.get.<sid>)
         try:
             reply = await self.bus.nc.request(
                 self.subjects.config_get(session_id), b"", timeout=CONFIG_GET_TIMEOUT_S

@@ -6,6 +6,9 @@ A barge-in (the caller speaks over the bot, or while its reply is being generate
 bot audio at once, broadcasts `interrupt` on `vm.ctl.<session>` so the LLM and TTS instances cancel
 the old turn's work, and stores in the conversation context what the caller actually heard of the
 reply rather than what was generated.
+
+All of this is done once, here, for every carrier: a carrier only converts its media (peer.py), so
+a call behaves the same over a WebSocket, WebRTC, a phone line or a Daily room.
 """
 
 from __future__ import annotations
@@ -13,23 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from voicemesh.bus import Flag, Frame, Kind, Subjects
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.state import NotFound
 from voicemesh.state.store import UNREACHABLE, best_effort
-from voicemesh.transport.egress import Reorderer, Resampler
-from voicemesh.transport.peer import Peer
-from voicemesh.transport.playout import Playout, truncate
-from voicemesh.transport.service import NoInstance
-from voicemesh.transport.supervisor import Stalled, TurnSupervisor
-from voicemesh.transport.trace import TurnTrace
-from voicemesh.transport.vad import FRAME_MS, RATE, Rechunker, TurnDetector
-
-if TYPE_CHECKING:
-    from voicemesh.transport.service import TransportService
+from voicemesh.transport.call.audio import FRAME_MS, RATE, Rechunker
+from voicemesh.transport.call.egress import Reorderer, Resampler
+from voicemesh.transport.call.host import CallHost, NoInstance
+from voicemesh.transport.call.peer import Peer
+from voicemesh.transport.call.playout import Playout, truncate
+from voicemesh.transport.call.supervisor import Stalled, TurnSupervisor
+from voicemesh.transport.call.trace import TurnTrace
+from voicemesh.transport.call.turns import TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ FRAME_S = FRAME_MS / 1000
 
 
 class Call:
-    def __init__(self, service: TransportService, session_id: str, peer: Peer):
+    def __init__(self, service: CallHost, session_id: str, peer: Peer):
         self.svc, self.session, self.peer = service, session_id, peer
         self.subjects: Subjects = service.subjects
         self.reorder = Reorderer()
@@ -75,7 +76,7 @@ class Call:
             sub = await self.svc.bus.subscribe(
                 self.subjects.data("transport", self.session), self._egress
             )
-            # hop: <- voicemesh.transport.service.TransportService.session_deleted (vm.ctl.<sid>)
+            # hop: <- transport.api.service.TransportService.session_deleted (vm.ctl.<sid>)
             ctl = await self.svc.bus.subscribe(self.subjects.ctl(self.session), self._control)
             pacer = asyncio.create_task(self._pace())
             pacer.add_done_callback(self._pacer_done)

@@ -1,7 +1,11 @@
 """One turn's latency, as the transport sees it: each phase from the caller's last voiced frame
 to the first bot audio sent back, built from what the transport observes itself and the hop
 timings the stages report beside the flow (STT's final transcript, the LLM's time to first token
-on its first sentence, TTS's time to first byte of the reply)."""
+on its first sentence, TTS's time to first byte of the reply).
+
+It is measured in the call because the call is the one place both ends of a turn pass: the
+caller's speech going in and the bot's audio going out.
+"""
 
 from __future__ import annotations
 

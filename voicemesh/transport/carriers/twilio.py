@@ -45,8 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from voicemesh.state import NotFound
-from voicemesh.transport.peer import CallSession, Peer
-from voicemesh.transport.security import (
+from voicemesh.transport.api.security import (
     WS_RATE_LIMITED,
     WS_UNAUTHORIZED,
     ApiKeyAuth,
@@ -55,8 +54,11 @@ from voicemesh.transport.security import (
     Unauthorized,
     key_id,
 )
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.vad import RATE
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.call.peer import Peer
 
 log = logging.getLogger(__name__)
 
@@ -421,8 +423,6 @@ async def _close(ws: WebSocket, code: int) -> None:
 def twilio_routes(
     service: TransportService, call_session: CallSession, auth: ApiKeyAuth
 ) -> APIRouter:
-    from voicemesh.transport.call import Call  # call.py imports the peer layer, not this module
-
     router = APIRouter()
 
     async def client_for(ws: WebSocket, parameter_key: str | None) -> Client:

@@ -1,6 +1,7 @@
-"""A headless WebRTC caller (aiortc): the microphone is a track that plays WAV files in real time,
-the bot's audio is recorded, events come on the data channel. Signalling is pipecat's SmallWebRTC
-shape, so this client can call any server that speaks it.
+"""A headless caller for the WebRTC carrier (aiortc), to measure what a browser user would hear:
+the microphone is a track that plays WAV files in real time, the bot's audio is recorded, events
+come on the data channel. Signalling is pipecat's SmallWebRTC shape, so this client can call any
+server that speaks it.
 
 Latency here is the caller's own: from the end of its speech to the first audible bot audio out of
 its jitter buffer, so it includes both directions of the media path.
@@ -24,9 +25,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from voicemesh.transport.client import CallResult, Script, TurnResult, load_pcm16
-from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS, RATE
-from voicemesh.transport.webrtc import audio_frame, offer_loopback_candidates, set_jitter_buffer
+from voicemesh.callers.script import CallResult, Script, TurnResult, load_pcm16
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.carriers.rtc import (
+    audio_frame,
+    offer_loopback_candidates,
+    set_jitter_buffer,
+    to_16k_mono,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +130,13 @@ async def call_over_webrtc(
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
             if resampler is None:
                 resampler = soxr.ResampleStream(frame.sample_rate, RATE, 1, dtype="int16")
-            pcm = resampler.resample_chunk(data.astype(np.int16))
-            audible = _dbfs(pcm) > AUDIBLE_DBFS
-            script.on_audio(pcm.tobytes(), audible=audible)
+            pcm = to_16k_mono(frame, resampler)
+            audible = _dbfs(np.frombuffer(pcm, dtype=np.int16)) > AUDIBLE_DBFS
+            script.on_audio(pcm, audible=audible)
             if on_audio is not None:
-                on_audio(time.perf_counter(), pcm.tobytes())
+                on_audio(time.perf_counter(), pcm)
 
     @pc.on("track")
     def _track(track: MediaStreamTrack) -> None:

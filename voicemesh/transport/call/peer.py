@@ -9,23 +9,16 @@ pacing, barge-in. A peer only converts: its codec and rate to 16 kHz PCM16 mono 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from voicemesh.transport.security import Client
-
-#: the API's resolver of the session a new call joins: (session_id, agent, client) → session id;
-#: an existing session, or a new one from the agent (the default agent when None). Raises NotFound
-#: naming what is missing, RateLimited when the client opens sessions too fast.
-CallSession = Callable[[str | None, str | None, "Client"], Awaitable[str]]
+from voicemesh.transport.call.audio import RATE
 
 
 class Peer(ABC):
     #: the transport connector name whose options (VAD, turns, jitter buffer...) the call reads
     name: ClassVar[str]
     #: the rate of the PCM16 mono frames `send_audio` takes
-    out_rate: int = 16000
+    out_rate: int = RATE
     #: a stream that must not stop (RTP): the call sends silence when the bot has nothing to say
     continuous: bool = False
     #: frames the call may send ahead of real time: a peer with its own playout buffer (a WebSocket

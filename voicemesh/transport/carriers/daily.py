@@ -51,10 +51,12 @@ from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.errors import VoicemeshError
 from voicemesh.state import NotFound
-from voicemesh.transport.peer import CallSession, Peer
-from voicemesh.transport.security import ApiKeyAuth, Client
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.vad import RATE
+from voicemesh.transport.api.security import ApiKeyAuth, Client
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.call.peer import Peer
 
 if TYPE_CHECKING:
     from pipecat.transports.daily.transport import DailyTransport
@@ -349,8 +351,6 @@ def room_url_problem(url: str) -> str | None:
 def daily_routes(
     service: TransportService, call_session: CallSession, auth: ApiKeyAuth
 ) -> APIRouter:
-    from voicemesh.transport.call import Call  # call.py imports the peer layer, not this module
-
     router = APIRouter(prefix="/api/daily")
     bots: dict[str, DailyBot] = {}
     calls: dict[str, asyncio.Task[None]] = {}

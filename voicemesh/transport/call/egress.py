@@ -1,6 +1,11 @@
 """Bot audio on its way back to the caller: sentences put back in order by index (they may be
 synthesized in parallel on several TTS instances), frames of older turns dropped, audio resampled
-from the TTS's native rate to the caller's."""
+from the TTS's native rate to the caller's.
+
+This happens in the call, at the last step, because only here do all of a reply's sentences meet
+and only here is the caller's rate known; the stages stay free to work in parallel at their own
+rates.
+"""
 
 from __future__ import annotations
 

@@ -12,15 +12,11 @@ playing it (a jitter buffer with prefetch 4); a session sets its own with `jitte
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 from typing import Any, Literal
 
-import aioice.ice
-import numpy as np
 import soxr
 from aiortc import sdp
-from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 from fastapi import APIRouter, Depends, HTTPException
@@ -36,43 +32,24 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.state import NotFound
-from voicemesh.transport.peer import CallSession, Peer
-from voicemesh.transport.security import ApiKeyAuth, Client
-from voicemesh.transport.service import TransportService
-from voicemesh.transport.vad import RATE
+from voicemesh.transport.api.security import ApiKeyAuth, Client
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.call.peer import Peer
+from voicemesh.transport.carriers.rtc import (
+    audio_frame,
+    offer_loopback_candidates,
+    set_jitter_buffer,
+    to_16k_mono,
+)
 
 log = logging.getLogger(__name__)
 
 OPUS_RATE = 48000
 FRAME_SAMPLES = OPUS_RATE // 50  # 20 ms
 AIORTC_PREFETCH = 4  # what aiortc's RTCRtpReceiver holds by default: 80 ms
-
-
-def jitter_buffer(ms: int) -> JitterBuffer:
-    """An audio jitter buffer that starts playing after `ms` of packets (20 ms each)."""
-    prefetch = round(ms / 20)
-    capacity = 16
-    while capacity < 2 * prefetch:
-        capacity *= 2
-    return JitterBuffer(capacity=capacity, prefetch=prefetch)
-
-
-def set_jitter_buffer(receiver: Any, ms: int) -> None:
-    """Replace aiortc's audio jitter buffer (it has no option for it) before packets arrive."""
-    receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms)
-
-
-_original_host_addresses = aioice.ice.get_host_addresses
-
-
-def offer_loopback_candidates() -> None:
-    """aioice never offers 127.0.0.1; a caller on this host with no other interface needs it."""
-
-    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        found = _original_host_addresses(use_ipv4, use_ipv6)
-        return [*found, "127.0.0.1"] if use_ipv4 and "127.0.0.1" not in found else found
-
-    aioice.ice.get_host_addresses = with_loopback
 
 
 class BotAudioTrack(MediaStreamTrack):
@@ -101,23 +78,6 @@ class BotAudioTrack(MediaStreamTrack):
         frame = audio_frame(pcm, OPUS_RATE, self._pts)
         self._pts += frame.samples
         return frame
-
-
-def audio_frame(pcm: bytes, rate: int, pts: int) -> AudioFrame:
-    """PCM16 mono as the frame aiortc's encoder takes, stamped at `pts` samples."""
-    frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
-    frame.planes[0].update(pcm)
-    frame.sample_rate, frame.pts = rate, pts
-    frame.time_base = fractions.Fraction(1, rate)
-    return frame
-
-
-def to_16k_mono(frame: AudioFrame, resampler: soxr.ResampleStream) -> bytes:
-    """aiortc's decoded Opus (s16, packed, usually stereo 48 kHz) as 16 kHz mono PCM16."""
-    data = frame.to_ndarray()  # packed: shape (1, samples * channels)
-    channels = len(frame.layout.channels)
-    samples = data.reshape(-1, channels).astype(np.float32).mean(axis=1)
-    return resampler.resample_chunk(samples.astype(np.int16)).tobytes()
 
 
 class WebRTCPeer(Peer):
@@ -259,8 +219,6 @@ class PatchIn(BaseModel):
 def webrtc_routes(
     service: TransportService, call_session: CallSession, auth: ApiKeyAuth
 ) -> APIRouter:
-    from voicemesh.transport.call import Call  # call.py imports the peer layer, not this module
-
     if service.settings.webrtc_loopback:
         offer_loopback_candidates()
     router = APIRouter(prefix="/api")

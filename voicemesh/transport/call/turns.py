@@ -6,6 +6,9 @@ closes it, either after a fixed pause or, with smart_turn, as soon as pipecat's 
 model hears a finished sentence. Both ONNX models are loaded once per process and shared by every
 call: onnxruntime's InferenceSession.run is thread-safe, and Silero's recurrent state lives in
 each detector, never in the session.
+
+Turns are decided in the call, before the bus: only speech (with its pre-roll) is published to
+STT, and a barge-in is noticed without a network hop.
 """
 
 from __future__ import annotations
@@ -24,15 +27,12 @@ import numpy as np
 import webrtcvad
 
 from voicemesh.config.connectors import TurnOptions
+from voicemesh.transport.call.audio import FRAME_MS, RATE
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-
-RATE = 16000
-FRAME_MS = 20
-FRAME_BYTES = RATE * FRAME_MS // 1000 * 2  # 640
 
 # Silero v5 scores 512-sample windows at 16 kHz and wants the previous window's last 64 samples
 # prepended, so its state and context stay in step across windows.
@@ -330,19 +330,3 @@ class TurnDetector:
             self._silero.reset()
         if self._vad is not None:
             self._vad = webrtcvad.Vad(self.options.vad_aggressiveness)
-
-
-class Rechunker:
-    """Cuts arbitrary byte chunks from a peer into exact 20 ms frames."""
-
-    def __init__(self, frame_bytes: int = FRAME_BYTES):
-        self.frame_bytes = frame_bytes
-        self._buf = bytearray()
-
-    def push(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        n = len(self._buf) // self.frame_bytes * self.frame_bytes
-        if not n:
-            return []
-        chunk, self._buf = bytes(self._buf[:n]), self._buf[n:]
-        return [chunk[i : i + self.frame_bytes] for i in range(0, n, self.frame_bytes)]

@@ -18,16 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.errors import NoRespondersError
 
 from voicemesh.bus import Flag, Frame
 from voicemesh.state.claims import DONE
-from voicemesh.transport.service import NoInstance
-
-if TYPE_CHECKING:
-    from voicemesh.transport.service import TransportService
+from voicemesh.transport.call.host import CallHost, NoInstance
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ class Stalled:
 
 
 class TurnSupervisor:
-    def __init__(self, service: TransportService, session: str):
+    def __init__(self, service: CallHost, session: str):
         self.svc, self.session = service, session
         self.ttl_s = service.settings.lease_ttl_ms / 1000
         self.wait_s = service.settings.stage_wait_ms / 1000

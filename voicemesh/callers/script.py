@@ -1,5 +1,7 @@
-"""A headless caller for the WebSocket transport: plays WAV files as a microphone would (paced in
-real time, silence between turns), records the bot and reports each turn's latency."""
+"""The caller's side of a call, whatever carries it: the turns it speaks, paced as a microphone
+would; what it heard; and each turn's latency timed where a user would time it. Both callers
+(websocket.py, webrtc.py) drive the same Script, so their results compare turn for turn.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +10,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
 
 import numpy as np
-import orjson
 import soundfile as sf
 import soxr
-import websockets
 
-from voicemesh.transport.vad import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 
 
 @dataclass
@@ -57,14 +56,6 @@ def load_pcm16(path: Path) -> bytes:
     if rate != RATE:
         mono = soxr.resample(mono, rate, RATE)
     return (np.clip(mono, -1, 1) * 32767).astype(np.int16).tobytes()
-
-
-def ws_url(base: str, **params: str | None) -> str:
-    base = base.rstrip("/")
-    if base.startswith("http"):
-        base = "ws" + base[4:]
-    query = urlencode({k: v for k, v in params.items() if v})
-    return f"{base}/ws/call" + (f"?{query}" if query else "")
 
 
 class Script:
@@ -183,55 +174,3 @@ class Script:
             pcm = np.frombuffer(bytes(self.audio), dtype=np.int16)
             sf.write(str(out), pcm, RATE, subtype="PCM_16")
         return CallResult(self.session_id or "", self.turns, bytes(self.audio), self.interrupts)
-
-
-async def call_over_websocket(
-    url: str,
-    wavs: list[Path],
-    out: Path | None,
-    *,
-    agent: str | None = None,
-    session_id: str | None = None,
-    turn_timeout: float = 60.0,
-    pause_s: float = 0.3,
-    after_turn: Callable[[int, TurnResult], Awaitable[None]] | None = None,
-    api_key: str | None = None,
-    barge_in_after_s: float | None = None,
-) -> CallResult:
-    """Say each WAV as one turn and wait for the complete reply before the next; `after_turn` runs
-    between turns while the call stays open (tests swap providers there). `api_key` goes in an
-    Authorization header (not the URL, which servers and proxies may log)."""
-    utterances = [load_pcm16(w) for w in wavs]
-    script = Script()
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    async with websockets.connect(
-        ws_url(url, agent=agent, session_id=session_id), max_size=None, additional_headers=headers
-    ) as ws:
-        hello = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
-        if hello.get("type") == "error":
-            raise RuntimeError(hello.get("error"))
-        script.on_event(hello)
-
-        async def receive() -> None:
-            async for msg in ws:
-                if isinstance(msg, bytes):
-                    script.on_audio(msg)
-                else:
-                    script.on_event(orjson.loads(msg))
-
-        receiver = asyncio.create_task(receive())
-        try:
-            await script.speak(
-                utterances,
-                ws.send,
-                pause_s=pause_s,
-                turn_timeout=turn_timeout,
-                after_turn=after_turn,
-                alive=lambda: not receiver.done(),
-                barge_in_after_s=barge_in_after_s,
-            )
-            await ws.send(orjson.dumps({"type": "end"}).decode())
-        finally:
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
-    return script.result(out)

@@ -1,7 +1,9 @@
-"""The transport service: calls in and out, and the config manager (HTTP API, `vm.config.get`).
+"""The transport service: the process that hosts calls (the CallHost the call engine asks for
+its bus, store, router and stage owners) and the config manager (HTTP API, `vm.config.get`).
 
 It is the only role that writes configs; stages only read them. Updates are announced on
-`vm.config.update` so every stage drops its cached copy at once.
+`vm.config.update` so every stage drops its cached copy at once. Which instance owns each session's
+streaming stage is kept here, not in a call, because it outlives any one call of the session.
 """
 
 from __future__ import annotations
@@ -22,17 +24,13 @@ from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.errors import VoicemeshError
 from voicemesh.router import ServiceRouter, publish_config_update
 from voicemesh.state import ConfigStore
 from voicemesh.state.store import UNREACHABLE
-from voicemesh.transport.vad import preload
+from voicemesh.transport.call.host import NoInstance
+from voicemesh.transport.call.turns import preload
 
 log = logging.getLogger(__name__)
-
-
-class NoInstance(VoicemeshError, RuntimeError):
-    """No instance of a stage answered the assignment request."""
 
 
 class TransportService:
@@ -108,7 +106,8 @@ class TransportService:
         await publish_config_update(self.bus, self.subjects, session_id, 0, ["*"])
 
     async def _on_config_get(self, msg: Msg) -> None:
-        """Seed 000's request/reply: `vm.config.get.<session>` → the session's config."""
+        """Answers a stage's `vm.config.get.<session>` request with the session's config; while
+        Valkey is unreachable, with the copy cached for a live call."""
         if not msg.reply:
             return
         session = Subjects.session_of(msg.subject)

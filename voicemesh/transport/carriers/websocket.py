@@ -1,4 +1,5 @@
-"""The WebSocket call endpoint's peer: PCM16 mono 16 kHz both ways, JSON events as text frames.
+"""WebSocket calls, `/ws/call`: the simplest carrier, PCM16 mono 16 kHz both ways and JSON events
+as text frames, for the CLI caller, the web page and any client that can open a socket.
 
 Frames from the client: binary = PCM16 mono 16 kHz, raw (any even chunk size up to
 MAX_AUDIO_MESSAGE); text = JSON control ({"type": "end"} hangs up). Frames to the client: binary =
@@ -14,10 +15,16 @@ import asyncio
 from typing import Any
 
 import orjson
+from fastapi import APIRouter, Depends
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from voicemesh.transport.peer import Peer
-from voicemesh.transport.vad import RATE
+from voicemesh.state import NotFound
+from voicemesh.transport.api.security import ApiKeyAuth, Client
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.call.audio import RATE
+from voicemesh.transport.call.call import Call
+from voicemesh.transport.call.peer import Peer
 
 AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
 # 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
@@ -118,3 +125,29 @@ def control_problem(text: str) -> str | None:
         return None
     known = ", ".join(f'{{"type": "{t}"}}' for t in CONTROL_TYPES)
     return f"unknown control message {text[:100]!r}; text frames are JSON control messages: {known}"
+
+
+def websocket_routes(
+    service: TransportService, call_session: CallSession, auth: ApiKeyAuth
+) -> APIRouter:
+    """`/ws/call?session_id=...|agent=...`: joins a session (or makes one from the agent) and runs
+    the call until either side hangs up. A session that cannot be found closes with 4404."""
+    router = APIRouter(dependencies=[Depends(auth)])
+
+    @router.websocket("/ws/call")
+    async def ws_call(
+        ws: WebSocket,
+        session_id: str | None = None,
+        agent: str | None = None,
+        client: Client = Depends(auth),  # the router's dependency, cached: runs once
+    ) -> None:
+        await ws.accept()
+        try:
+            sid = await call_session(session_id, agent, client)
+        except NotFound as exc:
+            await ws.send_text(orjson.dumps({"type": "error", "error": str(exc)}).decode())
+            await ws.close(code=4404)
+            return
+        await Call(service, sid, WebSocketPeer(ws)).run()
+
+    return router

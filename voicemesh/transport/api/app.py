@@ -1,0 +1,116 @@
+"""The transport's HTTP app, put together from its rooms' routers: the config API (agents,
+sessions), each carrier's call routes, health, metrics and the web page. Assembly is all it does, so
+what a route does is read in one router module, and which routes exist and who may use them is read
+here.
+
+/api and every call route need an API key (security.py) unless VOICEMESH_AUTH=off; /healthz,
+/metrics, the page at / and the OpenAPI docs stay open. New sessions count against
+VOICEMESH_SESSION_RATE per client.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import make_asgi_app
+
+from voicemesh.bus.bus import BusError
+from voicemesh.config.logging import redact_logger
+from voicemesh.state.store import StoreError
+from voicemesh.transport.api.agents import agents_router
+from voicemesh.transport.api.errors import ERRORS, add_error_handlers
+from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
+from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import call_sessions, sessions_router
+from voicemesh.transport.carriers.daily import daily_routes
+from voicemesh.transport.carriers.twilio import twilio_routes
+from voicemesh.transport.carriers.webrtc import webrtc_routes
+from voicemesh.transport.carriers.websocket import websocket_routes
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(service: TransportService) -> FastAPI:
+    """Raises AuthConfigError when auth is required and no key is configured."""
+    auth = ApiKeyAuth(service.settings)
+    limit = SessionRateLimit.from_settings(service.settings)
+    if auth.required:
+        log.info("API keys required on /api and /ws/call (%d configured)", auth.key_count)
+    else:
+        log.warning("API auth is off (VOICEMESH_AUTH=off): anyone who reaches this port can use it")
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        redact_logger(name)  # uvicorn logs a WebSocket's query string, where ?api_key= may be
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        try:
+            await service.start()
+        except (BusError, StoreError) as exc:
+            log.error("transport cannot start: %s", exc)
+            raise
+        yield
+        await service.stop()
+
+    app = FastAPI(title="voicemesh transport", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    add_error_handlers(app)
+
+    # One dependency on the /api router: every route below it needs a key.
+    api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)
+    api.include_router(agents_router(service))
+    api.include_router(sessions_router(service, auth, limit))
+    app.include_router(api)
+    app.mount("/metrics", make_asgi_app())
+    app.include_router(health_router(service))
+
+    # Each carrier guards its own routes with `auth` (Twilio's key may come in its start message).
+    call_session = call_sessions(service, limit)
+    app.state.call_session = call_session
+    for routes in (webrtc_routes, twilio_routes, daily_routes):
+        app.include_router(routes(service, call_session, auth), responses=ERRORS)
+    app.include_router(websocket_routes(service, call_session, auth))
+
+    app.include_router(page_router())
+    return app
+
+
+def health_router(service: TransportService) -> APIRouter:
+    """`/healthz`: 200 when NATS and Valkey answer, else 503 naming which did not."""
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> JSONResponse:
+        checks = {"nats": service.bus.nc.is_connected, "valkey": True}
+        try:
+            await service.store.check()
+        except Exception:
+            checks["valkey"] = False
+        ok = all(checks.values())
+        body = {
+            "status": "ok" if ok else "degraded",
+            "instance": service.settings.instance_id,
+            "checks": checks,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return router
+
+
+def page_router() -> APIRouter:
+    """`/`: the web client (static/index.html), or a pointer to the docs when it is not shipped."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def index() -> Any:
+        page = STATIC / "index.html"
+        if page.exists():
+            return FileResponse(page)
+        return {"service": "voicemesh transport", "docs": "/docs", "call": "/ws/call"}
+
+    return router

@@ -1,0 +1,63 @@
+"""aiortc media plumbing that both ends of a WebRTC call need: the WebRTC carrier (webrtc.py) and
+the headless WebRTC caller (voicemesh.callers.webrtc). Kept apart from the carrier so the caller,
+which can call any SmallWebRTC server, does not import a server's routes and service to get at it,
+and so both ends convert audio and tune aiortc the same way.
+
+Everything here is media, not signalling: PCM16 to and from aiortc's AudioFrame, the receiver's
+jitter buffer (aiortc has no option for it), and the loopback host candidate aioice leaves out.
+"""
+
+from __future__ import annotations
+
+import fractions
+from typing import Any
+
+import aioice.ice
+import numpy as np
+import soxr
+from aiortc.jitterbuffer import JitterBuffer
+from av import AudioFrame
+
+
+def jitter_buffer(ms: int) -> JitterBuffer:
+    """An audio jitter buffer that starts playing after `ms` of packets (20 ms each)."""
+    prefetch = round(ms / 20)
+    capacity = 16
+    while capacity < 2 * prefetch:
+        capacity *= 2
+    return JitterBuffer(capacity=capacity, prefetch=prefetch)
+
+
+def set_jitter_buffer(receiver: Any, ms: int) -> None:
+    """Replace aiortc's audio jitter buffer (it has no option for it) before packets arrive."""
+    receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms)
+
+
+_original_host_addresses = aioice.ice.get_host_addresses
+
+
+def offer_loopback_candidates() -> None:
+    """aioice never offers 127.0.0.1; a caller on this host with no other interface needs it."""
+
+    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        found = _original_host_addresses(use_ipv4, use_ipv6)
+        return [*found, "127.0.0.1"] if use_ipv4 and "127.0.0.1" not in found else found
+
+    aioice.ice.get_host_addresses = with_loopback
+
+
+def audio_frame(pcm: bytes, rate: int, pts: int) -> AudioFrame:
+    """PCM16 mono as the frame aiortc's encoder takes, stamped at `pts` samples."""
+    frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+    frame.planes[0].update(pcm)
+    frame.sample_rate, frame.pts = rate, pts
+    frame.time_base = fractions.Fraction(1, rate)
+    return frame
+
+
+def to_16k_mono(frame: AudioFrame, resampler: soxr.ResampleStream) -> bytes:
+    """aiortc's decoded Opus (s16, packed, usually stereo 48 kHz) as 16 kHz mono PCM16."""
+    data = frame.to_ndarray()  # packed: shape (1, samples * channels)
+    channels = len(frame.layout.channels)
+    samples = data.reshape(-1, channels).astype(np.float32).mean(axis=1)
+    return resampler.resample_chunk(samples.astype(np.int16)).tobytes()
