@@ -213,7 +213,7 @@ class QueuedStage(StageService):
 
     async def setup(self) -> None:
         # hop: <- the previous stage of the flow: STTService._transcribe (vm.llm.<sid>),
-        # LLMService._reply (vm.tts.<sid>), or a supervisor's resend (transport/supervisor.py)
+        # LLMService._reply (vm.tts.<sid>), or a supervisor's resend (transport/call/supervisor.py)
         await self.intake(self.subjects.data_all(self.role), self._on_text, queue=self.role)
 
     async def _on_text(self, subject: str, frame: Frame) -> None:

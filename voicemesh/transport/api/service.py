@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,12 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from voicemesh.bus import Bus, Frame, Subjects
+from voicemesh.bus import Frame, Subjects
 from voicemesh.config.connectors import TurnOptions
-from voicemesh.config.logging import bind
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.router import ServiceRouter, publish_config_update
-from voicemesh.state import ConfigStore
+from voicemesh.role import Role
+from voicemesh.router import publish_config_update
 from voicemesh.state.store import UNREACHABLE
 from voicemesh.transport.call.host import NoInstance
 from voicemesh.transport.call.turns import preload
@@ -33,36 +31,18 @@ from voicemesh.transport.call.turns import preload
 log = logging.getLogger(__name__)
 
 
-class TransportService:
+class TransportService(Role):
+    """Connecting, health (once ready), draining and stopping come from Role, as for every
+    stage; what is the transport's own is its setup and the calls it closes first on stop."""
+
     role = "transport"
+    serves_metrics = False  # /metrics is served by its own HTTP app (api/app.py)
 
     def __init__(self, settings: Settings):
-        if not settings.nats_url or not settings.valkey_url:
-            raise ValueError("transport: NATS_URL and VALKEY_URL must be set")
-        self.settings = settings
-        self.subjects = Subjects(settings.subject_prefix)
+        super().__init__(settings)
         self._owners: dict[str, str] = {}
-        #: run first on stop: what holds live calls (WebRTC peer connections, Daily rooms)
-        self.closers: list[Callable[[], Awaitable[None]]] = []
 
-    async def start(self) -> None:
-        bind(role=self.role, instance=self.settings.instance_id)
-        self.store = ConfigStore.from_url(
-            self.settings.valkey_url,  # type: ignore[arg-type]
-            settings=self.settings,
-            key_prefix=self.settings.key_prefix,
-            default_ttl_s=self.settings.session_ttl_s,
-        )
-        await self.store.check()
-        self.bus = await Bus.connect(
-            self.settings.nats_url,  # type: ignore[arg-type]
-            name=f"voicemesh-transport-{self.settings.instance_id}",
-            settings=self.settings,
-        )
-        self.router = ServiceRouter(
-            bus=self.bus, store=self.store, stage="transport", subjects=self.subjects
-        )
-        await self.router.start()
+    async def setup(self) -> None:
         # the VAD and turn models (Silero, smart-turn) load once here, not in a caller's turn
         await asyncio.to_thread(preload, TurnOptions(vad="silero", turn="smart_turn"))
         if self.settings.default_agent_file:
@@ -71,10 +51,6 @@ class TransportService:
         await self.bus.nc.subscribe(
             self.subjects.config_get_all, queue="transport", cb=self._on_config_get
         )
-        # hop: <- voicemesh.launcher.Stack.wait_ready (vm.health.transport)
-        await self.bus.nc.subscribe(self.subjects.health("transport"), cb=self._on_health)
-        await self.bus.settle()
-        log.info("transport ready")
 
     async def _seed_default_agent(self, path: Path) -> None:
         config = parse_agent_config(await asyncio.to_thread(path.read_bytes))
@@ -83,15 +59,6 @@ class TransportService:
         )
         if created:
             log.info("stored default agent %r from %s", record.name, path)
-
-    async def stop(self) -> None:
-        for close in self.closers:
-            try:
-                await close()
-            except Exception:
-                log.exception("closing calls failed")
-        await self.bus.drain()
-        await self.store.close()
 
     async def config_changed(self, session_id: str, version: int, keys: list[str]) -> None:
         self.router.forget(session_id)
@@ -126,11 +93,6 @@ class TransportService:
                 "configurations": orjson.loads(stored.config.to_json()),
             }
         await self.bus.nc.publish(msg.reply, orjson.dumps(body))
-
-    async def _on_health(self, msg: Msg) -> None:
-        if msg.reply:
-            body = {"role": self.role, "instance": self.settings.instance_id}
-            await self.bus.nc.publish(msg.reply, orjson.dumps(body))
 
     async def ensure_owner(
         self, stage: str, session: str, *, replay: list[Frame] | None = None
