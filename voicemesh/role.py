@@ -1,4 +1,4 @@
-"""Role: what every role process shares (the stages and, once it moves onto it, the transport).
+"""Role: what every role process shares (the stages and the transport).
 
 A role connects to Valkey (ConfigStore, checked at once so a wrong URL or password is one clear
 error) and to NATS (Bus), keeps the session config cache (ServiceRouter), serves Prometheus
