@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.support import Inbox, Services, has_last, listen, until
+from tests.support import Inbox, Services, dominant_hz, has_last, listen, until
 from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.connectors.health import fingerprint
@@ -104,11 +104,6 @@ def cloud_config(agent_json: dict, p: Providers) -> AgentConfig:
         },
     }
     return parse_agent_config(data)
-
-
-def dominant_hz(pcm: bytes, rate: int) -> float:
-    x = np.frombuffer(pcm, np.int16).astype(np.float64)
-    return float(np.argmax(np.abs(np.fft.rfft(x))) * rate / x.size)
 
 
 @dataclass
