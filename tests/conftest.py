@@ -8,15 +8,17 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import Services
+from tests.support import Services, TransportApp, heard, running_transport
 from voicemesh.bus import Bus, Subjects
 from voicemesh.config.logging import route_loguru
 from voicemesh.config.settings import Settings
 from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
 from voicemesh.state import ConfigStore
+from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 
 route_loguru()  # pipecat's loguru chatter (DEBUG on every WebRTC event) into pytest's capture
 
@@ -89,3 +91,34 @@ def agent_json() -> dict:
     import orjson
 
     return orjson.loads(AGENT_FILE.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def transcript() -> Transcript:
+    """What the module's loopback STT hears: by default the pitch of a caller's tone (`heard`);
+    a module overrides this fixture to hear otherwise."""
+    return heard
+
+
+@pytest.fixture(scope="module")
+async def transcriber(transcript: Transcript) -> AsyncIterator[OpenAITranscribeServer]:
+    """A loopback OpenAI transcriptions server for the module, answering with `transcript`."""
+    async with OpenAITranscribeServer(transcript) as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture
+def transport_settings() -> dict[str, Any]:
+    """What `transport_app`'s TransportService changes in the test's settings: API auth off (the
+    auth tests are elsewhere). A module overrides or parametrises this fixture."""
+    return {"auth": "off"}
+
+
+@pytest.fixture
+async def transport_app(
+    settings: Settings, services: Services, transport_settings: dict[str, Any]
+) -> AsyncIterator[TransportApp]:
+    """The stt, llm and tts stages in-process and a started TransportService serving its app on a
+    real uvicorn (`running_transport`), on the test's settings with `transport_settings`."""
+    async with running_transport(settings, services, **transport_settings) as app:
+        yield app

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import uvicorn
 
 from voicemesh.bus import Bus, Flag, Frame, Kind
+from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.pipeline import StageService
+from voicemesh.pipeline import LLMService, StageService, STTService, TTSService
+from voicemesh.servers import free_port
+from voicemesh.transport.call.audio import FRAME_BYTES, RATE
 
 if TYPE_CHECKING:
     from voicemesh.transport.api.service import TransportService
@@ -63,18 +67,10 @@ class Inbox:
         return self.frames
 
 
-async def settle(bus: Bus) -> None:
-    """Make sure this connection's subscriptions are on the server. nats-py 2.16's flush() writes
-    its PING straight to the socket, ahead of a SUB still queued for the flusher task, so one round
-    trip can come back before the SUB is sent (about 1 in 25 on loopback); a second one cannot."""
-    await bus.nc.flush()
-    await bus.nc.flush()
-
-
 async def listen(bus: Bus, subject: str) -> Inbox:
     inbox = Inbox()
     await bus.subscribe(subject, inbox)
-    await settle(bus)
+    await bus.settle()
     return inbox
 
 
@@ -92,8 +88,7 @@ class Services:
     async def start(self, cls: type[StageService], **overrides: Any) -> Any:
         overrides.setdefault("instance_id", f"{cls.role}-{len(self.running) + 1}")
         svc = cls(self.settings.model_copy(update=overrides))
-        await svc.start()
-        await settle(svc.bus)  # start() flushes once, which does not prove its SUBs arrived
+        await svc.start()  # ends with bus.settle(): its subscriptions are on the server
         self.running.append(svc)
         return svc
 
@@ -109,9 +104,7 @@ async def serving(service: TransportService) -> AsyncIterator[str]:
     http:// base URL. The service must be started already (lifespan off)."""
     from voicemesh.transport.api.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(
         create_app(service),
         host="127.0.0.1",
@@ -132,6 +125,96 @@ async def serving(service: TransportService) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+@dataclass
+class TransportApp:
+    """A started TransportService and the http:// base URL its app is served on."""
+
+    service: TransportService
+    url: str
+
+    def ws(self, path: str) -> str:
+        """The ws:// URL of `path` on the app."""
+        return f"ws{self.url[4:]}{path}"
+
+
+@contextlib.asynccontextmanager
+async def running_transport(
+    settings: Settings, services: Services, **overrides: Any
+) -> AsyncIterator[TransportApp]:
+    """The stt, llm and tts stages in `services` (unless some run already), then a started
+    TransportService on `settings` with `overrides`, its app on uvicorn (`serving`); the
+    transport stops on exit (the stages are `services`'s to stop)."""
+    from voicemesh.transport.api.service import TransportService
+
+    if not services.running:
+        for cls in (STTService, LLMService, TTSService):
+            await services.start(cls)
+    service = TransportService(settings.model_copy(update=overrides))
+    await service.start()
+    try:
+        async with serving(service) as url:
+            yield TransportApp(service, url)
+    finally:
+        await service.stop()
+
+
+def tone_frames(n: int, *, freq: float = 220.0, amp: float = 8000.0) -> list[bytes]:
+    """n 20 ms frames of a sine at 16 kHz, PCM16 mono."""
+    t = np.arange(n * FRAME_BYTES // 2) / RATE
+    pcm = (amp * np.sin(2 * np.pi * freq * t)).astype(np.int16).tobytes()
+    return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
+
+
+def dominant_hz(pcm: bytes | np.ndarray, rate: int, *, window: bool = False) -> float:
+    """The strongest frequency of PCM16 mono (bytes or samples). `window`: through a Hann window
+    and with the DC bin ignored, for audio that does not hold a whole number of periods."""
+    x = (pcm if isinstance(pcm, np.ndarray) else np.frombuffer(pcm, "<i2")).astype(np.float64)
+    if window:
+        x = x * np.hanning(x.size)
+    spectrum = np.abs(np.fft.rfft(x))
+    if window:
+        spectrum[0] = 0
+    return float(np.argmax(spectrum) * rate / x.size)
+
+
+def heard(
+    pcm: bytes,
+    *,
+    min_samples: int = 1600,
+    words: dict[float, str] | None = None,
+    window: bool = True,
+    rate: int = 16000,
+) -> str:
+    """What a loopback STT hears in a caller's tone (16 kHz PCM16): "tone <Hz, to 10 Hz>", or
+    with `words` the word whose pitch is nearest (within 40 Hz, else "noise"); "" for audio
+    shorter than `min_samples`."""
+    samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2")
+    if samples.size < min_samples:
+        return ""
+    peak = dominant_hz(samples, rate, window=window)
+    if words is None:
+        return f"tone {round(peak / 10) * 10}"
+    hz = min(words, key=lambda f: abs(f - peak))
+    return words[hz] if abs(hz - peak) < 40 else "noise"
+
+
+def scripted(
+    agent_json: dict,
+    replies: list[str],
+    *,
+    chunk_words: int = 1,
+    tone: dict[str, Any] | None = None,
+) -> AgentConfig:
+    """The default agent with the scripted LLM and the tone TTS (whisper stays the STT)."""
+    data = copy.deepcopy(agent_json)
+    data["connectors"]["llm"] = {
+        "primary": "scripted",
+        "config": {"scripted": {"replies": replies, "chunk_words": chunk_words}},
+    }
+    data["connectors"]["tts"] = {"primary": "tone", "config": {"tone": tone or {}}}
+    return parse_agent_config(data)
 
 
 def loopback_agent(

@@ -22,13 +22,11 @@ import orjson
 import pytest
 import websockets
 
-from tests.support import Services, loopback_agent, serving
+from tests.support import TransportApp, loopback_agent
 from voicemesh.bus import Bus, Frame, Kind, Subjects, encode
 from voicemesh.config.models import parse_agent_config
-from voicemesh.config.settings import Settings
-from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
-from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 from voicemesh.transport.api.service import TransportService
 
 RATE = 16000
@@ -47,7 +45,7 @@ def silence(ms: int) -> bytes:
     return bytes(RATE * ms // 1000 * 2)
 
 
-def heard(pcm: bytes) -> str:
+def clean_or_garbled(pcm: bytes) -> str:
     """What the loopback STT 'hears': the tone as sent, or the noise a stream shifted by one byte
     becomes (each int16 made of two halves of neighbouring samples)."""
     samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2").astype(np.int32)
@@ -70,16 +68,8 @@ def wav_file(pcm: bytes, rate: int = RATE) -> bytes:
 
 
 @pytest.fixture(scope="module")
-async def transcriber() -> AsyncIterator[OpenAITranscribeServer]:
-    async with OpenAITranscribeServer(heard) as server:
-        yield server  # type: ignore[misc]
-
-
-def open_settings(settings: Settings) -> Settings:
-    """The API without keys (the auth tests are elsewhere), where this build has API keys."""
-    if "auth" in Settings.model_fields:
-        return settings.model_copy(update={"auth": "off"})
-    return settings
+def transcript() -> Transcript:
+    return clean_or_garbled
 
 
 @dataclass
@@ -92,27 +82,17 @@ class Server:
 
 @pytest.fixture
 async def server(
-    settings: Settings,
-    services: Services,
+    transport_app: TransportApp,
     store: ConfigStore,
     agent_json: dict,
     transcriber: OpenAITranscribeServer,
-) -> AsyncIterator[Server]:
+) -> Server:
     data = loopback_agent(
         agent_json, transport="websocket", stt_url=transcriber.base_url, ms_per_word=20
     )
     sid = (await store.create_session(parse_agent_config(data))).session_id
-    await services.start(STTService)
-    await services.start(LLMService)
-    await services.start(TTSService)
-
-    service = TransportService(open_settings(settings))
-    await service.start()
-    try:
-        async with serving(service) as url:
-            yield Server(f"ws{url[4:]}/ws/call", sid, service, service.subjects)
-    finally:
-        await service.stop()
+    service = transport_app.service
+    return Server(transport_app.ws("/ws/call"), sid, service, service.subjects)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from voicemesh.bus.codec import HEADER, HEADER_SIZE, MAX_PAYLOAD, VERSION, Frame
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
 from voicemesh.pipeline import LLMService, STTService, TTSService
-from voicemesh.servers import nats_server_binary
+from voicemesh.servers import free_port, nats_server_binary
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.api.service import TransportService
@@ -90,9 +90,8 @@ def test_the_junk_is_refused_by_the_codec(name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-async def transcriber() -> AsyncIterator[OpenAITranscribeServer]:
-    async with OpenAITranscribeServer(HEARD) as server:
-        yield server  # type: ignore[misc]
+def transcript() -> str:
+    return HEARD
 
 
 def agent(agent_json: dict, transcriber_url: str) -> dict[str, Any]:
@@ -292,9 +291,7 @@ def big_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigNats]:
     """A NATS server that carries messages of up to 2 MiB, so a frame just over the codec's
     limit reaches the services."""
     data = tmp_path_factory.mktemp("bignats")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     conf = data / "nats.conf"
     conf.write_text(f"listen: 127.0.0.1:{port}\nmax_payload: {2 * MAX_PAYLOAD}\n")
     log = (data / "nats.log").open("wb")

@@ -6,7 +6,6 @@ classification, probes, ${ENV} secrets, and failover between the two through the
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from voicemesh.connectors.llm.anthropic import AnthropicLLM
 from voicemesh.connectors.llm.openai import OpenAILLM
 from voicemesh.connectors.registry import ConnectorPool
 from voicemesh.pipeline.llm import continue_reply
+from voicemesh.servers import free_port
 from voicemesh.testing.loopback.anthropic import AnthropicServer
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 
@@ -226,9 +226,7 @@ async def test_a_stream_that_dies_is_a_stream_failure(rig: Rig, how: str) -> Non
 
 
 async def test_connection_refused_is_a_network_failure() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for conn in (
         OpenAILLM(OpenAILLMOptions(model="m", base_url=f"http://127.0.0.1:{port}/v1")),
         AnthropicLLM(AnthropicOptions(model="m", base_url=f"http://127.0.0.1:{port}", api_key="k")),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +22,7 @@ from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
 from voicemesh.connectors.registry import ConnectorPool
 from voicemesh.connectors.stt.deepgram import DeepgramSTT
 from voicemesh.connectors.stt.openai import OpenAISTT
+from voicemesh.servers import free_port
 from voicemesh.testing.loopback.deepgram import DeepgramServer
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 
@@ -47,12 +47,6 @@ def speech(ms: int, rate: int = RATE) -> bytes:
     t = np.arange(rate * ms // 1000) / rate
     wave = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
     return (wave * 32767).astype("<i2").tobytes()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # One server of each kind for the module (a uvicorn stop takes ~0.15 s); each test gets it back

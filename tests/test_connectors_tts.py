@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
 import pytest
 
+from tests.support import dominant_hz
 from voicemesh.config.connectors import (
     AzureTTSOptions,
     ConnectorOptions,
@@ -103,11 +103,6 @@ async def connector(name: str, server: LoopbackServer, **kw: Any) -> AsyncIterat
 
 async def collect(conn: TTSConnector, text: str = TEXT) -> list[bytes]:
     return [chunk async for chunk in conn.synthesize(text)]
-
-
-def dominant_hz(pcm: bytes, rate: int) -> float:
-    x = np.frombuffer(pcm, "<i2").astype(np.float64)
-    return float(np.argmax(np.abs(np.fft.rfft(x)))) * rate / len(x)
 
 
 def seconds(items: list[tuple[bytes, int]]) -> float:

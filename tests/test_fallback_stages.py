@@ -9,7 +9,7 @@ Stage services run in-process on the real NATS and Valkey; providers are loopbac
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.support import Inbox, Services, has_last, listen, until
+from tests.support import Inbox, Services, dominant_hz, has_last, listen, until
 from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.connectors.health import fingerprint
@@ -106,11 +106,6 @@ def cloud_config(agent_json: dict, p: Providers) -> AgentConfig:
     return parse_agent_config(data)
 
 
-def dominant_hz(pcm: bytes, rate: int) -> float:
-    x = np.frombuffer(pcm, np.int16).astype(np.float64)
-    return float(np.argmax(np.abs(np.fft.rfft(x))) * rate / x.size)
-
-
 @dataclass
 class Reply:
     text: str
@@ -149,52 +144,62 @@ async def reply_of(inbox: Inbox, epoch: int, limit_s: float = 10.0) -> Reply:
     )
 
 
-async def start_llm_and_tts(services: Services, instances: int = 1) -> list[Any]:
-    started = []
-    for _ in range(instances):
-        started.append(await services.start(LLMService))
-        started.append(await services.start(TTSService))
-    return started
+@dataclass
+class Rig:
+    """What every test here works with: the loopback providers, the stage services, the bus and
+    the store on the test's prefixes, and the default agent to build the cloud config from."""
+
+    providers: Providers
+    services: Services
+    bus: Bus
+    store: ConfigStore
+    subjects: Subjects
+    agent_json: dict
+
+    def config(self) -> AgentConfig:
+        return cloud_config(self.agent_json, self.providers)
+
+    async def session(self, config: AgentConfig | None = None) -> str:
+        return (await self.store.create_session(config or self.config())).session_id
+
+    async def start_llm_and_tts(self, instances: int = 1) -> list[Any]:
+        started = []
+        for _ in range(instances):
+            started.append(await self.services.start(LLMService))
+            started.append(await self.services.start(TTSService))
+        return started
+
+    async def say(self, sid: str, text: str, epoch: int) -> None:
+        turn = Frame.event({"type": "turn", "epoch": epoch}, epoch=epoch)
+        await self.bus.publish(self.subjects.ctl(sid), turn)
+        await self.bus.publish(self.subjects.data("llm", sid), Frame.text(text, epoch=epoch))
+
+    async def one_turn(self, text: str = "when is the tide?") -> tuple[str, Reply]:
+        """A session on the cloud config, one LLM and one TTS instance, one turn: its reply."""
+        sid = await self.session()
+        await self.start_llm_and_tts()
+        out = await listen(self.bus, self.subjects.data("transport", sid))
+        await self.say(sid, text, 1)
+        return sid, await reply_of(out, 1)
 
 
-async def say(bus: Bus, subjects: Subjects, sid: str, text: str, epoch: int) -> None:
-    await bus.publish(subjects.ctl(sid), Frame.event({"type": "turn", "epoch": epoch}, epoch=epoch))
-    await bus.publish(subjects.data("llm", sid), Frame.text(text, epoch=epoch))
-
-
-async def one_turn(
+@pytest.fixture
+def rig(
     providers: Providers,
     services: Services,
     bus: Bus,
     store: ConfigStore,
     subjects: Subjects,
     agent_json: dict,
-    text: str = "when is the tide?",
-) -> tuple[str, Reply]:
-    """A session on the cloud config, one LLM and one TTS instance, one turn: its reply."""
-    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
-    await start_llm_and_tts(services)
-    out = await listen(bus, subjects.data("transport", sid))
-    await say(bus, subjects, sid, text, 1)
-    return sid, await reply_of(out, 1)
+) -> Rig:
+    return Rig(providers, services, bus, store, subjects, agent_json)
 
 
-# --- LLM ------------------------------------------------------------------------------------
+# --- a failing primary, per stage --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_llm_primary_fails_and_the_reply_still_arrives_whole(
-    mode: str,
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
-) -> None:
-    # "die" cuts OpenAI's stream after 5 chunks (10 words): the reply must go on from there.
-    providers.chat.fail(mode, after=5)  # type: ignore[arg-type]
-    sid, reply = await one_turn(providers, services, bus, store, subjects, agent_json)
+async def llm_reply_arrives_whole(rig: Rig, mode: str) -> None:
+    sid, reply = await rig.one_turn()
 
     assert reply.text == REPLY  # nothing lost, nothing said twice
     assert reply.indexes == list(range(len(reply.indexes)))
@@ -202,25 +207,12 @@ async def test_llm_primary_fails_and_the_reply_still_arrives_whole(
     if mode == "die":
         assert reply.connectors[0] == "openai", "the sentence already sent keeps its source"
     assert reply.audio and all(f.sample_rate == 16000 for f in reply.audio)
-    context = await store.get_context(sid)
+    context = await rig.store.get_context(sid)
     assert context[-1]["role"] == "assistant" and context[-1]["content"] == REPLY
 
 
-# --- TTS ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("mode", MODES)
-async def test_tts_primary_fails_and_every_sentence_is_still_heard_in_order(
-    mode: str,
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
-) -> None:
-    providers.eleven.fail(mode, after=2)  # type: ignore[arg-type]
-    _, reply = await one_turn(providers, services, bus, store, subjects, agent_json)
+async def tts_every_sentence_is_heard_in_order(rig: Rig, mode: str) -> None:
+    _, reply = await rig.one_turn()
 
     assert reply.text == REPLY
     sentences = REPLY.split(". ")
@@ -233,28 +225,16 @@ async def test_tts_primary_fails_and_every_sentence_is_still_heard_in_order(
     assert abs(dominant_hz(pcm, 16000) - FALLBACK_HZ) < 15
 
 
-# --- STT ------------------------------------------------------------------------------------
-
-
 def utterance(ms: int = 800) -> bytes:
     t = np.arange(16 * ms) / 16000
     return (np.sin(2 * np.pi * 220 * t) * 6000).astype(np.int16).tobytes()
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_stt_primary_fails_and_the_utterance_is_replayed_whole(
-    mode: str,
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
-) -> None:
-    providers.deepgram.fail(mode, after=1)  # type: ignore[arg-type]
-    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
-    stt = await services.start(STTService)
-    await start_llm_and_tts(services)
+async def stt_utterance_is_replayed_whole(rig: Rig, mode: str) -> None:
+    bus, subjects = rig.bus, rig.subjects
+    sid = await rig.session()
+    stt = await rig.services.start(STTService)
+    await rig.start_llm_and_tts()
     out = await listen(bus, subjects.data("transport", sid))
     reply = await bus.nc.request(subjects.assign("stt"), b'{"session_id": "%s"}' % sid.encode())
     assert stt.instance in reply.data.decode()
@@ -282,54 +262,70 @@ async def test_stt_primary_fails_and_the_utterance_is_replayed_whole(
     final = next(f.as_event for f in finished if f.kind is Kind.EVENT and f.as_event.get("final"))
     assert final["text"] == HEARD and final["connector"] == "openai"
     # the whole utterance was replayed to the fallback, from its start
-    assert providers.whisper_api.last["pcm_bytes"] == len(pcm)
+    assert rig.providers.whisper_api.last["pcm_bytes"] == len(pcm)
     reply = await reply_of(out, 1)
     assert reply.text == REPLY and reply.audio
+
+
+@dataclass
+class StageCase:
+    primary: str  # the Providers field of the stage's primary
+    after: int  # the chunks it serves before a "die" cuts it
+    check: Callable[[Rig, str], Awaitable[None]]
+
+
+STAGES = {
+    # "die" cuts OpenAI's stream after 5 chunks (10 words): the reply must go on from there.
+    "llm": StageCase("chat", 5, llm_reply_arrives_whole),
+    "tts": StageCase("eleven", 2, tts_every_sentence_is_heard_in_order),
+    "stt": StageCase("deepgram", 1, stt_utterance_is_replayed_whole),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stage", STAGES)
+async def test_a_failing_primary_loses_no_work(stage: str, mode: str, rig: Rig) -> None:
+    """llm: the reply still arrives whole; tts: every sentence is still heard, in order; stt:
+    the utterance is replayed whole to the fallback."""
+    case = STAGES[stage]
+    getattr(rig.providers, case.primary).fail(mode, after=case.after)
+    await case.check(rig, mode)
 
 
 # --- recovery ---------------------------------------------------------------------------------
 
 
-async def test_a_healed_primary_takes_new_work_again_on_every_instance(
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
-) -> None:
-    config = cloud_config(agent_json, providers)
-    sid = (await store.create_session(config)).session_id
-    stages = await start_llm_and_tts(services, instances=2)
+async def test_a_healed_primary_takes_new_work_again_on_every_instance(rig: Rig) -> None:
+    config = rig.config()
+    sid = await rig.session(config)
+    stages = await rig.start_llm_and_tts(instances=2)
     llms = [s for s in stages if isinstance(s, LLMService)]
     cid = ("llm", "openai", fingerprint(config.options("llm", "openai")))
-    out = await listen(bus, subjects.data("transport", sid))
+    out = await listen(rig.bus, rig.subjects.data("transport", sid))
 
-    providers.chat.fail("500")
-    await say(bus, subjects, sid, "first", 1)
+    rig.providers.chat.fail("500")
+    await rig.say(sid, "first", 1)
     first = await reply_of(out, 1)
     assert set(first.connectors) == {"anthropic"}
     # the failure seen by one instance is known to both at once
     await until(lambda: all(s.health.is_down(cid) for s in llms), 2, "both instances to know")
 
-    providers.chat.heal()
+    rig.providers.chat.heal()
     await until(lambda: not any(s.health.is_down(cid) for s in llms), 5, "the probe to heal it")
-    served_before = providers.chat.served
+    served_before = rig.providers.chat.served
     for epoch in range(2, 6):
-        await say(bus, subjects, sid, f"turn {epoch}", epoch)
+        await rig.say(sid, f"turn {epoch}", epoch)
         again = await reply_of(out, epoch)
         assert set(again.connectors) == {"openai"}, (epoch, again.connectors)
-    assert providers.chat.served - served_before == 4
+    assert rig.providers.chat.served - served_before == 4
     for svc in llms:  # every instance now puts the primary first again
         assert svc.chain(config).order() == ["openai", "anthropic"]
 
 
-async def test_a_down_mark_lapses_when_nobody_probes_it(
-    providers: Providers, services: Services, store: ConfigStore, agent_json: dict
-) -> None:
+async def test_a_down_mark_lapses_when_nobody_probes_it(rig: Rig) -> None:
     """If the instance probing a failed connector dies, the mark expires by itself."""
-    config = cloud_config(agent_json, providers)
-    llm = await services.start(LLMService)
+    config = rig.config()
+    llm = await rig.services.start(LLMService)
     cid = ("llm", "openai", fingerprint(config.options("llm", "openai")))
     from voicemesh.connectors.errors import ConnectorError, FailureKind
 
@@ -341,32 +337,27 @@ async def test_a_down_mark_lapses_when_nobody_probes_it(
         probe_interval_ms=100,
     )
     assert llm.health.is_down(cid)
-    assert await store.client.exists(llm.health.key(cid))
+    assert await rig.store.client.exists(llm.health.key(cid))
     await asyncio.sleep(0.5)
     assert not llm.health.is_down(cid)
-    assert not await store.client.exists(llm.health.key(cid))
+    assert not await rig.store.client.exists(llm.health.key(cid))
 
 
 async def test_no_resolved_secret_reaches_valkey_the_bus_or_a_log_line(
     caplog: pytest.LogCaptureFixture,
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
+    rig: Rig,
 ) -> None:
-    providers.chat.fail("401")
-    sid = (await store.create_session(cloud_config(agent_json, providers))).session_id
-    await start_llm_and_tts(services)
-    everything = await listen(bus, ">")
-    await say(bus, subjects, sid, "hi", 1)
+    rig.providers.chat.fail("401")
+    sid = await rig.session()
+    await rig.start_llm_and_tts()
+    everything = await listen(rig.bus, ">")
+    await rig.say(sid, "hi", 1)
     await everything.wait_for(lambda fs: has_last([f for f in fs if f.kind is Kind.AUDIO]), 10)
-    headers = providers.claude.last_headers
+    headers = rig.providers.claude.last_headers
     assert "sk-loopback-secret" in (headers.get("x-api-key", "") + headers.get("authorization", ""))
     blob = b"".join(
         [f.payload for f in everything.frames]
-        + [await store.client.dump(k) or b"" for k in await store.client.keys("*")]
+        + [await rig.store.client.dump(k) or b"" for k in await rig.store.client.keys("*")]
     )
     assert b"sk-loopback-secret" not in blob
     assert b"${VM_TEST_KEY}" in blob  # the reference is what is stored
@@ -374,14 +365,7 @@ async def test_no_resolved_secret_reaches_valkey_the_bus_or_a_log_line(
     assert not any("sk-loopback-secret" in r.getMessage() for r in caplog.records)  # ...safely
 
 
-async def test_connector_metrics_count_requests_errors_and_fallbacks(
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
-) -> None:
+async def test_connector_metrics_count_requests_errors_and_fallbacks(rig: Rig) -> None:
     from prometheus_client import REGISTRY
 
     def value(name: str, **labels: str) -> float:
@@ -403,8 +387,8 @@ async def test_connector_metrics_count_requests_errors_and_fallbacks(
             "voicemesh_connector_first_result_seconds_count", stage="llm", connector="anthropic"
         ),
     }
-    providers.chat.fail("429")
-    await one_turn(providers, services, bus, store, subjects, agent_json, "hi")
+    rig.providers.chat.fail("429")
+    await rig.one_turn("hi")
     assert value("voicemesh_connector_requests_total", stage="llm", connector="openai") == (
         before["req"] + 1
     )
@@ -430,22 +414,16 @@ async def test_connector_metrics_count_requests_errors_and_fallbacks(
     )
 
 
-async def test_the_last_connector_left_is_waited_for_past_the_attempt_timeout(
-    providers: Providers,
-    services: Services,
-    bus: Bus,
-    store: ConfigStore,
-    subjects: Subjects,
-    agent_json: dict,
-) -> None:
+async def test_the_last_connector_left_is_waited_for_past_the_attempt_timeout(rig: Rig) -> None:
     """The attempt timeout is a reason to fail over; with nowhere left to go (a single
     connector, or the last one), a slow answer is waited for instead of losing the turn."""
-    data = orjson.loads(cloud_config(agent_json, providers).to_json())
+    data = orjson.loads(rig.config().to_json())
     data["connectors"]["llm"]["fallback"] = []
-    providers.chat.chunk_delay_s = (TIMEOUT_MS + 300) / 1000  # every chunk slower than the timeout
-    sid = (await store.create_session(parse_agent_config(data))).session_id
-    await start_llm_and_tts(services)
-    out = await listen(bus, subjects.data("transport", sid))
-    await say(bus, subjects, sid, "slowly please", 1)
+    # every chunk slower than the timeout
+    rig.providers.chat.chunk_delay_s = (TIMEOUT_MS + 300) / 1000
+    sid = await rig.session(parse_agent_config(data))
+    await rig.start_llm_and_tts()
+    out = await listen(rig.bus, rig.subjects.data("transport", sid))
+    await rig.say(sid, "slowly please", 1)
     reply = await reply_of(out, 1, limit_s=60)
     assert reply.text == REPLY and set(reply.connectors) == {"openai"}

@@ -24,13 +24,21 @@ import pytest
 import websockets
 from pydantic import SecretStr
 
-from tests.support import Services, listen, loopback_agent, serving, until
+from tests.support import (
+    Services,
+    TransportApp,
+    dominant_hz,
+    heard,
+    listen,
+    loopback_agent,
+    running_transport,
+    until,
+)
 from voicemesh.bus import Bus, Kind, Subjects
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
-from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
-from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.carriers import twilio as twilio_module
 from voicemesh.transport.carriers.twilio import MISSING_KEY
@@ -73,30 +81,22 @@ def quiet(ms: int, rate: int = TWILIO_RATE) -> np.ndarray:
     return np.zeros(rate * ms // 1000, np.int16)
 
 
-def dominant_hz(samples: np.ndarray, rate: int) -> float:
-    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64) * np.hanning(len(samples))))
-    spectrum[0] = 0
-    return float(np.argmax(spectrum) * rate / len(samples))
-
-
 HEARD: list[str] = []
-
-
-def heard(pcm: bytes) -> str:
-    """The loopback STT's transcript: the pitch it hears in 16 kHz PCM16."""
-    samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2")
-    text = f"tone {round(dominant_hz(samples, BUS_RATE) / 10) * 10}" if samples.size > 1600 else ""
-    HEARD.append(text)
-    return text
 
 
 # --- the app -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-async def transcriber() -> AsyncIterator[OpenAITranscribeServer]:
-    async with OpenAITranscribeServer(heard) as server:
-        yield server  # type: ignore[misc]
+def transcript() -> Transcript:
+    """The pitch the loopback STT hears in more than 100 ms of 16 kHz PCM16, kept in HEARD."""
+
+    def kept(pcm: bytes) -> str:
+        text = heard(pcm, min_samples=1601, rate=BUS_RATE)
+        HEARD.append(text)
+        return text
+
+    return kept
 
 
 @dataclass
@@ -107,6 +107,12 @@ class App:
     store: ConfigStore
     agent_json: dict
     transcriber: OpenAITranscribeServer
+
+    @classmethod
+    def of(
+        cls, t: TransportApp, store: ConfigStore, agent_json: dict, ts: OpenAITranscribeServer
+    ) -> App:
+        return cls(t.ws("/ws/twilio"), t.service, t.service.subjects, store, agent_json, ts)
 
     async def session(self, *, ms_per_word: int = 100, replies: list[str] | None = None) -> str:
         config = self.config(ms_per_word=ms_per_word, replies=replies)
@@ -130,32 +136,18 @@ async def running_app(
     agent_json: dict,
     transcriber: OpenAITranscribeServer,
 ) -> AsyncIterator[App]:
-    if not services.running:
-        await services.start(STTService)
-        await services.start(LLMService)
-        await services.start(TTSService)
-    service = TransportService(settings)
-    await service.start()
-    try:
-        async with serving(service) as url:
-            yield App(
-                f"ws{url[4:]}/ws/twilio", service, service.subjects, store, agent_json, transcriber
-            )
-    finally:
-        await service.stop()
+    async with running_transport(settings, services) as t:
+        yield App.of(t, store, agent_json, transcriber)
 
 
 @pytest.fixture
-async def app(
-    settings: Settings,
-    services: Services,
+def app(
+    transport_app: TransportApp,
     store: ConfigStore,
     agent_json: dict,
     transcriber: OpenAITranscribeServer,
-) -> AsyncIterator[App]:
-    open_settings = settings.model_copy(update={"auth": "off"})
-    async with running_app(open_settings, services, store, agent_json, transcriber) as a:
-        yield a
+) -> App:
+    return App.of(transport_app, store, agent_json, transcriber)
 
 
 # --- a Twilio-speaking client --------------------------------------------------------------------
@@ -297,7 +289,7 @@ async def test_a_turn_in_mulaw_reaches_stt_as_16k_pcm_and_the_reply_comes_back_p
     assert audio and {f.sample_rate for f in audio} == {BUS_RATE}
     assert {len(f.payload) for f in audio} == {640}
     samples = np.frombuffer(b"".join(f.payload for f in audio), "<i2")
-    assert abs(dominant_hz(samples, BUS_RATE) - CALLER_HZ) < 10
+    assert abs(dominant_hz(samples, BUS_RATE, window=True) - CALLER_HZ) < 10
     assert np.abs(samples).max() > 0.25 * 32767  # the level survived μ-law (0.3 full scale)
     assert app.transcriber.last["sample_rate"] == BUS_RATE
 
@@ -307,7 +299,7 @@ async def test_a_turn_in_mulaw_reaches_stt_as_16k_pcm_and_the_reply_comes_back_p
     sizes = [len(base64.b64decode(m["media"]["payload"], validate=True)) for _, m in media]
     assert set(sizes) == {MSG}, sizes
     bot = pcm_of(media)
-    assert abs(dominant_hz(bot, TWILIO_RATE) - BOT_HZ) < 10
+    assert abs(dominant_hz(bot, TWILIO_RATE, window=True) - BOT_HZ) < 10
     duration = len(bot) / TWILIO_RATE
     assert 1.4 < duration < 1.8, duration  # 4 words × 400 ms, all of it
     # paced in real time: a few frames of lead, then one message every 20 ms
@@ -418,7 +410,7 @@ async def test_bad_messages_are_logged_and_the_call_goes_on(
         mark = time.monotonic()
         await tw.say(400)
         media = await tw.reply(after=mark)
-        assert abs(dominant_hz(pcm_of(media), TWILIO_RATE) - BOT_HZ) < 10
+        assert abs(dominant_hz(pcm_of(media), TWILIO_RATE, window=True) - BOT_HZ) < 10
     assert HEARD[-1] == "tone 300"  # sample-aligned, at the right rate, after all that
 
 

