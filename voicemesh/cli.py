@@ -297,6 +297,11 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"         bot said:  {turn.bot_text!r}")
         latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "no reply"
         print(f"         end of speech to first bot audio: {latency}")
+        if turn.latency_from_file_end_ms is not None:
+            print(
+                f"         (from the end of the WAV, after its trailing silence: "
+                f"{turn.latency_from_file_end_ms:.0f} ms)"
+            )
         if turn.error:
             print(f"         error: {turn.error}")
         if turn.phases:

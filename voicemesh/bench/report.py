@@ -190,7 +190,7 @@ def _bus_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _v2v_section(turns: Sequence[Mapping[str, Any]]) -> list[str]:
+def _v2v_section(turns: Sequence[Mapping[str, Any]], inconsistent: Sequence[int] = ()) -> list[str]:
     keys = [k for k, _, _ in STAGES] + ["v2v_ms", "caller_ms"]
     header = (
         ["turn"]
@@ -206,6 +206,19 @@ def _v2v_section(turns: Sequence[Mapping[str, Any]]) -> list[str]:
     p50s = [percentile(_present(t.get(k) for t in turns), 50) for k in keys]
     body.append(["**p50**"] + [f"**{_num(v, 1)}**" for v in p50s] + ["", ""])
     lines = ["## Voice to voice", ""]
+    if inconsistent:
+        lines += [
+            f"**INVALID run: on turns {', '.join(map(str, inconsistent))} the caller's figure is "
+            "below the transport's, which cannot be (the caller's includes both media paths).**",
+            "",
+        ]
+    lines += [
+        "Clocks: the stage columns and V2V are the transport's (from its VAD's last voiced frame "
+        "to its first bot audio out); *at caller* is the WebRTC caller's, from the last voiced "
+        "frame it sent (Silero, as the transport) to the first audible bot audio out of its "
+        "jitter buffer. Both are durations on this machine's monotonic clock.",
+        "",
+    ]
     lines += _table(header, body, align="rrrrrrrll")
     lines.append("")
     return lines
@@ -264,9 +277,9 @@ def render_markdown(report: Report) -> str:
     lines = _heading(report)
     if report.get("bus_overhead"):
         lines += _bus_section(report["bus_overhead"])
-    turns = (report.get("voice_to_voice") or {}).get("turns")
-    if turns:
-        lines += _v2v_section(turns)
+    v2v = report.get("voice_to_voice") or {}
+    if turns := v2v.get("turns"):
+        lines += _v2v_section(turns, v2v.get("inconsistent_turns") or [])
     if report.get("capacity"):
         lines += _capacity_section(report["capacity"])
     if report.get("config_switch"):

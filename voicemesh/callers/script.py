@@ -15,7 +15,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from voicemesh.config.connectors import TurnOptions
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
+from voicemesh.transport.call.turns import TurnDetector
 
 
 @dataclass
@@ -24,7 +26,11 @@ class TurnResult:
     user_text: str = ""
     bot_text: str = ""
     connectors: set[str] = field(default_factory=set)
+    #: from the caller's last voiced frame (the end of speech, as a person hears it) to the
+    #: first audible bot audio (or `bot_started` where the carrier sends no silence)
     latency_ms: float | None = None
+    #: the same, from the end of the WAV (later than the end of speech by its trailing silence)
+    latency_from_file_end_ms: float | None = None
     server_latency_ms: float | None = None
     bot_audio: bytearray = field(default_factory=bytearray)
     indexes: list[int] = field(default_factory=list)
@@ -49,6 +55,25 @@ class CallResult:
         return len(self.bot_audio) / 2 / RATE
 
 
+def last_voiced_frame(pcm: bytes) -> int | None:
+    """Index of the last 20 ms frame of `pcm` (16 kHz mono PCM16) that is speech, by the VAD
+    the default agent's transport uses (Silero with its default thresholds), or by the energy
+    gate where Silero hears no speech at all (test tones); None for silence.
+
+    Why: a latency counted from the end of a WAV is too small by the WAV's trailing silence
+    (most recordings have some), and was once smaller than the transport's own figure."""
+    frames = [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm) - FRAME_BYTES + 1, FRAME_BYTES)]
+    for vad in ("silero", "energy"):
+        detector = TurnDetector(TurnOptions(vad=vad, turn="silence"))
+        last = None
+        for i, frame in enumerate(frames):
+            if detector.voiced(frame):
+                last = i
+        if last is not None:
+            return last
+    return None
+
+
 def load_pcm16(path: Path) -> bytes:
     """Any WAV/FLAC that soundfile reads, as 16 kHz mono PCM16."""
     audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
@@ -69,7 +94,9 @@ class Script:
         self.audio = bytearray()
         self.done = asyncio.Event()
         self.turn: TurnResult | None = None
-        self.speech_end: float | None = None
+        self.speech_end: float | None = None  # when the utterance's last voiced frame was sent
+        self.file_end: float | None = None  # when its last frame was sent
+        self._reply_at = 0.0
         self.interrupts: list[dict[str, object]] = []
         self.session_id: str | None = None
 
@@ -81,7 +108,7 @@ class Script:
             return
         turn.bot_audio.extend(pcm)
         if self.latency_on_sound and audible and turn.latency_ms is None and self.speech_end:
-            turn.latency_ms = (time.perf_counter() - self.speech_end) * 1000
+            self._replied(turn)
 
     def on_event(self, ev: dict[str, object]) -> None:
         kind = ev.get("type")
@@ -105,7 +132,7 @@ class Script:
             turn.indexes.append(int(ev.get("index", -1)))  # type: ignore[arg-type]
         elif kind == "bot_started":
             if self.speech_end is not None and not self.latency_on_sound:
-                turn.latency_ms = (time.perf_counter() - self.speech_end) * 1000
+                self._replied(turn)
             turn.server_latency_ms = ev.get("latency_ms")  # type: ignore[assignment]
         elif kind == "turn_metrics":
             turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}  # type: ignore[misc]
@@ -116,6 +143,20 @@ class Script:
             if self.speech_end is not None:
                 turn.error_ms = (time.perf_counter() - self.speech_end) * 1000
             self.done.set()  # the turn is over: no reply is coming
+
+    def _replied(self, turn: TurnResult) -> None:
+        """The first bot audio of the turn is here: time it from the end of speech and, for
+        comparison, from the end of the file (negative if it came during trailing silence)."""
+        now = time.perf_counter()
+        assert self.speech_end is not None
+        turn.latency_ms = (now - self.speech_end) * 1000
+        end = (
+            self.file_end
+            if self.file_end is not None and self.file_end >= self.speech_end
+            else None
+        )
+        turn.latency_from_file_end_ms = (now - end) * 1000 if end is not None else None
+        self._reply_at = now
 
     async def speak(
         self,
@@ -150,10 +191,17 @@ class Script:
             for _ in range(int(pause_s / frame_s)):
                 await paced(silence)
             pcm += bytes(-len(pcm) % FRAME_BYTES)
-            self.speech_end = None
+            last = last_voiced_frame(pcm)
+            end_of_speech = (last + 1) * FRAME_BYTES if last is not None else len(pcm)
+            self.speech_end = self.file_end = None
             for i in range(0, len(pcm), FRAME_BYTES):
                 await paced(pcm[i : i + FRAME_BYTES])
-            self.speech_end = time.perf_counter()
+                if i + FRAME_BYTES == end_of_speech:
+                    self.speech_end = time.perf_counter()  # the last voiced frame is out
+            self.file_end = time.perf_counter()
+            if self.turn is not None and self.turn.latency_ms is not None:
+                # the reply began during the trailing silence: before the file ended
+                self.turn.latency_from_file_end_ms = (self._reply_at - self.file_end) * 1000
             deadline = time.perf_counter() + turn_timeout
             cut_in = barge_in_after_s is not None and n + 1 < len(utterances)
             while not self.done.is_set():
