@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 
 from voicemesh.bench.report import percentile, summarize
 from voicemesh.bus import Frame, Subjects, encode
+from voicemesh.bus.events import End
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.launcher import Stack
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
@@ -278,7 +279,7 @@ async def bus_loop(
     if mode == "voicemesh":
         for sid in sids:
             await env.store.delete_config(sid)
-            await env.nc.publish(env.subjects.ctl(sid), encode(Frame.event({"type": "end"})))
+            await env.nc.publish(env.subjects.ctl(sid), encode(Frame.event(End())))
     stats = summarize(latencies)
     step = max(1, len(latencies) // 5000)
     return {

@@ -11,15 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-STAGES: tuple[str, ...] = ("transport", "stt", "llm", "tts")
+from voicemesh.config.stages import STAGES as STAGES  # re-exported: the names a flow may use
+from voicemesh.config.stages import Stage
+
 StreamKind = Literal["audio", "text"]
 
 # What each stage consumes and produces: an edge fits when the stream matches both ends.
 STAGE_IO: dict[str, tuple[str, str]] = {
-    "transport": ("audio", "audio"),
-    "stt": ("audio", "text"),
-    "llm": ("text", "text"),
-    "tts": ("text", "audio"),
+    Stage.TRANSPORT: ("audio", "audio"),
+    Stage.STT: ("audio", "text"),
+    Stage.LLM: ("text", "text"),
+    Stage.TTS: ("text", "audio"),
 }
 
 

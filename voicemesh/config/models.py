@@ -25,12 +25,12 @@ from pydantic_core import PydanticCustomError
 from voicemesh.config.connectors import (
     CONNECTOR_OPTIONS,
     STAGE_IO,
-    STAGES,
     ConnectorOptions,
     StreamKind,
     connector_names,
 )
 from voicemesh.config.secrets import find_clear_secrets
+from voicemesh.config.stages import STAGES
 from voicemesh.errors import VoicemeshError
 
 Path = tuple[str | int, ...]

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from voicemesh.bus import Flag, Frame, Kind, Subjects
+from voicemesh.bus.events import ErrorEvent, Transcript
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
 from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
@@ -171,18 +172,8 @@ class STTService(StageService):
 
         async def interim(text: str) -> None:
             if text and self.current(session, epoch):
-                await self.notify(
-                    session,
-                    {
-                        "type": "transcript",
-                        "role": "user",
-                        "text": text,
-                        "epoch": epoch,
-                        "final": False,
-                        "connector": name,
-                    },
-                    epoch=epoch,
-                )
+                heard = Transcript(role="user", text=text, epoch=epoch, final=False, connector=name)
+                await self.notify(session, heard, epoch=epoch)
 
         stream.live_name, stream.live_conn = name, conn
         try:
@@ -227,26 +218,20 @@ class STTService(StageService):
                 name = conn.name
             except AllConnectorsFailed as exc:
                 log.error("turn %d: %s", epoch, exc)
-                await self.notify(
-                    session, {"type": "error", "error": str(exc), "epoch": epoch}, epoch=epoch
-                )
+                await self.notify(session, ErrorEvent(error=str(exc), epoch=epoch), epoch=epoch)
                 text, name = "", ""  # an empty final transcript: the caller's turn is over
         took_ms = (time.perf_counter() - t0) * 1000
         if not self.current(session, epoch):
             return
-        await self.notify(
-            session,
-            {
-                "type": "transcript",
-                "role": "user",
-                "text": text,
-                "epoch": epoch,
-                "final": True,
-                "connector": name,
-                "stt_ms": round(took_ms, 1),
-            },
+        final = Transcript(
+            role="user",
+            text=text,
             epoch=epoch,
+            final=True,
+            connector=name,
+            stt_ms=round(took_ms, 1),
         )
+        await self.notify(session, final, epoch=epoch)
         if text:
             out = Frame.text(
                 text,

@@ -19,6 +19,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from voicemesh.bus import Frame, Subjects
+from voicemesh.bus.events import End
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
@@ -69,7 +70,7 @@ class TransportService(Role):
         self.router.forget(session_id)
         self._owners.pop(session_id, None)
         # hop: -> voicemesh.pipeline.base.StageService._on_ctl and Call._control (vm.ctl.<sid>)
-        await self.bus.publish(self.subjects.ctl(session_id), Frame.event({"type": "end"}))
+        await self.bus.publish(self.subjects.ctl(session_id), Frame.event(End()))
         await publish_config_update(self.bus, self.subjects, session_id, 0, ["*"])
 
     async def _on_config_get(self, msg: Msg) -> None:
