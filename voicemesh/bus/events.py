@@ -308,6 +308,14 @@ def parse_ctl_event(data: Raw) -> CtlEvent:
 
 def parse_caller_control(data: Raw) -> CallerControl:
     """A control message a caller sends the transport (`{"type": "end"}`)."""
+    if isinstance(data, bytes | str):
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise EventError(f"bad caller control event: not JSON: {exc}") from None
+    # one model, no union: its `type` has a default, so a missing one must be refused here
+    if isinstance(data, Mapping) and "type" not in data:
+        raise EventError("bad caller control event: no 'type' field")
     return _parse(_CONTROL, "caller control", data)
 
 
