@@ -297,7 +297,7 @@ CONNECTOR_OPTIONS: dict[str, dict[str, type[ConnectorOptions]]] = {
 }
 
 # The attempt timeout of a stage whose config sets none.
-DEFAULT_ATTEMPT_TIMEOUT_MS: dict[str, int] = {"stt": 5000, "llm": 3000, "tts": 3000}
+DEFAULT_ATTEMPT_TIMEOUT_MS: dict[str, int] = {Stage.STT: 5000, Stage.LLM: 3000, Stage.TTS: 3000}
 
 
 def connector_names(stage: str) -> list[str]:

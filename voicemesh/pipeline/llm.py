@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from voicemesh.bus import Flag, Frame
 from voicemesh.bus.events import ErrorEvent, Transcript
+from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import QueuedStage
 from voicemesh.pipeline.text import SentenceSplitter
@@ -53,7 +54,7 @@ async def continue_reply(
 
 
 class LLMService(QueuedStage):
-    role = "llm"
+    role = Stage.LLM
 
     async def work(self, session: str, frame: Frame) -> str:
         # with the sentence count, the call supervisor knows which TTS sentences a reply has

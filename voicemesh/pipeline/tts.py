@@ -38,7 +38,7 @@ async def resume_sentence(
 
 
 class TTSService(QueuedStage):
-    role = "tts"
+    role = Stage.TTS
 
     async def work(self, session: str, frame: Frame) -> str:
         await self._synthesize(session, frame)

@@ -64,7 +64,9 @@ class TurnSupervisor:
         self.svc, self.session = service, session
         self.ttl_s = service.settings.lease_ttl_ms / 1000
         self.wait_s = service.settings.stage_wait_ms / 1000
-        self.claims = service.store.claims(owner="transport", ttl_ms=service.settings.lease_ttl_ms)
+        self.claims = service.store.claims(
+            owner=Stage.TRANSPORT, ttl_ms=service.settings.lease_ttl_ms
+        )
         self.turn: TurnWork | None = None
         self.redeliveries = 0
 
