@@ -1,6 +1,8 @@
 """One call, whatever transport carries it (peer.py): caller audio through turn detection onto the
 bus towards STT; bot audio back from the bus put in order, resampled, queued and paced out in real
-time; barge-in; transcripts and per-turn latency as JSON events.
+time; barge-in; transcripts and per-turn latency as JSON events (the caller events of
+voicemesh/bus/events.py: the call builds each one as its model, and parses what the stages send
+beside the flow, dropping with a warning what is not an event of theirs).
 
 A barge-in (the caller speaks over the bot, or while its reply is being generated) drops the queued
 bot audio at once, broadcasts `interrupt` on `vm.ctl.<session>` so the LLM and TTS instances cancel

@@ -1,5 +1,6 @@
 """What a call needs from whatever carries it (a WebSocket, a WebRTC peer connection, a Twilio
-media stream, a Daily room): caller audio in, bot audio and JSON events out.
+media stream, a Daily room): caller audio in, bot audio and JSON events out (the typed caller
+events of voicemesh/bus/events.py; a peer only chooses how to carry their JSON).
 
 The call does everything else the same way on every transport: turn detection, the bus, ordering,
 pacing, barge-in. A peer only converts: its codec and rate to 16 kHz PCM16 mono on the way in, and
