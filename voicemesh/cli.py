@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from voicemesh.config.stages import Stage
+
 DEFAULT_AGENT_FILE = Path("config/agent-config.json")
 
 
@@ -50,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from voicemesh.bus import BusError
     from voicemesh.state import StoreError
 
-    if args.role == "transport":
+    if args.role == Stage.TRANSPORT:
         import uvicorn
 
         from voicemesh.transport.api.app import create_app

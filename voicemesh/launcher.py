@@ -16,11 +16,12 @@ from collections.abc import Callable, Mapping
 
 from voicemesh.bus.bus import Bus
 from voicemesh.config.settings import ConnectionSettings
+from voicemesh.config.stages import PROCESSING, Stage
 from voicemesh.errors import VoicemeshError
 from voicemesh.servers import free_ports
 
-ROLES = ("transport", "stt", "llm", "tts")
-STAGES = ("stt", "llm", "tts")
+ROLES: tuple[Stage, ...] = tuple(Stage)  # every role, the transport included
+STAGES = PROCESSING  # the stage services
 #: `voicemesh serve`'s exit status when a local engine cannot run on this machine: restarting
 #: cannot help, so supervision stops at once with the role's message.
 ENGINE_FAILED = 4
@@ -69,12 +70,12 @@ class Stack:
         ports = iter(free_ports(len(STAGES) * self.instances, self.http_host))
         for role in STAGES:
             for i in range(self.instances):
-                name = f"{role}-{i + 1}" if self.instances > 1 else role
+                name = f"{role}-{i + 1}" if self.instances > 1 else str(role)
                 port = self.metrics_ports[name] = next(ports)
                 self.spawn(name, role, VOICEMESH_METRICS_PORT=str(port))
         self.spawn(
-            "transport",
-            "transport",
+            str(Stage.TRANSPORT),
+            Stage.TRANSPORT,
             VOICEMESH_HTTP_HOST=self.http_host,
             VOICEMESH_HTTP_PORT=str(self.http_port),
         )

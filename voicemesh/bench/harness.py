@@ -40,7 +40,9 @@ from nats.aio.msg import Msg
 
 from voicemesh.bench.report import percentile, summarize
 from voicemesh.bus import Frame, Subjects, encode
+from voicemesh.bus.events import End
 from voicemesh.config.models import AgentConfig, parse_agent_config
+from voicemesh.config.stages import Stage
 from voicemesh.launcher import Stack
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
 from voicemesh.state import ConfigStore
@@ -48,7 +50,7 @@ from voicemesh.state import ConfigStore
 PREFIX = "vb"
 WARMUP_S = 1.0
 RAW = "raw"
-HOPS = ("stt", "llm", "tts", "transport")
+HOPS = (Stage.STT, Stage.LLM, Stage.TTS, Stage.TRANSPORT)
 SEQ_AT, ORIGIN_AT = 12, 24  # byte offsets of seq and origin_ns in the frame header
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 FLOW = [
@@ -121,7 +123,7 @@ class Env:
     subjects: Subjects = field(default_factory=lambda: Subjects(PREFIX))
 
     def stage_pids(self) -> list[int]:
-        return [p.pid for n, p in self.stack.procs.items() if n != "transport"]
+        return [p.pid for n, p in self.stack.procs.items() if n != Stage.TRANSPORT]
 
     def relay_pids(self) -> list[int]:
         return [p.pid for p in self.relays]
@@ -202,7 +204,7 @@ async def new_sessions(env: Env, n: int, config: AgentConfig | None = None) -> l
     sids = [(await env.store.create_session(config, ttl_s=3600)).session_id for _ in range(n)]
     for sid in sids:  # the STT stage owns each session's stream through its lease
         body = orjson.dumps({"session_id": sid})
-        await env.nc.request(env.subjects.assign("stt"), body, timeout=5)
+        await env.nc.request(env.subjects.assign(Stage.STT), body, timeout=5)
     return sids
 
 
@@ -249,8 +251,8 @@ async def bus_loop(
     """One measured run of the loop (voicemesh stages, or the raw relay chain)."""
     if mode == "voicemesh":
         sids = await new_sessions(env, sessions)
-        subjects_in = [env.subjects.data("stt", s) for s in sids]
-        out = env.subjects.data_all("transport")
+        subjects_in = [env.subjects.data(Stage.STT, s) for s in sids]
+        out = env.subjects.data_all(Stage.TRANSPORT)
         pids = env.stage_pids()
     else:
         sids = [f"s{i:05d}" for i in range(sessions)]
@@ -282,7 +284,7 @@ async def bus_loop(
     if mode == "voicemesh":
         for sid in sids:
             await env.store.delete_config(sid)
-            await env.nc.publish(env.subjects.ctl(sid), encode(Frame.event({"type": "end"})))
+            await env.nc.publish(env.subjects.ctl(sid), encode(Frame.event(End())))
     stats = summarize(latencies)
     step = max(1, len(latencies) // 5000)
     return {
@@ -342,14 +344,14 @@ async def config_switch(env: Env, switches: int, tick: Callable[[], None]) -> di
         last_seq["n"] = t
 
     subs = [
-        await env.nc.subscribe(env.subjects.data("llm", sid), cb=on_llm),
-        await env.nc.subscribe(env.subjects.data("tts", sid), cb=on_tts),
+        await env.nc.subscribe(env.subjects.data(Stage.LLM, sid), cb=on_llm),
+        await env.nc.subscribe(env.subjects.data(Stage.TTS, sid), cb=on_tts),
     ]
     await env.nc.flush()
     stream = asyncio.ensure_future(
         paced(
             env.nc,
-            [env.subjects.data("stt", sid)],
+            [env.subjects.data(Stage.STT, sid)],
             fps=500,
             seconds=switches * 0.6 + 2,
             on_sent=sent,

@@ -1,4 +1,5 @@
-"""The NATS side of voicemesh: the wire codec, the Bus and the subject names.
+"""The NATS side of voicemesh: the wire codec, the Bus, the subject names, and the typed JSON
+events (events.py) that cross it and reach the caller.
 
 A room of its own so that everything that only speaks frames (the transport, the bench, a
 stage) can depend on it without pulling in the store or the router; it depends on config alone.

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from voicemesh.bus.events import Event
 from voicemesh.errors import VoicemeshError
 
 VERSION = 1
@@ -70,8 +71,10 @@ class Frame:
         return cls(Kind.TEXT, text.encode(), **kw)
 
     @classmethod
-    def event(cls, body: dict[str, Any], **kw: Any) -> Frame:
-        return cls(Kind.EVENT, orjson.dumps(body), **kw)
+    def event(cls, body: Event | dict[str, Any], **kw: Any) -> Frame:
+        """An EVENT frame: a typed event (voicemesh/bus/events.py), or a raw JSON object."""
+        data = body.wire_json() if isinstance(body, Event) else orjson.dumps(body)
+        return cls(Kind.EVENT, data, **kw)
 
     # --- payload views -----------------------------------------------------------------------
 
@@ -81,6 +84,8 @@ class Frame:
 
     @property
     def as_event(self) -> dict[str, Any]:
+        """The payload as a plain JSON object; receivers parse it into its typed event with
+        `parse_ctl_event` or `parse_side_event` (voicemesh/bus/events.py)."""
         body = orjson.loads(self.payload)
         if not isinstance(body, dict):
             raise FrameError("event payload is not a JSON object")

@@ -6,18 +6,36 @@ would; what it heard; and each turn's latency timed where a user would time it. 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from voicemesh.config.connectors import TurnOptions
+from voicemesh.bus.events import (
+    BotDone,
+    BotStarted,
+    CallerEvent,
+    ErrorEvent,
+    Event,
+    EventError,
+    Interrupted,
+    Session,
+    Transcript,
+    TurnMetrics,
+    TurnStarted,
+    parse_caller_event,
+)
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.call.turns import TurnDetector
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,39 +128,52 @@ class Script:
         if self.latency_on_sound and audible and turn.latency_ms is None and self.speech_end:
             self._replied(turn)
 
-    def on_event(self, ev: dict[str, object]) -> None:
-        kind = ev.get("type")
+    def on_event(self, ev: CallerEvent | bytes | str | Mapping[str, Any]) -> CallerEvent | None:
+        """Take one event from the transport, as its JSON or typed; returns it typed, or None
+        for a message that is not a caller event (logged and ignored, as a client should)."""
+        if not isinstance(ev, Event):
+            try:
+                ev = parse_caller_event(ev)
+            except EventError as exc:
+                log.warning("ignored a message from the transport: %s", exc)
+                return None
         turn = self.turn
-        if kind == "session":
-            self.session_id = str(ev["session_id"])
-        elif kind == "interrupted":
-            self.interrupts.append({**ev, "at": time.perf_counter()})
-        elif kind == "turn":
-            self.turn = TurnResult(epoch=int(ev["epoch"]))  # type: ignore[arg-type]
-            self.turns.append(self.turn)
-        elif turn is None or ev.get("epoch", turn.epoch) != turn.epoch:
-            return
-        elif kind == "transcript" and ev.get("role") == "user":
-            turn.user_text = str(ev["text"])
-            if not ev["text"]:
+        match ev:
+            case Session(session_id=session_id):
+                self.session_id = session_id
+            case Interrupted():
+                self.interrupts.append({**ev.wire(), "at": time.perf_counter()})
+            case TurnStarted(epoch=epoch):
+                self.turn = TurnResult(epoch=epoch)
+                self.turns.append(self.turn)
+            case _ if turn is not None and getattr(ev, "epoch", None) in (None, turn.epoch):
+                self._on_turn_event(turn, ev)
+        return ev
+
+    def _on_turn_event(self, turn: TurnResult, ev: CallerEvent) -> None:
+        """An event of the turn being spoken."""
+        match ev:
+            case Transcript(role="user", text=text):
+                turn.user_text = text
+                if not text:
+                    self.done.set()
+            case Transcript(role="assistant", text=text, connector=connector, index=index):
+                turn.bot_text = (turn.bot_text + " " + text).strip()
+                turn.connectors.add(connector or "")
+                turn.indexes.append(-1 if index is None else index)
+            case BotStarted(latency_ms=latency_ms):
+                if self.speech_end is not None and not self.latency_on_sound:
+                    self._replied(turn)
+                turn.server_latency_ms = latency_ms
+            case TurnMetrics():
+                turn.phases = {k: v for k, v in ev.wire().items() if k.endswith("_ms")}
+            case BotDone():
                 self.done.set()
-        elif kind == "transcript" and ev.get("role") == "assistant":
-            turn.bot_text = (turn.bot_text + " " + str(ev["text"])).strip()
-            turn.connectors.add(str(ev.get("connector", "")))
-            turn.indexes.append(int(ev.get("index", -1)))  # type: ignore[arg-type]
-        elif kind == "bot_started":
-            if self.speech_end is not None and not self.latency_on_sound:
-                self._replied(turn)
-            turn.server_latency_ms = ev.get("latency_ms")  # type: ignore[assignment]
-        elif kind == "turn_metrics":
-            turn.phases = {k: v for k, v in ev.items() if k.endswith("_ms")}  # type: ignore[misc]
-        elif kind == "bot_done":
-            self.done.set()
-        elif kind == "error":
-            turn.error = str(ev.get("error"))
-            if self.speech_end is not None:
-                turn.error_ms = (time.perf_counter() - self.speech_end) * 1000
-            self.done.set()  # the turn is over: no reply is coming
+            case ErrorEvent(error=error):
+                turn.error = error
+                if self.speech_end is not None:
+                    turn.error_ms = (time.perf_counter() - self.speech_end) * 1000
+                self.done.set()  # the turn is over: no reply is coming
 
     def _replied(self, turn: TurnResult) -> None:
         """The first bot audio of the turn is here: time it from the end of speech and, for

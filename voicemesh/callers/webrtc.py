@@ -19,12 +19,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-import orjson
 import soxr
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from voicemesh.bus.events import End
 from voicemesh.callers.script import CallResult, Script, TurnResult, load_pcm16
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.carriers.rtc import (
@@ -119,9 +119,7 @@ async def call_over_webrtc(
     @events.on("message")
     def _message(message: Any) -> None:
         if isinstance(message, str) and not message.startswith("ping"):
-            body = orjson.loads(message)
-            if isinstance(body, dict):
-                script.on_event(body)
+            script.on_event(message)
 
     async def record(track: MediaStreamTrack) -> None:
         resampler: soxr.ResampleStream | None = None
@@ -170,7 +168,7 @@ async def call_over_webrtc(
             alive=lambda: pc.connectionState not in ("failed", "closed"),
             barge_in_after_s=barge_in_after_s,
         )
-        events.send(orjson.dumps({"type": "end"}).decode())
+        events.send(End().wire_json().decode())
         closed = asyncio.Event()
         pc.on("connectionstatechange", lambda: pc.connectionState == "closed" and closed.set())
         with contextlib.suppress(TimeoutError):  # the transport hangs up on "end"

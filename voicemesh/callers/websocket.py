@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
-import orjson
 import websockets
 
+from voicemesh.bus.events import End, ErrorEvent
 from voicemesh.callers.script import CallResult, Script, TurnResult, load_pcm16
 
 
@@ -46,17 +46,16 @@ async def call_over_websocket(
     async with websockets.connect(
         ws_url(url, agent=agent, session_id=session_id), max_size=None, additional_headers=headers
     ) as ws:
-        hello = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
-        if hello.get("type") == "error":
-            raise RuntimeError(hello.get("error"))
-        script.on_event(hello)
+        hello = script.on_event(await asyncio.wait_for(ws.recv(), 10))
+        if isinstance(hello, ErrorEvent):
+            raise RuntimeError(hello.error)
 
         async def receive() -> None:
             async for msg in ws:
                 if isinstance(msg, bytes):
                     script.on_audio(msg)
                 else:
-                    script.on_event(orjson.loads(msg))
+                    script.on_event(msg)
 
         receiver = asyncio.create_task(receive())
         try:
@@ -69,7 +68,7 @@ async def call_over_websocket(
                 alive=lambda: not receiver.done(),
                 barge_in_after_s=barge_in_after_s,
             )
-            await ws.send(orjson.dumps({"type": "end"}).decode())
+            await ws.send(End().wire_json().decode())
         finally:
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)

@@ -1,6 +1,6 @@
 """Agent config models, connector options, settings from the environment, secret references."""
 
-from voicemesh.config.connectors import CONNECTOR_OPTIONS, STAGE_IO, STAGES
+from voicemesh.config.connectors import CONNECTOR_OPTIONS, STAGE_IO
 from voicemesh.config.models import (
     AgentConfig,
     ConfigIssue,
@@ -12,9 +12,11 @@ from voicemesh.config.models import (
     parse_agent_config,
 )
 from voicemesh.config.settings import Settings, get_settings
+from voicemesh.config.stages import PROCESSING, STAGES, Stage
 
 __all__ = [
     "CONNECTOR_OPTIONS",
+    "PROCESSING",
     "STAGES",
     "STAGE_IO",
     "AgentConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "FlowEdge",
     "PipelineSpec",
     "Settings",
+    "Stage",
     "StageConnectors",
     "format_errors",
     "get_settings",

@@ -11,15 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-STAGES: tuple[str, ...] = ("transport", "stt", "llm", "tts")
+from voicemesh.config.stages import STAGES as STAGES  # re-exported: the names a flow may use
+from voicemesh.config.stages import Stage
+
 StreamKind = Literal["audio", "text"]
 
 # What each stage consumes and produces: an edge fits when the stream matches both ends.
 STAGE_IO: dict[str, tuple[str, str]] = {
-    "transport": ("audio", "audio"),
-    "stt": ("audio", "text"),
-    "llm": ("text", "text"),
-    "tts": ("text", "audio"),
+    Stage.TRANSPORT: ("audio", "audio"),
+    Stage.STT: ("audio", "text"),
+    Stage.LLM: ("text", "text"),
+    Stage.TTS: ("text", "audio"),
 }
 
 
@@ -295,7 +297,7 @@ CONNECTOR_OPTIONS: dict[str, dict[str, type[ConnectorOptions]]] = {
 }
 
 # The attempt timeout of a stage whose config sets none.
-DEFAULT_ATTEMPT_TIMEOUT_MS: dict[str, int] = {"stt": 5000, "llm": 3000, "tts": 3000}
+DEFAULT_ATTEMPT_TIMEOUT_MS: dict[str, int] = {Stage.STT: 5000, Stage.LLM: 3000, Stage.TTS: 3000}
 
 
 def connector_names(stage: str) -> list[str]:

@@ -25,12 +25,12 @@ from pydantic_core import PydanticCustomError
 from voicemesh.config.connectors import (
     CONNECTOR_OPTIONS,
     STAGE_IO,
-    STAGES,
     ConnectorOptions,
     StreamKind,
     connector_names,
 )
 from voicemesh.config.secrets import find_clear_secrets
+from voicemesh.config.stages import STAGES, Stage
 from voicemesh.errors import VoicemeshError
 
 Path = tuple[str | int, ...]
@@ -167,7 +167,7 @@ class AgentConfig(BaseModel):
     # --- reading -----------------------------------------------------------------------------
 
     def stage(self, stage: str) -> StageConnectors:
-        if stage == "transport" and stage not in self.connectors:
+        if stage == Stage.TRANSPORT and stage not in self.connectors:
             return DEFAULT_TRANSPORT
         return self.connectors[stage]
 
@@ -178,11 +178,11 @@ class AgentConfig(BaseModel):
     def transport_options(self, name: str) -> ConnectorOptions:
         """Options for the transport a call came in on (websocket, webrtc, twilio, daily): a call
         may use any endpoint, so one its config does not list runs on that transport's defaults."""
-        found = self._options.get(("transport", name))
+        found = self._options.get((Stage.TRANSPORT, name))
         if found is not None:
             return found
-        given = self.stage("transport").config.get(name, {})
-        return CONNECTOR_OPTIONS["transport"][name].model_validate(given)
+        given = self.stage(Stage.TRANSPORT).config.get(name, {})
+        return CONNECTOR_OPTIONS[Stage.TRANSPORT][name].model_validate(given)
 
     def next_hop(self, stage: str, stream: str) -> str | None:
         return self._hops.get((stage, stream))
@@ -195,7 +195,7 @@ class AgentConfig(BaseModel):
     def _options(self) -> dict[tuple[str, str], ConnectorOptions]:
         out: dict[tuple[str, str], ConnectorOptions] = {}
         for stage in STAGES:
-            if stage not in self.connectors and stage != "transport":
+            if stage not in self.connectors and stage != Stage.TRANSPORT:
                 continue
             sc = self.stage(stage)
             for name in sc.chain:
@@ -287,14 +287,14 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
 
     if edges_ok:
         hops = {(e.source, e.stream): (i, e.target) for i, e in enumerate(cfg.pipeline.flow)}
-        stage, used, loop = "transport", set(), False
+        stage, used, loop = Stage.TRANSPORT.value, set(), False
         while True:
             hop = hops.get((stage, STAGE_IO[stage][1]))
             if hop is None or hop[0] in used:
                 break
             used.add(hop[0])
             stage = hop[1]
-            if stage == "transport":
+            if stage == Stage.TRANSPORT:
                 loop = True
                 break
         if not loop:
@@ -308,7 +308,7 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
             )
 
     in_flow = {s for e in cfg.pipeline.flow for s in (e.source, e.target) if s in STAGES}
-    for stage in sorted(in_flow - {"transport"} - set(cfg.connectors)):
+    for stage in sorted(in_flow - {Stage.TRANSPORT} - set(cfg.connectors)):
         yield issue(("connectors", stage), f"stage {stage!r} is in the flow but has no connectors")
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 
 from voicemesh.config.connectors import ConnectorOptions
+from voicemesh.config.stages import Stage
 
 Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -83,7 +84,7 @@ class STTStream(ABC):
 
 
 class STTConnector(Connector):
-    stage = "stt"
+    stage = Stage.STT
     #: Providers that transcribe while the user speaks (Deepgram) implement `open_stream`.
     streaming: ClassVar[bool] = False
 
@@ -98,7 +99,7 @@ class STTConnector(Connector):
 
 
 class LLMConnector(Connector):
-    stage = "llm"
+    stage = Stage.LLM
 
     @abstractmethod
     def stream(self, messages: list[Message]) -> AsyncIterator[str]:
@@ -106,7 +107,7 @@ class LLMConnector(Connector):
 
 
 class TTSConnector(Connector):
-    stage = "tts"
+    stage = Stage.TTS
 
     @property
     @abstractmethod

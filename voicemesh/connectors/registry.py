@@ -8,25 +8,26 @@ import importlib
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, ConnectorOptions
 from voicemesh.config.secrets import resolve_secrets
+from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector
 
 _CLASSES: dict[tuple[str, str], str] = {
-    ("stt", "whisper"): "voicemesh.connectors.stt.whisper:WhisperSTT",
-    ("llm", "smollm2"): "voicemesh.connectors.llm.smollm2:SmolLM2LLM",
-    ("llm", "scripted"): "voicemesh.connectors.llm.scripted:ScriptedLLM",
-    ("llm", "echo"): "voicemesh.connectors.llm.scripted:EchoLLM",
-    ("tts", "piper"): "voicemesh.connectors.tts.piper:PiperTTS",
-    ("tts", "tone"): "voicemesh.connectors.tts.tone:ToneTTS",
-    ("stt", "openai"): "voicemesh.connectors.stt.openai:OpenAISTT",
-    ("stt", "deepgram"): "voicemesh.connectors.stt.deepgram:DeepgramSTT",
-    ("llm", "openai"): "voicemesh.connectors.llm.openai:OpenAILLM",
-    ("llm", "anthropic"): "voicemesh.connectors.llm.anthropic:AnthropicLLM",
-    ("tts", "elevenlabs"): "voicemesh.connectors.tts.elevenlabs:ElevenLabsTTS",
-    ("tts", "azure"): "voicemesh.connectors.tts.azure:AzureTTS",
-    ("tts", "openai"): "voicemesh.connectors.tts.openai:OpenAITTS",
-    ("stt", "passthrough"): "voicemesh.connectors.passthrough:PassthroughSTT",
-    ("llm", "passthrough"): "voicemesh.connectors.passthrough:PassthroughLLM",
-    ("tts", "passthrough"): "voicemesh.connectors.passthrough:PassthroughTTS",
+    (Stage.STT, "whisper"): "voicemesh.connectors.stt.whisper:WhisperSTT",
+    (Stage.LLM, "smollm2"): "voicemesh.connectors.llm.smollm2:SmolLM2LLM",
+    (Stage.LLM, "scripted"): "voicemesh.connectors.llm.scripted:ScriptedLLM",
+    (Stage.LLM, "echo"): "voicemesh.connectors.llm.scripted:EchoLLM",
+    (Stage.TTS, "piper"): "voicemesh.connectors.tts.piper:PiperTTS",
+    (Stage.TTS, "tone"): "voicemesh.connectors.tts.tone:ToneTTS",
+    (Stage.STT, "openai"): "voicemesh.connectors.stt.openai:OpenAISTT",
+    (Stage.STT, "deepgram"): "voicemesh.connectors.stt.deepgram:DeepgramSTT",
+    (Stage.LLM, "openai"): "voicemesh.connectors.llm.openai:OpenAILLM",
+    (Stage.LLM, "anthropic"): "voicemesh.connectors.llm.anthropic:AnthropicLLM",
+    (Stage.TTS, "elevenlabs"): "voicemesh.connectors.tts.elevenlabs:ElevenLabsTTS",
+    (Stage.TTS, "azure"): "voicemesh.connectors.tts.azure:AzureTTS",
+    (Stage.TTS, "openai"): "voicemesh.connectors.tts.openai:OpenAITTS",
+    (Stage.STT, "passthrough"): "voicemesh.connectors.passthrough:PassthroughSTT",
+    (Stage.LLM, "passthrough"): "voicemesh.connectors.passthrough:PassthroughLLM",
+    (Stage.TTS, "passthrough"): "voicemesh.connectors.passthrough:PassthroughTTS",
 }
 
 #: Connectors with which the stage relays frames unchanged instead of calling an engine.
@@ -35,7 +36,7 @@ RELAYS = frozenset({"passthrough"})
 assert {k for k in _CLASSES} == {
     (stage, name)
     for stage, names in CONNECTOR_OPTIONS.items()
-    if stage != "transport"
+    if stage != Stage.TRANSPORT
     for name in names
 }, "every connector with options needs a class, and the reverse"
 

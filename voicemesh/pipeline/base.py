@@ -15,10 +15,20 @@ from collections.abc import Coroutine
 from typing import Any
 
 from voicemesh.bus import Frame, Kind, Subjects
+from voicemesh.bus.events import (
+    CallEnd,
+    End,
+    EventError,
+    Interrupt,
+    SideEvent,
+    Turn,
+    parse_ctl_event,
+)
 from voicemesh.bus.subjects import trace_id
 from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
+from voicemesh.config.stages import Stage
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard
 from voicemesh.connectors.proof import prove, prove_isolated
@@ -180,12 +190,16 @@ class StageService(Role):
         if frame.kind is not Kind.EVENT:
             return
         session = Subjects.session_of(subject)
-        event = frame.as_event
-        kind = event.get("type")
-        if kind in ("turn", "interrupt"):
-            self.current(session, int(event.get("epoch", frame.epoch)))
-        elif kind in ("end", "call_end"):
-            await self.session_ended(session)
+        try:
+            event = parse_ctl_event(frame.payload)
+        except EventError as exc:
+            log.warning("dropped an event on %s: %s", subject, exc)
+            return
+        match event:
+            case Turn(epoch=epoch) | Interrupt(epoch=epoch):
+                self.current(session, frame.epoch if epoch is None else epoch)
+            case End() | CallEnd():
+                await self.session_ended(session)
 
     async def session_ended(self, session: str) -> None:
         """The session was deleted or its call hung up: drop its work, epoch and cached config."""
@@ -198,11 +212,12 @@ class StageService(Role):
 
     # --- side channel to the session's transport ---------------------------------------------
 
-    async def notify(self, session: str, body: dict[str, Any], *, epoch: int = 0) -> None:
-        """Events for the caller (transcripts); they travel beside the flow, to the transport."""
+    async def notify(self, session: str, event: SideEvent, *, epoch: int = 0) -> None:
+        """Events for the caller (transcripts, hop timings, errors); they travel beside the flow,
+        to the transport, which forwards them."""
         # hop: -> voicemesh.transport.call.call.Call._egress (vm.transport.<sid>)
         await self.bus.publish(
-            self.subjects.data("transport", session), Frame.event(body, epoch=epoch)
+            self.subjects.data(Stage.TRANSPORT, session), Frame.event(event, epoch=epoch)
         )
 
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator
 
 from voicemesh.bus import Flag, Frame
+from voicemesh.bus.events import ErrorEvent, Transcript
+from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import QueuedStage
 from voicemesh.pipeline.text import SentenceSplitter
@@ -52,7 +54,7 @@ async def continue_reply(
 
 
 class LLMService(QueuedStage):
-    role = "llm"
+    role = Stage.LLM
 
     async def work(self, session: str, frame: Frame) -> str:
         # with the sentence count, the call supervisor knows which TTS sentences a reply has
@@ -100,20 +102,16 @@ class LLMService(QueuedStage):
             # cancellation (a barge-in) can leave its connection waiting forever
             await best_effort("progress", self.claims.add_progress(session, epoch, sentence), None)
             await self.bus.publish(next_subject, out)
-            await self.notify(
-                session,
-                {
-                    "type": "transcript",
-                    "role": "assistant",
-                    "text": sentence,
-                    "epoch": epoch,
-                    "index": index,
-                    "connector": used,
-                    # the first sentence carries this hop's timing for the turn's trace
-                    **({"ttft_ms": round(ttft_ms or 0, 1)} if index == 0 else {}),
-                },
+            said = Transcript(
+                role="assistant",
+                text=sentence,
                 epoch=epoch,
+                index=index,
+                connector=used,
+                # the first sentence carries this hop's timing for the turn's trace
+                ttft_ms=round(ttft_ms or 0, 1) if index == 0 else None,
             )
+            await self.notify(session, said, epoch=epoch)
             index += 1
 
         failed: str | None = None
@@ -132,9 +130,7 @@ class LLMService(QueuedStage):
         except Exception as exc:  # not CancelledError: a newer turn needs no marker for this one
             failed = str(exc)
             log.error("turn %d failed after %d sentences: %s", epoch, index, exc)
-            await self.notify(
-                session, {"type": "error", "error": failed, "epoch": epoch}, epoch=epoch
-            )
+            await self.notify(session, ErrorEvent(error=failed, epoch=epoch), epoch=epoch)
         reply = " ".join([*sent_before, "".join(parts).strip()]).strip()
         if reply:
             entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}

@@ -18,6 +18,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from voicemesh.bus import Flag, Frame, Kind, Subjects
+from voicemesh.bus.events import ErrorEvent, Transcript
+from voicemesh.config.stages import Stage
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
 from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
@@ -86,7 +88,7 @@ class Stream:
 
 
 class STTService(StageService):
-    role = "stt"
+    role = Stage.STT
 
     async def setup(self) -> None:
         self.leases = self.store.leases(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
@@ -95,7 +97,7 @@ class STTService(StageService):
         # hop: <- voicemesh.transport.api.service.TransportService._assign (vm.assign.stt)
         self._intake.append(
             await self.bus.nc.subscribe(
-                self.subjects.assign("stt"), queue="stt", cb=self._on_assign
+                self.subjects.assign(Stage.STT), queue=Stage.STT, cb=self._on_assign
             )
         )
         self._heartbeat = self.bus.spawn(self._renew_forever())
@@ -123,7 +125,7 @@ class STTService(StageService):
             if holder == self.instance and session not in self.streams:
                 # hop: <- voicemesh.transport.call.call.Call._turn_event, _end_turn (vm.stt.<sid>)
                 sub = await self.bus.subscribe(
-                    self.subjects.data("stt", session), self._on_audio, hop="stt"
+                    self.subjects.data(Stage.STT, session), self._on_audio, hop=Stage.STT
                 )
                 self.streams[session] = Stream(session, sub)
                 log.info("took the audio stream of session %s", session)
@@ -131,7 +133,7 @@ class STTService(StageService):
             await self.bus.nc.publish(msg.reply, orjson.dumps({"owner": holder}))
 
     def subjects_lease(self, session: str) -> str:
-        return self.store.keys.lease("stt", session)
+        return self.store.keys.lease(Stage.STT, session)
 
     async def _on_audio(self, subject: str, frame: Frame) -> None:
         session = Subjects.session_of(subject)
@@ -171,18 +173,8 @@ class STTService(StageService):
 
         async def interim(text: str) -> None:
             if text and self.current(session, epoch):
-                await self.notify(
-                    session,
-                    {
-                        "type": "transcript",
-                        "role": "user",
-                        "text": text,
-                        "epoch": epoch,
-                        "final": False,
-                        "connector": name,
-                    },
-                    epoch=epoch,
-                )
+                heard = Transcript(role="user", text=text, epoch=epoch, final=False, connector=name)
+                await self.notify(session, heard, epoch=epoch)
 
         stream.live_name, stream.live_conn = name, conn
         try:
@@ -212,7 +204,7 @@ class STTService(StageService):
             try:
                 async with asyncio.timeout(chain.timeout_s):
                     text = await live.finish()
-                metrics.REQUESTS.labels("stt", name).inc()
+                metrics.REQUESTS.labels(Stage.STT, name).inc()
             except asyncio.CancelledError:
                 await live.aclose()
                 raise
@@ -227,26 +219,20 @@ class STTService(StageService):
                 name = conn.name
             except AllConnectorsFailed as exc:
                 log.error("turn %d: %s", epoch, exc)
-                await self.notify(
-                    session, {"type": "error", "error": str(exc), "epoch": epoch}, epoch=epoch
-                )
+                await self.notify(session, ErrorEvent(error=str(exc), epoch=epoch), epoch=epoch)
                 text, name = "", ""  # an empty final transcript: the caller's turn is over
         took_ms = (time.perf_counter() - t0) * 1000
         if not self.current(session, epoch):
             return
-        await self.notify(
-            session,
-            {
-                "type": "transcript",
-                "role": "user",
-                "text": text,
-                "epoch": epoch,
-                "final": True,
-                "connector": name,
-                "stt_ms": round(took_ms, 1),
-            },
+        final = Transcript(
+            role="user",
+            text=text or "",
             epoch=epoch,
+            final=True,
+            connector=name,
+            stt_ms=round(took_ms, 1),
         )
+        await self.notify(session, final, epoch=epoch)
         if text:
             out = Frame.text(
                 text,

@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 
 from voicemesh.bus import Flag, Frame
+from voicemesh.bus.events import ErrorEvent, Hop
+from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector, TTSConnector
 from voicemesh.pipeline.base import QueuedStage
 from voicemesh.state.claims import DONE
@@ -36,7 +38,7 @@ async def resume_sentence(
 
 
 class TTSService(QueuedStage):
-    role = "tts"
+    role = Stage.TTS
 
     async def work(self, session: str, frame: Frame) -> str:
         await self._synthesize(session, frame)
@@ -63,11 +65,8 @@ class TTSService(QueuedStage):
                     # the turn's first audio: report this hop ahead of it (same subject, same
                     # connection: the transport has the figure before it sends the audio on)
                     ttfb = round((time.perf_counter() - t0) * 1000, 1)
-                    await self.notify(
-                        session,
-                        {"type": "hop", "stage": "tts", "epoch": frame.epoch, "ttfb_ms": ttfb},
-                        epoch=frame.epoch,
-                    )
+                    hop = Hop(stage=Stage.TTS, epoch=frame.epoch, ttfb_ms=ttfb)
+                    await self.notify(session, hop, epoch=frame.epoch)
                 flags = Flag.START if seq == 0 else Flag.NONE
                 await self.bus.publish(
                     out, Frame.audio(pcm, sample_rate=rate, seq=seq, flags=flags, **common)
@@ -75,11 +74,8 @@ class TTSService(QueuedStage):
                 seq += 1
         except Exception as exc:  # not CancelledError: a newer turn needs no end for this one
             log.error("sentence %d of turn %d failed: %s", frame.index, frame.epoch, exc)
-            await self.notify(
-                session,
-                {"type": "error", "error": str(exc), "epoch": frame.epoch},
-                epoch=frame.epoch,
-            )
+            failed = ErrorEvent(error=str(exc), epoch=frame.epoch)
+            await self.notify(session, failed, epoch=frame.epoch)
         # Always close the sentence, or the transport would hold every later one back. LAST is
         # carried over for flows whose text comes straight from STT (one sentence per turn).
         end = Flag.END | (frame.flags & Flag.LAST)

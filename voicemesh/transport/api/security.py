@@ -15,12 +15,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocketState
 
+from voicemesh.bus.events import ErrorEvent
 from voicemesh.config.settings import Settings
 from voicemesh.errors import VoicemeshError
 from voicemesh.state import ConfigStore
@@ -181,18 +181,18 @@ class SessionRateLimit:
             )
 
 
-async def reject_websocket(ws: WebSocket, code: int, event: dict[str, Any]) -> None:
+async def reject_websocket(ws: WebSocket, code: int, event: ErrorEvent) -> None:
     """Tell the caller why in an `error` event, then close with `code`."""
     if ws.client_state == WebSocketState.CONNECTING:
         await ws.accept()
-    await ws.send_text(orjson.dumps({"type": "error", **event}).decode())
+    await ws.send_text(event.wire_json().decode())
     await ws.close(code=code)
 
 
 async def on_unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     assert isinstance(exc, Unauthorized)
     if isinstance(conn, WebSocket):
-        await reject_websocket(conn, WS_UNAUTHORIZED, {"error": exc.detail})
+        await reject_websocket(conn, WS_UNAUTHORIZED, ErrorEvent(error=exc.detail))
         return None
     return JSONResponse(
         {"detail": exc.detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
@@ -202,7 +202,7 @@ async def on_unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse 
 async def on_rate_limited(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     assert isinstance(exc, RateLimited)
     if isinstance(conn, WebSocket):
-        event = {"error": exc.detail, "retry_after_s": exc.retry_after_s}
+        event = ErrorEvent(error=exc.detail, retry_after_s=exc.retry_after_s)
         await reject_websocket(conn, WS_RATE_LIMITED, event)
         return None
     return JSONResponse(

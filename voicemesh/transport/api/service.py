@@ -19,9 +19,11 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from voicemesh.bus import Frame, Subjects
+from voicemesh.bus.events import End
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import Settings
+from voicemesh.config.stages import Stage
 from voicemesh.role import Role
 from voicemesh.router import publish_config_update
 from voicemesh.state.store import UNREACHABLE
@@ -35,7 +37,7 @@ class TransportService(Role):
     """Connecting, health (once ready), draining and stopping come from Role, as for every
     stage; what is the transport's own is its setup and the calls it closes first on stop."""
 
-    role = "transport"
+    role = Stage.TRANSPORT
     serves_metrics = False  # /metrics is served by its own HTTP app (api/app.py)
 
     def __init__(self, settings: Settings):
@@ -49,7 +51,7 @@ class TransportService(Role):
             await self._seed_default_agent(Path(self.settings.default_agent_file))
         # hop: <- voicemesh.router.service_router.ServiceRouter._ask_transport (vm.config.get.<sid>)
         await self.bus.nc.subscribe(
-            self.subjects.config_get_all, queue="transport", cb=self._on_config_get
+            self.subjects.config_get_all, queue=Stage.TRANSPORT, cb=self._on_config_get
         )
 
     async def _seed_default_agent(self, path: Path) -> None:
@@ -69,7 +71,7 @@ class TransportService(Role):
         self.router.forget(session_id)
         self._owners.pop(session_id, None)
         # hop: -> voicemesh.pipeline.base.StageService._on_ctl and Call._control (vm.ctl.<sid>)
-        await self.bus.publish(self.subjects.ctl(session_id), Frame.event({"type": "end"}))
+        await self.bus.publish(self.subjects.ctl(session_id), Frame.event(End()))
         await publish_config_update(self.bus, self.subjects, session_id, 0, ["*"])
 
     async def _on_config_get(self, msg: Msg) -> None:

@@ -1,6 +1,8 @@
 """One call, whatever transport carries it (peer.py): caller audio through turn detection onto the
 bus towards STT; bot audio back from the bus put in order, resampled, queued and paced out in real
-time; barge-in; transcripts and per-turn latency as JSON events.
+time; barge-in; transcripts and per-turn latency as JSON events (the caller events of
+voicemesh/bus/events.py: the call builds each one as its model, and parses what the stages send
+beside the flow, dropping with a warning what is not an event of theirs).
 
 A barge-in (the caller speaks over the bot, or while its reply is being generated) drops the queued
 bot audio at once, broadcasts `interrupt` on `vm.ctl.<session>` so the LLM and TTS instances cancel
@@ -19,8 +21,26 @@ import time
 from typing import Any
 
 from voicemesh.bus import Flag, Frame, Kind, Subjects
+from voicemesh.bus.events import (
+    BotDone,
+    BotStarted,
+    CallEnd,
+    End,
+    ErrorEvent,
+    EventError,
+    Interrupt,
+    Interrupted,
+    Session,
+    Transcript,
+    Turn,
+    TurnStarted,
+    UserStopped,
+    parse_ctl_event,
+    parse_side_event,
+)
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.config.logging import bind
+from voicemesh.config.stages import Stage
 from voicemesh.state import NotFound
 from voicemesh.state.store import UNREACHABLE, best_effort
 from voicemesh.transport.call.audio import FRAME_MS, RATE, Rechunker
@@ -50,7 +70,7 @@ class Call:
         self.utterance: list[Frame] = []
         self.trace = TurnTrace(session_id, 0)
         self.supervisor = TurnSupervisor(service, session_id)
-        self.ingress = "stt"
+        self.ingress: str = Stage.STT
         self.options: TurnOptions = TurnOptions()
         #: the reply being generated or played: its epoch, until its last audio has been played
         self.replying: int | None = None
@@ -74,16 +94,14 @@ class Call:
             detector, chunker = TurnDetector(self.options), Rechunker()
             # hop: <- voicemesh.pipeline.tts.TTSService._synthesize (vm.transport.<sid>)
             sub = await self.svc.bus.subscribe(
-                self.subjects.data("transport", self.session), self._egress
+                self.subjects.data(Stage.TRANSPORT, self.session), self._egress
             )
             # hop: <- transport.api.service.TransportService.session_deleted (vm.ctl.<sid>)
             ctl = await self.svc.bus.subscribe(self.subjects.ctl(self.session), self._control)
             pacer = asyncio.create_task(self._pace())
             pacer.add_done_callback(self._pacer_done)
             watcher = asyncio.create_task(self._supervise())
-            await self.peer.send_event(
-                {"type": "session", "session_id": self.session, "version": cached.version}
-            )
+            await self.peer.send_event(Session(session_id=self.session, version=cached.version))
             log.info("call started on %s", self.peer.name)
             # The STT stream is assigned now, not at the first turn: that turn starts sooner,
             # and goes through even if Valkey is down by then (the owner is known). In the
@@ -99,13 +117,11 @@ class Call:
             if self._ended.is_set():
                 log.info("session deleted during the call: hung up")
         except NotFound:
-            await self.peer.send_event(
-                {"type": "error", "error": f"session {self.session} has ended"}
-            )
+            await self.peer.send_event(ErrorEvent(error=f"session {self.session} has ended"))
             log.info("session deleted or expired during the call")
         except Exception as exc:  # the caller hears why, rather than a dropped connection
             log.exception("call failed")
-            await self.peer.send_event({"type": "error", "error": f"the call failed: {exc}"})
+            await self.peer.send_event(ErrorEvent(error=f"the call failed: {exc}"))
         finally:
             for task in (watcher, pacer, *self._tasks):
                 if task is not None:
@@ -117,9 +133,7 @@ class Call:
                 *(t for t in (watcher, pacer, *self._tasks) if t), return_exceptions=True
             )
             # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
-            await self.svc.bus.publish(
-                self.subjects.ctl(self.session), Frame.event({"type": "call_end"})
-            )
+            await self.svc.bus.publish(self.subjects.ctl(self.session), Frame.event(CallEnd()))
             await self.peer.close()
             log.info("call ended")
 
@@ -137,13 +151,17 @@ class Call:
 
     async def _control(self, subject: str, frame: Frame) -> None:
         """The session was deleted (`end` on `vm.ctl`): tell the caller, then hang up."""
-        if frame.kind is Kind.EVENT and frame.as_event.get("type") == "end":
-            if not self._ended.is_set():
-                self._ended.set()
-                await self.peer.send_event(
-                    {"type": "error", "error": f"session {self.session} was deleted"}
-                )
-                self.peer.hang_up()
+        if frame.kind is not Kind.EVENT:
+            return
+        try:
+            event = parse_ctl_event(frame.payload)
+        except EventError as exc:
+            log.warning("dropped an event on %s: %s", subject, exc)
+            return
+        if isinstance(event, End) and not self._ended.is_set():
+            self._ended.set()
+            await self.peer.send_event(ErrorEvent(error=f"session {self.session} was deleted"))
+            self.peer.hang_up()
 
     # --- caller → bus ------------------------------------------------------------------------
 
@@ -189,9 +207,9 @@ class Call:
         # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
         await self.svc.bus.publish(
             self.subjects.ctl(self.session),
-            Frame.event({"type": "turn", "epoch": self.epoch}, epoch=self.epoch),
+            Frame.event(Turn(epoch=self.epoch), epoch=self.epoch),
         )
-        await self.peer.send_event({"type": "turn", "epoch": self.epoch})
+        await self.peer.send_event(TurnStarted(epoch=self.epoch))
         # In the background: with no instance up, assigning waits up to stage_wait_ms, and the
         # caller's audio must keep flowing meanwhile (the end of the turn replays it anyway).
         self._spawn(self._own_ingress(self.epoch))
@@ -214,7 +232,7 @@ class Call:
         self.supervisor.ended(self.utterance)
         self._spawn(self._hand_over(self.epoch, self.utterance, end))
         self.utterance = []
-        await self.peer.send_event({"type": "user_stopped", "epoch": self.epoch})
+        await self.peer.send_event(UserStopped(epoch=self.epoch))
 
     async def _hand_over(self, epoch: int, utterance: list[Frame], end: Frame) -> None:
         """Send the utterance's end to its owner, or all of it to a new owner; in the background,
@@ -238,12 +256,7 @@ class Call:
             self.supervisor.turn.complete = True  # nothing more of it is resent
         log.error("turn %d given up: %s", stalled.epoch, stalled.error)
         await self.peer.send_event(
-            {
-                "type": "error",
-                "error": stalled.error,
-                "stage": stalled.stage,
-                "epoch": stalled.epoch,
-            }
+            ErrorEvent(error=stalled.error, stage=Stage(stalled.stage), epoch=stalled.epoch)
         )
         if self.replying == stalled.epoch:
             # whatever of the reply was queued still plays; the reply ends after it
@@ -263,9 +276,9 @@ class Call:
         # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
         await self.svc.bus.publish(
             self.subjects.ctl(self.session),
-            Frame.event({"type": "interrupt", "epoch": old + 1, "interrupted": old}, epoch=old),
+            Frame.event(Interrupt(epoch=old + 1, interrupted=old), epoch=old),
         )
-        await self.peer.send_event({"type": "interrupted", "epoch": old, "heard": said})
+        await self.peer.send_event(Interrupted(epoch=old, heard=said))
         entry = {"role": "assistant", "content": said, "interrupted": True}
         write = self.svc.store.put_reply(self.session, old, entry, force=True)
         self._spawn(best_effort("storing the cut-off reply", write, False))
@@ -275,25 +288,23 @@ class Call:
     async def _egress(self, subject: str, frame: Frame) -> None:
         if frame.kind is Kind.EVENT:
             if frame.epoch >= self.epoch:
-                event = frame.as_event
-                if (
-                    event.get("type") == "transcript"
-                    and event.get("role") == "user"
-                    and not event.get("text")
-                    and frame.epoch == self.replying
-                ):
-                    self.replying = None  # nothing was heard: no reply is coming
+                try:
+                    event = parse_side_event(frame.payload)
+                except EventError as exc:
+                    log.warning("dropped an event on %s: %s", subject, exc)
+                    return
+                if frame.epoch == self.replying:
+                    match event:
+                        case Transcript(role="user", text=""):
+                            self.replying = None  # nothing was heard: no reply is coming
                 if frame.epoch == self.trace.epoch:
                     self.trace.on_event(event)
                     self.supervisor.on_event(event, frame.epoch)
-                    if (
-                        event.get("type") == "transcript"
-                        and event.get("role") == "assistant"
-                        and frame.epoch == self.replying
-                    ):
-                        self.sentences[int(event.get("index", len(self.sentences)))] = str(
-                            event.get("text", "")
-                        )
+                    match event:
+                        case Transcript(role="assistant", index=index, text=text) if (
+                            frame.epoch == self.replying
+                        ):
+                            self.sentences[len(self.sentences) if index is None else index] = text
                 await self.peer.send_event(event)
             return
         if frame.kind is not Kind.AUDIO:
@@ -306,16 +317,14 @@ class Call:
             pcm = self.resample(f.payload, f.sample_rate)
             if pcm:
                 if f.epoch == self.trace.epoch and self.trace.audio_out():
-                    metrics = self.trace.observe()
-                    await self.peer.send_event(
-                        {"type": "bot_started", "epoch": f.epoch, "latency_ms": metrics["v2v_ms"]}
-                    )
+                    metrics = self.trace.record()
+                    await self.peer.send_event(BotStarted(epoch=f.epoch, latency_ms=metrics.v2v_ms))
                     await self.peer.send_event(metrics)
                     log.info(
                         "turn %d: voice-to-voice %s ms",
                         f.epoch,
-                        metrics["v2v_ms"],
-                        extra={"fields": {**metrics, "session": self.session}},
+                        metrics.v2v_ms,
+                        extra={"fields": {**metrics.wire(), "session": self.session}},
                     )
                 self.playout.push(pcm, epoch=f.epoch, index=f.index)
             if f.has(Flag.END):
@@ -360,7 +369,7 @@ class Call:
             self.replying = None
             self.sentences = {}
         self.playout.forget(epoch)
-        await self.peer.send_event({"type": "bot_done", "epoch": epoch})
+        await self.peer.send_event(BotDone(epoch=epoch))
 
     async def _supervise(self) -> None:
         """Every fifth of a lease TTL, resend the unit the reply waits for if its worker died:

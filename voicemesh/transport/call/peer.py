@@ -1,5 +1,6 @@
 """What a call needs from whatever carries it (a WebSocket, a WebRTC peer connection, a Twilio
-media stream, a Daily room): caller audio in, bot audio and JSON events out.
+media stream, a Daily room): caller audio in, bot audio and JSON events out (the typed caller
+events of voicemesh/bus/events.py; a peer only chooses how to carry their JSON).
 
 The call does everything else the same way on every transport: turn detection, the bus, ordering,
 pacing, barge-in. A peer only converts: its codec and rate to 16 kHz PCM16 mono on the way in, and
@@ -9,8 +10,10 @@ pacing, barge-in. A peer only converts: its codec and rate to 16 kHz PCM16 mono 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from voicemesh.bus.events import CallerEvent, Event, parse_caller_event
 from voicemesh.transport.call.audio import RATE
 
 
@@ -33,9 +36,15 @@ class Peer(ABC):
     async def send_audio(self, pcm: bytes) -> None:
         """One 20 ms frame of bot audio at `out_rate`, sent when it is due."""
 
+    async def send_event(self, event: CallerEvent | Mapping[str, Any]) -> None:
+        """A JSON event for the caller's client (transcripts, turns, latency, errors): one of
+        voicemesh/bus/events.py's caller events. A plain mapping is checked against them first
+        (EventError if it is not one)."""
+        await self.deliver(event if isinstance(event, Event) else parse_caller_event(event))
+
     @abstractmethod
-    async def send_event(self, body: dict[str, Any]) -> None:
-        """A JSON event for the caller's client (transcripts, turns, latency, errors)."""
+    async def deliver(self, event: CallerEvent) -> None:
+        """Send one caller event the way this carrier carries JSON."""
 
     @abstractmethod
     def hang_up(self) -> None:

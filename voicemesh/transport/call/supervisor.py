@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.errors import NoRespondersError
 
 from voicemesh.bus import Flag, Frame
+from voicemesh.bus.events import Event, SideEvent, Transcript, parse_side_event
+from voicemesh.config.stages import Stage
 from voicemesh.state.claims import DONE
 from voicemesh.transport.call.host import CallHost, NoInstance
 
@@ -61,7 +64,9 @@ class TurnSupervisor:
         self.svc, self.session = service, session
         self.ttl_s = service.settings.lease_ttl_ms / 1000
         self.wait_s = service.settings.stage_wait_ms / 1000
-        self.claims = service.store.claims(owner="transport", ttl_ms=service.settings.lease_ttl_ms)
+        self.claims = service.store.claims(
+            owner=Stage.TRANSPORT, ttl_ms=service.settings.lease_ttl_ms
+        )
         self.turn: TurnWork | None = None
         self.redeliveries = 0
 
@@ -72,14 +77,15 @@ class TurnSupervisor:
         if self.turn is not None:
             self.turn.utterance, self.turn.ended_at = list(utterance), time.monotonic()
 
-    def on_event(self, event: dict[str, Any], epoch: int) -> None:
+    def on_event(self, event: SideEvent | Mapping[str, Any], epoch: int) -> None:
+        """A stage's event of turn `epoch` (a mapping is parsed first: EventError if bad)."""
         t = self.turn
         if t is None or epoch != t.epoch:
             return
-        if event.get("type") == "transcript" and event.get("role") == "user":
-            if event.get("final", True):
-                t.user_text = event.get("text") or ""
-                t.sent_at["llm"] = time.monotonic()
+        match event if isinstance(event, Event) else parse_side_event(event):
+            case Transcript(role="user", final=final, text=text) if final is not False:
+                t.user_text = text
+                t.sent_at[Stage.LLM] = time.monotonic()
                 if not t.user_text:
                     t.complete = True  # nothing understood: no reply to wait for
 
@@ -154,51 +160,54 @@ class TurnSupervisor:
         if t is None or t.complete or t.unsupervised or t.ended_at is None:
             return None
         config = await self.svc.router.load_config(self.session)
-        if config.next_hop("stt", "text") != "llm" or config.next_hop("llm", "text") != "tts":
+        if (
+            config.next_hop(Stage.STT, "text") != Stage.LLM
+            or config.next_hop(Stage.LLM, "text") != Stage.TTS
+        ):
             return None  # supervision knows the standard flow only
         now = time.monotonic()
         if t.user_text is None:  # waiting for STT: its lease tells whether its owner lives
-            holder = await self.svc.store.lease_holder("stt", self.session)
+            holder = await self.svc.store.lease_holder(Stage.STT, self.session)
             if holder is not None:
-                self._taken("stt")
+                self._taken(Stage.STT)
                 return None
-            if self._untaken("stt", now, t.ended_at):
-                return await self.stalled("stt")
-            if self._stale("stt", now, t.ended_at):
-                self._resending("stt", "the STT owner is gone; replaying the utterance")
+            if self._untaken(Stage.STT, now, t.ended_at):
+                return await self.stalled(Stage.STT)
+            if self._stale(Stage.STT, now, t.ended_at):
+                self._resending(Stage.STT, "the STT owner is gone; replaying the utterance")
                 try:
-                    await self.svc.ensure_owner("stt", self.session, replay=t.utterance)
+                    await self.svc.ensure_owner(Stage.STT, self.session, replay=t.utterance)
                 except NoInstance as exc:  # it waited the bound already
-                    return await self.stalled("stt", str(exc))
-                t.sent_at["stt"] = now
+                    return await self.stalled(Stage.STT, str(exc))
+                t.sent_at[Stage.STT] = now
                 self.redeliveries += 1
             return None
-        llm = await self.claims.state(self.claims.key("llm", self.session, t.epoch))
+        llm = await self.claims.state(self.claims.key(Stage.LLM, self.session, t.epoch))
         if llm is None:
-            if self._untaken("llm", now, t.sent_at.get("llm")):
-                return await self.stalled("llm")
-            if self._stale("llm", now):
-                self._resending("llm", "no LLM instance holds the turn; sending it again")
+            if self._untaken(Stage.LLM, now, t.sent_at.get(Stage.LLM)):
+                return await self.stalled(Stage.LLM)
+            if self._stale(Stage.LLM, now):
+                self._resending(Stage.LLM, "no LLM instance holds the turn; sending it again")
                 await self._send(
-                    "llm",
+                    Stage.LLM,
                     Frame.text(t.user_text, epoch=t.epoch, flags=Flag.START | Flag.END | Flag.LAST),
                 )
-                t.sent_at["llm"] = now
+                t.sent_at[Stage.LLM] = now
             return None
-        self._taken("llm")
+        self._taken(Stage.LLM)
         if not llm.startswith(f"{DONE}:"):
             return None  # a live instance is generating
         sentences = int(llm.split(":", 1)[1])
         if next_index > sentences:
             return None
-        key = self.claims.key("tts", self.session, t.epoch, next_index)
+        key = self.claims.key(Stage.TTS, self.session, t.epoch, next_index)
         unit = f"tts{next_index}"
         if await self.claims.state(key) is not None:
             t.claimed.add(unit)
             self._taken(unit)
             return None
         if self._untaken(unit, now):
-            return await self.stalled("tts")
+            return await self.stalled(Stage.TTS)
         # a claim seen alive and now gone lapsed a full TTL after its worker's last renewal: the
         # worker is dead, no need to wait another TTL; a unit never seen claimed gets one TTL
         if unit not in t.claimed and not self._stale(unit, now):
@@ -214,7 +223,7 @@ class TurnSupervisor:
         else:
             frame = Frame.text("", epoch=t.epoch, index=next_index, flags=Flag.END | Flag.LAST)
         self._resending(unit, f"sentence {next_index} has no TTS worker; sending it again")
-        await self._send("tts", frame)
+        await self._send(Stage.TTS, frame)
         t.sent_at[f"tts{next_index}"] = now
         return None
 

@@ -10,12 +10,15 @@ caller's speech going in and the bot's audio going out.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Histogram
 
+from voicemesh.bus.events import Event, Hop, SideEvent, Transcript, TurnMetrics, parse_side_event
 from voicemesh.bus.subjects import trace_id
+from voicemesh.config.stages import Stage
 
 TURN_PHASE = Histogram(
     "voicemesh_turn_phase_seconds",
@@ -60,39 +63,48 @@ class TurnTrace:
         self.first_audio = time.perf_counter()
         return True
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "transcript" and event.get("role") == "user" and event.get("final", True):
-            self.transcript_at = self.transcript_at or time.perf_counter()
-        elif kind == "transcript" and event.get("role") == "assistant" and "ttft_ms" in event:
-            self.llm_ttft_ms = event["ttft_ms"]
-        elif kind == "hop" and event.get("stage") == "tts":
-            self.tts_ttfb_ms = event.get("ttfb_ms")
+    def on_event(self, event: SideEvent | Mapping[str, Any]) -> None:
+        """Take a stage's report of the turn (a mapping is parsed first: EventError if bad)."""
+        match event if isinstance(event, Event) else parse_side_event(event):
+            case Transcript(role="user", final=final) if final is not False:
+                self.transcript_at = self.transcript_at or time.perf_counter()
+            case Transcript(role="assistant", ttft_ms=ttft_ms) if ttft_ms is not None:
+                self.llm_ttft_ms = ttft_ms
+            case Hop(stage=Stage.TTS, ttfb_ms=ttfb_ms):
+                self.tts_ttfb_ms = ttfb_ms
+
+    def metrics(self) -> TurnMetrics:
+        """The turn's phases so far: the caller's `turn_metrics` event."""
+        return TurnMetrics(
+            epoch=self.epoch,
+            trace_id=self.trace_id,
+            eou_ms=_ms(self.last_voiced, self.end_sent),
+            stt_ms=_ms(self.end_sent, self.transcript_at),
+            llm_ttft_ms=self.llm_ttft_ms,
+            tts_ttfb_ms=self.tts_ttfb_ms,
+            first_audio_ms=_ms(self.end_sent, self.first_audio),
+            v2v_ms=_ms(self.last_voiced, self.first_audio),
+        )
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "type": "turn_metrics",
-            "epoch": self.epoch,
-            "trace_id": self.trace_id,
-            "eou_ms": _ms(self.last_voiced, self.end_sent),
-            "stt_ms": _ms(self.end_sent, self.transcript_at),
-            "llm_ttft_ms": self.llm_ttft_ms,
-            "tts_ttfb_ms": self.tts_ttfb_ms,
-            "first_audio_ms": _ms(self.end_sent, self.first_audio),
-            "v2v_ms": _ms(self.last_voiced, self.first_audio),
-        }
+        """`metrics()` as its JSON object."""
+        return self.metrics().wire()
+
+    def record(self) -> TurnMetrics:
+        """Record the turn in the Prometheus histograms; returns its metrics."""
+        m = self.metrics()
+        for phase, ms in (
+            ("eou", m.eou_ms),
+            ("stt", m.stt_ms),
+            ("llm_ttft", m.llm_ttft_ms),
+            ("tts_ttfb", m.tts_ttfb_ms),
+            ("first_audio", m.first_audio_ms),
+            ("v2v", m.v2v_ms),
+        ):
+            if ms is not None:
+                TURN_PHASE.labels(phase).observe(ms / 1000)
+        return m
 
     def observe(self) -> dict[str, Any]:
-        """Record the turn in the Prometheus histograms; returns the summary."""
-        s = self.summary()
-        for phase, key in (
-            ("eou", "eou_ms"),
-            ("stt", "stt_ms"),
-            ("llm_ttft", "llm_ttft_ms"),
-            ("tts_ttfb", "tts_ttfb_ms"),
-            ("first_audio", "first_audio_ms"),
-            ("v2v", "v2v_ms"),
-        ):
-            if s[key] is not None:
-                TURN_PHASE.labels(phase).observe(s[key] / 1000)
-        return s
+        """`record()`, returning the metrics as their JSON object."""
+        return self.record().wire()

@@ -46,6 +46,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from voicemesh.bus.events import CallerEvent
 from voicemesh.config.connectors import DailyTransportOptions
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
@@ -163,9 +164,10 @@ class DailyPeer(Peer):
                 OutputAudioRawFrame(audio=pcm, sample_rate=self.out_rate, num_channels=1)
             )
 
-    async def send_event(self, body: dict[str, Any]) -> None:
+    async def deliver(self, event: CallerEvent) -> None:
         if self.started.is_set() and not self._gone:
-            await self.bridge.push_frame(OutputTransportMessageUrgentFrame(message=body))
+            message = event.wire()
+            await self.bridge.push_frame(OutputTransportMessageUrgentFrame(message=message))
 
     def interrupted(self) -> None:
         if self.started.is_set() and not self._gone:

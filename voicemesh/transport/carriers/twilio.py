@@ -44,6 +44,7 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from voicemesh.bus.events import CallerEvent, ErrorEvent
 from voicemesh.state import NotFound
 from voicemesh.transport.api.security import (
     WS_RATE_LIMITED,
@@ -347,11 +348,11 @@ class TwilioPeer(Peer):
                 del self._marks[next(iter(self._marks))]
             self._put("mark", name)
 
-    async def send_event(self, body: dict[str, Any]) -> None:
-        if body.get("type") == "error":
-            log.warning("call error on Twilio stream %s: %s", self.stream_sid, body.get("error"))
+    async def deliver(self, event: CallerEvent) -> None:
+        if isinstance(event, ErrorEvent):
+            log.warning("call error on Twilio stream %s: %s", self.stream_sid, event.error)
         else:
-            log.debug("event (no channel to Twilio): %s", body.get("type"))
+            log.debug("event (no channel to Twilio): %s", event.type)
 
     def interrupted(self) -> None:
         """Drop the audio not yet written, then tell Twilio to drop what it buffers."""

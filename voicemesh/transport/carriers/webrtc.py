@@ -29,6 +29,7 @@ from pipecat.transports.smallwebrtc.request_handler import (
 )
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from voicemesh.bus.events import CallerEvent, EventError, parse_caller_control
 from voicemesh.config.connectors import WebRTCTransportOptions
 from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
 from voicemesh.state import NotFound
@@ -115,8 +116,13 @@ class WebRTCPeer(Peer):
         self._gone.set()
 
     async def _on_message(self, _conn: Any, message: Any) -> None:
-        if isinstance(message, dict) and message.get("type") == "end":  # the caller hung up
-            self._gone.set()
+        if not isinstance(message, dict):
+            return
+        try:
+            parse_caller_control(message)
+        except EventError:
+            return  # not ours: the data channel may carry the client's own messages
+        self._gone.set()  # {"type": "end"}: the caller hung up
 
     async def receive(self) -> bytes | None:
         if self._input is None or self._gone.is_set():
@@ -144,8 +150,8 @@ class WebRTCPeer(Peer):
     async def send_audio(self, pcm: bytes) -> None:
         self.track.put(pcm)
 
-    async def send_event(self, body: dict[str, Any]) -> None:
-        self.connection.send_app_message(body)
+    async def deliver(self, event: CallerEvent) -> None:
+        self.connection.send_app_message(event.wire())
 
     def interrupted(self) -> None:
         self.track.flush()

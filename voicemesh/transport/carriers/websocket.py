@@ -12,12 +12,12 @@ is dropped whole with an `error` event naming the expected format; the call goes
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from voicemesh.bus.events import CHANNELS, CallerEvent, ErrorEvent, EventError, parse_caller_control
 from voicemesh.state import NotFound
 from voicemesh.transport.api.security import ApiKeyAuth, Client
 from voicemesh.transport.api.service import TransportService
@@ -30,7 +30,7 @@ AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
 # 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
 # file) that would otherwise run through VAD and onto the bus as one long utterance at once.
 MAX_AUDIO_MESSAGE = 2 * RATE * 2
-CONTROL_TYPES = ("end",)
+CONTROL_TYPES = tuple(m.model_fields["type"].default for m in CHANNELS["caller control"])
 _HANG_UP = object()  # the writer's marker: close the socket after what was queued before it
 
 
@@ -75,18 +75,18 @@ class WebSocketPeer(Peer):
                 problem = audio_problem(msg["bytes"])
                 if problem is None:
                     return msg["bytes"]
-                await self.send_event({"type": "error", "error": problem})
+                await self.send_event(ErrorEvent(error=problem))
             elif msg.get("text") is not None:
                 problem = control_problem(msg["text"])
                 if problem is None:
                     return None  # {"type": "end"}: the caller hangs up
-                await self.send_event({"type": "error", "error": problem})
+                await self.send_event(ErrorEvent(error=problem))
 
     async def send_audio(self, pcm: bytes) -> None:
         self._put(pcm)
 
-    async def send_event(self, body: dict[str, Any]) -> None:
-        self._put(orjson.dumps(body).decode())
+    async def deliver(self, event: CallerEvent) -> None:
+        self._put(event.wire_json().decode())
 
     def _put(self, item: bytes | str | object) -> None:
         if self._writer is None:
@@ -121,8 +121,11 @@ def control_problem(text: str) -> str | None:
         ctl = orjson.loads(text)
     except orjson.JSONDecodeError:
         return "text frames must be JSON"
-    if isinstance(ctl, dict) and ctl.get("type") in CONTROL_TYPES:
+    try:
+        parse_caller_control(ctl)
         return None
+    except EventError:
+        pass
     known = ", ".join(f'{{"type": "{t}"}}' for t in CONTROL_TYPES)
     return f"unknown control message {text[:100]!r}; text frames are JSON control messages: {known}"
 
@@ -145,7 +148,7 @@ def websocket_routes(
         try:
             sid = await call_session(session_id, agent, client)
         except NotFound as exc:
-            await ws.send_text(orjson.dumps({"type": "error", "error": str(exc)}).decode())
+            await ws.send_text(ErrorEvent(error=str(exc)).wire_json().decode())
             await ws.close(code=4404)
             return
         await Call(service, sid, WebSocketPeer(ws)).run()
