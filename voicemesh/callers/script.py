@@ -17,7 +17,6 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from voicemesh.config.connectors import TurnOptions
 from voicemesh.bus.events import (
     BotDone,
     BotStarted,
@@ -32,6 +31,7 @@ from voicemesh.bus.events import (
     TurnStarted,
     parse_caller_event,
 )
+from voicemesh.config.connectors import TurnOptions
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.call.turns import TurnDetector
 
