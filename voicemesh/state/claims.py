@@ -13,6 +13,7 @@ from __future__ import annotations
 import orjson
 import valkey.asyncio as valkey
 
+from voicemesh.state.awaited import awaited
 from voicemesh.state.keys import Keys
 
 DONE = "done"
@@ -93,5 +94,5 @@ class Claims:
     async def progress(self, session: str, epoch: int) -> list[str]:
         return [
             orjson.loads(s)
-            for s in await self.client.lrange(self.keys.progress(session, epoch), 0, -1)
+            for s in await awaited(self.client.lrange(self.keys.progress(session, epoch), 0, -1))
         ]

@@ -26,6 +26,7 @@ from voicemesh.config.connections import redact_url, valkey_options
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import ConnectionSettings
 from voicemesh.errors import VoicemeshError
+from voicemesh.state.awaited import awaited
 from voicemesh.state.claims import Claims
 from voicemesh.state.keys import AGENT_NAME, SESSION_ID, Keys
 from voicemesh.state.lease import Leases
@@ -389,7 +390,7 @@ class ConfigStore:
         )
 
     async def get_version(self, session_id: str) -> int | None:
-        v = await self.client.hget(self.keys.session(session_id), "version")
+        v = await awaited(self.client.hget(self.keys.session(session_id), "version"))
         return int(v) if v is not None else None
 
     async def list_configs(self) -> list[str]:
@@ -471,7 +472,7 @@ class ConfigStore:
         self, session_id: str, *, last: int | None = None
     ) -> list[dict[str, Any]]:
         start = -last if last else 0
-        items = await self.client.lrange(self.keys.context(session_id), start, -1)
+        items = await awaited(self.client.lrange(self.keys.context(session_id), start, -1))
         return [orjson.loads(i) for i in items]
 
     # --- agents ------------------------------------------------------------------------------
@@ -511,11 +512,11 @@ class ConfigStore:
         return await self._put(name, config, description, "update")
 
     async def get_agent(self, name: str) -> AgentRecord | None:
-        raw = await self.client.hgetall(self.keys.agent(name))
+        raw = await awaited(self.client.hgetall(self.keys.agent(name)))
         return self._agent(name, raw) if raw else None
 
     async def list_agents(self) -> list[AgentRecord]:
-        names = sorted(n.decode() for n in await self.client.smembers(self.keys.agents))
+        names = sorted(n.decode() for n in await awaited(self.client.smembers(self.keys.agents)))
         async with self.client.pipeline(transaction=False) as pipe:
             for n in names:
                 pipe.hgetall(self.keys.agent(n))
