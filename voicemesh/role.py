@@ -47,6 +47,8 @@ class Role:
     def __init__(self, settings: Settings):
         if not settings.nats_url or not settings.valkey_url:
             raise ValueError(f"{self.role}: NATS_URL and VALKEY_URL must be set")
+        self.nats_url: str = settings.nats_url
+        self.valkey_url: str = settings.valkey_url
         self.settings = settings
         self.instance = settings.instance_id
         self.subjects = Subjects(settings.subject_prefix)
@@ -77,14 +79,14 @@ class Role:
 
     async def connect(self) -> None:
         self.store = ConfigStore.from_url(
-            self.settings.valkey_url,  # type: ignore[arg-type]
+            self.valkey_url,
             settings=self.settings,
             key_prefix=self.settings.key_prefix,
             default_ttl_s=self.settings.session_ttl_s,
         )
         await self.store.check()
         self.bus = await Bus.connect(
-            self.settings.nats_url,  # type: ignore[arg-type]
+            self.nats_url,
             name=f"voicemesh-{self.role}-{self.instance}",
             settings=self.settings,
         )

@@ -423,7 +423,7 @@ async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict
     # a WebRTC caller: its own figure includes both media paths and its jitter buffer
     result = await call_over_webrtc(env.http_url, wavs, None, turn_timeout=120, after_turn=after)
     tick()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, t in enumerate(result.turns, 1):
         p = t.phases
         rows.append(

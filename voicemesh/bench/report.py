@@ -304,7 +304,7 @@ def _cdf_series(report: Report) -> list[tuple[str, Mapping[str, Any], list[float
     """(label, style, sorted positive samples) per line of the CDF plot."""
     rows = report.get("bus_overhead") or []
     sessions = sorted({int(r["sessions"]) for r in rows})
-    series = []
+    series: list[tuple[str, Mapping[str, Any], list[float]]] = []
     for r in rows:
         samples = sorted(v for v in r.get("samples_ms") or [] if v and v > 0)
         if not samples:
@@ -400,7 +400,7 @@ def _plot_waterfall(plt: Any, report: Report, path: Path) -> bool:
                     color="white",
                 )
         left = [a + b for a, b in zip(left, widths, strict=True)]
-    v2v_label = "v2v (end to end)"
+    v2v_label: str | None = "v2v (end to end)"
     for y, t in zip(ys, turns, strict=True):
         v2v = t.get("v2v_ms")
         if v2v is None:

@@ -105,7 +105,9 @@ class Bus:
                 url,
                 name=name,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
+                # nats-py annotates this int but only uses it as seconds (asyncio.wait_for,
+                # asyncio.sleep, a time comparison), where a float works: a wrong annotation
+                reconnect_time_wait=0.25,  # type: ignore[arg-type]
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,

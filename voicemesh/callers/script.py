@@ -236,10 +236,16 @@ class Script:
             deadline = time.perf_counter() + turn_timeout
             cut_in = barge_in_after_s is not None and n + 1 < len(utterances)
             while not self.done.is_set():
-                turn = self.turn
-                if cut_in and turn is not None and turn.latency_ms is not None:
-                    started = self.speech_end + turn.latency_ms / 1000
-                    if time.perf_counter() - started >= barge_in_after_s:  # type: ignore[operator]
+                turn, speech_end = self.turn, self.speech_end
+                if (
+                    barge_in_after_s is not None  # implied by cut_in; said again for the checker
+                    and cut_in
+                    and turn is not None
+                    and turn.latency_ms is not None
+                    and speech_end is not None  # None only for an empty utterance
+                ):
+                    started = speech_end + turn.latency_ms / 1000
+                    if time.perf_counter() - started >= barge_in_after_s:
                         break
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"no complete reply within {turn_timeout:.0f} s")

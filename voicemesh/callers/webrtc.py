@@ -128,6 +128,7 @@ async def call_over_webrtc(
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            assert isinstance(frame, AudioFrame)  # only audio tracks are recorded (see _track)
             if resampler is None:
                 resampler = soxr.ResampleStream(frame.sample_rate, RATE, 1, dtype="int16")
             pcm = to_16k_mono(frame, resampler)
@@ -170,7 +171,12 @@ async def call_over_webrtc(
         )
         events.send(End().wire_json().decode())
         closed = asyncio.Event()
-        pc.on("connectionstatechange", lambda: pc.connectionState == "closed" and closed.set())
+
+        def on_state_change() -> None:
+            if pc.connectionState == "closed":
+                closed.set()
+
+        pc.on("connectionstatechange", on_state_change)
         with contextlib.suppress(TimeoutError):  # the transport hangs up on "end"
             await asyncio.wait_for(closed.wait(), 2)
     finally:

@@ -220,15 +220,15 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
             continue
         known = CONNECTOR_OPTIONS[stage]
         choices = ", ".join(connector_names(stage))
-        for loc, name in [(("primary",), sc.primary)] + [
+        for at, name in [(("primary",), sc.primary)] + [
             (("fallback", i), n) for i, n in enumerate(sc.fallback)
         ]:
             if name not in known:
-                yield issue((*base, *loc), f"unknown {stage} connector {name!r}; known: {choices}")
+                yield issue((*base, *at), f"unknown {stage} connector {name!r}; known: {choices}")
         if len(set(sc.chain)) != len(sc.chain):
             yield issue((*base, "fallback"), "a connector appears twice in primary + fallback")
         for name, options in sc.config.items():
-            loc = (*base, "config", name)
+            loc: Path = (*base, "config", name)
             if name not in known:
                 yield issue(
                     loc, f"options for unknown {stage} connector {name!r}; known: {choices}"
@@ -263,7 +263,7 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
     seen: dict[tuple[str, str], int] = {}
     edges_ok = True
     for i, edge in enumerate(cfg.pipeline.flow):
-        loc: Path = ("pipeline", "flow", i)
+        loc = ("pipeline", "flow", i)
         for end, name in (("from", edge.source), ("to", edge.target)):
             if name not in STAGES:
                 edges_ok = False
@@ -277,16 +277,19 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
                     f"{edge.source} produces {produces} and {edge.target} consumes {consumes}; "
                     f"stream {edge.stream!r} does not fit this edge",
                 )
-        key = (edge.source, edge.stream)
-        if key in seen:
+        edge_key = (edge.source, edge.stream)
+        if edge_key in seen:
             edges_ok = False
             yield issue(
-                loc, f"second {edge.stream} edge out of {edge.source} (first at flow[{seen[key]}])"
+                loc,
+                f"second {edge.stream} edge out of {edge.source} (first at flow[{seen[edge_key]}])",
             )
-        seen.setdefault(key, i)
+        seen.setdefault(edge_key, i)
 
     if edges_ok:
-        hops = {(e.source, e.stream): (i, e.target) for i, e in enumerate(cfg.pipeline.flow)}
+        hops: dict[tuple[str, str], tuple[int, str]] = {
+            (e.source, e.stream): (i, e.target) for i, e in enumerate(cfg.pipeline.flow)
+        }
         stage, used, loop = Stage.TRANSPORT.value, set(), False
         while True:
             hop = hops.get((stage, STAGE_IO[stage][1]))

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -153,5 +153,5 @@ class Settings(ConnectionSettings):
         return int(count), float(window)
 
 
-def get_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+def get_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 
 
-async def whole_samples(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+async def whole_samples(chunks: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
     """Re-chunk a PCM16 byte stream so every chunk holds whole samples: an odd trailing byte waits
     for the next chunk (and is dropped if the stream ends on it)."""
     carry = b""

@@ -189,7 +189,7 @@ class Chain:
             finally:
                 if stream is not None and hasattr(stream, "aclose"):
                     try:
-                        await stream.aclose()  # type: ignore[attr-defined]
+                        await stream.aclose()
                     except Exception:
                         pass
         raise AllConnectorsFailed(self.stage, self.failures)

@@ -64,8 +64,9 @@ async def prove(conn: Connector) -> str:
                 pieces.append(piece)
                 if len(pieces) >= LLM_MAX_PIECES:
                     break
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
+        finally:  # every LLM connector's stream is an async generator, typed an AsyncIterator
+            if hasattr(gen, "aclose"):
+                await gen.aclose()
         if len(pieces) < LLM_MIN_PIECES:
             raise EngineError(
                 f"{conn.engine or conn.name} gave {len(pieces)} tokens for a real question "

@@ -87,6 +87,13 @@ class Stream:
         return utterance
 
 
+async def transcribe_utterance(conn: Connector, utterance: Utterance) -> str:
+    """The whole utterance's text from `conn` (the replay path, and the path with no live
+    stream)."""
+    assert isinstance(conn, STTConnector)  # an STT chain holds STT connectors
+    return await conn.transcribe(utterance.pcm, utterance.rate)
+
+
 class STTService(StageService):
     role = Stage.STT
 
@@ -150,8 +157,9 @@ class STTService(StageService):
             await self._open_live(stream)
         stream.audio += frame.payload
         if stream.live is not None and frame.payload:
+            assert stream.chain is not None  # a live stream is opened only with its chain set
             try:
-                async with asyncio.timeout(stream.chain.timeout_s):  # type: ignore[union-attr]
+                async with asyncio.timeout(stream.chain.timeout_s):
                     await stream.live.send(frame.payload)
             except Exception as exc:
                 await self._live_failed(stream, exc)
@@ -214,7 +222,7 @@ class STTService(StageService):
         if text is None:  # no live stream, or it failed: replay the utterance from its start
             try:
                 conn, text = await chain.call_first(
-                    lambda c: c.transcribe(utterance.pcm, utterance.rate),  # type: ignore[attr-defined]
+                    lambda c: transcribe_utterance(c, utterance),
                 )
                 name = conn.name
             except AllConnectorsFailed as exc:

@@ -117,8 +117,8 @@ class ElevenLabsTTS(TTSConnector):
         except ApiError as exc:
             raise _api_error(exc) from None
         finally:  # on an early stop too (a fallback, a barge-in): release the connection now
-            await aligned.aclose()  # type: ignore[attr-defined]
-            await audio.aclose()  # type: ignore[attr-defined]
+            await aligned.aclose()
+            await audio.aclose()
 
     async def probe(self) -> None:
         """GET /v1/voices/{voice_id}: the key works and the configured voice exists."""

@@ -18,6 +18,7 @@ With `api_key` set, any other key is a 401. The key is read from x-api-key or fr
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -100,7 +101,7 @@ class AnthropicServer(ChatServer):
                 }
             )
         pieces = self.pieces(text)
-        start = {
+        start: dict[str, Any] = {
             "id": mid,
             "type": "message",
             "role": "assistant",

@@ -84,7 +84,7 @@ class DeepgramServer(LoopbackServer):
     async def _listen(self, ws: WebSocket) -> None:
         failure = self.take_failure()
         auth = ws.headers.get("authorization")
-        self.last = rec = {
+        rec: dict[str, Any] = {
             "authorization": auth,
             "query": dict(ws.query_params),
             "audio_bytes": 0,
@@ -92,6 +92,7 @@ class DeepgramServer(LoopbackServer):
             "control": [],
             "ended": None,
         }
+        self.last = rec
         if failure.mode in ("401", "429", "500"):
             await self._deny(ws, int(failure.mode))
             rec["ended"] = f"denied {failure.mode}"

@@ -72,6 +72,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[bytes, st
         if not name:
             continue
         payload = part.get_payload(decode=True) or b""
+        assert isinstance(payload, bytes)  # decode=True: bytes, or None for a nested multipart
         fields[str(name)] = (payload, part.get_filename(), part.get_content_type())
     return fields
 

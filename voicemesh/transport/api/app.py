@@ -11,6 +11,7 @@ VOICEMESH_SESSION_RATE per client.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def create_app(service: TransportService) -> FastAPI:
         redact_logger(name)  # uvicorn logs a WebSocket's query string, where ?api_key= may be
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await service.start()
         except (BusError, StoreError) as exc:

@@ -59,8 +59,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def add_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(Unauthorized, on_unauthorized)  # type: ignore[arg-type]
-    app.add_exception_handler(RateLimited, on_rate_limited)  # type: ignore[arg-type]
+    # Registered through the decorator: Starlette's ExceptionHandler type has no place for one
+    # handler that answers both HTTP requests and WebSockets, as these do.
+    app.exception_handler(Unauthorized)(on_unauthorized)
+    app.exception_handler(RateLimited)(on_rate_limited)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -26,7 +26,8 @@ from voicemesh.config.settings import Settings
 from voicemesh.config.stages import Stage
 from voicemesh.role import Role
 from voicemesh.router import publish_config_update
-from voicemesh.state.store import UNREACHABLE
+from voicemesh.router.service_router import CachedConfig
+from voicemesh.state.store import UNREACHABLE, StoredConfig
 from voicemesh.transport.call.host import NoInstance
 from voicemesh.transport.call.turns import preload
 
@@ -80,6 +81,7 @@ class TransportService(Role):
         if not msg.reply:
             return
         session = Subjects.session_of(msg.subject)
+        stored: StoredConfig | CachedConfig | None  # either way, a config and its version
         try:
             stored = await self.store.get_config(session)
         except UNREACHABLE:  # a live call's config is cached here: a stage can go on with it

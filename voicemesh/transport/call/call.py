@@ -90,7 +90,9 @@ class Call:
         pacer = watcher = sub = ctl = None
         try:
             cached = await self.svc.router.load(self.session)
-            self.options = cached.config.transport_options(self.peer.name)  # type: ignore[assignment]
+            options = cached.config.transport_options(self.peer.name)
+            assert isinstance(options, TurnOptions)  # every transport's options extend TurnOptions
+            self.options = options
             detector, chunker = TurnDetector(self.options), Rechunker()
             # hop: <- voicemesh.pipeline.tts.TTSService._synthesize (vm.transport.<sid>)
             sub = await self.svc.bus.subscribe(

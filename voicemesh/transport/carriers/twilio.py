@@ -255,7 +255,7 @@ class TwilioPeer(Peer):
             ),
         )
         # The serializer takes its input rate from the pipeline's setup, which only reads the
-        # rate given here: there is no pipecat pipeline around it.
+        # rate given here: there is no pipecat pipeline around it, so no StartFrame to pass.
         await self._serializer.setup(SimpleNamespace(audio_in_sample_rate=RATE))  # type: ignore[arg-type]
         return None
 

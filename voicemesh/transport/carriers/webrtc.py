@@ -249,6 +249,7 @@ def webrtc_routes(
         if body.pc_id and body.pc_id in sessions_of:  # renegotiation of a live call
             sid, key = sessions_of[body.pc_id]
             answer = await handlers[key].handle_web_request(request, _no_new_call)
+            assert answer is not None  # pipecat annotates `| None` but raises instead
             return {**answer, "session_id": sid}
         if body.pc_id:
             raise NotFound(f"peer connection {body.pc_id} not found (the call has ended)")
@@ -289,6 +290,7 @@ def webrtc_routes(
             answer = await handler.handle_web_request(request, start_call)
         except Exception as exc:  # aiortc's words for a malformed offer
             raise HTTPException(400, f"the SDP offer could not be answered: {exc}") from None
+        assert answer is not None  # pipecat annotates `| None` but raises instead
         if not started:
             for connection in refused:
                 await connection.disconnect()
