@@ -39,7 +39,7 @@ bench: install
 	$(BIN)/python -m pytest benchmarks/test_micro.py --benchmark-only --benchmark-columns=min,median,mean,ops -q
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
