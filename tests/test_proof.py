@@ -32,14 +32,20 @@ def test_other_deaths_name_the_engine_and_the_cause() -> None:
     assert failed == "llama.cpp (llm connector 'smollm2') failed on real input: OSError: bad GGUF"
 
 
+def fake_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """The child's interpreter replaced by a shell script: the real subprocess path, with a
+    child that behaves as `script` says."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sys, "executable", str(fake))
+
+
 async def test_a_child_killed_by_sigill_becomes_the_engine_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The real subprocess path, with an interpreter that dies the way the native build did."""
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\ncat >/dev/null\nkill -ILL $$\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_python(tmp_path, monkeypatch, "cat >/dev/null\nkill -ILL $$")
     with pytest.raises(
         EngineError, match=r"^llama.cpp died with an illegal instruction \(SIGILL\)"
     ):
@@ -49,10 +55,7 @@ async def test_a_child_killed_by_sigill_becomes_the_engine_message(
 async def test_a_child_that_hangs_is_stopped_and_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\nexec sleep 30\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_python(tmp_path, monkeypatch, "exec sleep 30")
     with pytest.raises(EngineError, match=r"did not finish real work in 1 s"):
         await prove_isolated("llm", "smollm2", SmolLM2Options(), "llama.cpp", timeout_s=1)
 
