@@ -6,6 +6,7 @@ import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -568,3 +569,32 @@ def test_merge_patch_rfc7396() -> None:
     assert merge_patch({"a": "b"}, ["c"]) == ["c"]
     assert merge_patch({"e": None}, {"a": 1}) == {"e": None, "a": 1}
     assert target == {"a": "b", "c": {"d": "e", "f": "g"}, "l": [1, 2]}  # not mutated
+
+
+# --- ids and names end where the string ends (fullmatch, not `$`) --------------------------------
+
+
+async def test_agent_name_with_a_trailing_newline_is_refused(
+    client: httpx.AsyncClient, agent_json: dict
+) -> None:
+    for name in ("local\n", "local\r\n"):
+        r = await client.post("/api/agents", json={"name": name, "config": agent_json})
+        assert r.status_code == 422, (name, r.text)
+        assert "name" in paths(r)
+        r = await client.put(f"/api/agents/{quote(name)}", json={"config": agent_json})
+        assert 400 <= r.status_code < 500, (name, r.text)
+    assert (await client.get("/api/agents")).json()["agents"] == []
+    await make_agent(client, "local", agent_json)  # the name itself is fine
+
+
+async def test_session_id_with_a_trailing_newline_is_refused(
+    client: httpx.AsyncClient, agent_json: dict
+) -> None:
+    sid = (await make_session(client, {"config": agent_json}))["session_id"]
+    assert (await client.get(f"/api/sessions/{sid}")).status_code == 200
+    for bad in (f"{sid}%0A", f"{sid}%0D%0A"):
+        assert (await client.get(f"/api/sessions/{bad}")).status_code == 404
+        r = await client.patch(f"/api/sessions/{bad}/config", json={})
+        assert r.status_code == 404, r.text
+        assert (await client.delete(f"/api/sessions/{bad}")).status_code == 404
+    assert (await client.get(f"/api/sessions/{sid}")).status_code == 200

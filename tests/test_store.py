@@ -374,7 +374,10 @@ async def test_update_missing_agent(store: ConfigStore, config: AgentConfig) -> 
 
 @pytest.mark.parametrize(
     "name",
-    ["", "has space", ".hidden", "-dash", "a/b", "a*b", "x" * 65, "current", "default", "ünï"],
+    [
+        *("", "has space", ".hidden", "-dash", "a/b", "a*b", "x" * 65, "current", "default", "ünï"),
+        *("local\n", "local\r\n", "\nlocal"),  # `$` alone would let a trailing newline through
+    ],
 )
 async def test_invalid_agent_names_rejected(
     store: ConfigStore, config: AgentConfig, name: str
@@ -393,7 +396,10 @@ def test_valid_agent_names(name: str) -> None:
     assert check_agent_name(name) == name
 
 
-@pytest.mark.parametrize("sid", ["short", "has.dot", "with space", "a*bcdefgh", "x" * 65])
+@pytest.mark.parametrize(
+    "sid",
+    ["short", "has.dot", "with space", "a*bcdefgh", "x" * 65, "abcdefgh\n", "abcdefgh_12\n"],
+)
 def test_invalid_session_ids(sid: str) -> None:
     with pytest.raises(ValueError):
         check_session_id(sid)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
 
 
 def _instance_id() -> str:
@@ -139,7 +139,7 @@ class Settings(ConnectionSettings):
     def _rate(cls, value: object) -> object:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
             return None
-        m = _RATE.match(str(value))
+        m = _RATE.fullmatch(str(value))
         if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
             raise ValueError("expected COUNT/SECONDS, e.g. 30/60 (30 sessions per 60 s)")
         return f"{int(m.group(1))}/{m.group(2)}"

@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 
 # Session ids become NATS subject tokens and key parts: no dots, spaces or wildcards.
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Use with .fullmatch(): `$` would also match before a trailing newline.
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,13 +231,13 @@ def _now_ms() -> int:
 
 
 def check_session_id(session_id: str) -> str:
-    if not SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         raise ValueError(f"invalid session id {session_id!r}: 8-64 of A-Z a-z 0-9 _ -")
     return session_id
 
 
 def check_agent_name(name: str) -> str:
-    if not AGENT_NAME.match(name) or name in ("current", "default"):
+    if not AGENT_NAME.fullmatch(name) or name in ("current", "default"):
         raise ValueError(
             f"invalid agent name {name!r}: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or "
             "digit, and not 'current' or 'default'"

@@ -33,7 +33,7 @@ from voicemesh.connectors.errors import (
 from voicemesh.connectors.http import TIMEOUT
 
 USER_AGENT = "voicemesh"
-RAW_FORMAT = re.compile(r"^raw-(\d+)(k?)hz-16bit-mono-pcm$")  # raw-16khz-…, raw-22050hz-…
+RAW_FORMAT = re.compile(r"raw-(\d+)(k?)hz-16bit-mono-pcm")  # raw-16khz-…, raw-22050hz-…
 LOCALE = re.compile(r"^([a-z]{2,3}-[A-Z]{2})-")
 
 
@@ -78,7 +78,7 @@ class AzureTTS(TTSConnector):
             self.base_url = f"https://{options.region}.tts.speech.microsoft.com"
         else:
             raise ValueError("azure tts needs `region` or `base_url`")
-        fmt = RAW_FORMAT.match(options.output_format)
+        fmt = RAW_FORMAT.fullmatch(options.output_format)
         if fmt is None:
             raise ValueError(f"output_format {options.output_format!r} is not raw PCM")
         self._rate = int(fmt.group(1)) * (1000 if fmt.group(2) else 1)

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from voicemesh.testing.loopback.audio import PCMStream, SpeechServer
 from voicemesh.testing.loopback.base import Failure, hang
 
-RAW_FORMAT = re.compile(r"^raw-(\d+)(k?)hz-16bit-mono-pcm$")  # raw-16khz-…, raw-22050hz-…
+RAW_FORMAT = re.compile(r"raw-(\d+)(k?)hz-16bit-mono-pcm")  # raw-16khz-…, raw-22050hz-…
 VOICES = ["en-US-JennyNeural", "en-US-GuyNeural", "en-GB-SoniaNeural"]
 
 
@@ -86,7 +86,7 @@ class AzureSpeechServer(SpeechServer):
             return refused
         if not request.headers.get("content-type", "").startswith("application/ssml+xml"):
             return Response("Content-Type must be application/ssml+xml", 415)
-        fmt = RAW_FORMAT.match(output_format)
+        fmt = RAW_FORMAT.fullmatch(output_format)
         if fmt is None:
             return Response(f"unsupported X-Microsoft-OutputFormat {output_format!r}", 400)
         try:
