@@ -111,3 +111,42 @@ def test_a_clause_word_too_early_does_not_cut() -> None:
     out = s.push("It is that we know the answer well enough ")
     assert out == []  # "that" comes after two words only; nothing to cut yet
     assert s.flush() == ["It is that we know the answer well enough"]
+
+
+def test_20k_words_without_punctuation_in_one_word_pieces_are_read_once() -> None:
+    """Quadratic before: each piece rescanned the whole buffer (~60 s of CPU for 20k words). Now
+    each character is read about once, and the text goes out in pieces of bounded size."""
+    words = [f"w{i % 97}" for i in range(20_000)]
+    s = SentenceSplitter()
+    out: list[str] = []
+    for i, word in enumerate(words):
+        out += s.push(word if i == 0 else " " + word)
+        assert len(s.buf) < s.max_chars + 64  # the buffer stays bounded too
+    out += s.flush()
+    text = " ".join(words)
+    assert " ".join(out) == text  # nothing lost, nothing doubled, cut between words only
+    assert len(out) >= len(text) // s.max_chars
+    assert all(0 < len(piece) <= s.max_chars for piece in out)
+    assert s.scanned <= 2 * len(text)
+
+
+def test_a_long_sentence_is_cut_at_its_last_word_boundary_within_max_chars() -> None:
+    s = SentenceSplitter(max_chars=20)
+    assert s.push("Hi. ") == ["Hi."]  # past the first sentence: no clause rules
+    # 19 characters: "eeee" would end past 20
+    assert s.push("aaaa bbbb cccc dddd eeee ffff gggg hhhh") == ["aaaa bbbb cccc dddd"]
+    assert s.flush() == ["eeee ffff gggg hhhh"]
+    # one word longer than the limit: cut inside it, nothing lost (the rest, under the limit
+    # plus its look-ahead, waits for more text or the flush)
+    s = SentenceSplitter(max_chars=20)
+    assert s.push("x" * 50) == ["x" * 20]
+    assert s.flush() == ["x" * 30]
+
+
+def test_an_end_mark_just_past_max_chars_wins_in_any_pieces() -> None:
+    text = "aaaa bbbb cccc dddd ee. ffff"
+    whole = SentenceSplitter(max_chars=20)
+    got = whole.push(text) + whole.flush()
+    pieces = SentenceSplitter(max_chars=20)
+    assert [p for ch in text for p in pieces.push(ch)] + pieces.flush() == got
+    assert got == ["aaaa bbbb cccc dddd ee.", "ffff"]
