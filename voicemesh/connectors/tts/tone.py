@@ -25,8 +25,14 @@ class ToneTTS(TTSConnector):
         words = max(1, len(text.split()))
         total = opts.sample_rate * opts.ms_per_word * words // 1000
         chunk = opts.sample_rate // 10
-        t = np.arange(total) / opts.sample_rate
-        pcm = (np.sin(2 * np.pi * opts.frequency_hz * t) * 8000).astype(np.int16).tobytes()
-        for i in range(0, len(pcm), chunk * 2):
-            yield pcm[i : i + chunk * 2]
+        for i in range(0, total, chunk):
+            yield tone_chunk(opts, i, min(i + chunk, total))
             await asyncio.sleep(0)
+
+
+def tone_chunk(opts: ToneOptions, start: int, stop: int) -> bytes:
+    """Samples [start, stop) of the tone, computed from their absolute index: the phase runs on
+    across chunks, and the samples are those of the whole tone computed at once, so memory is
+    one chunk's whatever the length of the sentence."""
+    t = np.arange(start, stop) / opts.sample_rate
+    return (np.sin(2 * np.pi * opts.frequency_hz * t) * 8000).astype(np.int16).tobytes()
