@@ -3,6 +3,11 @@ text of a reply as far as the caller heard it."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
+from voicemesh.config.settings import Settings
 from voicemesh.transport.call.playout import Heard, Playout, truncate
 
 RATE = 16000
@@ -85,3 +90,52 @@ def test_truncate_keeps_whole_sentences_then_the_words_begun() -> None:
     assert truncate(sentences, Heard(1)) == ""
     everything = Heard(1, played_s={0: 1, 1: 1.4, 2: 0.5}, total_s={0: 1, 1: 1.4, 2: 0.5})
     assert truncate(sentences, everything) == " ".join(sentences.values())
+
+
+def test_a_runaway_reply_is_cut_at_max_s_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    p = Playout(RATE, max_s=1.0)  # 50 frames
+    with caplog.at_level(logging.WARNING, logger="voicemesh.transport.call.playout"):
+        for index in range(10):  # 10 s of one reply, nothing played meanwhile
+            p.push(pcm(1000, index + 1), epoch=1, index=index)
+            p.end_sentence(epoch=1, index=index)
+        p.end_reply(1)
+    assert len(p) == RATE * 2 // FRAME  # 1 s kept: the first sentence; the rest dropped
+    assert p.queued_bytes == p.max_bytes
+    assert p.dropped_bytes == 9 * RATE * 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "reply 1" in warnings[0].getMessage()
+    played = [p.pull() for _ in range(50)]
+    assert [f.pcm for f in played] == [pcm(20, 1)] * 50  # what was kept plays as before
+    assert played[-1].finished == (1,)  # ... and the reply still ends, with its last frame
+    assert p.pull().pcm is None
+
+
+def test_the_next_reply_plays_again_after_a_cut_one(caplog: pytest.LogCaptureFixture) -> None:
+    p = Playout(RATE, max_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="voicemesh.transport.call.playout"):
+        p.push(pcm(1000), epoch=1, index=0)
+        p.push(pcm(500), epoch=1, index=1)  # dropped
+        p.end_reply(1)
+        drain(p)
+        p.push(pcm(500), epoch=1, index=2)  # still reply 1 (late audio): still dropped
+        assert len(p) == 0
+        p.push(pcm(1000), epoch=2, index=0)  # a new reply, the queue has room: it plays
+        assert len(p) == 50
+        p.push(pcm(500), epoch=2, index=1)  # and is cut in turn, with its own warning
+    assert len(p) == 50
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["reply 1", "reply 2"]
+
+
+def test_a_barge_in_lifts_the_cut() -> None:
+    p = Playout(RATE, max_s=1.0)
+    p.push(pcm(1000), epoch=1, index=0)
+    p.push(pcm(500), epoch=1, index=1)
+    heard = p.clear(1)
+    assert heard.total_s == {0: 1.0, 1: 0.5}  # dropped audio counts as synthesized, not heard
+    p.push(pcm(100), epoch=1, index=2)
+    assert len(p) == 5
+
+
+def test_playout_bound_defaults_to_the_setting() -> None:
+    assert Settings().playout_max_s == 120.0
+    assert Playout(RATE).max_bytes == 120 * RATE * 2

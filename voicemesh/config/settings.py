@@ -117,6 +117,13 @@ class Settings(ConnectionSettings):
     daily_join_timeout_s: float = Field(
         10.0, gt=0, le=120, description="how long a Daily bot waits to join its room"
     )
+    playout_max_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="transport: seconds of bot audio a call may hold unplayed; past that the "
+        "rest of the reply is dropped, with one warning per reply",
+    )
     session_rate: str | None = Field(
         None,
         description="new sessions allowed per client, 'N/SECONDS' (e.g. 30/60); unset: no limit",

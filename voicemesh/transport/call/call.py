@@ -63,7 +63,7 @@ class Call:
         self.subjects: Subjects = service.subjects
         self.reorder = Reorderer()
         self.resample = Resampler(peer.out_rate)
-        self.playout = Playout(peer.out_rate, FRAME_MS)
+        self.playout = Playout(peer.out_rate, FRAME_MS, max_s=service.settings.playout_max_s)
         self._audio_ready = asyncio.Event()
         self.epoch = 0
         self.seq = 0

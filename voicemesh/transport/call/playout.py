@@ -8,8 +8,14 @@ actually heard, which is what goes into the conversation context.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+#: default bound on the bot audio waiting to be played (VOICEMESH_PLAYOUT_MAX_S)
+MAX_QUEUED_S = 120.0
 
 
 @dataclass(slots=True)
@@ -46,9 +52,18 @@ class Played:
 
 
 class Playout:
-    def __init__(self, rate: int, frame_ms: int = 20):
+    """`max_s`: once this much audio waits unplayed, the rest of the reply being pushed is dropped
+    (one warning per reply), so a runaway reply cannot grow the transport's memory unbounded."""
+
+    def __init__(self, rate: int, frame_ms: int = 20, *, max_s: float = MAX_QUEUED_S):
         self.rate = rate
         self.frame_bytes = rate * frame_ms // 1000 * 2
+        self.max_bytes = max(self.frame_bytes, int(max_s * rate) * 2)
+        #: queued_bytes at or past this takes push() to _over(): max_bytes, or -1 while dropping
+        self._limit = self.max_bytes
+        self._dropping: int | None = None  # the reply whose further audio is dropped
+        #: bytes of bot audio dropped so far, over all replies
+        self.dropped_bytes = 0
         self._queue: deque[Chunk] = deque()
         self._partial = bytearray()  # less than a frame, waiting for the rest of its sentence
         self._partial_tag: tuple[int, int] | None = None
@@ -69,6 +84,9 @@ class Playout:
     def push(self, pcm: bytes, *, epoch: int, index: int) -> None:
         tag = (epoch, index)
         self._total[tag] = self._total.get(tag, 0.0) + len(pcm) / 2 / self.rate
+        if self.queued_bytes >= self._limit and self._over(epoch):
+            self.dropped_bytes += len(pcm)
+            return
         if self._partial_tag not in (None, tag):
             self._flush_partial()
         self._partial_tag = tag
@@ -78,6 +96,22 @@ class Playout:
             self._queue.append(Chunk(epoch, index, bytes(self._partial[i : i + self.frame_bytes])))
         self.queued_bytes += n
         del self._partial[:n]
+
+    def _over(self, epoch: int) -> bool:
+        """The queue is full, or a reply's audio is being dropped: is `epoch`'s to be dropped?"""
+        if self._dropping == epoch:
+            return True
+        self._dropping, self._limit = None, self.max_bytes  # a new reply: it gets a chance
+        if self.queued_bytes < self.max_bytes:
+            return False
+        self._dropping, self._limit = epoch, -1
+        log.warning(
+            "reply %d: over %.0f s of its audio waiting to be played; the rest of it is dropped "
+            "(VOICEMESH_PLAYOUT_MAX_S)",
+            epoch,
+            self.max_bytes / 2 / self.rate,
+        )
+        return True
 
     def end_sentence(self, *, epoch: int, index: int) -> None:
         """The sentence is complete: its last part frame goes out padded, not held back."""
@@ -122,6 +156,7 @@ class Playout:
         self._partial.clear()
         self._partial_tag = None
         self.queued_bytes = 0
+        self._dropping, self._limit = None, self.max_bytes
         self.forget(epoch)
         return heard
 
