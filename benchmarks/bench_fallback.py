@@ -103,6 +103,7 @@ async def main(runs: int, timeout_ms: int) -> None:
     import os
 
     os.environ.setdefault("BENCH", "bench-key")
+    os.environ.setdefault("VOICEMESH_SECRET_ENV", "llm.anthropic:BENCH")  # allow ${BENCH}
     data = Path(tempfile.mkdtemp(prefix="vm-bench-"))
     nats, valkey = start_nats(data), start_valkey(data)
     primary = OpenAIChatServer([REPLY], chunk_words=2)

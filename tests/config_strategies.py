@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, STAGES
-from voicemesh.config.secrets import is_secret_key
+from voicemesh.config.secrets import credential_fields, is_secret_ref
 
 AGENT_FILE = Path(__file__).resolve().parent.parent / "config" / "agent-config.json"
 AGENT: dict[str, Any] = orjson.loads(AGENT_FILE.read_bytes())
@@ -249,12 +249,17 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
         finite = model.model_config.get("allow_inf_nan", True) is False
         strategy = st.floats(allow_nan=False, allow_infinity=False if finite else None, **bounds)
     elif annotation is str:
-        if is_secret_key(name):
-            strategy = st.from_regex(r"\A\$\{[A-Z_][A-Z0-9_]{0,15}\}\Z")
+        spec = credential_fields(model).get(name)
+        # a credential names one of its default variables; "${...}" stands nowhere else
+        text = st.text(min_size=min_len, max_size=20).filter(lambda t: not is_secret_ref(t))
+        if spec is not None:
+            refs = st.sampled_from([f"${{{e}}}" for e in spec.env])
+            strategy = refs | text if spec.clear else refs
         else:
-            strategy = st.text(min_size=min_len, max_size=20)
+            strategy = text
     elif typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
-        strategy = st.lists(st.text(max_size=20), min_size=max(min_len, 1), max_size=3)
+        items = st.text(max_size=20).filter(lambda t: not is_secret_ref(t))
+        strategy = st.lists(items, min_size=max(min_len, 1), max_size=3)
     else:  # pragma: no cover - a new field type: teach this generator about it
         raise AssertionError(f"no strategy for {model.__name__}.{name}: {info.annotation}")
     return st.none() | strategy if optional else strategy

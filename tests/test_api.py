@@ -104,8 +104,29 @@ BAD_CONFIGS: dict[str, tuple[Callable[[dict], Any], str]] = {
     "open-flow": (lambda d: d["pipeline"]["flow"].pop(), "pipeline.flow"),
     "stage-without-connectors": (lambda d: d["connectors"].pop("tts"), "connectors.tts"),
     "secret-in-clear": (
-        lambda d: d["connectors"]["llm"]["config"]["smollm2"].__setitem__("api_key", "sk-x1"),
-        "connectors.llm.config.smollm2.api_key",
+        lambda d: d["connectors"]["llm"]["config"].__setitem__(
+            "openai", {"model": "m", "api_key": "sk-x1"}
+        ),
+        "connectors.llm.config.openai.api_key",
+    ),
+    # "${ENV}" stands only in a declared credential field, naming an allowed variable
+    "reference-in-a-reply": (
+        lambda d: d["connectors"]["llm"]["config"]["scripted"].__setitem__(
+            "replies", ["${OPENAI_API_KEY}"]
+        ),
+        "connectors.llm.config.scripted.replies[0]",
+    ),
+    "reference-in-echo-prefix": (
+        lambda d: d["connectors"]["llm"]["config"].__setitem__(
+            "echo", {"prefix": "${OPENAI_API_KEY}"}
+        ),
+        "connectors.llm.config.echo.prefix",
+    ),
+    "credential-not-allowed": (
+        lambda d: d["connectors"]["llm"]["config"].__setitem__(
+            "openai", {"model": "m", "api_key": "${VALKEY_PASSWORD}"}
+        ),
+        "connectors.llm.config.openai.api_key",
     ),
     "bad-option": (
         lambda d: d["connectors"]["llm"]["config"]["smollm2"].__setitem__("max_tokens", 0),

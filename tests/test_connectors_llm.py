@@ -30,6 +30,15 @@ from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 
 
 @pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows the test's own variable names in these connectors' credentials."""
+    monkeypatch.setenv(
+        "VOICEMESH_SECRET_ENV",
+        "llm.openai:TEST_LLM_KEY,TEST_OPENAI_KEY,TEST_MISSING_KEY;llm.anthropic:TEST_LLM_KEY,TEST_ANTHROPIC_KEY,TEST_MISSING_KEY",
+    )
+
+
+@pytest.fixture(autouse=True)
 def _short_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests time out hung providers through a Chain quickly, including the last one of
     the order, which in production waits up to fallback.LAST_RESORT_S."""

@@ -28,6 +28,12 @@ from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 
 
 @pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows the test's own variable names in these connectors' credentials."""
+    monkeypatch.setenv("VOICEMESH_SECRET_ENV", "stt.deepgram:TEST_DG_KEY;stt.openai:TEST_OA_KEY")
+
+
+@pytest.fixture(autouse=True)
 def _short_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests time out hung providers through a Chain quickly, including the last one of
     the order, which in production waits up to fallback.LAST_RESORT_S."""

@@ -40,6 +40,15 @@ from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
 
 
 @pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows the test's own variable names in these connectors' credentials."""
+    monkeypatch.setenv(
+        "VOICEMESH_SECRET_ENV",
+        "tts.elevenlabs:TEST_XI_KEY,TEST_TTS_KEY_MISSING;tts.azure:TEST_AZ_KEY,TEST_TTS_KEY_MISSING;tts.openai:TEST_OAI_KEY,TEST_TTS_KEY_MISSING",
+    )
+
+
+@pytest.fixture(autouse=True)
 def _short_last_resort(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests time out hung providers through a Chain quickly, including the last one of
     the order, which in production waits up to fallback.LAST_RESORT_S."""

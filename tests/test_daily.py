@@ -148,6 +148,14 @@ class FakeDaily:
 # --- fixtures ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows the test's own variable names in these connectors' credentials."""
+    monkeypatch.setenv(
+        "VOICEMESH_SECRET_ENV", "transport.daily:VM_TEST_DAILY_ROOM,VM_TEST_DAILY_TOKEN"
+    )
+
+
 @pytest.fixture
 def config(agent_json: dict, transcriber: OpenAITranscribeServer) -> dict:
     return loopback_agent(
@@ -266,6 +274,32 @@ async def test_an_unset_env_reference_names_the_variable_not_a_value(
     monkeypatch.delenv("VM_TEST_DAILY_ROOM")
     r = await api.post("/api/daily/calls", json={"session_id": sid})
     assert "VM_TEST_DAILY_ROOM" in issues(r)["room_url"]
+
+
+async def test_a_name_not_allowed_gives_one_answer_whether_or_not_it_is_set(
+    api: httpx.AsyncClient,
+    store: ConfigStore,
+    config: dict,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A room URL or token naming a variable not on the daily transport's allow-list cannot tell
+    a caller whether the transport has it: the same 422, and nothing resolved."""
+    sid = (await store.create_session(parse_agent_config(config))).session_id
+    answers = []
+    for present in (True, False):
+        if present:
+            monkeypatch.setenv("VM_TEST_DAILY_PROBE", "https://leak.daily.co/r")
+        else:
+            monkeypatch.delenv("VM_TEST_DAILY_PROBE")
+        for field in ("room_url", "token"):
+            r = await api.post(
+                "/api/daily/calls", json={"session_id": sid, field: "${VM_TEST_DAILY_PROBE}"}
+            )
+            answers.append((field, issues(r)[field]))
+    assert answers[:2] == answers[2:]
+    assert "VM_TEST_DAILY_PROBE is not allowed" in answers[0][1]
+    assert all("leak" not in msg for _, msg in answers)
 
 
 async def test_an_unreachable_room_is_a_bounded_502_that_never_shows_the_token(

@@ -52,6 +52,15 @@ class Providers:
         return [self.chat, self.claude, self.eleven, self.azure, self.deepgram, self.whisper_api]
 
 
+@pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows the test's own variable names in these connectors' credentials."""
+    monkeypatch.setenv(
+        "VOICEMESH_SECRET_ENV",
+        "deepgram:VM_TEST_KEY;openai:VM_TEST_KEY;anthropic:VM_TEST_KEY;elevenlabs:VM_TEST_KEY;azure:VM_TEST_KEY",
+    )
+
+
 @pytest.fixture
 async def providers(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Providers]:
     monkeypatch.setenv("VM_TEST_KEY", "sk-loopback-secret")

@@ -214,6 +214,7 @@ def test_jitter_buffer_prefetch_follows_the_setting() -> None:
 
 
 def test_turn_credentials_are_resolved_only_when_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOICEMESH_SECRET_ENV", "transport.webrtc:VM_TEST_TURN_SECRET")
     options = WebRTCTransportOptions(
         ice_servers=["turn:turn.example.com:3478"],
         ice_username="vm",

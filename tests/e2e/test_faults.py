@@ -53,6 +53,16 @@ from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator allows the per-process keys in the LLM's and TTS's credentials, in this
+    process (which validates the config) and in every role it starts (open_rig copies the env)."""
+    monkeypatch.setenv(
+        "VOICEMESH_SECRET_ENV", "llm.openai:FAULTS_LLM_KEY;tts.openai:FAULTS_TTS_KEY"
+    )
+
+
 #: The transport runs with auth on (its default), accepting this key.
 API_KEY = "faults-key-5c1e"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from voicemesh.config.secrets import credential
 from voicemesh.config.stages import STAGES as STAGES  # re-exported: the names a flow may use
 from voicemesh.config.stages import Stage
 
@@ -106,7 +107,9 @@ class WebRTCTransportOptions(TurnOptions):
         default_factory=list, description="STUN/TURN URLs; empty means host candidates only"
     )
     ice_username: str = Field("", description="TURN username, for the TURN URLs above")
-    ice_credential: str = Field("", description="TURN password: a ${ENV} reference")
+    ice_credential: str = credential(
+        "", env=("TURN_CREDENTIAL",), description="TURN password: a ${ENV} reference"
+    )
 
 
 class TwilioTransportOptions(TurnOptions):
@@ -116,8 +119,17 @@ class TwilioTransportOptions(TurnOptions):
 class DailyTransportOptions(TurnOptions):
     """A Daily room joined through daily-python, as pipecat's DailyTransport does."""
 
-    room_url: str = Field("", description="https://<domain>.daily.co/<room>, or ${ENV}")
-    token: str = Field("", description="meeting token, a ${ENV} reference in stored configs")
+    room_url: str = credential(
+        "",
+        env=("DAILY_ROOM_URL",),
+        clear=True,
+        description="https://<domain>.daily.co/<room>, or a ${ENV} reference",
+    )
+    token: str = credential(
+        "",
+        env=("DAILY_TOKEN", "DAILY_MEETING_TOKEN"),
+        description="meeting token, a ${ENV} reference in stored configs",
+    )
     bot_name: str = Field("voicemesh", max_length=100)
 
 
@@ -137,7 +149,9 @@ class WhisperOptions(ConnectorOptions):
 class OpenAISTTOptions(ConnectorOptions):
     """OpenAI's transcriptions API (or a compatible server) on the official openai SDK."""
 
-    api_key: str | None = Field(None, description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"')
+    api_key: str | None = credential(
+        None, env=("OPENAI_API_KEY",), description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"'
+    )
     base_url: str | None = None
     model: str = "gpt-4o-mini-transcribe"
     language: str | None = "en"
@@ -147,7 +161,9 @@ class OpenAISTTOptions(ConnectorOptions):
 class DeepgramOptions(ConnectorOptions):
     """Deepgram live streaming (websocket) with interim and final results, on deepgram-sdk."""
 
-    api_key: str = Field(description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"')
+    api_key: str = credential(
+        env=("DEEPGRAM_API_KEY",), description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"'
+    )
     base_url: str | None = Field(
         None, description="ws(s)://host[:port] of a Deepgram-compatible API"
     )
@@ -190,7 +206,9 @@ class OpenAILLMOptions(ConnectorOptions):
     OpenAI-compatible server (Groq, Ollama, vLLM, llama.cpp's server)."""
 
     model: str = Field(min_length=1)
-    api_key: str | None = Field(None, description='"${ENV}" reference; optional for local servers')
+    api_key: str | None = credential(
+        None, env=("OPENAI_API_KEY",), description='"${ENV}" reference; optional for local servers'
+    )
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:11434/v1 for Ollama")
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
@@ -201,7 +219,9 @@ class AnthropicOptions(ConnectorOptions):
     """Streaming Messages API on the official anthropic SDK."""
 
     model: str = Field(min_length=1)
-    api_key: str = Field(description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"')
+    api_key: str = credential(
+        env=("ANTHROPIC_API_KEY",), description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"'
+    )
     base_url: str | None = None
     max_tokens: int = Field(512, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=1)
@@ -230,7 +250,10 @@ class ToneOptions(ConnectorOptions):
 class ElevenLabsOptions(ConnectorOptions):
     """ElevenLabs streaming text-to-speech on the official elevenlabs SDK, raw PCM out."""
 
-    api_key: str = Field(description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"')
+    api_key: str = credential(
+        env=("ELEVENLABS_API_KEY",),
+        description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"',
+    )
     voice_id: str = Field(min_length=1)
     base_url: str | None = None
     model_id: str = "eleven_flash_v2_5"
@@ -240,7 +263,9 @@ class ElevenLabsOptions(ConnectorOptions):
 class AzureTTSOptions(ConnectorOptions):
     """Azure AI Speech text-to-speech over its REST API with SSML, raw PCM out."""
 
-    api_key: str = Field(description='"${ENV}" reference (the resource key)')
+    api_key: str = credential(
+        env=("AZURE_SPEECH_KEY",), description='"${ENV}" reference (the resource key)'
+    )
     region: str | None = Field(None, description="e.g. westeurope; or give base_url")
     base_url: str | None = None
     voice: str = "en-US-JennyNeural"
@@ -253,7 +278,9 @@ class AzureTTSOptions(ConnectorOptions):
 class OpenAITTSOptions(ConnectorOptions):
     """OpenAI's speech API on the official openai SDK, streamed as raw 24 kHz PCM."""
 
-    api_key: str | None = Field(None, description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"')
+    api_key: str | None = credential(
+        None, env=("OPENAI_API_KEY",), description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"'
+    )
     base_url: str | None = None
     model: str = "gpt-4o-mini-tts"
     voice: str = "alloy"

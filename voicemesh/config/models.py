@@ -1,7 +1,8 @@
 """agent-config.json as pydantic v2 models, with errors that name the JSON path of the problem.
 
 Structure is checked by the field types; meaning (a known connector, a stream that fits its edge, a
-flow that leads from transport back to transport, no secret in clear) by `AgentConfig`'s validator,
+flow that leads from transport back to transport, no secret in clear, "${ENV}" only in a
+declared credential field and naming an allowed variable) by `AgentConfig`'s validator,
 which reports every problem at once with its path, so a 422 or `config validate` can point at each.
 """
 
@@ -29,7 +30,7 @@ from voicemesh.config.connectors import (
     StreamKind,
     connector_names,
 )
-from voicemesh.config.secrets import find_clear_secrets
+from voicemesh.config.secrets import reference_issues
 from voicemesh.config.stages import STAGES, Stage
 from voicemesh.errors import VoicemeshError
 
@@ -234,11 +235,9 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
                     loc, f"options for unknown {stage} connector {name!r}; known: {choices}"
                 )
                 continue
-            for secret in find_clear_secrets(options):
-                yield issue(
-                    (*loc, *secret),
-                    'secret written in clear; use an environment reference "${ENV}"',
-                )
+            # "${ENV}" only in declared credential fields, naming an allowed variable
+            for at_path, msg in reference_issues(stage, name, known[name], options):
+                yield issue((*loc, *at_path), msg)
             try:
                 known[name].model_validate(options)
             except ValidationError as exc:

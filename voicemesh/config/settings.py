@@ -17,6 +17,29 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
+_SECRET_ENV_KEY = re.compile(r"(?:(?:transport|stt|llm|tts)\.)?[a-z][a-z0-9_-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SECRET_ENV_FORMAT = (
+    "[STAGE.]CONNECTOR:VAR[,VAR...][;...], e.g. llm.openai:GROQ_API_KEY;deepgram:DG_KEY"
+)
+
+
+def parse_secret_env(value: str) -> dict[str, tuple[str, ...]]:
+    """'llm.openai:A,B;deepgram:C' to {'llm.openai': ('A', 'B'), 'deepgram': ('C',)}."""
+    out: dict[str, tuple[str, ...]] = {}
+    for part in value.split(";"):
+        if not part.strip():
+            continue
+        key, sep, names = part.partition(":")
+        key = key.strip().lower()
+        listed = tuple(n.strip() for n in names.split(",") if n.strip())
+        if not sep or not _SECRET_ENV_KEY.fullmatch(key) or not listed:
+            raise ValueError(f"VOICEMESH_SECRET_ENV: {part.strip()!r} is not {SECRET_ENV_FORMAT}")
+        for name in listed:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"VOICEMESH_SECRET_ENV: {name!r} is not an environment name")
+        out[key] = tuple(dict.fromkeys((*out.get(key, ()), *listed)))
+    return out
 
 
 def _instance_id() -> str:
@@ -58,7 +81,26 @@ class ConnectionSettings(BaseSettings):
         return self
 
 
-class Settings(ConnectionSettings):
+class SecretEnvSettings(BaseSettings):
+    """Environment names a config's credential fields may reference, beyond each connector's
+    conventional ones (voicemesh.config.secrets)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEMESH_", extra="ignore", hide_input_in_errors=True
+    )
+
+    secret_env: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=dict,
+        description="extra names per connector, " + SECRET_ENV_FORMAT,
+    )
+
+    @field_validator("secret_env", mode="before")
+    @classmethod
+    def _parse_secret_env(cls, value: object) -> object:
+        return parse_secret_env(value) if isinstance(value, str) else value
+
+
+class Settings(ConnectionSettings, SecretEnvSettings):
     model_config = SettingsConfigDict(
         env_prefix="VOICEMESH_", extra="ignore", hide_input_in_errors=True
     )

@@ -7,7 +7,7 @@ import asyncio
 import importlib
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, ConnectorOptions
-from voicemesh.config.secrets import resolve_secrets
+from voicemesh.config.secrets import resolve_credentials
 from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector
 
@@ -65,8 +65,13 @@ class ConnectorPool:
             inst = self._instances.get(key)
             if inst is None:
                 # ${ENV} references resolve here, in this process's environment, and only the
-                # connector holds the result: the stored config keeps the reference.
-                resolved = type(options).model_validate(resolve_secrets(options.model_dump()))
+                # connector holds the result: the stored config keeps the reference. Only the
+                # fields the options model declares as credentials are resolved, and only for
+                # allowed names: anything else that looks like a reference stays plain text.
+                model = type(options)
+                resolved = model.model_validate(
+                    resolve_credentials(stage, name, model, options.model_dump())
+                )
                 inst = connector_class(stage, name)(resolved)
                 await inst.warmup()
                 self._instances[key] = inst

@@ -49,7 +49,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from voicemesh.bus.events import CallerEvent
 from voicemesh.config.connectors import DailyTransportOptions
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
-from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
+from voicemesh.config.secrets import (
+    SecretResolutionError,
+    credential_fields,
+    resolve_credential,
+)
 from voicemesh.errors import VoicemeshError
 from voicemesh.state import NotFound
 from voicemesh.transport.api.security import ApiKeyAuth, Client
@@ -337,8 +341,11 @@ def _issue(field: str, msg: str) -> ConfigValidationError:
 
 
 def _resolve(field: str, value: str) -> str:
+    """A room URL or token from the request or the config, "${NAME}" resolved when NAME is on the
+    daily transport's allow-list (the same rule, and the same words, as for a stored config)."""
+    spec = credential_fields(DailyTransportOptions)[field]
     try:
-        return str(resolve_secrets(value))
+        return resolve_credential("transport", "daily", spec, value)
     except SecretResolutionError as exc:
         raise _issue(field, f"{exc} (of the transport process)") from None
 

@@ -31,7 +31,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.bus.events import CallerEvent, EventError, parse_caller_control
 from voicemesh.config.connectors import WebRTCTransportOptions
-from voicemesh.config.secrets import SecretResolutionError, resolve_secrets
+from voicemesh.config.secrets import SecretResolutionError, credential_fields, resolve_credential
 from voicemesh.state import NotFound
 from voicemesh.transport.api.security import ApiKeyAuth, Client
 from voicemesh.transport.api.service import TransportService
@@ -183,7 +183,8 @@ def ice_servers(options: WebRTCTransportOptions) -> list[IceServer]:
     here, and lives nowhere else."""
     if not options.ice_servers:
         return []
-    credential = resolve_secrets(options.ice_credential) or None
+    spec = credential_fields(WebRTCTransportOptions)["ice_credential"]
+    credential = resolve_credential("transport", "webrtc", spec, options.ice_credential) or None
     username = options.ice_username or None
     return [
         IceServer(urls=u, username=username, credential=credential) for u in options.ice_servers
