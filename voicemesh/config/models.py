@@ -114,7 +114,7 @@ class StageConnectors(BaseModel):
         if not isinstance(config, dict) or not config:
             return data
         # Keyed by connector when every value is an object and some key names a connector; the
-        # seed's flat form holds option values (strings, numbers) for the primary.
+        # flat form (older configs) holds option values (strings, numbers) for the primary.
         chain = [data.get("primary")]
         if isinstance(data.get("fallback"), list):
             chain += data["fallback"]

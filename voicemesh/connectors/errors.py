@@ -1,4 +1,4 @@
-"""Connector failures, classified (seed 001's error hierarchy: a code, a class, retryable or not).
+"""Connector failures, classified: each has a code, a kind, and whether a retry can help.
 
 Every failure a connector raises, whatever its SDK, is turned into a ConnectorError here, so the
 fallback chain decides on one vocabulary: what kind of failure, whether retrying the same provider

@@ -79,7 +79,7 @@ class ServiceRouter:
     def forget(self, session_id: str) -> None:
         self._cache.pop(session_id, None)
 
-    # --- the seed's API ----------------------------------------------------------------------
+    # --- what stages call ---------------------------------------------------------------------
 
     async def load_config(self, session_id: str) -> AgentConfig:
         return (await self.load(session_id)).config
@@ -115,7 +115,7 @@ class ServiceRouter:
 
     async def _ask_transport(self, session_id: str, down: Exception) -> CachedConfig | None:
         """Valkey is unreachable: the transport carrying the call has the config cached, so ask
-        it (`vm.config.get`, seed 000's request/reply). A stage that never saw the session can
+        it (`vm.config.get`, request/reply). A stage that never saw the session can
         then still serve a turn during an outage. Raises `down` when no transport knows it."""
         # hop: -> transport.api.service.TransportService._on_config_get (vm.config.get.<sid>)
         try:

@@ -96,7 +96,7 @@ redis.call('HSET', KEYS[1], 'config', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 
-# Create or replace with a fresh TTL (the seed's store_config). KEYS[1] hash, KEYS[2] index,
+# Create or replace with a fresh TTL (store_config). KEYS[1] hash, KEYS[2] index,
 # KEYS[3] context; ARGV config, ttl_ms, now_ms, id
 _STORE = """
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -246,7 +246,7 @@ def check_agent_name(name: str) -> str:
 
 
 class ConfigStore:
-    """The seeds' ConfigStorage (per-session configs with TTL) plus agents and context."""
+    """Per-session configs with a TTL, plus agents and each session's conversation context."""
 
     def __init__(self, client: valkey.Valkey, *, key_prefix: str = "vm", default_ttl_s: int = 3600):
         self.client = client
