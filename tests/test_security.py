@@ -943,3 +943,44 @@ async def test_nats_over_tls_with_a_client_certificate(tls_nats: EmbeddedServer,
         no_cert = ConnectionSettings(nats_tls_ca=str(pki.ca))
         await asyncio.wait_for(Bus.connect(tls_nats.url, name="t", settings=no_cert), 10)
     assert time.monotonic() - t0 < 5
+
+
+# --- auth off: only this server's own pages ----------------------------------------------------
+
+
+async def test_auth_off_refuses_other_origins_and_serves_its_own_page(
+    settings: Settings, started: Callable[..., Any]
+) -> None:
+    """With no key to ask for, a web page from another site must not drive the API or open a
+    call from the user's browser; the transport's own page, and tools that send no Origin, may."""
+    svc = await started(settings.model_copy(update={"auth": "off", "api_keys": ()}))
+    await seed_agent(svc)
+    async with serving(svc) as url:
+        host = url.removeprefix("http://")
+        evil = {"Origin": "http://evil.example"}
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = await http.post("/api/sessions", json={"agent": "local"}, headers=evil)
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["detail"].startswith("origin http://evil.example refused")
+            for origin in (f"http://{host}", None):  # its own page; curl or the CLI
+                headers = {"Origin": origin} if origin else {}
+                assert (await http.get("/api/agents", headers=headers)).status_code == 200
+        event, code = await ws_open(url, agent="local", _headers=evil)  # type: ignore[arg-type]
+        assert event["type"] == "error" and "origin http://evil.example refused" in event["error"]
+        assert code == 4403
+        # a look-alike host is another origin too
+        sneaky = {"Origin": f"http://{host}.evil.example"}
+        event, code = await ws_open(url, agent="local", _headers=sneaky)  # type: ignore[arg-type]
+        assert code == 4403
+        event, code = await ws_open(url, agent="local", _headers={"Origin": f"http://{host}"})  # type: ignore[arg-type]
+        assert event["type"] == "session" and code is None
+    assert len(await svc.store.list_configs()) == 1  # only the allowed call made a session
+
+
+async def test_auth_on_does_not_look_at_origin(
+    settings: Settings, started: Callable[..., Any]
+) -> None:
+    svc = await started(keyed(settings, KEY))
+    headers = {"Authorization": f"Bearer {KEY}", "Origin": "http://x.example"}
+    async with api_client(svc, headers=headers) as c:  # the key decides, not the page
+        assert (await c.get("/api/agents")).status_code == 200

@@ -40,9 +40,17 @@ class AuthConfigError(VoicemeshError, ValueError):
 
 
 class Unauthorized(VoicemeshError):
+    status = 401
+
     def __init__(self, detail: str):
         super().__init__(detail)
         self.detail = detail
+
+
+class CrossOrigin(Unauthorized):
+    """A browser page from another origin, while auth is off (see ApiKeyAuth.__call__)."""
+
+    status = 403
 
 
 class RateLimited(VoicemeshError):
@@ -62,6 +70,12 @@ class Client:
 def key_id(key: str) -> str:
     """A stable, non-reversible name for a key (logs, rate-limit counters)."""
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin ("http://127.0.0.1:8080") is the server's Host header."""
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and rest.lower() == host.lower() != ""
 
 
 def _address(conn: HTTPConnection) -> str:
@@ -110,6 +124,17 @@ class ApiKeyAuth:
 
     async def __call__(self, conn: HTTPConnection) -> Client:
         if not self.required:
+            # With no key to ask for, any web page the user opens could drive this API or open
+            # /ws/call from their browser (WebSockets are not bound by CORS). Browsers always
+            # send Origin there; tools (curl, the CLI callers) send none. So a request that
+            # names an origin must name this server's own, the page it serves.
+            origin = conn.headers.get("origin")
+            if origin is not None and not same_origin(origin, conn.headers.get("host", "")):
+                self._refuse(conn, f"cross-origin {origin!r} with auth off")
+                raise CrossOrigin(
+                    f"origin {origin} refused: with API auth off, only pages served by this "
+                    "transport may use it (set VOICEMESH_API_KEYS to allow other origins)"
+                )
             return Client(f"ip:{_address(conn)}")
         presented = self.presented(conn)
         if presented is None:
@@ -192,11 +217,10 @@ async def reject_websocket(ws: WebSocket, code: int, event: ErrorEvent) -> None:
 async def on_unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     assert isinstance(exc, Unauthorized)
     if isinstance(conn, WebSocket):
-        await reject_websocket(conn, WS_UNAUTHORIZED, ErrorEvent(error=exc.detail))
+        await reject_websocket(conn, 4000 + exc.status, ErrorEvent(error=exc.detail))
         return None
-    return JSONResponse(
-        {"detail": exc.detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-    )
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
 
 async def on_rate_limited(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
