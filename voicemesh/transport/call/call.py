@@ -71,6 +71,8 @@ class Call:
         self.trace = TurnTrace(session_id, 0)
         self.supervisor = TurnSupervisor(service, session_id)
         self.ingress: str = Stage.STT
+        #: where caller audio goes, formatted once per turn, not once per 20 ms frame
+        self._ingress_subject = self.subjects.data(self.ingress, session_id)
         self.options: TurnOptions = TurnOptions()
         #: the reply being generated or played: its epoch, until its last audio has been played
         self.replying: int | None = None
@@ -146,7 +148,7 @@ class Call:
 
     async def _assign_early(self) -> None:
         try:
-            self.ingress = await self.svc.router.next_stage(self.session)
+            self._set_ingress(await self.svc.router.next_stage(self.session))
             await self.svc.ensure_owner(self.ingress, self.session)
         except Exception as exc:  # NATS or Valkey away, no instance up: the first turn retries
             log.warning("no %s owner yet (the first turn tries again): %s", self.ingress, exc)
@@ -184,14 +186,14 @@ class Call:
             self.seq += 1
             self.utterance.append(frame)
             # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
-            await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), frame)
+            await self.svc.bus.publish(self._ingress_subject, frame)
         if kind == "end":
             await self._end_turn()
 
     async def _start_turn(self) -> None:
         # Where caller audio goes is the session's flow's business (stt in every valid flow
         # today); it is re-read per turn so a live config change applies.
-        self.ingress = await self.svc.router.next_stage(self.session)
+        self._set_ingress(await self.svc.router.next_stage(self.session))
         try:
             self.epoch = await self.svc.store.next_epoch(self.session, at_least=self.epoch + 1)
             valkey_down = False
@@ -215,6 +217,10 @@ class Call:
         # In the background: with no instance up, assigning waits up to stage_wait_ms, and the
         # caller's audio must keep flowing meanwhile (the end of the turn replays it anyway).
         self._spawn(self._own_ingress(self.epoch))
+
+    def _set_ingress(self, stage: str) -> None:
+        self.ingress = stage
+        self._ingress_subject = self.subjects.data(stage, self.session)
 
     async def _own_ingress(self, epoch: int) -> None:
         try:
@@ -244,7 +250,7 @@ class Call:
                 log.info("stt owner changed: replayed %d frames", len(utterance))
             else:
                 # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
-                await self.svc.bus.publish(self.subjects.data(self.ingress, self.session), end)
+                await self.svc.bus.publish(self._ingress_subject, end)
         except NoInstance as exc:
             await self._abandon(Stalled(self.ingress, epoch, str(exc)))
 
