@@ -58,6 +58,12 @@ class ConnectionSettings(BaseSettings):
     nats_password: SecretStr | None = None
     nats_token: SecretStr | None = Field(None, description="NATS token (instead of user/password)")
     nats_creds: str | None = Field(None, description="NATS .creds file (JWT + NKey seed)")
+    nats_inbox_prefix: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="subject prefix of this role's request inboxes; unset: _INBOX.<nats_user> "
+        "with a user (so NATS permissions can keep each role's replies its own), else _INBOX",
+    )
     nats_tls_ca: str | None = Field(None, description="CA bundle that signed the NATS server cert")
     nats_tls_cert: str | None = Field(None, description="client certificate (mutual TLS)")
     nats_tls_key: str | None = Field(None, description="client certificate's private key")

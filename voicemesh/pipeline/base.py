@@ -62,7 +62,8 @@ class StageService(Role):
             store=self.store,
             nc=self.bus.nc,
             key_prefix=self.settings.key_prefix,
-            subject=self.subjects.connector_health,
+            subject=self.subjects.connector_health(self.role),
+            stage=self.role,
             instance=self.instance,
         )
         await self.health.start()
