@@ -172,6 +172,21 @@ class Settings(ConnectionSettings, SecretEnvSettings):
         description="transport: seconds of bot audio a call may hold unplayed; past that the "
         "rest of the reply is dropped, with one warning per reply",
     )
+    max_reply_chars: int = Field(
+        4000,
+        ge=100,
+        le=1_000_000,
+        description="llm: characters one reply may have; past that the rest is not generated, "
+        "the turn ends normally with the cut text, and the caller gets a 'warning' event "
+        "(reply_truncated)",
+    )
+    connector_pool_size: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="stages: live connectors (one per distinct stage, name and options) a process "
+        "keeps; the least recently used beyond it is closed and its health probe stopped",
+    )
     session_rate: str | None = Field(
         None,
         description="new sessions allowed per client, 'N/SECONDS' (e.g. 30/60); unset: no limit",

@@ -79,6 +79,14 @@ class HealthBoard:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._probes.values(), return_exceptions=True)
 
+    def stop_probe(self, cid: ConnectorId) -> asyncio.Task[None] | None:
+        """Stop probing a connector this process no longer holds (the pool evicted it): its
+        down mark then lapses by itself and the connector is tried again on use."""
+        task = self._probes.pop(cid, None)
+        if task is not None:
+            task.cancel()
+        return task
+
     def is_down(self, cid: ConnectorId) -> bool:
         until = self._down.get(cid)
         if until is None:
@@ -151,7 +159,8 @@ class HealthBoard:
                 await self.mark_up(cid)
                 return
         finally:
-            self._probes.pop(cid, None)
+            if self._probes.get(cid) is asyncio.current_task():
+                del self._probes[cid]
 
     async def _on_news(self, msg: Msg) -> None:
         try:
