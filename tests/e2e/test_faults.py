@@ -51,6 +51,9 @@ from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 pytestmark = pytest.mark.slow
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from voicemesh.config.hosts import egress_extra, endpoint
 from voicemesh.config.secrets import credential
 from voicemesh.config.stages import STAGES as STAGES  # re-exported: the names a flow may use
 from voicemesh.config.stages import Stage
@@ -104,7 +105,10 @@ class WebRTCTransportOptions(TurnOptions):
         description="audio the receiver holds before playing (aiortc's own default is 80 ms)",
     )
     ice_servers: list[str] = Field(
-        default_factory=list, description="STUN/TURN URLs; empty means host candidates only"
+        default_factory=list,
+        description="STUN/TURN URIs (stun:/turn:/turns:host[:port]); empty means host "
+        "candidates only. With ice_credential set, TURN hosts must be on the egress allow-list",
+        json_schema_extra=egress_extra("ice", ("stun", "turn", "turns")),
     )
     ice_username: str = Field("", description="TURN username, for the TURN URLs above")
     ice_credential: str = credential(
@@ -123,6 +127,7 @@ class DailyTransportOptions(TurnOptions):
         "",
         env=("DAILY_ROOM_URL",),
         clear=True,
+        extra=egress_extra("url", ("https",)),
         description="https://<domain>.daily.co/<room>, or a ${ENV} reference",
     )
     token: str = credential(
@@ -152,7 +157,7 @@ class OpenAISTTOptions(ConnectorOptions):
     api_key: str | None = credential(
         None, env=("OPENAI_API_KEY",), description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"'
     )
-    base_url: str | None = None
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     model: str = "gpt-4o-mini-transcribe"
     language: str | None = "en"
     prompt: str | None = None
@@ -164,8 +169,9 @@ class DeepgramOptions(ConnectorOptions):
     api_key: str = credential(
         env=("DEEPGRAM_API_KEY",), description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"'
     )
-    base_url: str | None = Field(
-        None, description="ws(s)://host[:port] of a Deepgram-compatible API"
+    base_url: str | None = endpoint(
+        schemes=("wss", "https"),
+        description="wss://host[:port] of a Deepgram-compatible API on the egress allow-list",
     )
     model: str = "nova-3"
     language: str = "en"
@@ -209,7 +215,10 @@ class OpenAILLMOptions(ConnectorOptions):
     api_key: str | None = credential(
         None, env=("OPENAI_API_KEY",), description='"${ENV}" reference; optional for local servers'
     )
-    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:11434/v1 for Ollama")
+    base_url: str | None = endpoint(
+        description="a host on the egress allow-list, e.g. https://api.groq.com/openai/v1; "
+        "http://127.0.0.1:11434/v1 (Ollama) needs VOICEMESH_EGRESS_PRIVATE"
+    )
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     organization: str | None = None
@@ -222,7 +231,7 @@ class AnthropicOptions(ConnectorOptions):
     api_key: str = credential(
         env=("ANTHROPIC_API_KEY",), description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"'
     )
-    base_url: str | None = None
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     max_tokens: int = Field(512, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=1)
 
@@ -255,7 +264,7 @@ class ElevenLabsOptions(ConnectorOptions):
         description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"',
     )
     voice_id: str = Field(min_length=1)
-    base_url: str | None = None
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     model_id: str = "eleven_flash_v2_5"
     output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100"] = "pcm_16000"
 
@@ -266,8 +275,10 @@ class AzureTTSOptions(ConnectorOptions):
     api_key: str = credential(
         env=("AZURE_SPEECH_KEY",), description='"${ENV}" reference (the resource key)'
     )
-    region: str | None = Field(None, description="e.g. westeurope; or give base_url")
-    base_url: str | None = None
+    region: str | None = endpoint(
+        kind="region", description="a region name, e.g. westeurope; or give base_url"
+    )
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     voice: str = "en-US-JennyNeural"
     output_format: Literal[
         "raw-16khz-16bit-mono-pcm", "raw-24khz-16bit-mono-pcm", "raw-48khz-16bit-mono-pcm"
@@ -281,7 +292,7 @@ class OpenAITTSOptions(ConnectorOptions):
     api_key: str | None = credential(
         None, env=("OPENAI_API_KEY",), description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"'
     )
-    base_url: str | None = None
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     model: str = "gpt-4o-mini-tts"
     voice: str = "alloy"
     instructions: str | None = None
