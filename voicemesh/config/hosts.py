@@ -485,8 +485,10 @@ def egress_issues(
     issues: list[tuple[tuple[str | int, ...], str]] = []
     for name, spec in fields.items():
         value = options.get(name)
-        if value is None or value == "" or value == []:
+        if value is None or value == []:
             continue
+        if value == "" and model.model_fields[name].default == "":
+            continue  # "" is that field's "not set" (a room URL given per call instead)
         if spec.kind == "ice":
             if not isinstance(value, list):
                 continue  # a type error the options model reports
