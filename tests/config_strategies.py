@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, STAGES
+from voicemesh.config.hosts import DEFAULT_HOSTS, EgressSpec, egress_fields
 from voicemesh.config.secrets import credential_fields, is_secret_ref
 
 AGENT_FILE = Path(__file__).resolve().parent.parent / "config" / "agent-config.json"
@@ -228,6 +229,26 @@ def _str_items(annotation: Any) -> bool:
     return item is str
 
 
+def egress_values(model: type[BaseModel], spec: EgressSpec) -> st.SearchStrategy[Any]:
+    """Endpoint values the default egress policy accepts for this connector."""
+    if spec.kind == "region":
+        return st.sampled_from(["westeurope", "eastus2", "uksouth"])
+    if spec.kind == "ice":
+        # no TURN host: with an ice_credential drawn, a TURN host must be operator-listed
+        stun = ["stun:stun.l.google.com:19302", "stun:stun.example.org"]
+        return st.lists(st.sampled_from(stun), max_size=3)
+    connector = next(
+        n for models in CONNECTOR_OPTIONS.values() for n, m in models.items() if m is model
+    )
+    hosts = [h.replace("*", "acme") for h in DEFAULT_HOSTS[connector]]
+    return st.builds(
+        lambda scheme, host, path: f"{scheme}://{host}{path}",
+        st.sampled_from(spec.schemes),
+        st.sampled_from(hosts),
+        st.sampled_from(["", "/", "/v1", "/room-1"]),
+    )
+
+
 def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
     """Values the options model accepts for one field, read off its annotation and constraints."""
     info = model.model_fields[name]
@@ -249,6 +270,13 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
         elif isinstance(meta, at.MaxLen):
             max_len = min(max_len, meta.max_length)
     strategy: st.SearchStrategy[Any]
+    egress = egress_fields(model).get(name)
+    if egress is not None:  # an endpoint: only the operator's allow-list is valid
+        strategy = egress_values(model, egress)
+        spec = credential_fields(model).get(name)
+        if spec is not None:
+            strategy = strategy | st.sampled_from([f"${{{e}}}" for e in spec.env])
+        return st.none() | strategy if optional else strategy
     if typing.get_origin(annotation) is Literal:
         strategy = st.sampled_from(typing.get_args(annotation))
     elif annotation is bool:

@@ -55,6 +55,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 
 @pytest.fixture
+def private_egress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VOICEMESH_EGRESS_PRIVATE on, for tests whose configs point connectors at loopback fake
+    providers (off by default: a config may not reach loopback or private hosts)."""
+    monkeypatch.setenv("VOICEMESH_EGRESS_PRIVATE", "1")
+
+
+@pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 

@@ -29,6 +29,9 @@ from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 from voicemesh.transport.api.service import TransportService
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 RATE = 16000
 CHUNK = 640  # 20 ms
 FORMAT = "PCM16 mono 16 kHz"

@@ -42,6 +42,9 @@ from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.api.service import TransportService
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 HEARD = "turn the lights on"
 RATE = 16000
 FRAME = 640  # 20 ms of PCM16 mono at 16 kHz

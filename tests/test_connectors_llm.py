@@ -28,6 +28,9 @@ from voicemesh.servers import free_port
 from voicemesh.testing.loopback.anthropic import AnthropicServer
 from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 
 @pytest.fixture(autouse=True)
 def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:

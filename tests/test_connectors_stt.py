@@ -26,6 +26,9 @@ from voicemesh.servers import free_port
 from voicemesh.testing.loopback.deepgram import DeepgramServer
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 
 @pytest.fixture(autouse=True)
 def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,7 +267,7 @@ async def test_openai_hang_times_out_in_the_chain(
     oa: OpenAITranscribeServer, pool: ConnectorPool, keys: None
 ) -> None:
     oa.fail("hang")
-    chain = Chain(pool, stt_config("ws://unused", oa.base_url, ["openai"]), "stt")
+    chain = Chain(pool, stt_config("ws://127.0.0.1:9", oa.base_url, ["openai"]), "stt")
     t0 = time.perf_counter()
     with pytest.raises(AllConnectorsFailed) as info:
         await chain.call_first(lambda c: c.transcribe(speech(300), RATE))  # type: ignore[attr-defined]
@@ -419,7 +422,7 @@ async def test_deepgram_hang_times_out(dg: DeepgramServer, pool: ConnectorPool, 
         t0 = time.perf_counter()
         await stream.aclose()
         assert time.perf_counter() - t0 < 1.5
-    chain = Chain(pool, stt_config(dg.ws_url, "http://unused", ["deepgram"]), "stt")
+    chain = Chain(pool, stt_config(dg.ws_url, "http://127.0.0.1:9", ["deepgram"]), "stt")
     t0 = time.perf_counter()
     with pytest.raises(AllConnectorsFailed) as info:
         await chain.call_first(lambda c: c.transcribe(speech(300), RATE))  # type: ignore[attr-defined]

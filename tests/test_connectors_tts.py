@@ -38,6 +38,9 @@ from voicemesh.testing.loopback.base import LoopbackServer
 from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 
 @pytest.fixture(autouse=True)
 def _secret_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,8 +45,19 @@ from voicemesh.transport.call.call import Call
 from voicemesh.transport.carriers import daily
 from voicemesh.transport.carriers.daily import DailyBot, DailyPeer
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 TOKEN = "tok-SECRET-4b3a29f1e0"  # what ${VM_TEST_DAILY_TOKEN} resolves to
 UNREACHABLE = "https://voicemesh-test.invalid/no-such-room"
+
+
+@pytest.fixture(autouse=True)
+def _unreachable_room_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator lets rooms on the (never resolvable) test host through the egress policy."""
+    monkeypatch.setenv("VOICEMESH_EGRESS_HOSTS", "daily:voicemesh-test.invalid")
+
+
 CALLER_HZ, BOT_HZ = 300.0, 440.0
 
 

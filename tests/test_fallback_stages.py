@@ -31,6 +31,9 @@ from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.call.egress import Reorderer
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 REPLY = "The tide comes in at noon. Boats wait by the pier. Gulls circle over the harbour wall."
 HEARD = "when is high tide today"
 MODES = ["error", "hang", "429", "500", "401", "die"]

@@ -49,6 +49,9 @@ from voicemesh.transport.api.service import TransportService
 HUGE_CHARS = limits.PROMPT_MAX_CHARS + 1
 HUGE_ITEMS = 1_000
 
+# the pool and probe tests point openai at a closed loopback port
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 
 def _unwrap(annotation: Any) -> Any:
     """The annotation without `| None` and Annotated."""

@@ -20,6 +20,9 @@ from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.call.egress import Reorderer
 from voicemesh.transport.call.supervisor import TurnSupervisor
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 REPLY = "One fish swims. Two fish swim. Red fish rest. Blue fish dream. Old fish sleep."
 
 

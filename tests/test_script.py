@@ -22,6 +22,9 @@ from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 from voicemesh.transport.call.audio import FRAME_BYTES, RATE
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 SILENCE_S = 1.0
 
 

@@ -36,6 +36,9 @@ from voicemesh.config.secrets import (
 from voicemesh.config.settings import SecretEnvSettings, get_settings, parse_secret_env
 from voicemesh.connectors.registry import ConnectorPool
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 CANARY = "VM_CANARY_SECRET"
 CANARY_VALUE = "canary-8d1f03a9b2"
 OPENAI_VALUE = "sk-openai-canary-77c1"

@@ -25,6 +25,9 @@ from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.api.service import TransportService
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 RATE = 16000
 WAIT_MS = 1500
 STAGES = {"stt": STTService, "llm": LLMService, "tts": TTSService}

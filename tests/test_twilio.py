@@ -43,6 +43,9 @@ from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.carriers import twilio as twilio_module
 from voicemesh.transport.carriers.twilio import MISSING_KEY
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 TWILIO_RATE = 8000
 BUS_RATE = 16000
 MSG = 160  # 20 ms of μ-law at 8 kHz

@@ -29,6 +29,9 @@ from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer,
 from voicemesh.transport.carriers.rtc import jitter_buffer
 from voicemesh.transport.carriers.webrtc import ice_servers
 
+# configs here point connectors at loopback fake providers
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 RATE = 16000
 WORDS = {300.0: "apple", 500.0: "banana", 700.0: "cherry"}
 LONG_REPLY = (
@@ -215,6 +218,8 @@ def test_jitter_buffer_prefetch_follows_the_setting() -> None:
 
 def test_turn_credentials_are_resolved_only_when_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOICEMESH_SECRET_ENV", "transport.webrtc:VM_TEST_TURN_SECRET")
+    # the TURN host gets the credential: the operator names it
+    monkeypatch.setenv("VOICEMESH_EGRESS_HOSTS", "webrtc:turn.example.com:3478")
     options = WebRTCTransportOptions(
         ice_servers=["turn:turn.example.com:3478"],
         ice_username="vm",

@@ -51,7 +51,8 @@ from voicemesh.testing.loopback.openai_chat import OpenAIChatServer
 from voicemesh.testing.loopback.openai_speech import OpenAISpeechServer
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS
 
-pytestmark = pytest.mark.slow
+# configs here point connectors at loopback fake providers (the roles get the same setting)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_egress")]
 
 
 @pytest.fixture(autouse=True)
@@ -231,6 +232,7 @@ async def open_rig(
         "VOICEMESH_KEY_PREFIX": prefix,
         "VOICEMESH_LEASE_TTL_MS": str(lease_ttl_ms),
         "VOICEMESH_API_KEYS": API_KEY,
+        "VOICEMESH_EGRESS_PRIVATE": "1",  # the fake providers are on loopback
         "HF_HUB_OFFLINE": "1",
     }
     port = free_port()

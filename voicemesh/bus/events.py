@@ -171,10 +171,12 @@ class ErrorEvent(Event):
     """Something failed. From a stage (with the turn's `epoch`); from the transport when no
     instance of `stage` took the turn's work, when a call fails or its session is gone, when a
     caller's message is refused, or when a WebSocket is refused (`retry_after_s` when rate
-    limited)."""
+    limited). A stage's error carries a `code` and a short generic text (never a provider's
+    words: those stay in the stage's logs)."""
 
     type: Literal["error"] = "error"
     error: str
+    code: str | None = _optional()
     stage: Stage | None = _optional()
     epoch: int | None = _optional()
     retry_after_s: int | None = _optional()

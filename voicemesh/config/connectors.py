@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from voicemesh.config.hosts import egress_extra, endpoint
 from voicemesh.config.limits import (
     CREDENTIAL_MAX_CHARS,
     ICE_SERVERS_MAX,
@@ -118,7 +119,9 @@ class WebRTCTransportOptions(TurnOptions):
     ice_servers: list[Url] = Field(
         default_factory=list,
         max_length=ICE_SERVERS_MAX,
-        description="STUN/TURN URLs; empty means host candidates only",
+        description="STUN/TURN URIs (stun:/turn:/turns:host[:port]); empty means host "
+        "candidates only. With ice_credential set, TURN hosts must be on the egress allow-list",
+        json_schema_extra=egress_extra("ice", ("stun", "turn", "turns")),
     )
     ice_username: str = Field(
         "", max_length=NAME_MAX_CHARS, description="TURN username, for the TURN URLs above"
@@ -143,6 +146,7 @@ class DailyTransportOptions(TurnOptions):
         env=("DAILY_ROOM_URL",),
         max_length=CREDENTIAL_MAX_CHARS,
         clear=True,
+        extra=egress_extra("url", ("https",)),
         description="https://<domain>.daily.co/<room>, or a ${ENV} reference",
     )
     token: str = credential(
@@ -182,7 +186,9 @@ class OpenAISTTOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"',
     )
-    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    base_url: str | None = endpoint(
+        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
+    )
     model: str = Field("gpt-4o-mini-transcribe", max_length=NAME_MAX_CHARS)
     language: str | None = Field("en", max_length=LANGUAGE_MAX_CHARS)
     prompt: str | None = Field(None, max_length=TEXT_MAX_CHARS)
@@ -196,10 +202,10 @@ class DeepgramOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"',
     )
-    base_url: str | None = Field(
-        None,
+    base_url: str | None = endpoint(
+        schemes=("wss", "https"),
         max_length=URL_MAX_CHARS,
-        description="ws(s)://host[:port] of a Deepgram-compatible API",
+        description="wss://host[:port] of a Deepgram-compatible API on the egress allow-list",
     )
     model: str = Field("nova-3", max_length=NAME_MAX_CHARS)
     language: str = Field("en", max_length=LANGUAGE_MAX_CHARS)
@@ -253,8 +259,10 @@ class OpenAILLMOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference; optional for local servers',
     )
-    base_url: str | None = Field(
-        None, max_length=URL_MAX_CHARS, description="e.g. http://127.0.0.1:11434/v1 for Ollama"
+    base_url: str | None = endpoint(
+        max_length=URL_MAX_CHARS,
+        description="a host on the egress allow-list, e.g. https://api.groq.com/openai/v1; "
+        "http://127.0.0.1:11434/v1 (Ollama) needs VOICEMESH_EGRESS_PRIVATE",
     )
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
@@ -270,7 +278,9 @@ class AnthropicOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"',
     )
-    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    base_url: str | None = endpoint(
+        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
+    )
     max_tokens: int = Field(512, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=1)
 
@@ -304,7 +314,9 @@ class ElevenLabsOptions(ConnectorOptions):
         description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"',
     )
     voice_id: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
-    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    base_url: str | None = endpoint(
+        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
+    )
     model_id: str = Field("eleven_flash_v2_5", max_length=NAME_MAX_CHARS)
     output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100"] = "pcm_16000"
 
@@ -317,10 +329,14 @@ class AzureTTSOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference (the resource key)',
     )
-    region: str | None = Field(
-        None, max_length=NAME_MAX_CHARS, description="e.g. westeurope; or give base_url"
+    region: str | None = endpoint(
+        kind="region",
+        max_length=NAME_MAX_CHARS,
+        description="a region name, e.g. westeurope; or give base_url",
     )
-    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    base_url: str | None = endpoint(
+        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
+    )
     voice: str = Field("en-US-JennyNeural", max_length=NAME_MAX_CHARS)
     output_format: Literal[
         "raw-16khz-16bit-mono-pcm", "raw-24khz-16bit-mono-pcm", "raw-48khz-16bit-mono-pcm"
@@ -339,7 +355,9 @@ class OpenAITTSOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"',
     )
-    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    base_url: str | None = endpoint(
+        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
+    )
     model: str = Field("gpt-4o-mini-tts", max_length=NAME_MAX_CHARS)
     voice: str = Field("alloy", max_length=NAME_MAX_CHARS)
     instructions: str | None = Field(None, max_length=TEXT_MAX_CHARS)

@@ -2,7 +2,8 @@
 
 Structure is checked by the field types; meaning (a known connector, a stream that fits its edge, a
 flow that leads from transport back to transport, no secret in clear, "${ENV}" only in a
-declared credential field and naming an allowed variable) by `AgentConfig`'s validator,
+declared credential field and naming an allowed variable, endpoints only on the operator's egress
+allow-list) by `AgentConfig`'s validator,
 which reports every problem at once with its path, so a 422 or `config validate` can point at each.
 """
 
@@ -30,6 +31,7 @@ from voicemesh.config.connectors import (
     StreamKind,
     connector_names,
 )
+from voicemesh.config.hosts import EgressPolicy, current_policy, egress_fields, egress_issues
 from voicemesh.config.limits import (
     CONNECTOR_CONFIGS_MAX,
     FALLBACKS_MAX,
@@ -239,7 +241,9 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
     def issue(loc: Path, msg: str) -> ConfigIssue:
         return ConfigIssue(loc=list(loc), msg=msg)
 
-    # Connectors: known stages, known names, options that validate, no secret in clear.
+    # Connectors: known stages, known names, options that validate, no secret in clear, no
+    # endpoint off the egress allow-list.
+    policy: EgressPolicy | None = None  # read from the environment once, if a connector needs it
     for stage, sc in cfg.connectors.items():
         base: Path = ("connectors", stage)
         if stage not in STAGES:
@@ -270,6 +274,12 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
                 for err in exc.errors():
                     yield issue((*loc, *err["loc"]), err["msg"])
                 continue
+            # base_url, region, endpoints: only hosts on the operator's egress allow-list
+            if egress_fields(known[name]):
+                if policy is None:
+                    policy = current_policy()
+                for at_path, msg in egress_issues(stage, name, known[name], options, policy):
+                    yield issue((*loc, *at_path), msg)
             for key, value in options.items():  # kept as given: it must survive to_json()
                 try:
                     orjson.dumps(value)

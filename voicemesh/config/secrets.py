@@ -53,12 +53,18 @@ class CredentialSpec:
 
 
 def credential(
-    default: Any = ..., *, env: tuple[str, ...], clear: bool = False, **kwargs: Any
+    default: Any = ...,
+    *,
+    env: tuple[str, ...],
+    clear: bool = False,
+    extra: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Any:
     """A pydantic Field declared as a credential: "${NAME}" in it is resolved (NAME on the
-    allow-list), and the JSON Schema shows `"x-credential": {"env": [...], "clear": ...}`."""
-    extra = {CREDENTIAL_KEY: {"env": list(env), "clear": clear}}
-    return Field(default, json_schema_extra=extra, **kwargs)  # type: ignore[arg-type]
+    allow-list), and the JSON Schema shows `"x-credential": {"env": [...], "clear": ...}`
+    (plus `extra`, e.g. an egress declaration)."""
+    extra = {**(extra or {}), CREDENTIAL_KEY: {"env": list(env), "clear": clear}}
+    return Field(default, json_schema_extra=extra, **kwargs)
 
 
 @cache

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from voicemesh.config.hosts import HOSTS_FORMAT, parse_egress_hosts
+
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
 _SECRET_ENV_KEY = re.compile(r"(?:(?:transport|stt|llm|tts)\.)?[a-z][a-z0-9_-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -106,7 +108,31 @@ class SecretEnvSettings(BaseSettings):
         return parse_secret_env(value) if isinstance(value, str) else value
 
 
-class Settings(ConnectionSettings, SecretEnvSettings):
+class EgressSettings(BaseSettings):
+    """Where configs may point connectors (voicemesh.config.hosts): hosts beyond each provider's
+    official ones, and whether loopback/private hosts are reachable at all."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOICEMESH_", extra="ignore", hide_input_in_errors=True
+    )
+
+    egress_hosts: Annotated[dict[str, tuple[str, ...]], NoDecode] = Field(
+        default_factory=dict,
+        description="extra hosts per connector, " + HOSTS_FORMAT,
+    )
+    egress_private: bool = Field(
+        False,
+        description="let configs reach loopback and private hosts (plain http allowed there): "
+        "local development and tests only; link-local/metadata addresses stay refused",
+    )
+
+    @field_validator("egress_hosts", mode="before")
+    @classmethod
+    def _parse_egress_hosts(cls, value: object) -> object:
+        return parse_egress_hosts(value) if isinstance(value, str) else value
+
+
+class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
     model_config = SettingsConfigDict(
         env_prefix="VOICEMESH_", extra="ignore", hide_input_in_errors=True
     )

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -43,8 +44,41 @@ CODES: dict[FailureKind, str] = {
 }
 
 
+#: Longest provider detail kept in a ConnectorError's message (which goes to logs only).
+DETAIL_MAX = 300
+# Credentials as they appear in SDK error texts, echoed headers and URLs: the value is cut.
+_CREDENTIAL_TEXT = re.compile(
+    r"(?i)((?:authorization|x-api-key|xi-api-key|api-key|ocp-apim-subscription-key|"
+    r"proxy-authorization|cookie)['\"]?\s*[:=]\s*['\"]?)(?:bearer\s+|token\s+|basic\s+)?"
+    r"[^\s'\",;}]+"
+    r"|\b(bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{8,}"
+    r"|([?&](?:api_?key|key|token|access_token|secret|password|sig|signature)=)[^&\s'\"]+"
+    r"|\b(sk-(?:ant-)?)[A-Za-z0-9_-]{8,}",
+)
+
+
+def _cut(m: re.Match[str]) -> str:
+    return next((g for g in m.groups() if g), "") + "***"
+
+
+def scrub(text: str, secrets: Iterable[str] = (), limit: int = DETAIL_MAX) -> str:
+    """A failure's detail fit for a log line: the given secret values and anything shaped like a
+    credential (Authorization headers, key= parameters, sk-... keys) replaced with ***, and cut
+    to `limit` characters."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = _CREDENTIAL_TEXT.sub(_cut, text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ConnectorError(VoicemeshError):
-    """A classified connector failure."""
+    """A classified connector failure.
+
+    Two texts: `str()` is the detail for the logs (the provider's own words, scrubbed and cut to
+    DETAIL_MAX), and `public` is all a caller ever sees: the kind and the HTTP status. A
+    provider's body can carry anything its host chose to answer (an internal service's page, an
+    echo of the request), so it never reaches an error event, the stored context or the bus."""
 
     def __init__(
         self,
@@ -54,7 +88,7 @@ class ConnectorError(VoicemeshError):
         status: int | None = None,
         retry_after_s: float | None = None,
     ):
-        super().__init__(message)
+        super().__init__(scrub(message))
         self.kind = kind
         self.status = status
         self.retry_after_s = retry_after_s
@@ -68,13 +102,30 @@ class ConnectorError(VoicemeshError):
         """Whether the same provider may succeed later without a config change."""
         return self.kind is not FailureKind.PERMANENT
 
+    @property
+    def public(self) -> str:
+        """The short generic text a caller may see, e.g. "permanent, http 401"."""
+        return f"{self.kind}, http {self.status}" if self.status else str(self.kind)
+
+    def scrubbed(self, secrets: Iterable[str]) -> ConnectorError:
+        """The same failure with these secret values cut from its detail."""
+        detail = scrub(self.args[0], secrets)
+        if detail == self.args[0]:
+            return self
+        err = ConnectorError(
+            self.kind, detail, status=self.status, retry_after_s=self.retry_after_s
+        )
+        err.__cause__ = self.__cause__
+        return err
+
     def to_dict(self) -> dict[str, object]:
+        """What the health board publishes (NATS, Valkey): the public text, not the detail."""
         return {
             "code": self.code,
             "kind": str(self.kind),
             "status": self.status,
             "retryable": self.retryable,
-            "message": str(self),
+            "message": self.public,
         }
 
     def __str__(self) -> str:
@@ -185,9 +236,24 @@ def _retry_after(exc: BaseException) -> float | None:
     return retry_after_s(headers, delta_seconds_only=True)
 
 
+def connector_cause(exc: BaseException) -> ConnectorError | None:
+    """A ConnectorError that `exc` is, or was raised from (an SDK wraps what its HTTP client's
+    hooks raise)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ConnectorError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__  # `raise ... from err`, as the SDKs wrap; not any handled context
+    return None
+
+
 def classify(exc: BaseException, *, started: bool = False) -> ConnectorError:
     """Map any exception to a ConnectorError; `started` marks a failure after the first result."""
     lineage = " ".join(c.__name__.lower() for c in type(exc).__mro__)  # SDKs name their classes
+    if (cause := connector_cause(exc)) is not None:
+        exc = cause  # raised inside an SDK (an egress hook) and wrapped by it
     if isinstance(exc, ConnectorError):
         err = exc
     elif isinstance(exc, TimeoutError | asyncio.TimeoutError) or "timeout" in lineage:

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from voicemesh.config.connectors import DEFAULT_ATTEMPT_TIMEOUT_MS
 from voicemesh.config.models import AgentConfig
+from voicemesh.config.secrets import credential_fields
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector
 from voicemesh.connectors.errors import ConnectorError, FailureKind, classify
@@ -37,10 +38,49 @@ LAST_RESORT_S = 60.0
 
 
 class AllConnectorsFailed(VoicemeshError, RuntimeError):
+    """`str()` has each connector's detail (for the logs); `public` and `code` are what a caller
+    is told."""
+
     def __init__(self, stage: str, errors: list[tuple[str, ConnectorError]]):
+        self.stage = stage
         self.errors = errors
         detail = "; ".join(f"{name}: {err}" for name, err in errors)
         super().__init__(f"every {stage} connector failed: {detail}")
+
+    @property
+    def public(self) -> str:
+        each = "; ".join(f"{name}: {err.public}" for name, err in self.errors)
+        return f"{self.stage} provider failed: {each}" if each else f"{self.stage} failed"
+
+    @property
+    def code(self) -> str:
+        return self.errors[-1][1].code if self.errors else INTERNAL_CODE
+
+
+#: The code of a failure that is not a provider's (a bug, the store): its text stays in the logs.
+INTERNAL_CODE = "STAGE_INTERNAL_3100"
+
+
+def caller_error(stage: str, exc: BaseException) -> tuple[str, str]:
+    """(text, code) a caller and the stored context get for a failed unit of work: short and
+    generic. The provider's words (which may quote whatever its host answered) stay in the logs."""
+    if isinstance(exc, AllConnectorsFailed):
+        return exc.public, exc.code
+    if isinstance(exc, ConnectorError):
+        return f"{stage} provider failed: {exc.public}", exc.code
+    return f"{stage} failed (see the stage's logs)", INTERNAL_CODE
+
+
+def _credentials(conn: Connector | None) -> list[str]:
+    """The connector's resolved credential values, to cut from a failure's detail."""
+    if conn is None:
+        return []
+    options = conn.options
+    return [
+        value
+        for name in credential_fields(type(options))
+        if isinstance(value := getattr(options, name, None), str) and value
+    ]
 
 
 class Chain:
@@ -102,7 +142,7 @@ class Chain:
     async def failed(
         self, name: str, conn: Connector | None, exc: BaseException, started: bool
     ) -> ConnectorError:
-        err = classify(exc, started=started)
+        err = classify(exc, started=started).scrubbed(_credentials(conn))
         self.failures.append((name, err))
         metrics.ERRORS.labels(self.stage, name, err.kind).inc()
         log.warning("%s connector %s failed (%s): %s", self.stage, name, err.code, err)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from voicemesh.config.connectors import CONNECTOR_OPTIONS, ConnectorOptions
+from voicemesh.config.hosts import check_egress
 from voicemesh.config.secrets import resolve_credentials
 from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector
@@ -134,6 +135,10 @@ class ConnectorPool:
             # connector holds the result: the stored config keeps the reference. Only the
             # fields the options model declares as credentials are resolved, and only for
             # allowed names: anything else that looks like a reference stays plain text.
+            # The egress policy again, at build time: a config that reached this process
+            # without passing validation (or an options object built in code) still cannot
+            # point a connector, and the secret it carries, somewhere else.
+            check_egress(stage, name, options)
             model = type(options)
             resolved = model.model_validate(
                 resolve_credentials(stage, name, model, options.model_dump())

@@ -14,6 +14,7 @@ from voicemesh.bus import Flag, Frame
 from voicemesh.bus.events import ErrorEvent, Transcript, WarningEvent
 from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector, LLMConnector, Message
+from voicemesh.connectors.fallback import caller_error
 from voicemesh.pipeline.base import QueuedStage
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.state.claims import DONE
@@ -154,9 +155,10 @@ class LLMService(QueuedStage):
             for sentence in splitter.flush():
                 await emit(sentence)
         except Exception as exc:  # not CancelledError: a newer turn needs no marker for this one
-            failed = str(exc)
             log.error("turn %d failed after %d sentences: %s", epoch, index, exc)
-            await self.notify(session, ErrorEvent(error=failed, epoch=epoch), epoch=epoch)
+            failed, code = caller_error(Stage.LLM, exc)  # the provider's words stay in the log
+            event = ErrorEvent(error=failed, code=code, stage=Stage.LLM, epoch=epoch)
+            await self.notify(session, event, epoch=epoch)
         if truncated:
             log.warning("turn %d: the reply reached %d characters and was cut", epoch, limit)
             cut = WarningEvent(

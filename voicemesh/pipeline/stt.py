@@ -22,7 +22,7 @@ from voicemesh.bus.events import ErrorEvent, Transcript
 from voicemesh.config.stages import Stage
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, STTConnector, STTStream
-from voicemesh.connectors.fallback import AllConnectorsFailed, Chain
+from voicemesh.connectors.fallback import AllConnectorsFailed, Chain, caller_error
 from voicemesh.pipeline.base import StageService
 from voicemesh.state.store import check_session_id
 
@@ -227,7 +227,9 @@ class STTService(StageService):
                 name = conn.name
             except AllConnectorsFailed as exc:
                 log.error("turn %d: %s", epoch, exc)
-                await self.notify(session, ErrorEvent(error=str(exc), epoch=epoch), epoch=epoch)
+                text, code = caller_error(Stage.STT, exc)
+                failed = ErrorEvent(error=text, code=code, stage=Stage.STT, epoch=epoch)
+                await self.notify(session, failed, epoch=epoch)
                 text, name = "", ""  # an empty final transcript: the caller's turn is over
         took_ms = (time.perf_counter() - t0) * 1000
         if not self.current(session, epoch):

@@ -12,6 +12,7 @@ from voicemesh.bus import Flag, Frame
 from voicemesh.bus.events import ErrorEvent, Hop
 from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector, TTSConnector
+from voicemesh.connectors.fallback import caller_error
 from voicemesh.pipeline.base import QueuedStage
 from voicemesh.state.claims import DONE
 
@@ -74,7 +75,8 @@ class TTSService(QueuedStage):
                 seq += 1
         except Exception as exc:  # not CancelledError: a newer turn needs no end for this one
             log.error("sentence %d of turn %d failed: %s", frame.index, frame.epoch, exc)
-            failed = ErrorEvent(error=str(exc), epoch=frame.epoch)
+            text, code = caller_error(Stage.TTS, exc)  # the provider's words stay in the log
+            failed = ErrorEvent(error=text, code=code, stage=Stage.TTS, epoch=frame.epoch)
             await self.notify(session, failed, epoch=frame.epoch)
         # Always close the sentence, or the transport would hold every later one back. LAST is
         # carried over for flows whose text comes straight from STT (one sentence per turn).

@@ -23,11 +23,13 @@ from voicemesh.connectors.base import LLMConnector, Message, SDKClient
 from voicemesh.connectors.errors import (
     ConnectorError,
     FailureKind,
+    connector_cause,
     error_detail,
     from_status,
     retry_after_s,
     transport_kind,
 )
+from voicemesh.connectors.http import EgressGuard, sdk_http_client
 
 #: Per-operation SDK timeout (connect, each read); the chain's attempt timeout is the real limit.
 SDK_TIMEOUT_S = 60.0
@@ -80,12 +82,16 @@ class AnthropicLLM(SDKClient, LLMConnector):
     can_probe = True
 
     def make_client(self) -> anthropic.AsyncAnthropic:
-        return anthropic.AsyncAnthropic(
+        guard = EgressGuard("anthropic")  # no redirects (x-api-key survives them), no other host
+        client = anthropic.AsyncAnthropic(
             api_key=self.options.api_key,
             base_url=self.options.base_url,
             max_retries=0,
             timeout=SDK_TIMEOUT_S,
+            http_client=sdk_http_client(anthropic, guard),
         )
+        guard.pin(client.base_url)
+        return client
 
     def _request(
         self, messages: list[Message], *, max_tokens: int | None = None
@@ -139,8 +145,8 @@ class AnthropicLLM(SDKClient, LLMConnector):
             raise self.error(exc) from exc
 
     def error(self, exc: BaseException) -> ConnectorError:
-        if isinstance(exc, ConnectorError):
-            return exc
+        if (wrapped := connector_cause(exc)) is not None:
+            return wrapped
         if isinstance(exc, anthropic.APIStatusError):
             kind, message = error_detail(exc.body)
             status = exc.status_code

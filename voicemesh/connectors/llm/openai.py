@@ -22,11 +22,13 @@ from voicemesh.connectors.base import NO_KEY, LLMConnector, Message, SDKClient
 from voicemesh.connectors.errors import (
     ConnectorError,
     FailureKind,
+    connector_cause,
     error_detail,
     from_status,
     retry_after_s,
     transport_kind,
 )
+from voicemesh.connectors.http import EgressGuard, sdk_http_client
 
 #: Per-operation SDK timeout (connect, each read). The chain's attempt timeout is the real
 #: limit on a turn; this only ends requests nobody waits for any more.
@@ -41,13 +43,17 @@ class OpenAILLM(SDKClient, LLMConnector):
     can_probe = True
 
     def make_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
+        guard = EgressGuard("openai")  # no redirects, no other host
+        client = openai.AsyncOpenAI(
             api_key=self.options.api_key or NO_KEY,
             base_url=self.options.base_url,
             organization=self.options.organization,
             max_retries=0,
             timeout=SDK_TIMEOUT_S,
+            http_client=sdk_http_client(openai, guard),
         )
+        guard.pin(client.base_url)
+        return client
 
     def _request(self, messages: list[Message]) -> dict[str, Any]:
         opts = self.options
@@ -99,8 +105,8 @@ class OpenAILLM(SDKClient, LLMConnector):
 
     def error(self, exc: BaseException) -> ConnectorError:
         """A classified failure whose message names the provider's error but never the key."""
-        if isinstance(exc, ConnectorError):
-            return exc
+        if (wrapped := connector_cause(exc)) is not None:
+            return wrapped
         if isinstance(exc, openai.APIStatusError):
             kind, message = error_detail(exc.body, ("code", "type"))
             err = from_status(

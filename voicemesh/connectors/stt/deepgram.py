@@ -6,8 +6,9 @@ for the last final segment and the server's Metadata. Interim results (and each 
 to `on_interim` as the running text of the utterance. `transcribe()` streams a whole buffered
 utterance at once: the replay path when another connector failed mid-utterance.
 
-The SDK's async live client (`client.listen.v1.connect`) is used as is: `environment` points it at
-any Deepgram-compatible host (`base_url`, e.g. a self-hosted Deepgram or the loopback server), it
+The SDK's async live client (`client.listen.v1.connect`) is used as is, except that its websocket
+connect refuses redirects (`_no_redirects`): `environment` points it at any Deepgram-compatible
+host on the egress allow-list (`base_url`, e.g. a self-hosted Deepgram or the loopback server), it
 sends `Authorization: Token <key>`, and it parses server messages into typed models. Failures are
 turned into ConnectorErrors here, with no secret in their text:
 - handshake rejected with an HTTP status (401, 429, 5xx) → `errors.from_status`;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import warnings
 from collections.abc import Awaitable, Callable
@@ -43,14 +45,52 @@ Interim = Callable[[str], Awaitable[None]]
 _closing: set[asyncio.Task[None]] = set()
 
 
+def _redirect_refused() -> ConnectorError:
+    return ConnectorError(
+        FailureKind.PERMANENT,
+        "deepgram websocket: the server answered a redirect; redirects are not followed",
+    )
+
+
+def _no_redirects(connect: Any) -> Any:
+    """`connect` (websockets' legacy or asyncio client, whichever the SDK holds) with redirects
+    refused. Both follow a redirect to any host by default: the legacy one keeps every header but
+    Authorization, and either would stream the caller's audio to wherever the redirect points."""
+    if getattr(connect, "_voicemesh_no_redirects", False):
+        return connect
+    if hasattr(connect, "handle_redirect"):  # websockets.legacy.client.Connect
+
+        class LegacyNoRedirect(connect):
+            _voicemesh_no_redirects = True
+
+            def handle_redirect(self, uri: str) -> None:
+                raise _redirect_refused()
+
+        return LegacyNoRedirect
+    if hasattr(connect, "process_redirect"):  # websockets.asyncio.client.connect
+
+        class NoRedirect(connect):
+            _voicemesh_no_redirects = True
+
+            def process_redirect(self, exc: Exception) -> Exception | str:
+                return _redirect_refused()
+
+        return NoRedirect
+    raise ConnectorError(FailureKind.PERMANENT, "deepgram: unknown websockets client")
+
+
+@functools.cache
 def _sdk() -> tuple[Any, Any, Any]:
     # deepgram-sdk 7 drives websockets' legacy client, which warns on import under websockets >= 14.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import deepgram.listen.v1.client  # noqa: F401  (imported lazily by the client, which warns)
+        import deepgram.listen.v1.client as listen  # imported lazily by the client, which warns
         from deepgram import AsyncDeepgramClient
         from deepgram.core.api_error import ApiError
         from deepgram.environment import DeepgramClientEnvironment
+    # The SDK offers no option for it: the live client's connect is swapped, in the SDK's module
+    # only, for one that refuses redirects.
+    listen.websockets_client_connect = _no_redirects(listen.websockets_client_connect)
     return AsyncDeepgramClient, ApiError, DeepgramClientEnvironment
 
 
@@ -154,7 +194,10 @@ class DeepgramStream(STTStream):
                     smart_format="true" if o.smart_format else "false",
                 )
             )
+        except ConnectorError:
+            raise  # a redirect refused
         except api_error as exc:
+            # (its `headers` are the request's, Authorization included: never put them in text)
             status = exc.status_code or 0
             raise from_status(
                 status, f"deepgram rejected the websocket: HTTP {status} {exc.body}"

@@ -17,6 +17,7 @@ from typing import Any
 
 from voicemesh.config.connectors import OpenAISTTOptions
 from voicemesh.connectors.base import NO_KEY, SDKClient, STTConnector
+from voicemesh.connectors.http import EgressGuard, sdk_http_client
 
 #: Sent when the config names no key: local OpenAI-compatible servers ignore it, and the SDK
 #: must not fall back to the process's OPENAI_API_KEY behind the config's back.
@@ -42,13 +43,17 @@ class OpenAISTT(SDKClient, STTConnector):
     can_probe = True
 
     def make_client(self) -> Any:
-        from openai import AsyncOpenAI
+        import openai
 
-        return AsyncOpenAI(
+        guard = EgressGuard("openai")  # no redirects, no other host
+        client = openai.AsyncOpenAI(
             api_key=self.options.api_key or NO_KEY,
             base_url=self.options.base_url,
             max_retries=0,
+            http_client=sdk_http_client(openai, guard),
         )
+        guard.pin(client.base_url)
+        return client
 
     async def transcribe(self, pcm: bytes, sample_rate: int) -> str:
         if len(pcm) < sample_rate * 2 * MIN_AUDIO_MS // 1000:

@@ -8,8 +8,10 @@ API exists, so this talks to the documented endpoint directly:
          X-Microsoft-OutputFormat: raw-16khz-16bit-mono-pcm (24/48 kHz too), User-Agent
     GET  {base}/cognitiveservices/voices/list   (the probe)
 
-with base https://{region}.tts.speech.microsoft.com unless `base_url` is set. The body streams as
-Azure produces it; chunks are re-aligned to whole samples.
+with base https://{region}.tts.speech.microsoft.com unless `base_url` is set (both checked against
+the egress policy before this connector is built). The body streams as Azure produces it; chunks
+are re-aligned to whole samples. The client follows no redirect and refuses a 200 that is not
+audio (http.EgressGuard).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from voicemesh.connectors.errors import (
     map_transport_errors,
     retry_after_s,
 )
-from voicemesh.connectors.http import TIMEOUT
+from voicemesh.connectors.http import TIMEOUT, EgressGuard
 
 USER_AGENT = "voicemesh"
 RAW_FORMAT = re.compile(r"raw-(\d+)(k?)hz-16bit-mono-pcm")  # raw-16khz-…, raw-22050hz-…
@@ -83,6 +85,8 @@ class AzureTTS(TTSConnector):
             raise ValueError(f"output_format {options.output_format!r} is not raw PCM")
         self._rate = int(fmt.group(1)) * (1000 if fmt.group(2) else 1)
         self._http: httpx.AsyncClient | None = None
+        # no redirects, no other host, and a 200 that is not audio is a failure
+        self.guard = EgressGuard("azure", self.base_url, audio_path="/cognitiveservices/v1")
 
     @property
     def sample_rate(self) -> int:
@@ -90,7 +94,7 @@ class AzureTTS(TTSConnector):
 
     def http(self) -> httpx.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(
+            self._http = self.guard.client(
                 timeout=TIMEOUT,
                 headers={
                     "Ocp-Apim-Subscription-Key": self.options.api_key,

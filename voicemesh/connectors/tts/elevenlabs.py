@@ -4,7 +4,8 @@ One AsyncElevenLabs client (with its own httpx pool) serves every session of the
 `text_to_speech.stream` yields the body as it arrives, so chunks may split a 16-bit sample;
 `whole_samples` re-aligns them. The SDK's errors carry the status but no `response`, so they are
 turned into ConnectorErrors here (Retry-After included); the SDK does not retry (max_retries 0):
-the fallback chain decides what happens after a failure.
+the fallback chain decides what happens after a failure. Its httpx client follows no redirect,
+sends to no other host and refuses a 200 that is not audio (http.EgressGuard).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from voicemesh.connectors.errors import (
     map_transport_errors,
     retry_after_s,
 )
-from voicemesh.connectors.http import TIMEOUT
+from voicemesh.connectors.http import TIMEOUT, EgressGuard
 
 if TYPE_CHECKING:
     from elevenlabs.client import AsyncElevenLabs
@@ -74,8 +75,11 @@ class ElevenLabsTTS(TTSConnector):
     def client(self) -> AsyncElevenLabs:
         if self._client is None:
             from elevenlabs.client import AsyncElevenLabs
+            from elevenlabs.environment import ElevenLabsEnvironment
 
-            self._http = httpx.AsyncClient(timeout=TIMEOUT)
+            base = self.options.base_url or ElevenLabsEnvironment.PRODUCTION.value
+            guard = EgressGuard("elevenlabs", base, audio_path="/text-to-speech/")
+            self._http = guard.client(timeout=TIMEOUT)
             self._client = AsyncElevenLabs(
                 api_key=self.options.api_key,
                 base_url=self.options.base_url,  # None: the SDK's production environment

@@ -3,6 +3,8 @@ streamed as it is produced (raw PCM16 mono at 24 kHz). `base_url` points it at a
 server. The SDK does not retry (max_retries 0): the fallback chain decides what happens after a
 failure. Its status errors carry `status_code` and the response (Retry-After included), which
 `errors.classify` reads as they are; a body cut mid-stream is turned into a network failure here.
+Its HTTP client follows no redirect, sends to no other host and refuses a 200 that is not audio
+(http.EgressGuard).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from voicemesh.config.connectors import OpenAITTSOptions
 from voicemesh.connectors.audio import whole_samples
 from voicemesh.connectors.base import NO_KEY, SDKClient, TTSConnector
 from voicemesh.connectors.errors import map_transport_errors
+from voicemesh.connectors.http import EgressGuard, sdk_http_client
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -40,14 +43,18 @@ class OpenAITTS(SDKClient, TTSConnector):
         return SAMPLE_RATE
 
     def make_client(self) -> AsyncOpenAI:
-        from openai import AsyncOpenAI
+        import openai
 
-        return AsyncOpenAI(
+        guard = EgressGuard("openai", audio_path="/audio/speech")
+        client = openai.AsyncOpenAI(
             api_key=self.options.api_key or NO_KEY,
             base_url=self.options.base_url,
             max_retries=0,
             timeout=TIMEOUT_S,
+            http_client=sdk_http_client(openai, guard),
         )
+        guard.pin(client.base_url)
+        return client
 
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         if not text.strip():

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from voicemesh.bus.events import CallerEvent
 from voicemesh.config.connectors import DailyTransportOptions
+from voicemesh.config.hosts import current_policy, url_problem
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.config.secrets import (
     SecretResolutionError,
@@ -351,10 +352,13 @@ def _resolve(field: str, value: str) -> str:
 
 
 def room_url_problem(url: str) -> str | None:
+    """A room URL the bot may join: https, on the daily connector's egress allow-list
+    (*.daily.co by default). Checked on the resolved value too: the bot sends the meeting token
+    there. The message does not repeat the URL (it may come from the environment)."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         return "must be a room URL such as https://your-domain.daily.co/room-name"
-    return None
+    return url_problem(url, "transport", "daily", ("https",), current_policy(), show=False)
 
 
 def daily_routes(

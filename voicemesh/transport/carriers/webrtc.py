@@ -31,6 +31,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.bus.events import CallerEvent, EventError, parse_caller_control
 from voicemesh.config.connectors import WebRTCTransportOptions
+from voicemesh.config.hosts import EgressError, check_egress
 from voicemesh.config.secrets import SecretResolutionError, credential_fields, resolve_credential
 from voicemesh.state import NotFound
 from voicemesh.transport.api.security import ApiKeyAuth, Client
@@ -183,6 +184,7 @@ def ice_servers(options: WebRTCTransportOptions) -> list[IceServer]:
     here, and lives nowhere else."""
     if not options.ice_servers:
         return []
+    check_egress("transport", "webrtc", options)  # as at push time: a stored config may be older
     spec = credential_fields(WebRTCTransportOptions)["ice_credential"]
     credential = resolve_credential("transport", "webrtc", spec, options.ice_credential) or None
     username = options.ice_username or None
@@ -287,6 +289,8 @@ def webrtc_routes(
             handler = handler_for(options)
         except SecretResolutionError as exc:  # the transport's environment lacks the TURN secret
             raise HTTPException(503, f"WebRTC ICE servers: {exc}") from None
+        except EgressError as exc:  # a config stored before the egress policy, or under another
+            raise HTTPException(422, f"WebRTC ICE servers: {exc}") from None
         try:
             answer = await handler.handle_web_request(request, start_call)
         except Exception as exc:  # aiortc's words for a malformed offer
