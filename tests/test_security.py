@@ -37,7 +37,7 @@ from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import ConnectionSettings, Settings
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
 from voicemesh.state import ConfigStore, StoreError
-from voicemesh.transport.api import security, tenants
+from voicemesh.transport.api import tenants
 from voicemesh.transport.api.app import create_app
 from voicemesh.transport.api.security import INVALID, MISSING, ApiKeyAuth, AuthConfigError
 from voicemesh.transport.api.service import TransportService

@@ -248,7 +248,7 @@ def load_keys_file(path: Path) -> KeysFile:
         return KeysFile.model_validate_json(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}"
+            f"{'.'.join(str(p) for p in e['loc'] if p != '[key]') or '(file)'}: {e['msg']}"
             for e in exc.errors(include_input=False, include_url=False)[:10]
         )
         raise AuthConfigError(f"VOICEMESH_KEYS_FILE {path}: {problems}") from None
