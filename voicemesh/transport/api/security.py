@@ -9,7 +9,6 @@ counter's name holds the tenant's name or the address, never a key.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -67,11 +66,6 @@ class Client:
     def may_see(self, owner: str) -> bool:
         """Whether a session or agent of `owner` exists for this client (else: 404)."""
         return self.tenant.may_see(owner)
-
-
-def key_id(key: str) -> str:
-    """A stable, non-reversible name for a key (logs, rate-limit counters)."""
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def same_origin(origin: str, host: str) -> bool:

@@ -299,8 +299,8 @@ class CallSlot:
             await asyncio.sleep(slots.lease_ms / 3000)
             try:
                 await slots.renew(self)
-            except UNREACHABLE as exc:
-                log.warning("Valkey unreachable, call slot of %s not renewed: %s", self.tenant, exc)
+            except Exception as exc:  # keep trying: the call is live, and a lapsed slot is retaken
+                log.warning("call slot of %s not renewed: %s", self.tenant, exc)
 
     async def release(self) -> None:
         slots, self._slots = self._slots, None
