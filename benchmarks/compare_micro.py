@@ -8,7 +8,10 @@ the table gives, per benchmark, the median of the per-round medians and the rati
     .venv/bin/python benchmarks/compare_micro.py --against 074b560 [--rounds 4] [--out FILE]
 
 The older commit is checked out into a temporary git worktree (removed afterwards); its
-test_micro.py may name modules by their old paths, which is why each tree runs its own file.
+test_micro.py may name modules by their old paths, which is why each tree runs its own file. With
+`--this-file`, both run this tree's file instead: for a benchmark the older tree lacks, when both
+trees have the modules it imports (the settings it needs only in the newer tree are set only where
+they exist, see UNLIMITED in test_micro.py).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(tree: Path, out: Path) -> dict[str, float]:
-    """Median seconds per benchmark of one pytest-benchmark run of `tree`'s test_micro.py."""
+def run(tree: Path, out: Path, bench: Path | None = None) -> dict[str, float]:
+    """Median seconds per benchmark of one pytest-benchmark run of `tree`'s test_micro.py (or of
+    `bench`, a file that imports only what both trees have)."""
     subprocess.run(
-        [sys.executable, "-m", "pytest", str(tree / "benchmarks/test_micro.py"), "-q",
+        [sys.executable, "-m", "pytest", str(bench or tree / "benchmarks/test_micro.py"), "-q",
          "--benchmark-only", f"--benchmark-json={out}", "-p", "no:cacheprovider",
          "--rootdir", str(tree)],
         cwd=tree,
@@ -45,6 +49,12 @@ def main() -> int:
     ap.add_argument("--against", required=True, help="the older commit (any git revision)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/micro-compare.md")
+    ap.add_argument(
+        "--this-file",
+        action="store_true",
+        help="run this tree's test_micro.py on both trees (when the older one lacks a benchmark "
+        "and has the same module paths)",
+    )
     args = ap.parse_args()
     rev = subprocess.run(
         ["git", "rev-parse", "--short", args.against], cwd=ROOT, check=True, capture_output=True,
@@ -64,7 +74,8 @@ def main() -> int:
                 order = ("old", "new") if r % 2 == 0 else ("new", "old")
                 for which in order:
                     tree = old if which == "old" else ROOT
-                    runs[which].append(run(tree, Path(tmp) / f"{which}{r}.json"))
+                    bench = ROOT / "benchmarks/test_micro.py" if args.this_file else None
+                    runs[which].append(run(tree, Path(tmp) / f"{which}{r}.json", bench))
                     print(f"round {r + 1}/{args.rounds}: {which} done", file=sys.stderr)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT,
@@ -74,7 +85,8 @@ def main() -> int:
         f"# Micro-benchmarks: {head} against {rev}, one run",
         "",
         f"{time.strftime('%Y-%m-%d')}; `benchmarks/compare_micro.py --against {args.against} "
-        f"--rounds {args.rounds}`; medians of {args.rounds} alternating rounds, µs per call.",
+        f"--rounds {args.rounds}{' --this-file' if args.this_file else ''}`; "
+        f"medians of {args.rounds} alternating rounds, µs per call.",
         "",
         f"| benchmark | {rev} | {head} | new ÷ old |",
         "|---|---|---|---|",

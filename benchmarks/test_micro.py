@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,3 +326,149 @@ async def _noop() -> int:
 def test_coroutine_driver(benchmark) -> None:
     """Baseline: creating and driving an empty coroutine, the floor under the cache hit above."""
     assert benchmark(lambda: run_sync(_noop())) == 7
+
+
+# --- a call's per-frame path and session creation ---------------------------------------------
+#
+# Both go through the whole transport as a caller meets it, so a limit, an owner check or a
+# validator added anywhere on the way is counted: a Call's receive loop fed by a peer, and
+# POST /api/sessions on the FastAPI app (auth, validation, rate count, Valkey write).
+
+#: settings that exist only in newer trees are set when present, so one file serves both trees
+#: of compare_micro.py; each turns off a limit a benchmark would otherwise hit by design (frames
+#: fed faster than real time, thousands of sessions from one key)
+UNLIMITED = {
+    "caller_audio_max_rate": 1e6,
+    "session_rate": "1000000/1",
+    "tenant_session_rate": "1000000/1",
+    "tenant_max_calls": 1_000_000,
+}
+SILENCE = bytes(640)  # 20 ms: the per-frame path while the caller listens (no turn, no publish)
+CALL_FRAMES = 1000
+API_KEY = "bench-key-0123456789"
+
+
+def unlimited(settings: Any) -> Any:
+    fields = type(settings).model_fields
+    return settings.model_copy(update={k: v for k, v in UNLIMITED.items() if k in fields})
+
+
+class FeedPeer:
+    """A peer whose caller sends `n` frames at once, then hangs up: the Call's loop runs flat
+    out, so its time is the per-frame cost of the transport's own work (rechunking, VAD, turn
+    state, and any check on the way)."""
+
+    name = "websocket"
+    out_rate = 16_000
+    continuous = False
+    lead_frames = 0
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.events: list[Any] = []
+
+    async def receive(self) -> bytes | None:
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        return SILENCE
+
+    async def send_audio(self, pcm: bytes) -> None:
+        pass
+
+    async def send_event(self, event: Any) -> None:
+        self.events.append(event)
+
+    async def deliver(self, event: Any) -> None:
+        self.events.append(event)
+
+    def hang_up(self) -> None:
+        self.left = 0
+
+    def interrupted(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Transport:
+    loop: Any
+    service: Any
+    client: Any
+    session: str
+    config: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def transport(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Transport]:
+    """A started TransportService on real servers, its app behind an in-process httpx client,
+    and a session whose transport uses the energy VAD (the cheapest: the rest of the path shows)."""
+    import asyncio
+
+    import httpx
+    from pydantic import SecretStr
+
+    from voicemesh.config.settings import Settings
+    from voicemesh.transport.api.app import create_app
+    from voicemesh.transport.api.service import TransportService
+
+    data = tmp_path_factory.mktemp("transport")
+    nats, valkey = start_nats(data), start_valkey(data)
+    loop = asyncio.new_event_loop()
+    prefix = f"b{uuid.uuid4().hex[:10]}"
+    settings = Settings(
+        nats_url=nats.url, valkey_url=valkey.url, subject_prefix=prefix, key_prefix=prefix,
+        preload=False, api_keys=(SecretStr(API_KEY),),
+    )  # fmt: skip
+    service = TransportService(unlimited(settings))
+    config = orjson.loads(AGENT_FILE.read_bytes())
+    config["connectors"]["transport"]["primary"] = "websocket"
+    config["connectors"]["transport"]["config"]["websocket"] = {"vad": "energy"}
+    try:
+        loop.run_until_complete(service.start())
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(service)),
+            base_url="http://bench",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+        made = loop.run_until_complete(client.post("/api/sessions", json={"config": config}))
+        assert made.status_code == 201, made.text
+        yield Transport(loop, service, client, made.json()["session_id"], config)
+        loop.run_until_complete(client.aclose())
+        loop.run_until_complete(service.stop())
+    finally:
+        loop.close()
+        nats.stop()
+        valkey.stop()
+
+
+@pytest.mark.benchmark(group="call frames (1000 x 20 ms)")
+def test_call_frames(benchmark, transport: Transport) -> None:
+    """1000 caller frames through Call.run: divide by 1000 for the cost of one frame."""
+    from voicemesh.transport.call.call import Call
+
+    def call() -> FeedPeer:
+        peer = FeedPeer(CALL_FRAMES)
+        transport.loop.run_until_complete(
+            Call(transport.service, transport.session, peer).run()  # type: ignore[arg-type]
+        )
+        return peer
+
+    peer = benchmark.pedantic(call, rounds=15, warmup_rounds=2)
+    assert peer.left == 0
+    kinds = [getattr(e, "type", None) for e in peer.events]
+    assert "error" not in kinds, peer.events
+
+
+@pytest.mark.benchmark(group="session create")
+def test_session_create(benchmark, transport: Transport) -> None:
+    """POST /api/sessions with the default agent's config inline, as a client creates a call."""
+    body = {"config": transport.config}
+
+    def create() -> Any:
+        return transport.loop.run_until_complete(transport.client.post("/api/sessions", json=body))
+
+    made = benchmark.pedantic(create, rounds=200, warmup_rounds=10)
+    assert made.status_code == 201, made.text

@@ -220,12 +220,21 @@ def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _str_items(annotation: Any) -> bool:
+    """A list of strings (each maybe capped: Annotated[str, ...])."""
+    (item,) = typing.get_args(annotation) or (None,)
+    if typing.get_origin(item) is typing.Annotated:
+        item = typing.get_args(item)[0]
+    return item is str
+
+
 def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
     """Values the options model accepts for one field, read off its annotation and constraints."""
     info = model.model_fields[name]
     annotation, optional = _unwrap_optional(info.annotation)
     bounds: dict[str, Any] = {}
     min_len = 0
+    max_len = 20  # short values; within every cap the options declare (voicemesh.config.limits)
     for meta in info.metadata:
         if isinstance(meta, at.Ge):
             bounds["min_value"] = meta.ge
@@ -237,6 +246,8 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
             bounds["max_value"], bounds["exclude_max"] = meta.lt, True
         elif isinstance(meta, at.MinLen):
             min_len = meta.min_length
+        elif isinstance(meta, at.MaxLen):
+            max_len = min(max_len, meta.max_length)
     strategy: st.SearchStrategy[Any]
     if typing.get_origin(annotation) is Literal:
         strategy = st.sampled_from(typing.get_args(annotation))
@@ -251,15 +262,15 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
     elif annotation is str:
         spec = credential_fields(model).get(name)
         # a credential names one of its default variables; "${...}" stands nowhere else
-        text = st.text(min_size=min_len, max_size=20).filter(lambda t: not is_secret_ref(t))
+        text = st.text(min_size=min_len, max_size=max_len).filter(lambda t: not is_secret_ref(t))
         if spec is not None:
             refs = st.sampled_from([f"${{{e}}}" for e in spec.env])
             strategy = refs | text if spec.clear else refs
         else:
             strategy = text
-    elif typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
+    elif typing.get_origin(annotation) is list and _str_items(annotation):
         items = st.text(max_size=20).filter(lambda t: not is_secret_ref(t))
-        strategy = st.lists(items, min_size=max(min_len, 1), max_size=3)
+        strategy = st.lists(items, min_size=max(min_len, 1), max_size=min(3, max_len))
     else:  # pragma: no cover - a new field type: teach this generator about it
         raise AssertionError(f"no strategy for {model.__name__}.{name}: {info.annotation}")
     return st.none() | strategy if optional else strategy

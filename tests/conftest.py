@@ -16,8 +16,10 @@ from tests.support import Services, TransportApp, heard, running_transport
 from voicemesh.bus import Bus, Subjects
 from voicemesh.config.logging import route_loguru
 from voicemesh.config.settings import Settings
+from voicemesh.credentials import ServerCredentials
 from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
 from voicemesh.state import ConfigStore
+from voicemesh.state.keys import Keys
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
 
 route_loguru()  # pipecat's loguru chatter (DEBUG on every WebRTC event) into pytest's capture
@@ -28,16 +30,26 @@ AGENT_FILE = ROOT / "config" / "agent-config.json"
 
 @dataclass
 class Servers:
+    """The suite's servers want a login, as `voicemesh up`'s do: a user per role plus `admin`.
+    `url` of each carries the admin's credentials, so a test that only needs a server uses it as
+    is; `creds` has every role's (their permissions match any subject and key prefix here, since
+    each test has its own)."""
+
     nats: EmbeddedServer
     valkey: EmbeddedServer
+    creds: ServerCredentials
 
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     data = tmp_path_factory.mktemp("servers")
-    nats = start_nats(data)
-    valkey = start_valkey(data)
-    yield Servers(nats, valkey)
+    creds = ServerCredentials.generate()
+    conf = creds.write_nats_config(data / "nats.conf", Subjects("*"))
+    acl = creds.write_valkey_acl(data / "users.acl", Keys("*"))
+    nats = start_nats(data, args=["-c", str(conf)])
+    valkey = start_valkey(data, args=["--aclfile", str(acl)])
+    nats.url, valkey.url = creds.url(nats.url), creds.url(valkey.url)
+    yield Servers(nats, valkey, creds)
     nats.stop()
     valkey.stop()
 

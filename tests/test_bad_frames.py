@@ -4,7 +4,7 @@ transport's config manager) running in-process on the real servers.
 Frame subjects (`<p>.stt|llm|tts|ctl.<sid>`): malformed bytes are dropped, counted in
 `voicemesh_frames_dropped_total` and warned about once per subject family per instance, and the
 service answers a normal turn afterwards. Request/broadcast subjects (`<p>.config.update`,
-`<p>.assign.stt`, `<p>.config.get.<sid>`, `<p>.health.<role>`, `<p>.connector.health`) carry
+`<p>.assign.stt`, `<p>.config.get.<sid>`, `<p>.health.<role>`, `<p>.connector.health.<stage>`) carry
 JSON, not frames: garbage there gets an error reply or is ignored, never kills a subscription.
 
 The full turn used as "still works": audio → STT (OpenAI transcriptions API on a loopback server)
@@ -567,7 +567,7 @@ async def test_garbage_health_requests_are_answered(pipeline: Pipeline) -> None:
 
 async def test_garbage_connector_health_news_is_ignored(pipeline: Pipeline) -> None:
     p = pipeline
-    subject = p.subjects.connector_health
+    subject = p.subjects.connector_health("llm")
     for body in [
         *GARBAGE,
         b'{"stage": "llm", "connector": "scripted"}',

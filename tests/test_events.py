@@ -33,6 +33,7 @@ from voicemesh.bus.events import (
     TurnMetrics,
     TurnStarted,
     UserStopped,
+    WarningEvent,
     parse_caller_control,
     parse_caller_event,
     parse_ctl_event,
@@ -142,6 +143,16 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
     (
         ErrorEvent(error="too many", retry_after_s=12),
         {"type": "error", "error": "too many", "retry_after_s": 12},
+    ),
+    (  # llm: a reply cut at VOICEMESH_MAX_REPLY_CHARS; the turn ends normally
+        WarningEvent(code="reply_truncated", message="cut", stage=Stage.LLM, epoch=3),
+        {
+            "type": "warning",
+            "code": "reply_truncated",
+            "message": "cut",
+            "stage": "llm",
+            "epoch": 3,
+        },
     ),
     (Turn(epoch=4), {"type": "turn", "epoch": 4}),
     (Interrupt(epoch=4, interrupted=3), {"type": "interrupt", "epoch": 4, "interrupted": 3}),

@@ -9,6 +9,7 @@ connectors (`scripted` LLM, `tone` TTS); nothing loads a model.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from tests.support import Services, has_last, listen, scripted, until
 from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects, encode
+from voicemesh.config.models import parse_agent_config
 from voicemesh.pipeline import LLMService, StageService, STTService, TTSService
 from voicemesh.router import publish_config_update
 from voicemesh.state import ConfigStore
@@ -218,13 +220,18 @@ async def test_in_flight_turn_of_an_older_epoch_is_cancelled(
     subjects: Subjects,
     agent_json: dict,
 ) -> None:
+    # A reply far longer than a config may script (replies are capped): the echo LLM repeats a
+    # long user turn, on a stage whose reply limit is raised out of the way.
     n = 20_000
-    long_reply = " ".join(["Go."] * n)
-    sid = (await store.create_session(scripted(agent_json, [long_reply]))).session_id
+    long_turn = " ".join(["Go."] * n)
+    config = copy.deepcopy(agent_json)
+    config["connectors"]["llm"] = {"primary": "echo"}
+    config["connectors"]["tts"] = {"primary": "tone"}
+    sid = (await store.create_session(parse_agent_config(config))).session_id
     tts = await listen(bus, subjects.data("tts", sid))
-    llm = await services.start(LLMService)
+    llm = await services.start(LLMService, max_reply_chars=1_000_000)
 
-    await bus.publish(subjects.data("llm", sid), Frame.text("talk a lot", epoch=1))
+    await bus.publish(subjects.data("llm", sid), Frame.text(long_turn, epoch=1))
     await tts.wait_for(lambda fs: len(fs) >= 1)
     await bus.publish(subjects.ctl(sid), Frame.event({"type": kind, "epoch": 2}, epoch=2))
     await until(lambda: sid not in llm._work, what="the old turn to stop")

@@ -843,7 +843,10 @@ def test_nats_options_from_settings(pki: Pki) -> None:
     assert nats_options(ConnectionSettings(nats_user="u", nats_password="p")) == {
         "user": "u",
         "password": "p",
+        "inbox_prefix": "_INBOX.u",  # the user's own inboxes, which permissions can scope
     }
+    explicit = ConnectionSettings(nats_user="u", nats_password="p", nats_inbox_prefix="_R.u")
+    assert nats_options(explicit)["inbox_prefix"] == "_R.u"
     assert nats_options(ConnectionSettings(nats_token="t")) == {"token": "t"}
     opts = nats_options(
         ConnectionSettings(

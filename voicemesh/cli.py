@@ -110,12 +110,15 @@ async def _check_valkey(settings: Any) -> None:
 # --- up -------------------------------------------------------------------------------------
 
 
-async def _seed_agent(settings: Any, valkey_url: str, agent_file: Path) -> str:
+async def _seed_agent(settings: Any, valkey_url: str, agent_file: Path, conn: Any = None) -> str:
+    """`conn`: the connection settings to log in with (default: `settings`)."""
     from voicemesh.config.connections import redact_url
     from voicemesh.config.models import parse_agent_config
     from voicemesh.state.store import ConfigStore
 
-    store = ConfigStore.from_url(valkey_url, settings=settings, key_prefix=settings.key_prefix)
+    store = ConfigStore.from_url(
+        valkey_url, settings=conn or settings, key_prefix=settings.key_prefix
+    )
     try:
         await store.check()
         config = parse_agent_config(await asyncio.to_thread(agent_file.read_bytes))
@@ -173,12 +176,15 @@ def _up_auth(env: dict[str, str], settings: Any, host: str, port: int) -> list[s
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from voicemesh.bus import BusError
+    from voicemesh.bus import BusError, Subjects
+    from voicemesh.bus.permissions import ADMIN
     from voicemesh.config.connections import redact_url
     from voicemesh.config.settings import Settings
-    from voicemesh.launcher import Stack, StartupError
+    from voicemesh.credentials import ServerCredentials
+    from voicemesh.launcher import ROLES, Stack, StartupError
     from voicemesh.servers import ServerError, start_nats, start_valkey
     from voicemesh.state import StoreError
+    from voicemesh.state.keys import Keys
 
     settings = Settings()
     args.host = args.host or settings.http_host
@@ -201,12 +207,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         auth_notes = _up_auth(env, settings, args.host, args.port)
         # local use: a browser on this host may only reach the transport over loopback
         env.setdefault("VOICEMESH_WEBRTC_LOOPBACK", "1")
+        # Embedded servers get a user per role with new random passwords on every run: no other
+        # process on this host can drive the bus or read the store, and each role may do only
+        # its own job there. An external server keeps the credentials the environment gives.
+        creds = ServerCredentials.generate(
+            nats=not settings.nats_url, valkey=not settings.valkey_url
+        )
+        env = creds.scrub(env)
+        admin = creds.settings(ADMIN, base=settings)
         if settings.nats_url:
             _say(f"using NATS at {redact_url(settings.nats_url)}")
             nats_url = settings.nats_url
         else:
             t0 = time.monotonic()
-            nats = start_nats(data_dir)
+            conf = creds.write_nats_config(
+                data_dir / "nats.conf", Subjects(settings.subject_prefix)
+            )
+            nats = start_nats(data_dir, args=["-c", str(conf)])
             servers.append(nats)
             nats_url = nats.url
             _say(f"started nats-server at {nats_url} in {time.monotonic() - t0:.2f} s")
@@ -215,17 +232,29 @@ def cmd_up(args: argparse.Namespace) -> int:
             valkey_url = settings.valkey_url
         else:
             t0 = time.monotonic()
-            vk = start_valkey(data_dir)
+            acl = creds.write_valkey_acl(data_dir / "valkey-users.acl", Keys(settings.key_prefix))
+            vk = start_valkey(data_dir, args=["--aclfile", str(acl)])
             servers.append(vk)
             valkey_url = vk.url
             _say(
                 f"started valkey-server at {valkey_url} in {time.monotonic() - t0:.2f} s "
                 f"(data in {data_dir / 'valkey'})"
             )
+        if creds.nats or creds.valkey:
+            _say(
+                "the embedded servers want a login: one user per role, with new passwords in "
+                f"each role's environment (NATS permissions in {data_dir / 'nats.conf'})"
+            )
         env.update(NATS_URL=nats_url, VALKEY_URL=valkey_url)
-        _say(asyncio.run(_seed_agent(settings, valkey_url, Path(args.agent_file))))
+        _say(asyncio.run(_seed_agent(settings, valkey_url, Path(args.agent_file), admin)))
 
-        stack = Stack(env, instances=args.instances, http_host=args.host, http_port=args.port)
+        stack = Stack(
+            env,
+            instances=args.instances,
+            http_host=args.host,
+            http_port=args.port,
+            role_env={role: creds.role_env(role) for role in ROLES},
+        )
         stack.start()
         _say(f"starting {', '.join(stack.procs)}; engines load once per process...")
         asyncio.run(
@@ -234,7 +263,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 settings.subject_prefix,
                 limit_s=args.startup_timeout,
                 progress=_say,
-                settings=settings,
+                settings=admin,
             )
         )
         metrics = ", ".join(f"{n} :{p}" for n, p in stack.metrics_ports.items())
@@ -450,6 +479,37 @@ def cmd_config(args: argparse.Namespace) -> int:
     raise AssertionError(args.config_cmd)
 
 
+# --- nats-config, valkey-acl ---------------------------------------------------------------
+
+
+def cmd_nats_config(args: argparse.Namespace) -> int:
+    """The NATS users and permissions every role needs, for an operator's own nats-server."""
+    from voicemesh.bus import Subjects
+    from voicemesh.bus.permissions import nats_config, permissions_table
+
+    subjects = Subjects(args.prefix)
+    print(permissions_table(subjects) if args.table else nats_config(subjects), end="")
+    return 0
+
+
+def cmd_valkey_acl(args: argparse.Namespace) -> int:
+    """The Valkey ACL users every role needs, for an operator's own valkey-server."""
+    from voicemesh.bus.permissions import USERS
+    from voicemesh.state.acl import DEFAULT_OFF, acl_script, password_env, rules
+    from voicemesh.state.keys import Keys
+
+    keys = Keys(args.key_prefix)
+    if args.script:
+        print(acl_script(keys, USERS), end="")
+        return 0
+    print("# Valkey ACL users for voicemesh (voicemesh/state/acl.py). Put each user's password")
+    print("# after '>' (or its SHA-256 after '#') and load with --aclfile or ACL LOAD.")
+    print(DEFAULT_OFF)
+    for user in USERS:
+        print(" ".join(("user", user, "on", f">{password_env(user)}", *rules(user, keys))))
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -563,6 +623,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="agent with the offline engines, for the voice-to-voice call",
     )
     bench.set_defaults(fn=cmd_bench)
+
+    nc = sub.add_parser(
+        "nats-config",
+        help="print nats-server's authorization block: a user per role and its permissions "
+        "(passwords from $NATS_PASSWORD_<USER>)",
+    )
+    nc.add_argument("--prefix", default="vm", help="subject prefix (VOICEMESH_SUBJECT_PREFIX)")
+    nc.add_argument("--table", action="store_true", help="print the permissions as Markdown")
+    nc.set_defaults(fn=cmd_nats_config)
+
+    va = sub.add_parser("valkey-acl", help="print the Valkey ACL users of every role")
+    va.add_argument("--key-prefix", default="vm", help="key prefix (VOICEMESH_KEY_PREFIX)")
+    va.add_argument(
+        "--script",
+        action="store_true",
+        help="print a sh script that writes the ACL file from $VALKEY_PASSWORD_<USER> and "
+        "starts valkey-server (docker-compose's deploy/valkey-start.sh)",
+    )
+    va.set_defaults(fn=cmd_valkey_acl)
 
     cfg = sub.add_parser("config", help="validate, push, list and read configs")
     cfg.add_argument("--url", default="http://127.0.0.1:8080", help="transport API")

@@ -56,8 +56,11 @@ class Stack:
         instances: int = 1,
         http_port: int = 8080,
         http_host: str = "127.0.0.1",
+        role_env: Mapping[str, Mapping[str, str]] | None = None,
     ):
         self.env = dict(env)
+        #: per role, what only that role's processes get (its own NATS and Valkey credentials)
+        self.role_env = {role: dict(e) for role, e in (role_env or {}).items()}
         self.instances = instances
         self.http_host, self.http_port = http_host, http_port
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -86,7 +89,7 @@ class Stack:
         self.specs[name] = (role, extra_env)
         proc = subprocess.Popen(
             self.command(role),
-            env={**self.env, **extra_env},
+            env={**self.env, **self.role_env.get(role, {}), **extra_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

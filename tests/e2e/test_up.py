@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 
 from tests.conftest import AGENT_FILE, ROOT
 from voicemesh.callers.script import load_pcm16
+from voicemesh.config.settings import ConnectionSettings
 from voicemesh.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -82,6 +84,36 @@ def pids_with_env(entry: str) -> list[int]:
         if needle in env and _live(d):
             found.append(int(d.name))
     return found
+
+
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").partition("=")[::2] for e in raw if b"=" in e)
+
+
+def logins_are_per_role(data: Path, roles: list[int], nats_url: str, output: str) -> None:
+    """The embedded servers want a login: each role has its own user and password, in its
+    environment and never on its command line; the configs are private; nothing is logged."""
+    for name in ("nats.conf", "valkey-users.acl"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    users, passwords = set(), set()
+    for pid in roles:
+        env, argv = environ(pid), Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        role = argv.split("\0")[-2]
+        assert env["VOICEMESH_NATS_USER"] == env["VOICEMESH_VALKEY_USERNAME"] == role
+        for key in ("VOICEMESH_NATS_PASSWORD", "VOICEMESH_VALKEY_PASSWORD"):
+            assert env[key] not in argv and env[key] not in output
+            passwords.add(env[key])
+        users.add(role)
+    assert users == {"transport", "stt", "llm", "tts"} and len(passwords) == 8
+
+    async def refused() -> None:
+        import nats as nats_client
+
+        with pytest.raises(Exception, match="Authorization Violation"):
+            await nats_client.connect(nats_url, allow_reconnect=False, max_reconnect_attempts=0)
+
+    asyncio.run(refused())
 
 
 class Output:
@@ -161,6 +193,7 @@ def test_up_serves_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         assert [n for n, _ in servers] == ["nats-server", "valkey-server"], servers
         roles = pids_with_env(f"NATS_URL={nats.group(1)}")
         assert len(roles) == 4, roles  # transport, stt, llm, tts
+        logins_are_per_role(data, roles, nats.group(1), out.text)
 
         os.kill(proc.pid, signal.SIGINT)
         rc = proc.wait(60)
@@ -234,6 +267,18 @@ class Up:
     def nats_url(self) -> str:
         return self.wait_for(r"started nats-server at (nats://127\.0\.0\.1:\d+)").group(1)
 
+    def login(self, role: str) -> ConnectionSettings:
+        """A role's NATS and Valkey login, as its environment has it (an operator's tool on this
+        host, running as the same user, could read it there too)."""
+        [pid] = self.role_pids(role)
+        env = environ(pid)
+        return ConnectionSettings(
+            nats_user=env["VOICEMESH_NATS_USER"],
+            nats_password=env["VOICEMESH_NATS_PASSWORD"],
+            valkey_username=env["VOICEMESH_VALKEY_USERNAME"],
+            valkey_password=env["VOICEMESH_VALKEY_PASSWORD"],
+        )
+
     def role_pids(self, role: str) -> list[int]:
         found = []
         for pid in pids_with_env(f"NATS_URL={self.nats_url}"):
@@ -272,7 +317,8 @@ async def test_up_restarts_a_killed_llm_and_the_next_turn_is_answered(
         up.wait_for(r"\bup:")
         [old] = up.role_pids("llm")
         others = {r: up.role_pids(r) for r in ("transport", "stt", "tts")}
-        bus = await Bus.connect(up.nats_url, name="e2e-up")
+        # the transport's login: it may ask whether a stage is up
+        bus = await Bus.connect(up.nats_url, name="e2e-up", settings=up.login("transport"))
         times: dict[str, float] = {}
 
         async def kill_llm(_: int, turn: TurnResult) -> None:

@@ -7,12 +7,12 @@ Channels:
 - **caller** (`CallerEvent`, `parse_caller_event`): what the transport sends a caller, as WebSocket
   text frames, WebRTC data-channel messages or Daily app messages: `session`, `turn`,
   `user_stopped`, `transcript`, `hop`, `bot_started`, `turn_metrics`, `bot_done`, `interrupted`,
-  `error`.
+  `error`, `warning`.
 - **caller control** (`CallerControl`, `parse_caller_control`): what a caller sends the transport
   (`end`: hang up).
 - **side** (`SideEvent`, `parse_side_event`): EVENT frames from the stages straight to
-  `vm.transport.<sid>`, beside the flow: `transcript`, `hop`, `error`. The transport forwards each
-  one to the caller.
+  `vm.transport.<sid>`, beside the flow: `transcript`, `hop`, `error`, `warning`. The transport
+  forwards each one to the caller.
 - **ctl** (`CtlEvent`, `parse_ctl_event`): EVENT frames on `vm.ctl.<sid>`: `turn`, `interrupt`,
   `end`, `call_end`.
 
@@ -180,6 +180,18 @@ class ErrorEvent(Event):
     retry_after_s: int | None = _optional()
 
 
+class WarningEvent(Event):
+    """Something was cut short, but the turn goes on and ends normally: `code` says what, for a
+    client to match on; `message` says it in words. From the LLM stage: `reply_truncated` when a
+    reply reached VOICEMESH_MAX_REPLY_CHARS and the rest was not generated."""
+
+    type: Literal["warning"] = "warning"
+    code: str
+    message: str
+    stage: Stage | None = _optional()
+    epoch: int | None = _optional()
+
+
 # --- vm.ctl.<sid> -------------------------------------------------------------------------------
 
 
@@ -224,10 +236,11 @@ CallerEvent = Annotated[
     | TurnMetrics
     | BotDone
     | Interrupted
-    | ErrorEvent,
+    | ErrorEvent
+    | WarningEvent,
     Field(discriminator="type"),
 ]
-SideEvent = Annotated[Transcript | Hop | ErrorEvent, Field(discriminator="type")]
+SideEvent = Annotated[Transcript | Hop | ErrorEvent | WarningEvent, Field(discriminator="type")]
 CtlEvent = Annotated[Turn | Interrupt | End | CallEnd, Field(discriminator="type")]
 CallerControl = End
 
@@ -244,9 +257,10 @@ CHANNELS: dict[str, tuple[type[Event], ...]] = {
         BotDone,
         Interrupted,
         ErrorEvent,
+        WarningEvent,
     ),
     "caller control": (End,),
-    "side": (Transcript, Hop, ErrorEvent),
+    "side": (Transcript, Hop, ErrorEvent, WarningEvent),
     "ctl": (Turn, Interrupt, End, CallEnd),
 }
 
@@ -342,6 +356,7 @@ __all__ = [
     "TurnMetrics",
     "TurnStarted",
     "UserStopped",
+    "WarningEvent",
     "parse_caller_control",
     "parse_caller_event",
     "parse_ctl_event",

@@ -48,10 +48,11 @@ class Subjects:
         """Queue-group request handing a session's stream to one instance of a streaming stage."""
         return f"{self.prefix}.assign.{stage}"
 
-    @property
-    def connector_health(self) -> str:
-        """Broadcast: a connector was marked down or up (HealthBoard)."""
-        return f"{self.prefix}.connector.health"
+    def connector_health(self, stage: str) -> str:
+        """Broadcast among a stage's instances: one of its connectors was marked down or up
+        (HealthBoard). The stage is in the subject so NATS permissions can let each stage announce
+        only its own connectors' health (voicemesh.bus.permissions)."""
+        return f"{self.prefix}.connector.health.{stage}"
 
     def health(self, role: str) -> str:
         return f"{self.prefix}.health.{role}"

@@ -7,6 +7,7 @@ Either way they are secrets: `redact_url` is what goes into a log line or an err
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -14,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 from voicemesh.config.settings import ConnectionSettings
 
 VALKEY_TLS_SCHEMES = ("valkeys", "rediss")
+DEFAULT_INBOX = "_INBOX"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # one NATS subject token, no wildcard
 
 
 def redact_url(url: str | None) -> str:
@@ -69,9 +72,22 @@ def tls_context(
     return ctx
 
 
+def inbox_prefix(s: ConnectionSettings) -> str:
+    """Where this role's request replies arrive. A NATS user gets inboxes of its own
+    (`_INBOX.<user>`): per-role permissions then let a role subscribe to its own replies only,
+    not read another role's (voicemesh.bus.permissions)."""
+    if s.nats_inbox_prefix:
+        return s.nats_inbox_prefix
+    if s.nats_user and _TOKEN.fullmatch(s.nats_user):
+        return f"{DEFAULT_INBOX}.{s.nats_user}"
+    return DEFAULT_INBOX
+
+
 def nats_options(s: ConnectionSettings) -> dict[str, Any]:
     """Keyword arguments for nats.connect."""
     opts: dict[str, Any] = {}
+    if (inbox := inbox_prefix(s)) != DEFAULT_INBOX:
+        opts["inbox_prefix"] = inbox
     if s.nats_user:
         opts["user"] = s.nats_user
         if s.nats_password is not None:

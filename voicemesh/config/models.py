@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import cached_property
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from pydantic import (
@@ -29,6 +29,17 @@ from voicemesh.config.connectors import (
     ConnectorOptions,
     StreamKind,
     connector_names,
+)
+from voicemesh.config.limits import (
+    CONNECTOR_CONFIGS_MAX,
+    FALLBACKS_MAX,
+    FLOW_EDGES_MAX,
+    NAME_MAX_CHARS,
+    OPTIONS_KEYS_MAX,
+    PROMPT_MAX_CHARS,
+    STAGES_MAX,
+    Name,
+    entries_at_most,
 )
 from voicemesh.config.secrets import reference_issues
 from voicemesh.config.stages import STAGES, Stage
@@ -66,16 +77,25 @@ class ConfigValidationError(VoicemeshError, ValueError):
 class FlowEdge(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    source: str = Field(alias="from", description="stage the stream leaves")
-    target: str = Field(alias="to", description="stage the stream enters")
+    source: str = Field(
+        alias="from", max_length=NAME_MAX_CHARS, description="stage the stream leaves"
+    )
+    target: str = Field(
+        alias="to", max_length=NAME_MAX_CHARS, description="stage the stream enters"
+    )
     stream: StreamKind
 
 
 class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128)
-    flow: list[FlowEdge] = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
+    flow: list[FlowEdge] = Field(min_length=1, max_length=FLOW_EDGES_MAX)
+
+
+Options = Annotated[
+    dict[Name, Any], Field(max_length=OPTIONS_KEYS_MAX), entries_at_most(OPTIONS_KEYS_MAX)
+]
 
 
 class StageConnectors(BaseModel):
@@ -88,9 +108,13 @@ class StageConnectors(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    primary: str = Field(min_length=1)
-    fallback: list[str] = Field(default_factory=list, max_length=8)
-    config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    primary: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
+    fallback: list[Name] = Field(default_factory=list, max_length=FALLBACKS_MAX)
+    # keyed by connector name; each options object's own fields are capped by its options model,
+    # and the number of keys here too, so an object of a million unknown keys is one issue
+    config: Annotated[dict[Name, Options], entries_at_most(CONNECTOR_CONFIGS_MAX)] = Field(
+        default_factory=dict, max_length=CONNECTOR_CONFIGS_MAX
+    )
     attempt_timeout_ms: int | None = Field(
         None,
         ge=50,
@@ -140,9 +164,11 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    system_prompt: str = Field(default="", max_length=20_000)
+    system_prompt: str = Field(default="", max_length=PROMPT_MAX_CHARS)
     pipeline: PipelineSpec
-    connectors: dict[str, StageConnectors]
+    connectors: Annotated[dict[Name, StageConnectors], entries_at_most(STAGES_MAX)] = Field(
+        max_length=STAGES_MAX
+    )
 
     @field_validator("connectors")
     @classmethod

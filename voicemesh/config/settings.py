@@ -88,6 +88,12 @@ class ConnectionSettings(BaseSettings):
     nats_password: SecretStr | None = None
     nats_token: SecretStr | None = Field(None, description="NATS token (instead of user/password)")
     nats_creds: str | None = Field(None, description="NATS .creds file (JWT + NKey seed)")
+    nats_inbox_prefix: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="subject prefix of this role's request inboxes; unset: _INBOX.<nats_user> "
+        "with a user (so NATS permissions can keep each role's replies its own), else _INBOX",
+    )
     nats_tls_ca: str | None = Field(None, description="CA bundle that signed the NATS server cert")
     nats_tls_cert: str | None = Field(None, description="client certificate (mutual TLS)")
     nats_tls_key: str | None = Field(None, description="client certificate's private key")
@@ -195,6 +201,21 @@ class Settings(ConnectionSettings, SecretEnvSettings):
         le=3600,
         description="transport: seconds of bot audio a call may hold unplayed; past that the "
         "rest of the reply is dropped, with one warning per reply",
+    )
+    max_reply_chars: int = Field(
+        4000,
+        ge=100,
+        le=1_000_000,
+        description="llm: characters one reply may have; past that the rest is not generated, "
+        "the turn ends normally with the cut text, and the caller gets a 'warning' event "
+        "(reply_truncated)",
+    )
+    connector_pool_size: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="stages: live connectors (one per distinct stage, name and options) a process "
+        "keeps; the least recently used beyond it is closed and its health probe stopped",
     )
     session_rate: str | None = Field(
         "60/60",

@@ -13,9 +13,10 @@ order, since a stale mark must not refuse work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from voicemesh.config.connectors import DEFAULT_ATTEMPT_TIMEOUT_MS
@@ -84,6 +85,10 @@ class Chain:
     async def get(self, name: str) -> Connector:
         return await self.pool.get(self.stage, name, self.config.options(self.stage, name))
 
+    def lease(self, name: str) -> contextlib.AbstractAsyncContextManager[Connector]:
+        """The connector, held for one unit of work: the pool does not close it meanwhile."""
+        return self.pool.lease(self.stage, name, self.config.options(self.stage, name))
+
     async def preload(self) -> list[str]:
         """Load every connector now; returns the errors (a failed one is retried on use)."""
         errors = []
@@ -124,12 +129,12 @@ class Chain:
             conn: Connector | None = None
             limit = self.limit_s(name, order)
             try:
-                conn = await self.get(name)
-                self._moved(name)
-                metrics.REQUESTS.labels(self.stage, name).inc()
-                t0 = time.perf_counter()
-                async with asyncio.timeout(limit):
-                    result = await work(conn)
+                async with self.lease(name) as conn:
+                    self._moved(name)
+                    metrics.REQUESTS.labels(self.stage, name).inc()
+                    t0 = time.perf_counter()
+                    async with asyncio.timeout(limit):
+                        result = await work(conn)
                 metrics.FIRST_RESULT.labels(self.stage, name).observe(time.perf_counter() - t0)
                 return conn, result
             except asyncio.CancelledError:
@@ -144,52 +149,53 @@ class Chain:
 
     async def stream(
         self, work: Callable[[Connector, list[T]], AsyncIterator[T]]
-    ) -> AsyncIterator[tuple[Connector, T]]:
+    ) -> AsyncGenerator[tuple[Connector, T], None]:
         """Streamed work (an LLM reply, a TTS sentence). `work(conn, delivered)` gets what earlier
         connectors already delivered for this unit, to resume after it rather than repeat it."""
         delivered: list[T] = []
         order = self.order()
         for name in order:
             conn: Connector | None = None
-            stream: AsyncIterator[T] | None = None
             limit = self.limit_s(name, order)
             got = 0
             try:
-                conn = await self.get(name)
-                self._moved(name)
-                metrics.REQUESTS.labels(self.stage, name).inc()
-                stream = work(conn, list(delivered))
-                t0 = time.perf_counter()
-                while True:
+                async with self.lease(name) as conn:
+                    self._moved(name)
+                    metrics.REQUESTS.labels(self.stage, name).inc()
+                    stream = work(conn, list(delivered))
                     try:
-                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                        # cancellation (a barge-in) that lands as the item completes.
-                        async with asyncio.timeout(limit):
-                            item = await anext(stream)
-                    except StopAsyncIteration:
-                        return
-                    except TimeoutError:
-                        what = "first result" if not got else "next result (stream stalled)"
-                        raise ConnectorError(
-                            FailureKind.TIMEOUT, f"no {what} within {limit * 1000:.0f} ms"
-                        ) from None
-                    if not got:
-                        metrics.FIRST_RESULT.labels(self.stage, name).observe(
-                            time.perf_counter() - t0
-                        )
-                    got += 1
-                    delivered.append(item)
-                    yield conn, item
+                        t0 = time.perf_counter()
+                        while True:
+                            try:
+                                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                                # cancellation (a barge-in) that lands as the item completes.
+                                async with asyncio.timeout(limit):
+                                    item = await anext(stream)
+                            except StopAsyncIteration:
+                                return
+                            except TimeoutError:
+                                what = "first result" if not got else "next result (stream stalled)"
+                                raise ConnectorError(
+                                    FailureKind.TIMEOUT, f"no {what} within {limit * 1000:.0f} ms"
+                                ) from None
+                            if not got:
+                                metrics.FIRST_RESULT.labels(self.stage, name).observe(
+                                    time.perf_counter() - t0
+                                )
+                            got += 1
+                            delivered.append(item)
+                            yield conn, item
+                    finally:
+                        # before the lease ends: the connector may be closed with it
+                        if hasattr(stream, "aclose"):
+                            try:
+                                await stream.aclose()
+                            except Exception:
+                                pass
             except asyncio.CancelledError:
                 raise
             except GeneratorExit:
                 raise
             except Exception as exc:
                 await self.failed(name, conn, exc, started=got > 0)
-            finally:
-                if stream is not None and hasattr(stream, "aclose"):
-                    try:
-                        await stream.aclose()
-                    except Exception:
-                        pass
         raise AllConnectorsFailed(self.stage, self.failures)

@@ -43,6 +43,7 @@ class HealthBoard:
         nc: Client,
         key_prefix: str,
         subject: str,
+        stage: str,
         instance: str,
         refresh_s: float = 1.0,
     ):
@@ -50,6 +51,9 @@ class HealthBoard:
         # run), not part of the store's session layout: it shares the store's connection only.
         self.client = store.client
         self.nc, self.subject, self.instance = nc, subject, instance
+        #: a board holds one stage's marks: its instances only ever run that stage's connectors,
+        #: and its Valkey user may touch only that stage's health keys (voicemesh.state.acl)
+        self.stage = stage
         self.key_prefix = key_prefix
         self.refresh_s = refresh_s
         self._down: dict[ConnectorId, float] = {}  # id -> local expiry (monotonic)
@@ -60,9 +64,10 @@ class HealthBoard:
         return f"{self.key_prefix}:health:{':'.join(cid)}"
 
     async def start(self) -> None:
-        # hop: <- HealthBoard.mark_down and mark_up of every instance (vm.connector.health)
+        # hop: <- HealthBoard.mark_down and mark_up of every instance (vm.connector.health.<stage>)
         await self.nc.subscribe(self.subject, cb=self._on_news)
-        async for key in self.client.scan_iter(match=f"{self.key_prefix}:health:*", count=500):
+        own = f"{self.key_prefix}:health:{self.stage}:*"
+        async for key in self.client.scan_iter(match=own, count=500):
             stage, name, fp = key.decode().rsplit(":", 3)[1:]
             ttl = await self.client.pttl(key)
             if ttl > 0:
@@ -73,6 +78,14 @@ class HealthBoard:
         for task in [*self._tasks, *self._probes.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._probes.values(), return_exceptions=True)
+
+    def stop_probe(self, cid: ConnectorId) -> asyncio.Task[None] | None:
+        """Stop probing a connector this process no longer holds (the pool evicted it): its
+        down mark then lapses by itself and the connector is tried again on use."""
+        task = self._probes.pop(cid, None)
+        if task is not None:
+            task.cancel()
+        return task
 
     def is_down(self, cid: ConnectorId) -> bool:
         until = self._down.get(cid)
@@ -104,7 +117,7 @@ class HealthBoard:
         }
         await self.client.set(self.key(cid), orjson.dumps(body), px=hold_ms)
         self._down[cid] = time.monotonic() + hold_ms / 1000
-        # hop: -> HealthBoard._on_news of every instance (vm.connector.health)
+        # hop: -> HealthBoard._on_news of every instance (vm.connector.health.<stage>)
         await self.nc.publish(self.subject, orjson.dumps(body))
         if probe is not None and cid not in self._probes:
             self._probes[cid] = asyncio.ensure_future(
@@ -121,7 +134,7 @@ class HealthBoard:
             "fp": cid[2],
             "by": self.instance,
         }
-        # hop: -> HealthBoard._on_news of every instance (vm.connector.health)
+        # hop: -> HealthBoard._on_news of every instance (vm.connector.health.<stage>)
         await self.nc.publish(self.subject, orjson.dumps(body))
 
     async def _probe_forever(
@@ -146,13 +159,16 @@ class HealthBoard:
                 await self.mark_up(cid)
                 return
         finally:
-            self._probes.pop(cid, None)
+            if self._probes.get(cid) is asyncio.current_task():
+                del self._probes[cid]
 
     async def _on_news(self, msg: Msg) -> None:
         try:
             body = orjson.loads(msg.data)
             cid = (body["stage"], body["connector"], body["fp"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        if cid[0] != self.stage:  # news of another stage's connector is not this board's to take
             return
         if body.get("state") == "down":
             self._down[cid] = time.monotonic() + int(body.get("hold_ms", 5000)) / 1000

@@ -10,11 +10,28 @@ which would keep the engine's lock, and the CPU, from the next turn.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows),
+    not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def clamp_threads(requested: int) -> int:
+    """A config's engine thread count, at most the cores this process has: more threads than
+    cores only make a tenant's engine crowd out every other session's."""
+    return max(1, min(requested, usable_cores()))
+
 
 _DONE = object()
 

@@ -25,12 +25,13 @@ from voicemesh.bus.events import (
     parse_ctl_event,
 )
 from voicemesh.bus.subjects import trace_id
+from voicemesh.config.connectors import ConnectorOptions
 from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
 from voicemesh.config.stages import Stage
 from voicemesh.connectors.fallback import Chain
-from voicemesh.connectors.health import HealthBoard
+from voicemesh.connectors.health import HealthBoard, fingerprint
 from voicemesh.connectors.proof import prove, prove_isolated
 from voicemesh.connectors.registry import RELAYS, ConnectorPool, connector_class
 from voicemesh.role import Role
@@ -47,7 +48,8 @@ class StageService(Role):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.pool = ConnectorPool()
+        self.pool = ConnectorPool(settings.connector_pool_size, on_evict=self._evicted)
+        self.health: HealthBoard | None = None
         self.epochs: dict[str, int] = {}
         self._work: dict[str, set[tuple[int, asyncio.Task[Any]]]] = {}
         self._intake: list[Any] = []
@@ -62,7 +64,8 @@ class StageService(Role):
             store=self.store,
             nc=self.bus.nc,
             key_prefix=self.settings.key_prefix,
-            subject=self.subjects.connector_health,
+            subject=self.subjects.connector_health(self.role),
+            stage=self.role,
             instance=self.instance,
         )
         await self.health.start()
@@ -97,6 +100,11 @@ class StageService(Role):
                 log.info("proved: %s", await prove(await chain.get(name)))
         log.info("loaded %s engines in %.1f s", self.role, time.perf_counter() - t0)
 
+    def _evicted(self, stage: str, name: str, options: ConnectorOptions) -> None:
+        """The pool closed a connector: its probe (which holds it) stops with it."""
+        if self.health is not None:
+            self.health.stop_probe((stage, name, fingerprint(options)))
+
     def chain(self, config: AgentConfig) -> Chain:
         return Chain(self.pool, config, self.role, health=self.health)
 
@@ -112,7 +120,8 @@ class StageService(Role):
     async def release(self) -> None:
         # after the drain: in-flight units renewed their claims until they finished
         self._renewer.cancel()
-        await self.health.stop()
+        if self.health is not None:
+            await self.health.stop()
         await self.pool.aclose()
 
     async def _renew_claims(self) -> None:

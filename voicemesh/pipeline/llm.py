@@ -5,12 +5,13 @@ complete (numbered, so parallel TTS results can be put back in order downstream)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
 from voicemesh.bus import Flag, Frame
-from voicemesh.bus.events import ErrorEvent, Transcript
+from voicemesh.bus.events import ErrorEvent, Transcript, WarningEvent
 from voicemesh.config.stages import Stage
 from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.pipeline.base import QueuedStage
@@ -21,6 +22,19 @@ from voicemesh.state.store import best_effort
 log = logging.getLogger(__name__)
 
 CONTEXT_MESSAGES = 50
+REPLY_TRUNCATED = "reply_truncated"
+
+
+def within(piece: str, budget: int) -> str:
+    """`piece` cut to at most `budget` characters, at its last word boundary when it has one."""
+    if len(piece) <= budget:
+        return piece
+    head = piece[:budget]
+    if not piece[budget].isspace():
+        space = max(head.rfind(" "), head.rfind("\n"))
+        if space > 0:
+            head = head[:space]
+    return head
 
 
 async def continue_reply(
@@ -88,6 +102,11 @@ class LLMService(QueuedStage):
             log.info("turn %d resumes after %d sentences sent before", epoch, index)
         t0 = time.perf_counter()
         ttft_ms: float | None = None
+        # A reply is bounded however long the model (or a config's scripted reply) runs on: its
+        # text goes to TTS, the caller and the stored context, all of which it would otherwise grow.
+        limit = self.settings.max_reply_chars
+        length = sum(len(s) + 1 for s in sent_before)
+        truncated = False
 
         async def emit(sentence: str) -> None:
             nonlocal index
@@ -116,26 +135,44 @@ class LLMService(QueuedStage):
 
         failed: str | None = None
         try:
-            async for conn, piece in chain.stream(
-                lambda c, done: continue_reply(c, messages, [*prior, *done])
-            ):
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - t0) * 1000
-                used = conn.name
-                parts.append(piece)
-                for sentence in splitter.push(piece):
-                    await emit(sentence)
+            stream = chain.stream(lambda c, done: continue_reply(c, messages, [*prior, *done]))
+            # closed on the way out, a break included: the connector's stream ends with it
+            async with contextlib.aclosing(stream):
+                async for conn, piece in stream:
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - t0) * 1000
+                    used = conn.name
+                    if length + len(piece) > limit:
+                        piece = within(piece, limit - length)
+                        truncated = True
+                    length += len(piece)
+                    parts.append(piece)
+                    for sentence in splitter.push(piece):
+                        await emit(sentence)
+                    if truncated:
+                        break  # closes the connector's stream: the engine stops generating
             for sentence in splitter.flush():
                 await emit(sentence)
         except Exception as exc:  # not CancelledError: a newer turn needs no marker for this one
             failed = str(exc)
             log.error("turn %d failed after %d sentences: %s", epoch, index, exc)
             await self.notify(session, ErrorEvent(error=failed, epoch=epoch), epoch=epoch)
+        if truncated:
+            log.warning("turn %d: the reply reached %d characters and was cut", epoch, limit)
+            cut = WarningEvent(
+                code=REPLY_TRUNCATED,
+                message=f"the reply reached the limit of {limit} characters and was cut there",
+                stage=Stage.LLM,
+                epoch=epoch,
+            )
+            await self.notify(session, cut, epoch=epoch)
         reply = " ".join([*sent_before, "".join(parts).strip()]).strip()
         if reply:
             entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
             if failed:
                 entry["error"] = failed
+            if truncated:
+                entry["truncated"] = True
             stored = self.store.put_reply(session, epoch, entry)
             await best_effort("storing the reply", stored, False)
         # The reply is over (even a failed one): the transport must not wait for more.

@@ -143,26 +143,29 @@ end
 return e
 """
 
-# Append to the context with the session's remaining TTL. KEYS[1] hash, KEYS[2] context; ARGV items
+# Append to the context with the session's remaining TTL. KEYS[1] context; ARGV the session hash,
+# then the items. The hash is only read, so it is an argument: Valkey's ACL takes every declared
+# key as written, and the llm stage's user may only read session hashes (voicemesh.state.acl).
 _APPEND = """
-local ttl = redis.call('PTTL', KEYS[1])
+local ttl = redis.call('PTTL', ARGV[1])
 if ttl <= 0 then return -1 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV))
-redis.call('PEXPIRE', KEYS[2], ttl)
-return redis.call('LLEN', KEYS[2])
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ttl)
+return redis.call('LLEN', KEYS[1])
 """
 
-# The bot's reply of one turn: KEYS[1] session hash, KEYS[2] context list; ARGV epoch, entry JSON,
-# force ('1' from the transport: what the caller heard when cut off; '0' from the LLM stage).
+# The bot's reply of one turn: KEYS[1] context list; ARGV epoch, entry JSON, force ('1' from the
+# transport: what the caller heard when cut off; '0' from the LLM stage), the session hash (read
+# only, so an argument, as in _APPEND).
 # An entry of that epoch is replaced in place, unless it marks an interruption and this write is not
 # forced (the LLM finished a reply the caller never heard all of); a new one goes before the first
 # message of a later turn, so a barge-in's truncated reply stays ahead of the turn that cut it off.
 _PUT_REPLY = """
-local ttl = redis.call('PTTL', KEYS[1])
+local ttl = redis.call('PTTL', ARGV[4])
 if ttl <= 0 then return -1 end
 local epoch = tonumber(ARGV[1])
-local items = redis.call('LRANGE', KEYS[2], -64, -1)
-local base = redis.call('LLEN', KEYS[2]) - #items
+local items = redis.call('LRANGE', KEYS[1], -64, -1)
+local base = redis.call('LLEN', KEYS[1]) - #items
 local later = nil
 for i, raw in ipairs(items) do
   local ok, m = pcall(cjson.decode, raw)
@@ -170,16 +173,16 @@ for i, raw in ipairs(items) do
     local e = tonumber(m['epoch'])
     if m['role'] == 'assistant' and e == epoch then
       if m['interrupted'] and ARGV[3] ~= '1' then return 0 end
-      redis.call('LSET', KEYS[2], base + i - 1, ARGV[2])
-      redis.call('PEXPIRE', KEYS[2], ttl)
+      redis.call('LSET', KEYS[1], base + i - 1, ARGV[2])
+      redis.call('PEXPIRE', KEYS[1], ttl)
       return 1
     end
     if later == nil and e ~= nil and e > epoch then later = raw end
   end
 end
-if later ~= nil then redis.call('LINSERT', KEYS[2], 'BEFORE', later, ARGV[2])
-else redis.call('RPUSH', KEYS[2], ARGV[2]) end
-redis.call('PEXPIRE', KEYS[2], ttl)
+if later ~= nil then redis.call('LINSERT', KEYS[1], 'BEFORE', later, ARGV[2])
+else redis.call('RPUSH', KEYS[1], ARGV[2]) end
+redis.call('PEXPIRE', KEYS[1], ttl)
 return 2
 """
 
@@ -496,8 +499,8 @@ class ConfigStore:
 
     async def append_context(self, session_id: str, *messages: dict[str, Any]) -> int:
         n = await self._append(
-            keys=[self.keys.session(session_id), self.keys.context(session_id)],
-            args=[orjson.dumps(m) for m in messages],
+            keys=[self.keys.context(session_id)],
+            args=[self.keys.session(session_id), *(orjson.dumps(m) for m in messages)],
         )
         if n < 0:
             raise NotFound(f"session {session_id} not found or expired")
@@ -510,8 +513,13 @@ class ConfigStore:
         LLM stage) a reply cut off by a barge-in is left as the transport wrote it: the context
         holds what the caller heard, not what was generated. False when it was left so."""
         result = await self._put_reply(
-            keys=[self.keys.session(session_id), self.keys.context(session_id)],
-            args=[epoch, orjson.dumps({**entry, "epoch": epoch}), "1" if force else "0"],
+            keys=[self.keys.context(session_id)],
+            args=[
+                epoch,
+                orjson.dumps({**entry, "epoch": epoch}),
+                "1" if force else "0",
+                self.keys.session(session_id),
+            ],
         )
         if result < 0:
             raise NotFound(f"session {session_id} not found or expired")

@@ -2,6 +2,10 @@
 
 llama.cpp runs in a worker thread (connectors/threads.py): tokens reach the stage as they are
 generated, and a cancelled turn (barge-in, a newer epoch) stops generation at the next token.
+
+The model loads once per context size (`n_ctx` is one of a few sizes, so a config cannot make a
+process load unbounded copies); the thread count is not part of that key: it is set on the
+loaded model for each reply, clamped to the process's cores.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from voicemesh.config.connectors import SmolLM2Options
 from voicemesh.connectors.base import LLMConnector, Message
-from voicemesh.connectors.threads import iterate_in_thread
+from voicemesh.connectors.threads import clamp_threads, iterate_in_thread
 
 
 def model_path() -> Path:
@@ -32,11 +36,27 @@ def model_path() -> Path:
 
 
 @cache
-def _model(n_ctx: int, threads: int) -> tuple[Any, threading.Lock]:
+def _model(n_ctx: int) -> tuple[Any, threading.Lock]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model_path()), n_ctx=n_ctx, n_threads=threads, verbose=False)
+    threads = clamp_threads(SmolLM2Options().threads)
+    llm = Llama(
+        model_path=str(model_path()),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     return llm, threading.Lock()
+
+
+def _use_threads(llm: Any, threads: int) -> None:
+    """Set the thread count for the next evaluation (under the model's lock)."""
+    import llama_cpp
+
+    if (llm.n_threads, llm.n_threads_batch) != (threads, threads):
+        llama_cpp.llama_set_n_threads(llm.ctx, threads, threads)
+        llm.n_threads = llm.n_threads_batch = threads
 
 
 class SmolLM2LLM(LLMConnector):
@@ -45,7 +65,7 @@ class SmolLM2LLM(LLMConnector):
     options: SmolLM2Options
 
     async def warmup(self) -> None:
-        await asyncio.to_thread(_model, self.options.n_ctx, self.options.threads)
+        await asyncio.to_thread(_model, self.options.n_ctx)
 
     def stream(self, messages: list[Message]) -> AsyncIterator[str]:
         opts = self.options
@@ -53,9 +73,12 @@ class SmolLM2LLM(LLMConnector):
         history = messages[len(system) :][-opts.max_history_messages - 1 :]
         prompt = [{"role": m["role"], "content": m["content"]} for m in system + history]
 
+        threads = clamp_threads(opts.threads)
+
         def tokens() -> Iterator[str]:
-            llm, lock = _model(opts.n_ctx, opts.threads)
+            llm, lock = _model(opts.n_ctx)
             with lock:
+                _use_threads(llm, threads)
                 for chunk in llm.create_chat_completion(
                     messages=prompt,
                     stream=True,
