@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import logging
 import os
@@ -36,7 +37,7 @@ from voicemesh.config.models import parse_agent_config
 from voicemesh.config.settings import ConnectionSettings, Settings
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
 from voicemesh.state import ConfigStore, StoreError
-from voicemesh.transport.api import security
+from voicemesh.transport.api import tenants
 from voicemesh.transport.api.app import create_app
 from voicemesh.transport.api.security import INVALID, MISSING, ApiKeyAuth, AuthConfigError
 from voicemesh.transport.api.service import TransportService
@@ -202,21 +203,25 @@ async def test_every_configured_key_is_compared_in_constant_time(
     keys = (KEY, OTHER_KEY, "k-third-55555")
     svc = await started(keyed(settings, *keys))
     calls: list[tuple[bytes, bytes]] = []
-    real = security.secrets.compare_digest
+    real = tenants.secrets.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(security.secrets, "compare_digest", spy)
+    def sha(key: str) -> bytes:
+        return hashlib.sha256(key.encode()).digest()
+
+    monkeypatch.setattr(tenants.secrets, "compare_digest", spy)
     async with api_client(svc) as c:
         for presented, status in ((KEY, 200), (keys[2], 200), (WRONG, 401)):
             calls.clear()
             r = await c.get("/api/sessions", headers={"Authorization": f"Bearer {presented}"})
             assert r.status_code == status
-            # every key, even after the first one matched; the dependency ran once
-            assert sorted(b for _, b in calls) == sorted(k.encode() for k in keys), presented
-            assert all(a == presented.encode() for a, _ in calls)
+            # every key's digest (only digests are kept), even after the first one matched; the
+            # dependency ran once
+            assert sorted(b for _, b in calls) == sorted(sha(k) for k in keys), presented
+            assert all(a == sha(presented) for a, _ in calls)
         calls.clear()  # also on the route that reads the client (its dependency is cached)
         r = await c.post("/api/sessions", json={}, headers={"X-API-Key": KEY})
         assert r.status_code == 404  # no default agent: authenticated, then not found
@@ -316,7 +321,10 @@ async def test_websocket_wants_a_valid_key(
 async def test_session_rate_limit_gives_429_and_recovers_after_the_window(
     settings: Settings, started: Callable[..., Any]
 ) -> None:
-    svc = await started(keyed(settings, KEY, OTHER_KEY, session_rate="3/1.5"))
+    # KEY is an admin key (tenant "admin"), OTHER_KEY a key of tenant "beta": a budget each
+    svc = await started(
+        keyed(settings, KEY, session_rate="3/1.5", tenant_keys=(("beta", SecretStr(OTHER_KEY)),))
+    )
     await seed_agent(svc)
     async with api_client(svc, headers={"X-API-Key": KEY}) as c:
         for _ in range(3):
@@ -326,7 +334,7 @@ async def test_session_rate_limit_gives_429_and_recovers_after_the_window(
         assert r.json() == {"detail": r.json()["detail"]} and "at most 3 per 1.5 s" in r.text
         retry = int(r.headers["retry-after"])
         assert 1 <= retry <= 2
-        # other routes are not limited, and another key has its own budget
+        # other routes are not limited, and another tenant has its own budget
         assert (await c.get("/api/sessions")).status_code == 200
         other = await c.post("/api/sessions", json={}, headers={"X-API-Key": OTHER_KEY})
         assert other.status_code == 201
@@ -350,9 +358,9 @@ async def test_session_rate_limit_is_shared_by_transport_instances(
         assert codes == [201, 201, 201, 429, 429]
         r = await cb.post("/api/sessions", json={})
         assert r.status_code == 429 and 55 <= int(r.headers["retry-after"]) <= 60
-    # the counter is keyed by a digest of the key, never the key itself
+    # the counter is the tenant's (admin keys: tenant "admin"), never named by the key
     keys = [k.decode() async for k in a.store.client.scan_iter(f"{settings.key_prefix}:rate:*")]
-    assert keys == [f"{settings.key_prefix}:rate:sessions:{security.key_id(KEY)}"]
+    assert keys == [f"{settings.key_prefix}:rate:sessions:tenant:admin"]
     assert KEY not in keys[0]
 
 
@@ -396,7 +404,7 @@ def test_session_rate_setting() -> None:
     assert Settings(session_rate="30/60").session_rate_limit == (30, 60.0)
     assert Settings(session_rate=" 5 / 0.5 ").session_rate_limit == (5, 0.5)
     assert Settings(session_rate="off").session_rate_limit is None
-    assert Settings().session_rate_limit is None
+    assert Settings().session_rate_limit == (60, 60.0)  # on by default, per tenant
     for bad in ("30", "0/60", "30/0", "x/y", "-1/5"):
         with pytest.raises(ValidationError, match="COUNT/SECONDS"):
             Settings(session_rate=bad)
@@ -409,7 +417,9 @@ async def test_no_key_in_a_log_line_or_a_response(
     settings: Settings, started: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    svc = await started(keyed(settings, KEY, OTHER_KEY, session_rate="1/60"))
+    svc = await started(
+        keyed(settings, KEY, session_rate="1/60", tenant_keys=(("beta", SecretStr(OTHER_KEY)),))
+    )
     await seed_agent(svc)
     bodies: list[str] = []
     async with api_client(svc) as c:
@@ -423,13 +433,13 @@ async def test_no_key_in_a_log_line_or_a_response(
             for method, path in (("GET", "/api/agents"), ("POST", "/api/sessions")):
                 r = await c.request(method, path, json={}, headers=headers)
                 bodies.append(r.text + str(r.headers))
-        assert r.status_code == 201  # the other key's first session
+        assert r.status_code == 201  # the other tenant's first session
         r = await c.post("/api/sessions", json={}, headers={"X-API-Key": OTHER_KEY})
         assert r.status_code == 429
         bodies.append(r.text + str(r.headers))
         bodies.append((await c.get("/healthz")).text)
     assert any("refused GET /api/agents" in m for m in caplog.messages), caplog.messages
-    assert any("session rate limit reached by key:" in m for m in caplog.messages)
+    assert any("session rate limit reached by tenant:beta" in m for m in caplog.messages)
     for secret in (KEY, OTHER_KEY, WRONG):
         assert secret not in caplog.text
         assert all(secret not in b for b in bodies)

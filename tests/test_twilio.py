@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,7 +54,23 @@ MSG = 160  # 20 ms of μ-law at 8 kHz
 CALLER_HZ = 300.0
 BOT_HZ = 440.0  # the tone TTS's default
 KEY = "k-twilio-5e4d3c2b1a"
+TWILIO_TOKEN = "tw-auth-token-0123456789abcdef"
 STREAM = "MZ00000000000000000000000000000001"
+
+
+# --- X-Twilio-Signature, written from Twilio's documentation (not the server's code) ---------
+
+
+def twilio_sign(token: str, url: str, params: dict[str, str] | None = None) -> str:
+    """Twilio's algorithm: base64(HMAC-SHA1(auth token, URL + name+value of each POST parameter
+    in name order)); a WebSocket handshake (a GET) has no parameters."""
+    data = url + "".join(k + v for k, v in sorted((params or {}).items()))
+    return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
+
+
+def signed(url: str, token: str = TWILIO_TOKEN) -> dict[str, str]:
+    """The handshake header Twilio sends for a stream to `url`."""
+    return {"X-Twilio-Signature": twilio_sign(token, url)}
 
 
 # --- G.711 μ-law, written from the standard (not the server's codec) ---------------------------
@@ -385,7 +403,8 @@ BAD_MESSAGES: list[tuple[str | bytes, str]] = [
     (f'{{"event": "media", "streamSid": "{STREAM}"}}', "invalid 'media' message (media: Field"),
     (media_message("!!not-base64!!"), "not valid base64"),
     (media_message("////", stream="MZother"), "media for another stream"),
-    (media_message(base64.b64encode(bytes(3 * TWILIO_RATE)).decode()), "invalid 'media' message"),
+    # 1.5 s in one message: over the media limit (1 s), under the message cap (16 KiB): dropped
+    (media_message(base64.b64encode(bytes(12_000)).decode()), "invalid 'media' message"),
     (b"\x00\x01binary", "binary frame of 8 bytes"),
 ]
 
@@ -438,7 +457,7 @@ async def test_media_before_start_is_dropped_with_a_warning(
 async def test_a_stream_that_never_starts_is_closed(
     app: App, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(twilio_module, "START_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(app.service.settings, "twilio_start_timeout_s", 0.3)
     async with twilio(app.url) as tw:
         await tw.ws.send(orjson.dumps({"event": "connected"}).decode())
         await asyncio.wait_for(tw.closed.wait(), 3)
@@ -468,7 +487,13 @@ async def test_api_key_in_custom_parameters_or_query(
     transcriber: OpenAITranscribeServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    keyed = settings.model_copy(update={"auth": "required", "api_keys": (SecretStr(KEY),)})
+    keyed = settings.model_copy(
+        update={
+            "auth": "required",
+            "api_keys": (SecretStr(KEY),),
+            "twilio_auth_token": SecretStr(TWILIO_TOKEN),
+        }
+    )
     caplog.set_level(logging.INFO)
     async with running_app(keyed, services, store, agent_json, transcriber) as app:
         sid = await app.session()
@@ -478,7 +503,7 @@ async def test_api_key_in_custom_parameters_or_query(
             (app.url, {"session_id": sid, "api_key": "k-wrong-0000"}, "invalid API key"),
             (f"{app.url}?api_key=k-wrong-0000", {"session_id": sid, "api_key": KEY}, None),
         ):
-            async with twilio(url) as tw:
+            async with twilio(url, additional_headers=signed(url)) as tw:
                 with contextlib.suppress(websockets.ConnectionClosed):
                     await tw.start(**params)  # a wrong query key is refused before the start
                 await asyncio.wait_for(tw.closed.wait(), 5)
@@ -490,10 +515,147 @@ async def test_api_key_in_custom_parameters_or_query(
             (app.url, {"session_id": sid, "api_key": KEY}),
             (f"{app.url}?api_key={KEY}", {"session_id": sid}),
         ):
-            async with twilio(url) as tw:
+            async with twilio(url, additional_headers=signed(url)) as tw:
                 await tw.start(**params)
                 mark = time.monotonic()
                 await tw.say(300)
                 await tw.reply(after=mark, quiet_s=0.2)
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert KEY not in logged and "k-wrong-0000" not in logged
+    assert KEY not in logged and "k-wrong-0000" not in logged and TWILIO_TOKEN not in logged
+
+
+# --- the handshake: X-Twilio-Signature, message size, time to start ---------------------------
+
+
+def test_signature_is_twilios_documented_algorithm() -> None:
+    """Twilio's documented example (and twilio-python's test vector): token 12345, a POST to
+    https://mycompany.com/myapp.php?foo=1&bar=2 with these parameters."""
+    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+    params = {
+        "CallSid": "CA1234567890ABCDE",
+        "Caller": "+12349013030",
+        "Digits": "1234",
+        "From": "+12349013030",
+        "To": "+18005551212",
+    }
+    assert twilio_sign("12345", url, params) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+    assert twilio_module.twilio_signature("12345", url, params) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+    params.update({"Caller": "+14158675309", "From": "+14158675309"})
+    assert twilio_module.twilio_signature("12345", url, params) == "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+
+
+async def refused_at_handshake(url: str, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status a refused handshake gets (the socket never opens: nothing can be sent)."""
+    with pytest.raises(websockets.InvalidStatus) as err:
+        async with websockets.connect(url, additional_headers=headers, open_timeout=5):
+            pass
+    return err.value.response.status_code
+
+
+async def test_a_stream_without_twilios_signature_is_refused_before_anything_is_read(
+    settings: Settings,
+    services: Services,
+    store: ConfigStore,
+    agent_json: dict,
+    transcriber: OpenAITranscribeServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="voicemesh.transport.carriers.twilio")
+    tokened = settings.model_copy(
+        update={"auth": "off", "twilio_auth_token": SecretStr(TWILIO_TOKEN)}
+    )
+    async with running_app(tokened, services, store, agent_json, transcriber) as app:
+        await store.create_agent("phone", parse_agent_config(app.config()))
+        other = app.url.replace("127.0.0.1", "localhost")
+        for headers, why in (
+            (None, "no X-Twilio-Signature header"),
+            (signed(app.url, "another-accounts-token"), "does not match"),
+            (signed(other), "does not match"),  # signed for another URL
+            (signed(app.url + "?x=1"), "does not match"),
+            ({"X-Twilio-Signature": ""}, "no X-Twilio-Signature"),
+        ):
+            caplog.clear()
+            assert await refused_at_handshake(app.url, headers) == 403, headers
+            assert any(why in r.getMessage() for r in caplog.records), (headers, caplog.text)
+        assert await store.list_configs() == []  # nothing was made for any of them
+
+        # Twilio's own handshake is let in, and the call runs
+        async with twilio(app.url, additional_headers=signed(app.url)) as tw:
+            await tw.start(agent="phone")
+            mark = time.monotonic()
+            await tw.say(300)
+            await tw.reply(after=mark, quiet_s=0.2)
+        assert len(await store.list_configs()) == 1
+    assert TWILIO_TOKEN not in caplog.text
+
+
+async def test_auth_required_and_no_token_refuses_every_stream(
+    settings: Settings,
+    services: Services,
+    store: ConfigStore,
+    agent_json: dict,
+    transcriber: OpenAITranscribeServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="voicemesh.transport.carriers.twilio")
+    keyed = settings.model_copy(update={"auth": "required", "api_keys": (SecretStr(KEY),)})
+    async with running_app(keyed, services, store, agent_json, transcriber) as app:
+        sid = await app.session()
+        for url in (app.url, f"{app.url}?api_key={KEY}"):  # even with a good API key
+            assert await refused_at_handshake(url, signed(url)) == 403
+    assert "TWILIO_AUTH_TOKEN is not set: /ws/twilio refuses every stream" in caplog.text
+    assert "TWILIO_AUTH_TOKEN is not set, and auth is required" in caplog.text
+    assert sid and KEY not in caplog.text
+
+
+async def test_the_public_url_is_the_one_signed_behind_a_proxy(
+    settings: Settings,
+    services: Services,
+    store: ConfigStore,
+    agent_json: dict,
+    transcriber: OpenAITranscribeServer,
+) -> None:
+    public = "wss://voice.example.com/calls"
+    proxied = settings.model_copy(
+        update={
+            "auth": "off",
+            "twilio_auth_token": SecretStr(TWILIO_TOKEN),
+            "twilio_public_url": public,
+        }
+    )
+    async with running_app(proxied, services, store, agent_json, transcriber) as app:
+        sid = await app.session()
+        # what Twilio signed: the URL in the TwiML, which the proxy maps to /ws/twilio here
+        for twilio_url in (f"{public}/ws/twilio", "wss://voice.example.com:443/calls/ws/twilio"):
+            async with twilio(app.url, additional_headers=signed(twilio_url)) as tw:
+                await tw.start(session_id=sid)
+                mark = time.monotonic()
+                await tw.say(300)
+                await tw.reply(after=mark, quiet_s=0.2)
+        # the URL as this server sees it is not what Twilio signed
+        assert await refused_at_handshake(app.url, signed(app.url)) == 403
+
+
+async def test_an_oversized_message_closes_the_stream_at_once(
+    app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="voicemesh.transport.carriers.twilio")
+    limit = app.service.settings.twilio_max_message_bytes
+    assert limit == 16 * 1024  # the default
+    sid = await app.session()
+    for before_start in (True, False):
+        async with twilio(app.url) as tw:
+            if not before_start:
+                await tw.start(session_id=sid)
+            began = time.monotonic()
+            await tw.ws.send(orjson.dumps({"event": "media", "pad": "x" * limit}).decode())
+            await asyncio.wait_for(tw.closed.wait(), 3)
+            assert time.monotonic() - began < 1.0
+            assert tw.close_code == 1009
+    assert "over the 16384 limit: closed" in caplog.text
+    # the service still takes calls
+    async with twilio(app.url) as tw:
+        await tw.start(session_id=sid)
+        mark = time.monotonic()
+        await tw.say(300)
+        await tw.reply(after=mark, quiet_s=0.2)

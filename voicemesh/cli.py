@@ -151,16 +151,20 @@ def _up_auth(env: dict[str, str], settings: Any, host: str, port: int) -> list[s
     """`up` is for local use: the API needs no key unless the user gave keys (or asked for auth
     explicitly). Sets VOICEMESH_AUTH in the roles' environment; returns what to tell the user."""
     if "VOICEMESH_AUTH" not in os.environ:
-        env["VOICEMESH_AUTH"] = "required" if settings.api_keys else "off"
+        env["VOICEMESH_AUTH"] = "required" if settings.has_keys else "off"
     if env["VOICEMESH_AUTH"] == "required":
-        if not settings.api_keys:
+        if not settings.has_keys:
             raise ValueError(
                 "VOICEMESH_AUTH=required but VOICEMESH_API_KEYS is empty: set keys, or unset "
                 "VOICEMESH_AUTH (`up` is local use: auth off)"
             )
+        n = len(settings.api_keys) + len(settings.tenant_keys)
+        where = "VOICEMESH_API_KEYS / VOICEMESH_TENANT_KEYS"
+        if settings.keys_file:
+            where += " or VOICEMESH_KEYS_FILE"
         return [
-            f"API auth is on: /api and /ws/call need one of the {len(settings.api_keys)} keys in "
-            "VOICEMESH_API_KEYS (Authorization: Bearer KEY; the page asks for it)"
+            f"API auth is on: /api and the call routes need one of the {n} keys in {where} "
+            "(Authorization: Bearer KEY; the page asks for it)"
         ]
     notes = ["API auth is off (local use): no key needed. Set VOICEMESH_API_KEYS to require one"]
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -19,6 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from voicemesh.config.hosts import HOSTS_FORMAT, parse_egress_hosts
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
+#: a tenant's name: a Valkey key part and a log field, so no ':' , spaces or upper case
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+TENANT_KEYS_FORMAT = "TENANT:KEY[,TENANT:KEY...], e.g. acme:k-3f9...,beta:k-77a..."
 _SECRET_ENV_KEY = re.compile(r"(?:(?:transport|stt|llm|tts)\.)?[a-z][a-z0-9_-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_ENV_FORMAT = (
@@ -42,6 +45,33 @@ def parse_secret_env(value: str) -> dict[str, tuple[str, ...]]:
                 raise ValueError(f"VOICEMESH_SECRET_ENV: {name!r} is not an environment name")
         out[key] = tuple(dict.fromkeys((*out.get(key, ()), *listed)))
     return out
+
+
+def parse_rate(value: object) -> tuple[int, float] | None:
+    """'30/60' to (30, 60.0); None, '' or 'off' to None (no limit)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
+        return None
+    m = _RATE.fullmatch(str(value))
+    if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
+        raise ValueError("expected COUNT/SECONDS, e.g. 30/60 (30 sessions per 60 s), or off")
+    return int(m.group(1)), float(m.group(2))
+
+
+def parse_tenant_keys(value: str) -> tuple[tuple[str, SecretStr], ...]:
+    """'acme:KEY,beta:KEY' to ((acme, KEY), (beta, KEY)). Errors name the entry by position and
+    its tenant, never its key."""
+    out = []
+    for n, part in enumerate((p for p in value.split(",") if p.strip()), 1):
+        tenant, sep, key = part.strip().partition(":")
+        if not sep or not key.strip():
+            raise ValueError(f"VOICEMESH_TENANT_KEYS: entry {n} is not {TENANT_KEYS_FORMAT}")
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(
+                f"VOICEMESH_TENANT_KEYS: entry {n}: tenant {tenant[:40]!r} is not 1-32 of "
+                "a-z 0-9 _ -, starting with a letter or digit"
+            )
+        out.append((tenant, SecretStr(key.strip())))
+    return tuple(out)
 
 
 def _instance_id() -> str:
@@ -214,8 +244,52 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         "keeps; the least recently used beyond it is closed and its health probe stopped",
     )
     session_rate: str | None = Field(
+        "60/60",
+        description="new sessions allowed per tenant (per address with auth off), 'N/SECONDS' "
+        "(e.g. 30/60), or 'off'; a tenant in the keys file may set its own",
+    )
+    # --- tenants (voicemesh/transport/api/tenants.py) ---
+    tenant_keys: Annotated[tuple[tuple[str, SecretStr], ...], NoDecode] = Field(
+        (), description="tenant API keys, " + TENANT_KEYS_FORMAT + " (secrets)"
+    )
+    keys_file: str | None = Field(
+        None, description="JSON file of tenants, their keys (or SHA-256 digests) and limits"
+    )
+    tenant_max_calls: int = Field(
+        20,
+        ge=0,
+        le=100_000,
+        description="concurrent calls per tenant across every transport (0: no limit); a "
+        "tenant in the keys file may set its own",
+    )
+    call_lease_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="a call's slot in its tenant's count lapses this long after its transport "
+        "last renewed it (renewed every third of it), so a crashed transport frees its slots",
+    )
+    # --- Twilio Media Streams (voicemesh/transport/carriers/twilio.py) ---
+    twilio_auth_token: SecretStr | None = Field(
         None,
-        description="new sessions allowed per client, 'N/SECONDS' (e.g. 30/60); unset: no limit",
+        validation_alias=AliasChoices("TWILIO_AUTH_TOKEN", "VOICEMESH_TWILIO_AUTH_TOKEN"),
+        description="the Twilio account's auth token: /ws/twilio checks X-Twilio-Signature with "
+        "it; required on /ws/twilio when auth is required",
+    )
+    twilio_public_url: str | None = Field(
+        None,
+        pattern=r"^wss?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="the base URL Twilio connects to (wss://host[/prefix]) when a proxy in "
+        "front changes scheme, host or path: signatures are over the URL Twilio requested",
+    )
+    twilio_start_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="a Twilio stream that sends no `start` by then is closed"
+    )
+    twilio_max_message_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="a Twilio message larger than this closes the stream (Twilio's are < 1 KiB)",
     )
 
     @field_validator("api_keys", mode="before")
@@ -233,20 +307,23 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
     @field_validator("session_rate", mode="before")
     @classmethod
     def _rate(cls, value: object) -> object:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off")):
-            return None
-        m = _RATE.fullmatch(str(value))
-        if not m or int(m.group(1)) < 1 or float(m.group(2)) <= 0:
-            raise ValueError("expected COUNT/SECONDS, e.g. 30/60 (30 sessions per 60 s)")
-        return f"{int(m.group(1))}/{m.group(2)}"
+        limit = parse_rate(value)
+        return None if limit is None else f"{limit[0]}/{limit[1]:g}"
+
+    @field_validator("tenant_keys", mode="before")
+    @classmethod
+    def _split_tenant_keys(cls, value: object) -> object:
+        return parse_tenant_keys(value) if isinstance(value, str) else value
 
     @property
     def session_rate_limit(self) -> tuple[int, float] | None:
         """(sessions, window in seconds), or None for no limit."""
-        if not self.session_rate:
-            return None
-        count, window = self.session_rate.split("/")
-        return int(count), float(window)
+        return parse_rate(self.session_rate)
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether any API key is configured (admin keys, tenant keys or a keys file)."""
+        return bool(self.api_keys or self.tenant_keys or self.keys_file)
 
 
 def get_settings(**overrides: Any) -> Settings:

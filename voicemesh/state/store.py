@@ -1,10 +1,14 @@
 """Session configs, named agents and conversation context in Valkey.
 
-A session is one hash (config JSON, version, agent, turn epoch) with a TTL; its context is a list
-with the same TTL. The session index is a sorted set scored by expiry time, so a listing never
-returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries. Every write that
-depends on a key existing is a Lua script, so nothing is half-written and no key is re-created
-without its TTL.
+A session is one hash (config JSON, version, agent, owner, turn epoch) with a TTL; its context is
+a list with the same TTL. The session index is a sorted set scored by expiry time, so a listing
+never returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries. Every
+write that depends on a key existing is a Lua script, so nothing is half-written and no key is
+re-created without its TTL.
+
+Ownership: a session's owner (the tenant whose key made it) is a field of its hash, read with the
+config in the same HGETALL, so a stage's config read costs what it did; the API checks it. Agents
+are global (the operator's catalogue) or a tenant's own, each scope with its own keys.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from voicemesh.config.settings import ConnectionSettings
 from voicemesh.errors import VoicemeshError
 from voicemesh.state.awaited import awaited
 from voicemesh.state.claims import Claims
-from voicemesh.state.keys import AGENT_NAME, SESSION_ID, Keys
+from voicemesh.state.keys import ADMIN_TENANT, AGENT_NAME, SESSION_ID, Keys
 from voicemesh.state.lease import Leases
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class StoredConfig:
     agent: str | None
     ttl_ms: int
     created_ms: int
+    #: the tenant whose key created it (ADMIN_TENANT for sessions from before owners)
+    owner: str = ADMIN_TENANT
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +71,13 @@ class AgentRecord:
     description: str
     created_ms: int
     updated_ms: int
+    #: None: a global agent (readable by every tenant, written by admins); else its tenant
+    owner: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "owner": self.owner,
             "description": self.description,
             "version": self.version,
             "created_ms": self.created_ms,
@@ -77,11 +86,11 @@ class AgentRecord:
         }
 
 
-# KEYS[1] session hash, KEYS[2] index zset; ARGV config, ttl_ms, agent, now_ms, id
+# KEYS[1] session hash, KEYS[2] index zset; ARGV config, ttl_ms, agent, now_ms, id, owner
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'config', ARGV[1], 'version', 1, 'agent', ARGV[3],
-           'created_ms', ARGV[4], 'epoch', 0)
+           'created_ms', ARGV[4], 'epoch', 0, 'owner', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4] + ARGV[2], ARGV[5])
 return 1
@@ -97,13 +106,15 @@ return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 
 # Create or replace with a fresh TTL (store_config). KEYS[1] hash, KEYS[2] index,
-# KEYS[3] context; ARGV config, ttl_ms, now_ms, id
+# KEYS[3] context; ARGV config, ttl_ms, now_ms, id, owner (of a new session; an existing one
+# keeps its own)
 _STORE = """
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'config', ARGV[1])
 redis.call('HSETNX', KEYS[1], 'created_ms', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'epoch', 0)
 redis.call('HSETNX', KEYS[1], 'agent', '')
+redis.call('HSETNX', KEYS[1], 'owner', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 redis.call('ZADD', KEYS[2], ARGV[3] + ARGV[2], ARGV[4])
@@ -175,8 +186,9 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 2
 """
 
-# Agents: KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key;
-# ARGV name, config, now_ms, mode ('create'|'update'), description or '' , keep-description flag
+# Agents: KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key, KEYS[4] set of tenants with
+# agents; ARGV name, config, now_ms, mode ('create'|'update'), description or '' ,
+# keep-description flag, tenant ('' for a global agent: the first one becomes the default)
 _PUT_AGENT = """
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[4] == 'create' and exists then return -1 end
@@ -187,7 +199,11 @@ if ARGV[6] == '1' then redis.call('HSETNX', KEYS[1], 'description', ARGV[5])
 else redis.call('HSET', KEYS[1], 'description', ARGV[5]) end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('SADD', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[1]) end
+if ARGV[7] == '' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[1]) end
+else
+  redis.call('SADD', KEYS[4], ARGV[7])
+end
 return v
 """
 
@@ -332,20 +348,30 @@ class ConfigStore:
     # --- sessions ----------------------------------------------------------------------------
 
     async def create_session(
-        self, config: AgentConfig, *, ttl_s: int | None = None, agent: str | None = None
+        self,
+        config: AgentConfig,
+        *,
+        ttl_s: int | None = None,
+        agent: str | None = None,
+        owner: str = ADMIN_TENANT,
     ) -> StoredConfig:
         ttl_ms, now = self._ttl_ms(ttl_s), _now_ms()
         while True:
             sid = new_session_id()
             created = await self._create(
                 keys=[self.keys.session(sid), self.keys.sessions],
-                args=[config.to_json(), ttl_ms, agent or "", now, sid],
+                args=[config.to_json(), ttl_ms, agent or "", now, sid, owner],
             )
             if created:
-                return StoredConfig(sid, config, 1, agent, ttl_ms, now)
+                return StoredConfig(sid, config, 1, agent, ttl_ms, now, owner)
 
     async def store_config(
-        self, session_id: str, config: AgentConfig, *, ttl_s: int | None = None
+        self,
+        session_id: str,
+        config: AgentConfig,
+        *,
+        ttl_s: int | None = None,
+        owner: str = ADMIN_TENANT,
     ) -> int:
         """Create or replace a session's config with a fresh TTL; returns the new version."""
         check_session_id(session_id)
@@ -356,7 +382,7 @@ class ConfigStore:
                     self.keys.sessions,
                     self.keys.context(session_id),
                 ],
-                args=[config.to_json(), self._ttl_ms(ttl_s), _now_ms(), session_id],
+                args=[config.to_json(), self._ttl_ms(ttl_s), _now_ms(), session_id, owner],
             )
         )
 
@@ -390,17 +416,40 @@ class ConfigStore:
             agent=raw.get(b"agent", b"").decode() or None,
             ttl_ms=int(ttl),
             created_ms=int(raw.get(b"created_ms", 0)),
+            owner=raw.get(b"owner", b"").decode() or ADMIN_TENANT,
         )
 
     async def get_version(self, session_id: str) -> int | None:
         v = await awaited(self.client.hget(self.keys.session(session_id), "version"))
         return int(v) if v is not None else None
 
-    async def list_configs(self) -> list[str]:
-        """Live session ids (lapsed index entries are removed on the way)."""
+    async def get_owner(self, session_id: str) -> str | None:
+        """The session's owner, None when it does not exist (one HMGET, no config parsed)."""
+        version, owner = await awaited(
+            self.client.hmget(self.keys.session(session_id), ["version", "owner"])
+        )
+        if version is None:
+            return None
+        return owner.decode() if owner else ADMIN_TENANT
+
+    async def list_configs(self, *, owner: str | None = None) -> list[str]:
+        """Live session ids, all or `owner`'s (lapsed index entries are removed on the way)."""
         await self.cleanup_expired_configs()
-        ids = await self.client.zrangebyscore(self.keys.sessions, _now_ms(), "+inf")
-        return [i.decode() for i in ids]
+        ids = [
+            i.decode()
+            for i in await self.client.zrangebyscore(self.keys.sessions, _now_ms(), "+inf")
+        ]
+        if owner is None or not ids:
+            return ids
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.hmget(self.keys.session(i), ["version", "owner"])
+            rows = await pipe.execute()
+        return [
+            i
+            for i, (version, o) in zip(ids, rows, strict=True)
+            if version is not None and (o.decode() if o else ADMIN_TENANT) == owner
+        ]
 
     async def get_config_ttl(self, session_id: str) -> int | None:
         """Seconds left, or None when the session does not exist."""
@@ -484,13 +533,27 @@ class ConfigStore:
         return [orjson.loads(i) for i in items]
 
     # --- agents ------------------------------------------------------------------------------
+    # `tenant` None is the global catalogue; a tenant's name, that tenant's own agents. Which
+    # scope a caller may read or write, and how a name resolves across scopes, is the API's rule
+    # (voicemesh/transport/api/agents.py): the store keeps each scope apart.
 
     async def _put(
-        self, name: str, config: AgentConfig, description: str | None, mode: str
+        self,
+        name: str,
+        config: AgentConfig,
+        description: str | None,
+        mode: str,
+        tenant: str | None,
     ) -> AgentRecord:
         check_agent_name(name)
+        keys = self.keys
         result = await self._put_agent(
-            keys=[self.keys.agent(name), self.keys.agents, self.keys.default_agent],
+            keys=[
+                keys.agent(name, tenant),
+                keys.agent_names(tenant),
+                keys.default_of(tenant),
+                keys.agent_tenants,
+            ],
             args=[
                 name,
                 config.to_json(),
@@ -498,57 +561,89 @@ class ConfigStore:
                 mode,
                 description or "",
                 "1" if description is None else "0",
+                tenant or "",
             ],
         )
         if result == -1:
             raise Conflict(f"agent {name!r} already exists")
         if result == 0:
             raise NotFound(f"agent {name!r} not found")
-        record = await self.get_agent(name)
+        record = await self.get_agent(name, tenant=tenant)
         assert record is not None
         return record
 
     async def create_agent(
-        self, name: str, config: AgentConfig, *, description: str = ""
+        self,
+        name: str,
+        config: AgentConfig,
+        *,
+        description: str = "",
+        tenant: str | None = None,
     ) -> AgentRecord:
-        """Create a named agent; the first agent stored becomes the default."""
-        return await self._put(name, config, description, "create")
+        """Create a named agent; the first global agent stored becomes the global default (a
+        tenant's first agent does not: the global default serves it until it picks one)."""
+        return await self._put(name, config, description, "create", tenant)
 
     async def update_agent(
-        self, name: str, config: AgentConfig, *, description: str | None = None
+        self,
+        name: str,
+        config: AgentConfig,
+        *,
+        description: str | None = None,
+        tenant: str | None = None,
     ) -> AgentRecord:
-        return await self._put(name, config, description, "update")
+        return await self._put(name, config, description, "update", tenant)
 
-    async def get_agent(self, name: str) -> AgentRecord | None:
-        raw = await awaited(self.client.hgetall(self.keys.agent(name)))
-        return self._agent(name, raw) if raw else None
+    async def get_agent(self, name: str, *, tenant: str | None = None) -> AgentRecord | None:
+        raw = await awaited(self.client.hgetall(self.keys.agent(name, tenant)))
+        return self._agent(name, raw, tenant) if raw else None
 
-    async def list_agents(self) -> list[AgentRecord]:
-        names = sorted(n.decode() for n in await awaited(self.client.smembers(self.keys.agents)))
+    async def list_agents(self, *, tenant: str | None = None) -> list[AgentRecord]:
+        names = sorted(
+            n.decode() for n in await awaited(self.client.smembers(self.keys.agent_names(tenant)))
+        )
         async with self.client.pipeline(transaction=False) as pipe:
             for n in names:
-                pipe.hgetall(self.keys.agent(n))
+                pipe.hgetall(self.keys.agent(n, tenant))
             rows = await pipe.execute()
-        return [self._agent(n, r) for n, r in zip(names, rows, strict=True) if r]
+        return [self._agent(n, r, tenant) for n, r in zip(names, rows, strict=True) if r]
 
-    async def delete_agent(self, name: str) -> bool:
+    async def agent_tenants(self) -> list[str]:
+        """Tenants that have (or had) agents of their own."""
+        return sorted(
+            t.decode() for t in await awaited(self.client.smembers(self.keys.agent_tenants))
+        )
+
+    async def delete_agent(self, name: str, *, tenant: str | None = None) -> bool:
+        keys = self.keys
         return bool(
             await self._delete_agent(
-                keys=[self.keys.agent(name), self.keys.agents, self.keys.default_agent], args=[name]
+                keys=[keys.agent(name, tenant), keys.agent_names(tenant), keys.default_of(tenant)],
+                args=[name],
             )
         )
 
-    async def set_default_agent(self, name: str) -> None:
+    async def set_default_agent(
+        self, name: str, *, tenant: str | None = None, global_agent: bool = False
+    ) -> None:
+        """Make `name` the default of scope `tenant`, checking that it exists there (or among the
+        global agents with `global_agent`: a tenant may choose a global agent as its default)."""
+        where = None if global_agent else tenant
         if not await self._set_default(
-            keys=[self.keys.agent(name), self.keys.default_agent], args=[name]
+            keys=[self.keys.agent(name, where), self.keys.default_of(tenant)], args=[name]
         ):
             raise NotFound(f"agent {name!r} not found")
+
+    async def default_agent_name(self, *, tenant: str | None = None) -> str | None:
+        """The name stored as scope `tenant`'s default (it may have been deleted since)."""
+        name = await self.client.get(self.keys.default_of(tenant))
+        return name.decode() if name else None
 
     async def ensure_default_agent(
         self, name: str, config: AgentConfig, *, description: str = ""
     ) -> tuple[AgentRecord, bool]:
-        """The default agent, creating `name` from `config` first if there is none; the bool says
-        whether it was created now."""
+        """The global default agent, creating `name` from `config` first if there is none; the
+        bool says whether it was created now."""
         current = await self.get_default_agent()
         if current is not None:
             return current, False
@@ -562,11 +657,12 @@ class ConfigStore:
         return record, True
 
     async def get_default_agent(self) -> AgentRecord | None:
+        """The global default agent."""
         name = await self.client.get(self.keys.default_agent)
         return await self.get_agent(name.decode()) if name else None
 
     @staticmethod
-    def _agent(name: str, raw: dict[bytes, bytes]) -> AgentRecord:
+    def _agent(name: str, raw: dict[bytes, bytes], tenant: str | None = None) -> AgentRecord:
         return AgentRecord(
             name=name,
             config=parse_agent_config(raw[b"config"]),
@@ -574,4 +670,5 @@ class ConfigStore:
             description=raw.get(b"description", b"").decode(),
             created_ms=int(raw[b"created_ms"]),
             updated_ms=int(raw[b"updated_ms"]),
+            owner=tenant,
         )

@@ -4,8 +4,10 @@ what a route does is read in one router module, and which routes exist and who m
 here.
 
 /api and every call route need an API key (security.py) unless VOICEMESH_AUTH=off; /healthz,
-/metrics, the page at / and the OpenAPI docs stay open. New sessions count against
-VOICEMESH_SESSION_RATE per client.
+/metrics, the page at / and the OpenAPI docs stay open. A key names a tenant (tenants.py): every
+route and call entry shows a tenant only its own sessions and agents (plus the global agents), and
+each tenant's new sessions (VOICEMESH_SESSION_RATE) and concurrent calls
+(VOICEMESH_TENANT_MAX_CALLS) are limited.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from voicemesh.transport.api.errors import ERRORS, add_error_handlers
 from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import call_sessions, sessions_router
+from voicemesh.transport.api.tenants import CallSlots
 from voicemesh.transport.carriers.daily import daily_routes
 from voicemesh.transport.carriers.twilio import twilio_routes
 from voicemesh.transport.carriers.webrtc import webrtc_routes
@@ -42,7 +45,11 @@ def create_app(service: TransportService) -> FastAPI:
     auth = ApiKeyAuth(service.settings)
     limit = SessionRateLimit.from_settings(service.settings)
     if auth.required:
-        log.info("API keys required on /api and /ws/call (%d configured)", auth.key_count)
+        log.info(
+            "API keys required on /api and the call routes (%d keys of %d tenants)",
+            auth.key_count,
+            len(auth.tenants.names),
+        )
     else:
         log.warning("API auth is off (VOICEMESH_AUTH=off): anyone who reaches this port can use it")
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
@@ -64,14 +71,19 @@ def create_app(service: TransportService) -> FastAPI:
 
     # One dependency on the /api router: every route below it needs a key.
     api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)
-    api.include_router(agents_router(service))
+    api.include_router(agents_router(service, auth))
     api.include_router(sessions_router(service, auth, limit))
     app.include_router(api)
     app.mount("/metrics", make_asgi_app())
     app.include_router(health_router(service))
 
     # Each carrier guards its own routes with `auth` (Twilio's key may come in its start message).
-    call_session = call_sessions(service, limit)
+    settings = service.settings
+    slots = CallSlots(
+        lambda: service.store, instance=settings.instance_id, lease_s=settings.call_lease_s
+    )
+    app.state.call_slots = slots
+    call_session = call_sessions(service, limit, slots)
     app.state.call_session = call_session
     for routes in (webrtc_routes, twilio_routes, daily_routes):
         app.include_router(routes(service, call_session, auth), responses=ERRORS)

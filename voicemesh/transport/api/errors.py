@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
+from voicemesh.errors import VoicemeshError
 from voicemesh.state.store import Conflict, NotFound
 from voicemesh.transport.api.security import (
     RateLimited,
@@ -21,6 +22,10 @@ from voicemesh.transport.api.security import (
     on_rate_limited,
     on_unauthorized,
 )
+
+
+class Forbidden(VoicemeshError):
+    """A resource the client can see but not change (a global agent, for a tenant): 403."""
 
 
 class IssueOut(BaseModel):
@@ -41,9 +46,17 @@ class ErrorOut(BaseModel):
 
 # The error bodies this API really sends (FastAPI would document its own 422 shape otherwise).
 ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "not found (or the session expired)"},
+    403: {"model": ErrorOut, "description": "a global agent: only admin keys change it"},
+    404: {
+        "model": ErrorOut,
+        "description": "not found (or the session expired, or it is another tenant's)",
+    },
     409: {"model": ErrorOut, "description": "conflict (the name is taken, or a concurrent write)"},
     422: {"model": IssuesOut, "description": "invalid request: each issue names its JSON path"},
+    429: {
+        "model": ErrorOut,
+        "description": "over the tenant's session rate or concurrent calls (see Retry-After)",
+    },
 }
 
 
@@ -87,6 +100,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return _error(404, str(exc))
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return _error(403, str(exc))
 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:

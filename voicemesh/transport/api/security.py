@@ -1,17 +1,16 @@
-"""API keys on the config API and the call endpoint, and the limit on new sessions per client.
+"""API keys on the config API and the call endpoints, and the limit on new sessions.
 
-Keys come from VOICEMESH_API_KEYS and are compared in constant time against every configured key.
-A client is known by a digest of its key (or by its address when auth is off); that id, never the
-key, is what reaches a log line or Valkey. The limit is a fixed-window counter in Valkey, so every
-transport instance enforces one shared budget per client.
+Every key names a tenant (tenants.py: admin keys from VOICEMESH_API_KEYS, tenant keys from
+VOICEMESH_TENANT_KEYS or VOICEMESH_KEYS_FILE); a request's Client is that tenant. With auth off,
+every caller is the one admin tenant. The session limit is a fixed-window counter in Valkey per
+tenant (per address with auth off), so every transport instance enforces one shared budget; a
+counter's name holds the tenant's name or the address, never a key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,9 @@ from voicemesh.bus.events import ErrorEvent
 from voicemesh.config.settings import Settings
 from voicemesh.errors import VoicemeshError
 from voicemesh.state import ConfigStore
+from voicemesh.transport.api.tenants import AuthConfigError, RateLimited, Tenant, Tenants
+
+__all__ = ["AuthConfigError", "RateLimited"]  # raised from here too
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,6 @@ WS_RATE_LIMITED = 4429
 
 MISSING = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 INVALID = "invalid API key"
-
-
-class AuthConfigError(VoicemeshError, ValueError):
-    """The transport's auth settings cannot work (auth required, no keys)."""
 
 
 class Unauthorized(VoicemeshError):
@@ -53,23 +51,21 @@ class CrossOrigin(Unauthorized):
     status = 403
 
 
-class RateLimited(VoicemeshError):
-    def __init__(self, detail: str, retry_after_s: int):
-        super().__init__(detail)
-        self.detail = detail
-        self.retry_after_s = retry_after_s
-
-
 @dataclass(frozen=True, slots=True)
 class Client:
-    """Who is calling: `key:<digest>` (auth on) or `ip:<address>` (auth off)."""
+    """Who is calling: a tenant, and the id its session rate is counted under
+    (`tenant:<name>`, or `ip:<address>` with auth off)."""
 
     id: str
+    tenant: Tenant
 
+    @property
+    def admin(self) -> bool:
+        return self.tenant.admin
 
-def key_id(key: str) -> str:
-    """A stable, non-reversible name for a key (logs, rate-limit counters)."""
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    def may_see(self, owner: str) -> bool:
+        """Whether a session or agent of `owner` exists for this client (else: 404)."""
+        return self.tenant.may_see(owner)
 
 
 def same_origin(origin: str, host: str) -> bool:
@@ -87,16 +83,18 @@ class ApiKeyAuth:
 
     def __init__(self, settings: Settings):
         self.required = settings.auth == "required"
-        self._keys = [k.get_secret_value().encode() for k in settings.api_keys]
-        if self.required and not self._keys:
+        self.tenants = Tenants(settings)
+        if self.required and not self.tenants.key_count:
             raise AuthConfigError(
-                "VOICEMESH_AUTH is 'required' but VOICEMESH_API_KEYS is empty: set one or more "
-                "keys (comma-separated), or VOICEMESH_AUTH=off for local use only"
+                "VOICEMESH_AUTH is 'required' but VOICEMESH_API_KEYS is empty and no tenant "
+                "key is configured: set admin keys (VOICEMESH_API_KEYS, comma-separated) or "
+                "tenant keys (VOICEMESH_TENANT_KEYS, VOICEMESH_KEYS_FILE), or VOICEMESH_AUTH=off "
+                "for local use only"
             )
 
     @property
     def key_count(self) -> int:
-        return len(self._keys)
+        return self.tenants.key_count
 
     @staticmethod
     def presented(conn: HTTPConnection) -> str | None:
@@ -115,12 +113,12 @@ class ApiKeyAuth:
         return None
 
     def matches(self, presented: str) -> bool:
-        """Constant time per key and no early exit: every configured key is compared."""
-        given = presented.encode()
-        found = False
-        for key in self._keys:
-            found |= secrets.compare_digest(given, key)
-        return found
+        return self.identify(presented) is not None
+
+    def identify(self, presented: str) -> Client | None:
+        """The client a presented key makes (constant time: Tenants.identify), or None."""
+        tenant = self.tenants.identify(presented)
+        return None if tenant is None else Client(f"tenant:{tenant.name}", tenant)
 
     async def __call__(self, conn: HTTPConnection) -> Client:
         if not self.required:
@@ -135,15 +133,16 @@ class ApiKeyAuth:
                     f"origin {origin} refused: with API auth off, only pages served by this "
                     "transport may use it (set VOICEMESH_API_KEYS to allow other origins)"
                 )
-            return Client(f"ip:{_address(conn)}")
+            return Client(f"ip:{_address(conn)}", self.tenants.admin)
         presented = self.presented(conn)
         if presented is None:
             self._refuse(conn, "no key")
             raise Unauthorized(MISSING)
-        if not self.matches(presented):
+        client = self.identify(presented)
+        if client is None:
             self._refuse(conn, "wrong key")
             raise Unauthorized(INVALID)
-        return Client(key_id(presented))
+        return client
 
     @staticmethod
     def _refuse(conn: HTTPConnection, why: str) -> None:
@@ -166,42 +165,40 @@ return {n, ttl}
 
 
 class SessionRateLimit:
-    """At most `count` new sessions per client per `window_s`, shared by every transport."""
+    """At most N new sessions per client per S seconds, shared by every transport. (N, S) is the
+    client's tenant's (VOICEMESH_SESSION_RATE, or its own in the keys file); None: no limit."""
 
-    def __init__(self, count: int, window_s: float, *, key_prefix: str):
-        self.count, self.window_s = count, window_s
-        self.window_ms = max(1, round(window_s * 1000))
+    def __init__(self, *, key_prefix: str):
         self.key_prefix = key_prefix
         self._script: Any = None
         self._client: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SessionRateLimit | None:
-        limit = settings.session_rate_limit
-        return cls(*limit, key_prefix=settings.key_prefix) if limit else None
+    def from_settings(cls, settings: Settings) -> SessionRateLimit:
+        return cls(key_prefix=settings.key_prefix)
 
     def key(self, client: Client) -> str:
         return f"{self.key_prefix}:rate:sessions:{client.id}"
 
     async def hit(self, store: ConfigStore, client: Client) -> None:
         """Count one new session for `client`; RateLimited if it is over the limit."""
+        if client.tenant.session_rate is None:
+            return
+        count, window_s = client.tenant.session_rate
         # The counters are this limiter's own keys; it borrows the store's connection only.
         valkey_client = store.client
         if self._client is not valkey_client:
             self._client, self._script = valkey_client, valkey_client.register_script(_HIT)
-        n, ttl_ms = await self._script(keys=[self.key(client)], args=[self.window_ms])
-        if int(n) > self.count:
+        window_ms = max(1, round(window_s * 1000))
+        n, ttl_ms = await self._script(keys=[self.key(client)], args=[window_ms])
+        if int(n) > count:
             retry = max(1, math.ceil(int(ttl_ms) / 1000))
-            if int(n) == self.count + 1:  # once per window, not for every refused attempt
+            if int(n) == count + 1:  # once per window, not for every refused attempt
                 log.warning(
-                    "session rate limit reached by %s (%d per %g s)",
-                    client.id,
-                    self.count,
-                    self.window_s,
+                    "session rate limit reached by %s (%d per %g s)", client.id, count, window_s
                 )
             raise RateLimited(
-                f"too many new sessions: at most {self.count} per {self.window_s:g} s; "
-                f"retry in {retry} s",
+                f"too many new sessions: at most {count} per {window_s:g} s; retry in {retry} s",
                 retry,
             )
 

@@ -1,13 +1,18 @@
 """`/api/sessions`, and the rule for which session a new call joins. A session is a per-call copy
 of an agent's config that can change while the call runs (replace, or RFC 7396 merge-patch), and
-every stage picks the change up on its next unit of work. The carriers resolve a call's session
-through the same code as the HTTP routes (call_sessions), so the session rate limit and the
+every stage picks the change up on its next unit of work. The carriers admit a call through the
+same code as the HTTP routes (call_sessions), so the ownership check, the tenant's limits and the
 "not found" wording are one rule whatever carries the call.
+
+A session belongs to the tenant whose key created it. For any other tenant it does not exist: every
+route answers the same 404 as for an id that never existed, and listing leaves it out. Admin keys
+see and change every session.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,14 +25,28 @@ from voicemesh.config.models import (
     ConfigValidationError,
     parse_agent_config,
 )
-from voicemesh.state.store import Conflict, NotFound, check_session_id
+from voicemesh.state.store import Conflict, NotFound, StoredConfig, check_session_id
+from voicemesh.transport.api.agents import agent_for
 from voicemesh.transport.api.security import ApiKeyAuth, Client, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.tenants import CallSlot, CallSlots
 
-#: the API's resolver of the session a new call joins: (session_id, agent, client) → session id;
-#: an existing session, or a new one from the agent (the default agent when None). Raises NotFound
-#: naming what is missing, RateLimited when the client opens sessions too fast.
-CallSession = Callable[[str | None, str | None, Client], Awaitable[str]]
+
+@dataclass
+class Admission:
+    """A call let in: the session it joins, whether it was made for it, and the call's slot in
+    its tenant's count, which the carrier releases when the call ends (`async with slot`)."""
+
+    session_id: str
+    created: bool
+    slot: CallSlot
+
+
+#: the API's admission of a new call: (session_id, agent, client) → Admission; an existing session
+#: of the client's, or a new one from the agent (the default agent when None). Raises NotFound
+#: naming what is missing (another tenant's session is missing), RateLimited when the tenant runs
+#: all the calls it may or opens sessions too fast.
+CallSession = Callable[[str | None, str | None, Client], Awaitable[Admission]]
 
 
 class SessionIn(BaseModel):
@@ -63,55 +82,78 @@ def _config_json(config: AgentConfig) -> Any:
     return orjson.loads(config.to_json())
 
 
+def not_found(session_id: str) -> NotFound:
+    return NotFound(f"session {session_id} not found or expired")
+
+
 def session_ok(session_id: str) -> str:
     """A malformed id names no session: the same 404 as an expired one."""
     try:
         return check_session_id(session_id)
     except ValueError:
-        raise NotFound(f"session {session_id} not found") from None
+        raise not_found(session_id) from None
 
 
-def session_json(stored: Any) -> dict[str, Any]:
+async def owned(service: TransportService, session_id: str, client: Client) -> str:
+    """`session_id` if it exists for `client` (its own, or any for an admin); else the 404 of a
+    session that does not exist, word for word."""
+    owner = await service.store.get_owner(session_ok(session_id))
+    if owner is None or not client.may_see(owner):
+        raise not_found(session_id)
+    return session_id
+
+
+async def owned_config(service: TransportService, session_id: str, client: Client) -> StoredConfig:
+    """The session's stored config, when it exists for `client` (else owned()'s 404)."""
+    stored = await service.store.get_config(session_ok(session_id))
+    if stored is None or not client.may_see(stored.owner):
+        raise not_found(session_id)
+    return stored
+
+
+def session_json(stored: StoredConfig) -> dict[str, Any]:
     return {
         "session_id": stored.session_id,
         "version": stored.version,
         "agent": stored.agent,
+        "owner": stored.owner,
         "ttl_s": max(1, round(stored.ttl_ms / 1000)),
         "created_ms": stored.created_ms,
         "config": _config_json(stored.config),
     }
 
 
-async def count_new_session(
-    service: TransportService, limit: SessionRateLimit | None, client: Client
-) -> None:
-    if limit is not None:
-        await limit.hit(service.store, client)
-
-
-def call_sessions(service: TransportService, limit: SessionRateLimit | None) -> CallSession:
+def call_sessions(
+    service: TransportService, limit: SessionRateLimit, slots: CallSlots
+) -> CallSession:
     """The CallSession the carriers are given."""
 
-    async def call_session(session_id: str | None, agent: str | None, client: Client) -> str:
-        """The session a new call joins: an existing one, or a new one from an agent (the default
-        agent when none is named). NotFound names what is missing."""
+    async def call_session(session_id: str | None, agent: str | None, client: Client) -> Admission:
+        """Admit a call: the tenant's call slot first (a refused call makes nothing), then an
+        existing session of the client's, or a new one from an agent (the default agent when none
+        is named; it counts against the session rate). The slot is given back if that fails."""
         store = service.store
         if session_id:
-            session_ok(session_id)
-            if await store.get_config(session_id) is None:
-                raise NotFound(f"session {session_id} not found or expired")
-            return session_id
-        record = await store.get_agent(agent) if agent else await store.get_default_agent()
-        if record is None:
-            raise NotFound(f"agent {agent!r} not found" if agent else "no default agent")
-        await count_new_session(service, limit, client)
-        return (await store.create_session(record.config, agent=record.name)).session_id
+            await owned(service, session_id, client)  # before a slot: a 404 holds nothing
+            slot = await slots.acquire(client.tenant)
+            return Admission(session_id, False, slot)
+        record = await agent_for(store, agent, client)
+        slot = await slots.acquire(client.tenant)
+        try:
+            await limit.hit(store, client)
+            stored = await store.create_session(
+                record.config, agent=record.name, owner=client.tenant.name
+            )
+        except BaseException:
+            await slot.release()
+            raise
+        return Admission(stored.session_id, True, slot)
 
     return call_session
 
 
 def sessions_router(
-    service: TransportService, auth: ApiKeyAuth, limit: SessionRateLimit | None
+    service: TransportService, auth: ApiKeyAuth, limit: SessionRateLimit
 ) -> APIRouter:
     """The session routes, without prefix: create_app mounts them under its /api router, whose
     key dependency `auth` is (the same dependency here is cached: it runs once)."""
@@ -131,39 +173,34 @@ def sessions_router(
         if body.config is not None:
             config = body.config
         else:
-            record = (
-                await store().get_agent(body.agent)
-                if body.agent
-                else await store().get_default_agent()
-            )
-            if record is None:
-                raise NotFound(
-                    f"agent {body.agent!r} not found" if body.agent else "no default agent is set"
-                )
+            record = await agent_for(store(), body.agent, client)
             config, agent_name = record.config, record.name
-        await count_new_session(service, limit, client)
-        stored = await store().create_session(config, ttl_s=body.ttl_s, agent=agent_name)
+        await limit.hit(store(), client)
+        stored = await store().create_session(
+            config, ttl_s=body.ttl_s, agent=agent_name, owner=client.tenant.name
+        )
         return {
             "session_id": stored.session_id,
             "version": stored.version,
             "agent": agent_name,
+            "owner": stored.owner,
             "ttl_s": max(1, round(stored.ttl_ms / 1000)),
         }
 
     @router.get("/sessions")
-    async def list_sessions() -> dict[str, Any]:
-        return {"sessions": await store().list_configs()}
+    async def list_sessions(client: Client = Depends(auth)) -> dict[str, Any]:
+        owner = None if client.admin else client.tenant.name
+        return {"sessions": await store().list_configs(owner=owner)}
 
     @router.get("/sessions/{session_id}")
-    async def get_session(session_id: str) -> dict[str, Any]:
-        stored = await store().get_config(session_ok(session_id))
-        if stored is None:
-            raise NotFound(f"session {session_id} not found or expired")
-        return session_json(stored)
+    async def get_session(session_id: str, client: Client = Depends(auth)) -> dict[str, Any]:
+        return session_json(await owned_config(service, session_id, client))
 
     @router.put("/sessions/{session_id}/config")
-    async def replace_config(session_id: str, config: AgentConfig) -> dict[str, Any]:
-        version = await store().update_config(session_ok(session_id), config)
+    async def replace_config(
+        session_id: str, config: AgentConfig, client: Client = Depends(auth)
+    ) -> dict[str, Any]:
+        version = await store().update_config(await owned(service, session_id, client), config)
         await service.config_changed(session_id, version, ["*"])
         return {"session_id": session_id, "version": version}
 
@@ -171,11 +208,10 @@ def sessions_router(
     async def patch_config(
         session_id: str,
         patch: dict[str, Any] = Body(..., media_type="application/merge-patch+json"),
+        client: Client = Depends(auth),
     ) -> dict[str, Any]:
         for attempt in range(10):  # compare-and-set: a concurrent writer makes us re-merge
-            stored = await store().get_config(session_ok(session_id))
-            if stored is None:
-                raise NotFound(f"session {session_id} not found or expired")
+            stored = await owned_config(service, session_id, client)
             config = parse_agent_config(merge_patch(_config_json(stored.config), patch))
             try:
                 version = await store().update_config(
@@ -189,22 +225,24 @@ def sessions_router(
         return {"session_id": session_id, "version": version}
 
     @router.post("/sessions/{session_id}/ttl")
-    async def extend_ttl(session_id: str, body: TtlIn) -> dict[str, Any]:
-        if not await store().extend_config_ttl(session_ok(session_id), body.ttl_s):
-            raise NotFound(f"session {session_id} not found or expired")
+    async def extend_ttl(
+        session_id: str, body: TtlIn, client: Client = Depends(auth)
+    ) -> dict[str, Any]:
+        if not await store().extend_config_ttl(
+            await owned(service, session_id, client), body.ttl_s
+        ):
+            raise not_found(session_id)
         return {"session_id": session_id, "ttl_s": body.ttl_s}
 
     @router.delete("/sessions/{session_id}")
-    async def delete_session(session_id: str) -> dict[str, Any]:
-        if not await store().delete_config(session_ok(session_id)):
-            raise NotFound(f"session {session_id} not found or expired")
+    async def delete_session(session_id: str, client: Client = Depends(auth)) -> dict[str, Any]:
+        if not await store().delete_config(await owned(service, session_id, client)):
+            raise not_found(session_id)
         await service.session_deleted(session_id)
         return {"deleted": session_id}
 
     @router.get("/sessions/{session_id}/context")
-    async def get_context(session_id: str) -> dict[str, Any]:
-        if await store().get_version(session_ok(session_id)) is None:
-            raise NotFound(f"session {session_id} not found or expired")
-        return {"messages": await store().get_context(session_id)}
+    async def get_context(session_id: str, client: Client = Depends(auth)) -> dict[str, Any]:
+        return {"messages": await store().get_context(await owned(service, session_id, client))}
 
     return router

@@ -19,6 +19,10 @@ A join is bounded (`join_timeout_s` in the request, else the setting `daily_join
 the settings have it, else 10 s): an unreachable room is a 502 naming the room URL and what to
 check, and a session the request created is deleted again. The bot leaves when the last other
 participant leaves, on DELETE, or when the call ends.
+
+A bot's call belongs to the tenant that started it: for another tenant, POST with its session_id
+and DELETE answer the 404 of a session that does not exist, and each call holds one of its
+tenant's concurrent-call slots while it runs (429 when none is free).
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ from voicemesh.errors import VoicemeshError
 from voicemesh.state import NotFound
 from voicemesh.transport.api.security import ApiKeyAuth, Client
 from voicemesh.transport.api.service import TransportService
-from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.api.sessions import CallSession, owned
+from voicemesh.transport.api.tenants import CallSlot
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
@@ -367,6 +372,7 @@ def daily_routes(
     router = APIRouter(prefix="/api/daily")
     bots: dict[str, DailyBot] = {}
     calls: dict[str, asyncio.Task[None]] = {}
+    tenants: dict[str, str] = {}  # session → the tenant whose call it is
     joining: set[str | None] = set()
     leaving: set[asyncio.Task[None]] = set()  # bots leaving a room: shutdown waits for them
     # bots whose join failed: nothing to leave, but pipecat's cleanup waits for daily-python's join
@@ -382,22 +388,27 @@ def daily_routes(
     async def start_call(body: DailyCallIn, client: Client = Depends(auth)) -> DailyCallOut:
         if body.session_id and body.agent:
             raise _issue("agent", "give a session_id or an agent, not both")
+        if body.session_id:
+            # whose session it is comes first: whether it has a bot is not another tenant's
+            # business (owned() answers exactly as for a session that does not exist)
+            await owned(service, body.session_id, client)
         if body.session_id in calls or body.session_id in joining:
             raise HTTPException(409, f"session {body.session_id} already has a bot in a room")
-        sid = await call_session(body.session_id, body.agent, client)
-        created = not body.session_id
+        admitted = await call_session(body.session_id, body.agent, client)
+        sid = admitted.session_id
         joining.add(sid)
         try:
-            return await join(sid, body)
+            return await join(sid, body, admitted.slot, client)
         except BaseException:
-            if created:  # a session made for this bot goes with it
+            await admitted.slot.release()
+            if admitted.created:  # a session made for this bot goes with it
                 with contextlib.suppress(Exception):
                     await service.store.delete_config(sid)
             raise
         finally:
             joining.discard(sid)
 
-    async def join(sid: str, body: DailyCallIn) -> DailyCallOut:
+    async def join(sid: str, body: DailyCallIn, slot: CallSlot, client: Client) -> DailyCallOut:
         cached = await service.router.load(sid)
         options = cached.config.transport_options("daily")
         assert isinstance(options, DailyTransportOptions)
@@ -438,11 +449,14 @@ def daily_routes(
             ) from None
         peer.when_closed(lambda: leave(bot))
         bots[sid] = bot
+        tenants[sid] = client.tenant.name
 
         async def run() -> None:
             try:
-                await Call(service, sid, peer).run()
+                async with slot:
+                    await Call(service, sid, peer).run()
             finally:
+                tenants.pop(sid, None)
                 bots.pop(sid, None)
                 calls.pop(sid, None)
 
@@ -458,7 +472,7 @@ def daily_routes(
     @router.delete("/calls/{session_id}")
     async def stop_call(session_id: str, client: Client = Depends(auth)) -> dict[str, str]:
         bot, task = bots.get(session_id), calls.get(session_id)
-        if bot is None or task is None:
+        if bot is None or task is None or not client.may_see(tenants.get(session_id, "")):
             raise NotFound(f"no Daily bot is in a room for session {session_id}")
         bot.peer.hang_up()  # the call ends, and its close leaves the room
         await asyncio.wait({task}, timeout=LEAVE_TIMEOUT_S + 1)

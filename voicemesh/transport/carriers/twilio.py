@@ -12,6 +12,16 @@ API key come in the `start` message's customParameters. An `Authorization`/`X-AP
 an `api_key` query parameter (a proxy in front, a test client) is checked first, before anything is
 read, and then wins over the parameter.
 
+Before the socket is accepted, the handshake's X-Twilio-Signature is checked with the account's
+auth token (TWILIO_AUTH_TOKEN): base64(HMAC-SHA1(token, the URL Twilio requested)), the URL being
+VOICEMESH_TWILIO_PUBLIC_URL + path when a proxy in front changes it. A missing or wrong signature
+is refused at the handshake (HTTP 403): nothing of the peer's is read. With auth required and no
+token configured, every stream is refused so; only with auth off and no token is the check
+skipped (local tests). After the handshake a message over VOICEMESH_TWILIO_MAX_MESSAGE_BYTES, or
+no `start` within VOICEMESH_TWILIO_START_TIMEOUT_S, closes the stream at once. The key in the
+`start` message then names the tenant, and the session in customParameters must be that tenant's
+(else the stream closes with 4404, as for a session that does not exist).
+
 Twilio sends `connected`, `start` (streamSid, callSid, customParameters, mediaFormat), `media`
 (base64 μ-law 8 kHz, 20 ms a message), `mark` (a mark we sent has been played), `dtmf` and `stop`.
 We send `media` (the bot's voice in 20 ms messages, paced in real time), `mark` every second of
@@ -32,10 +42,14 @@ import asyncio
 import base64
 import binascii
 import collections
+import hashlib
+import hmac
 import logging
 import time
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -53,7 +67,6 @@ from voicemesh.transport.api.security import (
     Client,
     RateLimited,
     Unauthorized,
-    key_id,
 )
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import CallSession
@@ -65,11 +78,17 @@ log = logging.getLogger(__name__)
 
 TWILIO_RATE = 8000
 ENCODING = "audio/x-mulaw"
-#: Twilio sends 20 ms (160 bytes) a message; 2 s in one is not Twilio and is refused
-MAX_MEDIA_BYTES = 2 * TWILIO_RATE
-MAX_MESSAGE_CHARS = 64 * 1024
-#: how long a stream may stay open without `start` before it is closed
-START_TIMEOUT_S = 10.0
+#: Twilio sends 20 ms (160 bytes) a message; 1 s in one is not Twilio and is refused (and fits
+#: under the message cap, so it is dropped with a warning rather than closing the stream)
+MAX_MEDIA_BYTES = TWILIO_RATE
+#: the default cap on one message (VOICEMESH_TWILIO_MAX_MESSAGE_BYTES): Twilio's media messages
+#: are ~300 bytes and a `start` with its parameters a few KiB
+MAX_MESSAGE_CHARS = 16 * 1024
+#: how long a stream may stay open without `start` before it is closed (the default of
+#: VOICEMESH_TWILIO_START_TIMEOUT_S): Twilio sends it right after `connected`
+START_TIMEOUT_S = 5.0
+WS_POLICY = 1008  # a handshake refused before accept goes out as HTTP 403
+WS_TOO_BIG = 1009
 MARK_EVERY = 50  # audio messages (1 s) between two marks
 MAX_PENDING_MARKS = 100
 #: problems logged one by one per call; after that one line says the rest are only counted
@@ -149,11 +168,62 @@ TwilioMessage = Annotated[
 _MESSAGE: TypeAdapter[Connected | Start | Media | Mark | Dtmf | Stop] = TypeAdapter(TwilioMessage)
 
 
-def parse_message(text: str) -> Connected | Start | Media | Mark | Dtmf | Stop | str:
+# --- X-Twilio-Signature ---------------------------------------------------------------------
+
+
+def twilio_signature(token: str, url: str, params: Mapping[str, str] | None = None) -> str:
+    """Twilio's request signature: base64(HMAC-SHA1(auth token, the full URL + each POST
+    parameter's name and value, sorted by name)). A WebSocket handshake is a GET: no parameters."""
+    data = url + "".join(k + v for k, v in sorted((params or {}).items()))
+    mac = hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()
+    return base64.b64encode(mac).decode()
+
+
+_DEFAULT_PORTS = {"wss": 443, "https": 443, "ws": 80, "http": 80}
+
+
+def signed_urls(ws: WebSocket, public_url: str | None) -> list[str]:
+    """The URLs Twilio may have signed for this handshake: the public base URL (or the scheme and
+    Host the request came with) + path + query, with and without the scheme's default port, as
+    Twilio's own validator tries both."""
+    path = ws.scope.get("path", "/")
+    query = ws.scope.get("query_string", b"").decode("latin-1")
+    if public_url:
+        url = public_url.rstrip("/") + path
+    else:
+        scheme = "wss" if ws.scope.get("scheme") in ("wss", "https") else "ws"
+        url = f"{scheme}://{ws.headers.get('host', '')}{path}"
+    if query:
+        url += "?" + query
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port
+    default = _DEFAULT_PORTS.get(parts.scheme)
+    shown = f"[{host}]" if ":" in host else host
+    variants = [url]
+    if port is None and default is not None:
+        variants.append(urlunsplit(parts._replace(netloc=f"{shown}:{default}")))
+    elif port == default:
+        variants.append(urlunsplit(parts._replace(netloc=shown)))
+    return variants
+
+
+def signature_ok(ws: WebSocket, token: str, public_url: str | None) -> bool:
+    """Whether the handshake's X-Twilio-Signature is Twilio's for this URL (constant time, and
+    every variant compared)."""
+    given = ws.headers.get("x-twilio-signature", "").encode()
+    ok = False
+    for url in signed_urls(ws, public_url):
+        ok |= hmac.compare_digest(given, twilio_signature(token, url).encode())
+    return ok and bool(given)
+
+
+def parse_message(
+    text: str, max_chars: int = MAX_MESSAGE_CHARS
+) -> Connected | Start | Media | Mark | Dtmf | Stop | str:
     """The message, or why it is not one we take (a sentence naming the problem, never the
     message's content: a `start` carries the API key)."""
-    if len(text) > MAX_MESSAGE_CHARS:
-        return f"message of {len(text)} characters is over the {MAX_MESSAGE_CHARS} limit"
+    if len(text) > max_chars:
+        return f"message of {len(text)} characters is over the {max_chars} limit"
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -180,7 +250,7 @@ def decode_payload(payload: str) -> bytes | str:
     except (binascii.Error, ValueError):
         return "media payload is not valid base64"
     if len(data) > MAX_MEDIA_BYTES:
-        return f"media payload of {len(data)} bytes is over {MAX_MEDIA_BYTES} (2 s of μ-law)"
+        return f"media payload of {len(data)} bytes is over {MAX_MEDIA_BYTES} (1 s of μ-law)"
     return data
 
 
@@ -193,8 +263,9 @@ class TwilioPeer(Peer):
     continuous = False  # Twilio plays what it has and waits: no silence needs sending
     lead_frames = 3  # Twilio buffers: a little ahead absorbs network jitter, `clear` drops it
 
-    def __init__(self, ws: WebSocket):
+    def __init__(self, ws: WebSocket, *, max_message: int = MAX_MESSAGE_CHARS):
         self.ws = ws
+        self.max_message = max_message
         self._hang_up: asyncio.Future[None] | None = None
         self.stream_sid: str | None = None
         self.call_sid: str | None = None
@@ -306,12 +377,18 @@ class TwilioPeer(Peer):
                 return None
             if raw["type"] == "websocket.disconnect":
                 return None
-            if raw.get("text") is None:
-                size = len(raw.get("bytes") or b"")
+            text = raw.get("text")
+            size = len(raw.get("bytes") or b"") if text is None else len(text.encode())
+            if size > self.max_message:
+                # not Twilio: close at once rather than read on (and hold the socket) after it
+                self._problem(f"message of {size} bytes, over the {self.max_message} limit: closed")
+                await _close(self.ws, WS_TOO_BIG)
+                return None
+            if text is None:
                 self._problem(f"binary frame of {size} bytes: Media Streams messages are JSON text")
                 continue
-            self._raw = raw["text"]
-            msg = parse_message(self._raw)
+            self._raw = text
+            msg = parse_message(self._raw, self.max_message)
             if isinstance(msg, str):
                 self._problem(msg)
                 continue
@@ -425,32 +502,60 @@ def twilio_routes(
     service: TransportService, call_session: CallSession, auth: ApiKeyAuth
 ) -> APIRouter:
     router = APIRouter()
+    settings = service.settings
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    if token is None and auth.required:
+        log.warning(
+            "TWILIO_AUTH_TOKEN is not set: /ws/twilio refuses every stream (it cannot tell "
+            "Twilio from anyone else); set it to the Twilio account's auth token"
+        )
 
-    async def client_for(ws: WebSocket, parameter_key: str | None) -> Client:
-        """A header or query key was checked before accepting; else the customParameter."""
-        if not auth.required or auth.presented(ws) is not None:
-            return await auth(ws)
+    def handshake_problem(ws: WebSocket) -> str | None:
+        """Why the handshake is not Twilio's (None: it is, or there is no token to tell)."""
+        if token is None:
+            return "TWILIO_AUTH_TOKEN is not set, and auth is required" if auth.required else None
+        if not ws.headers.get("x-twilio-signature"):
+            return "no X-Twilio-Signature header"
+        if not signature_ok(ws, token, settings.twilio_public_url):
+            return (
+                "X-Twilio-Signature does not match (if a proxy is in front, set "
+                "VOICEMESH_TWILIO_PUBLIC_URL to the wss:// base URL Twilio connects to)"
+            )
+        return None
+
+    def parameter_client(parameter_key: str | None) -> Client:
         if not parameter_key:
             raise Unauthorized(MISSING_KEY)
-        if not auth.matches(parameter_key):
+        client = auth.identify(parameter_key)
+        if client is None:
             raise Unauthorized("invalid API key")
-        return Client(key_id(parameter_key))
+        return client
 
     @router.websocket("/ws/twilio")
     async def twilio_stream(ws: WebSocket) -> None:
         # Twilio only sees a closed socket: every refusal is logged, naming the stream.
-        if auth.required and auth.presented(ws) is not None:
-            await auth(ws)  # a wrong header/query key: the app answers 4401 before accepting
+        problem = handshake_problem(ws)
+        if problem is not None:  # refused before accept: an HTTP 403, nothing read
+            where = ws.client.host if ws.client else "unknown"
+            log.warning("Twilio stream from %s refused at the handshake: %s", where, problem)
+            await ws.close(code=WS_POLICY)
+            return
+        client: Client | None = None
+        if not auth.required or auth.presented(ws) is not None:
+            # a wrong header/query key (or, auth off, a foreign Origin): the app's 4401/4403
+            client = await auth(ws)
         await ws.accept()
-        peer = TwilioPeer(ws)
-        start = await peer.wait_start()
+        peer = TwilioPeer(ws, max_message=settings.twilio_max_message_bytes)
+        start = await peer.wait_start(settings.twilio_start_timeout_s)
         if start is None:
             await _close(ws, 1000)
             return
         params = start.customParameters
         try:
-            client = await client_for(ws, params.get("api_key"))
-            sid = await call_session(params.get("session_id") or None, params.get("agent"), client)
+            client = client or parameter_client(params.get("api_key"))
+            admitted = await call_session(
+                params.get("session_id") or None, params.get("agent"), client
+            )
         except Unauthorized as exc:
             log.warning("Twilio stream %s refused: %s", start.streamSid, exc.detail)
             await _close(ws, WS_UNAUTHORIZED)
@@ -459,7 +564,7 @@ def twilio_routes(
             log.warning("Twilio stream %s refused: %s", start.streamSid, exc.detail)
             await _close(ws, WS_RATE_LIMITED)
             return
-        except NotFound as exc:
+        except NotFound as exc:  # also another tenant's session: the same words, the same code
             log.warning(
                 "Twilio stream %s refused: %s (set the <Parameter> agent or session_id)",
                 start.streamSid,
@@ -467,7 +572,9 @@ def twilio_routes(
             )
             await _close(ws, WS_NOT_FOUND)
             return
+        sid = admitted.session_id
         log.info("Twilio call %s, stream %s, on session %s", start.callSid, start.streamSid, sid)
-        await Call(service, sid, peer).run()
+        async with admitted.slot:
+            await Call(service, sid, peer).run()
 
     return router

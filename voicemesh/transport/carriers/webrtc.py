@@ -37,6 +37,7 @@ from voicemesh.state import NotFound
 from voicemesh.transport.api.security import ApiKeyAuth, Client
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.api.tenants import CallSlot
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
@@ -242,15 +243,20 @@ def webrtc_routes(
             handlers[key] = SmallWebRTCRequestHandler(ice_servers=ice_servers(options))
         return handlers[key]
 
-    sessions_of: dict[str, tuple[str, tuple[str, ...]]] = {}  # pc_id → (session, ice key)
+    # pc_id → (session, ice key, tenant): another tenant's peer connection does not exist for you
+    sessions_of: dict[str, tuple[str, tuple[str, ...], str]] = {}
+
+    def owns(pc_id: str, client: Client) -> bool:
+        found = sessions_of.get(pc_id)
+        return found is not None and client.may_see(found[2])
 
     @router.post("/offer")
     async def offer(body: OfferIn, client: Client = Depends(auth)) -> dict[str, Any]:
         request = SmallWebRTCRequest(
             sdp=body.sdp, type=body.type, pc_id=body.pc_id, restart_pc=body.restart_pc
         )
-        if body.pc_id and body.pc_id in sessions_of:  # renegotiation of a live call
-            sid, key = sessions_of[body.pc_id]
+        if body.pc_id and owns(body.pc_id, client):  # renegotiation of a live call
+            sid, key, _ = sessions_of[body.pc_id]
             answer = await handlers[key].handle_web_request(request, _no_new_call)
             assert answer is not None  # pipecat annotates `| None` but raises instead
             return {**answer, "session_id": sid}
@@ -258,16 +264,20 @@ def webrtc_routes(
             raise NotFound(f"peer connection {body.pc_id} not found (the call has ended)")
         offer_problem(body.sdp)  # before a session is made for it
         wanted = body.request_data or CallRequest()
-        sid = await call_session(wanted.session_id, wanted.agent, client)
+        admitted = await call_session(wanted.session_id, wanted.agent, client)
+        sid = admitted.session_id
         try:
-            return await answer_call(body, sid, request)
+            return await answer_call(sid, request, admitted.slot, client)
         except BaseException:
-            if not wanted.session_id:  # the session was made for this call: leave nothing behind
+            await admitted.slot.release()
+            if admitted.created:  # the session was made for this call: leave nothing behind
                 await service.store.delete_config(sid)
                 await service.session_deleted(sid)
             raise
 
-    async def answer_call(body: OfferIn, sid: str, request: SmallWebRTCRequest) -> dict[str, Any]:
+    async def answer_call(
+        sid: str, request: SmallWebRTCRequest, slot: CallSlot, client: Client
+    ) -> dict[str, Any]:
         cached = await service.router.load(sid)
         options = cached.config.transport_options("webrtc")
         assert isinstance(options, WebRTCTransportOptions)
@@ -302,11 +312,12 @@ def webrtc_routes(
             raise HTTPException(400, "the offer has no audio transceiver: add one (sendrecv)")
         peer = started[0]
         pc_id = answer["pc_id"]
-        sessions_of[pc_id] = (sid, ice_key(options))
+        sessions_of[pc_id] = (sid, ice_key(options), client.tenant.name)
 
         async def run() -> None:
             try:
-                await Call(service, sid, peer).run()
+                async with slot:
+                    await Call(service, sid, peer).run()
             finally:
                 sessions_of.pop(pc_id, None)
                 calls.pop(pc_id, None)
@@ -317,9 +328,9 @@ def webrtc_routes(
 
     @router.patch("/offer")
     async def ice_candidates(body: PatchIn, client: Client = Depends(auth)) -> dict[str, str]:
-        if body.pc_id not in sessions_of:
+        if not owns(body.pc_id, client):
             raise NotFound(f"peer connection {body.pc_id} not found")
-        _, key = sessions_of[body.pc_id]
+        _, key, _ = sessions_of[body.pc_id]
         patch = SmallWebRTCPatchRequest(
             pc_id=body.pc_id,
             candidates=[

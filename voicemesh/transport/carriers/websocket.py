@@ -134,7 +134,8 @@ def websocket_routes(
     service: TransportService, call_session: CallSession, auth: ApiKeyAuth
 ) -> APIRouter:
     """`/ws/call?session_id=...|agent=...`: joins a session (or makes one from the agent) and runs
-    the call until either side hangs up. A session that cannot be found closes with 4404."""
+        the call until either side hangs up. A session that cannot be found (or is another tenant's)
+    closes with 4404; a tenant over its call or session limit, with 4429 (on_rate_limited)."""
     router = APIRouter(dependencies=[Depends(auth)])
 
     @router.websocket("/ws/call")
@@ -146,11 +147,12 @@ def websocket_routes(
     ) -> None:
         await ws.accept()
         try:
-            sid = await call_session(session_id, agent, client)
-        except NotFound as exc:
+            admitted = await call_session(session_id, agent, client)
+        except NotFound as exc:  # also another tenant's session: the same words, the same code
             await ws.send_text(ErrorEvent(error=str(exc)).wire_json().decode())
             await ws.close(code=4404)
             return
-        await Call(service, sid, WebSocketPeer(ws)).run()
+        async with admitted.slot:
+            await Call(service, admitted.session_id, WebSocketPeer(ws)).run()
 
     return router
