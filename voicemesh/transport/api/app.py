@@ -5,7 +5,8 @@ here.
 
 /api and every call route need an API key (security.py) unless VOICEMESH_AUTH=off; /healthz,
 /metrics, the page at / and the OpenAPI docs stay open. New sessions count against
-VOICEMESH_SESSION_RATE per client.
+VOICEMESH_SESSION_RATE per client. Every request body is capped (VOICEMESH_MAX_BODY_BYTES,
+limits.py); WebSocket messages are capped by the uvicorn config in limits.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from voicemesh.config.logging import redact_logger
 from voicemesh.state.store import StoreError
 from voicemesh.transport.api.agents import agents_router
 from voicemesh.transport.api.errors import ERRORS, add_error_handlers
+from voicemesh.transport.api.limits import BodyLimit
 from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import call_sessions, sessions_router
@@ -61,6 +63,7 @@ def create_app(service: TransportService) -> FastAPI:
     app = FastAPI(title="voicemesh transport", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
 
     # One dependency on the /api router: every route below it needs a key.
     api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)
