@@ -103,16 +103,16 @@ async def serving(service: TransportService) -> AsyncIterator[str]:
     (for WebSockets and WebRTC), logging through the root logger (caplog sees it); yields its
     http:// base URL. The service must be started already (lifespan off)."""
     from voicemesh.transport.api.app import create_app
+    from voicemesh.transport.api.limits import uvicorn_config
 
     port = free_port()
-    config = uvicorn.Config(
+    config = uvicorn_config(  # the transport's own limits (WebSocket message size...)
         create_app(service),
+        service.settings,
         host="127.0.0.1",
         port=port,
         lifespan="off",
-        log_config=None,
         log_level="info",
-        ws="websockets-sansio",
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

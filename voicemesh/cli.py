@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["http_port"] = args.port
     settings = Settings(**overrides)
-    setup_logging(settings.log_level, settings.log_format, role=args.role)
+    setup_logging(settings.log_level, settings.log_format, role=args.role, settings=settings)
     if not settings.nats_url or not settings.valkey_url:
         print(
             "voicemesh serve: set NATS_URL and VALKEY_URL (or use `voicemesh up`)", file=sys.stderr
@@ -56,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from voicemesh.transport.api.app import create_app
+        from voicemesh.transport.api.limits import uvicorn_config
         from voicemesh.transport.api.security import AuthConfigError
         from voicemesh.transport.api.service import TransportService
 
@@ -64,15 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except AuthConfigError as exc:
             print(f"voicemesh serve transport: {exc}", file=sys.stderr)
             return 2
-        config = uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level="warning",
-            loop="uvloop",
-            ws="websockets-sansio",
-            lifespan="on",
-        )
+        config = uvicorn_config(app, settings, log_level="warning", loop="uvloop")
         server = uvicorn.Server(config)
         asyncio.run(server.serve())
         return 0 if server.started else 3  # startup failed (logged), as uvicorn.run exits

@@ -98,10 +98,14 @@ class TurnStarted(Event):
 
 
 class UserStopped(Event):
-    """The caller's turn `epoch` ended: its audio went to STT."""
+    """The caller's turn `epoch` ended: its audio went to STT. `reason` "max_utterance": the
+    caller was still speaking when the turn reached VOICEMESH_MAX_UTTERANCE_S, so the turn was
+    cut there (and is transcribed and answered); speech that goes on is dropped until the caller
+    pauses."""
 
     type: Literal["user_stopped"] = "user_stopped"
     epoch: int
+    reason: Literal["max_utterance"] | None = _optional()
 
 
 class Transcript(Event):

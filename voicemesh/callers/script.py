@@ -214,6 +214,11 @@ class Script:
             delay = clock - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            elif delay < -0.2:
+                # fell behind (a slow `after_turn`, a stalled loop): resync rather than catch up
+                # in a burst, which a microphone never sends and the transport refuses past
+                # VOICEMESH_CALLER_AUDIO_BURST_S
+                clock = time.perf_counter()
 
         for n, pcm in enumerate(utterances):
             if n and after_turn is not None and self.turn is not None:

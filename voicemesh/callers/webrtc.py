@@ -69,6 +69,8 @@ class Microphone(MediaStreamTrack):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        elif delay < -0.2:  # fell behind (a stalled loop): resync rather than send a burst
+            self._start = time.monotonic() - self._pts / RATE
         pcm = self._frames.get_nowait() if not self._frames.empty() else bytes(FRAME_BYTES)
         self._taken.set()
         frame = audio_frame(pcm, RATE, self._pts)

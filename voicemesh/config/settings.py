@@ -243,6 +243,49 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="stages: live connectors (one per distinct stage, name and options) a process "
         "keeps; the least recently used beyond it is closed and its health probe stopped",
     )
+    # --- transport-side limits on what a caller sends (issue 12) ---
+    max_body_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="transport: the largest HTTP request body; a larger one gets 413 before "
+        "it is read past the limit",
+    )
+    ws_max_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="transport: the largest WebSocket message; a larger one closes the socket "
+        "with 1009 before its payload is read",
+    )
+    max_utterance_s: float = Field(
+        30.0,
+        ge=1,
+        le=600,
+        description="transport: a turn still voiced after this long is cut and transcribed; "
+        "stt: the most audio of one turn it buffers (plus a 2 s margin)",
+    )
+    caller_audio_max_rate: float = Field(
+        1.5,
+        gt=1,
+        le=100,
+        description="transport: caller audio faster than this many times real time (beyond "
+        "the burst) ends the call with an error event (WebSocket close 4429)",
+    )
+    caller_audio_burst_s: float = Field(
+        2.0,
+        ge=0.2,
+        le=60,
+        description="transport: seconds of caller audio that may arrive ahead of the rate "
+        "(network jitter, a stalled connection catching up)",
+    )
+    webrtc_connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=120,
+        description="transport: a WebRTC peer not connected (ICE and DTLS) this long after "
+        "its offer was answered is closed and its call ended",
+    )
     session_rate: str | None = Field(
         "60/60",
         description="new sessions allowed per tenant (per address with auth off), 'N/SECONDS' "

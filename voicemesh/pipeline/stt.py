@@ -29,6 +29,9 @@ from voicemesh.state.store import check_session_id
 log = logging.getLogger(__name__)
 
 IDLE_RELEASE_S = 600.0
+#: what STT buffers of one turn beyond VOICEMESH_MAX_UTTERANCE_S: the transport cuts a turn at
+#: that length, pre-roll included, so only a sender that skipped its turn detection gets here
+UTTERANCE_MARGIN_S = 2.0
 
 
 @dataclass
@@ -63,11 +66,14 @@ class Stream:
     live: STTStream | None = None
     live_name: str = ""
     live_conn: Connector | None = None
+    #: the utterance reached the length limit and was cut: the rest of its turn is dropped
+    capped: bool = False
 
     def begin(self, frame: Frame) -> None:
         """Start a new utterance at `frame` (its live stream, if any, closed already)."""
         self.audio.clear()
         self.epoch, self.rate, self.origin_ns = frame.epoch, frame.sample_rate, frame.origin_ns
+        self.capped = False
 
     def cut(self) -> Utterance:
         """Hand the utterance over to its transcription; the stream keeps nothing of it, so the
@@ -155,6 +161,11 @@ class STTService(StageService):
             stream.begin(frame)
             stream.chain = self.chain((await self.router.load(session)).config)
             await self._open_live(stream)
+        if stream.capped:
+            return  # the turn's first max_utterance_s are being transcribed: the rest is dropped
+        if len(stream.audio) + len(frame.payload) > self._max_bytes(stream.rate):
+            await self._cap(stream)
+            return
         stream.audio += frame.payload
         if stream.live is not None and frame.payload:
             assert stream.chain is not None  # a live stream is opened only with its chain set
@@ -165,6 +176,28 @@ class STTService(StageService):
                 await self._live_failed(stream, exc)
         if frame.has(Flag.END):
             self.track(session, frame.epoch, self._transcribe(stream, stream.cut()))
+
+    def _max_bytes(self, rate: int) -> int:
+        """The most PCM16 mono of one turn this stage buffers at `rate`."""
+        return int((self.settings.max_utterance_s + UTTERANCE_MARGIN_S) * rate) * 2
+
+    async def _cap(self, stream: Stream) -> None:
+        """The turn outgrew the limit without ending (a sender that skips the transport's turn
+        detection): transcribe what is held, as if the turn had ended there, and drop the rest.
+        Unbounded, it would grow this process's memory and then hold the engine (whisper's lock
+        is process-wide) for as long as the audio is."""
+        session, epoch = stream.session, stream.epoch
+        limit = self.settings.max_utterance_s + UTTERANCE_MARGIN_S
+        error = (
+            f"utterance over {limit:g} s without an end: transcribed its first {limit:g} s, "
+            "dropped the rest (VOICEMESH_MAX_UTTERANCE_S)"
+        )
+        log.warning("turn %d: %s", epoch, error)
+        stream.capped = True
+        self.track(session, epoch, self._transcribe(stream, stream.cut()))
+        await self.notify(
+            session, ErrorEvent(error=error, stage=Stage.STT, epoch=epoch), epoch=epoch
+        )
 
     async def _open_live(self, stream: Stream) -> None:
         """Start streaming the utterance if the first connector in the chain can."""

@@ -7,7 +7,9 @@ here.
 /metrics, the page at / and the OpenAPI docs stay open. A key names a tenant (tenants.py): every
 route and call entry shows a tenant only its own sessions and agents (plus the global agents), and
 each tenant's new sessions (VOICEMESH_SESSION_RATE) and concurrent calls
-(VOICEMESH_TENANT_MAX_CALLS) are limited.
+(VOICEMESH_TENANT_MAX_CALLS) are limited. Every request body is capped
+(VOICEMESH_MAX_BODY_BYTES, limits.py); WebSocket messages are capped by the uvicorn config in
+limits.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from voicemesh.config.logging import redact_logger
 from voicemesh.state.store import StoreError
 from voicemesh.transport.api.agents import agents_router
 from voicemesh.transport.api.errors import ERRORS, add_error_handlers
+from voicemesh.transport.api.limits import BodyLimit
 from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import call_sessions, sessions_router
@@ -68,6 +71,7 @@ def create_app(service: TransportService) -> FastAPI:
     app = FastAPI(title="voicemesh transport", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
 
     # One dependency on the /api router: every route below it needs a key.
     api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)

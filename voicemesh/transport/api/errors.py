@@ -108,3 +108,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
         return _error(409, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug or a library's failure: its words and traceback may name hosts, paths or secret
+        # values, so the client gets none of them. Starlette re-raises after this answer, and
+        # uvicorn logs the traceback through the root handler, which scrubs secrets.
+        return _error(500, "internal server error")

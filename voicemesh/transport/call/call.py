@@ -46,6 +46,7 @@ from voicemesh.state.store import UNREACHABLE, best_effort
 from voicemesh.transport.call.audio import FRAME_MS, RATE, Rechunker
 from voicemesh.transport.call.egress import Reorderer, Resampler
 from voicemesh.transport.call.host import CallHost, NoInstance
+from voicemesh.transport.call.limits import TOO_FAST_CODE, AudioRate, CallerTooFast
 from voicemesh.transport.call.peer import Peer
 from voicemesh.transport.call.playout import Playout, truncate
 from voicemesh.transport.call.supervisor import Stalled, TurnSupervisor
@@ -81,6 +82,9 @@ class Call:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ended = asyncio.Event()  # the session was deleted: hang up
         self._abandoned = 0  # the last turn given up for want of a stage instance
+        settings = service.settings
+        self.rate = AudioRate(settings.caller_audio_max_rate, settings.caller_audio_burst_s)
+        self.max_utterance_s = settings.max_utterance_s
 
     @property
     def bot_busy(self) -> bool:
@@ -95,7 +99,8 @@ class Call:
             options = cached.config.transport_options(self.peer.name)
             assert isinstance(options, TurnOptions)  # every transport's options extend TurnOptions
             self.options = options
-            detector, chunker = TurnDetector(self.options), Rechunker()
+            detector = TurnDetector(self.options, max_utterance_s=self.max_utterance_s)
+            chunker = Rechunker()
             # hop: <- voicemesh.pipeline.tts.TTSService._synthesize (vm.transport.<sid>)
             sub = await self.svc.bus.subscribe(
                 self.subjects.data(Stage.TRANSPORT, self.session), self._egress
@@ -112,20 +117,27 @@ class Call:
             # background: with no STT instance up, assigning retries for seconds.
             self._spawn(self._assign_early())
             while (pcm := await self.peer.receive()) is not None:
+                self.rate.take(len(pcm))
                 for frame in chunker.push(pcm):
                     events = await detector.push(frame, bot_speaking=self.bot_busy)
                     if detector.last_voiced and (detector.speaking or events):
                         self.trace.voiced()
                     for ev in events:
-                        await self._turn_event(ev.kind, ev.frames)
+                        await self._turn_event(ev.kind, ev.frames, cut=ev.cut)
             if self._ended.is_set():
                 log.info("session deleted during the call: hung up")
         except NotFound:
             await self.peer.send_event(ErrorEvent(error=f"session {self.session} has ended"))
             log.info("session deleted or expired during the call")
-        except Exception as exc:  # the caller hears why, rather than a dropped connection
+        except CallerTooFast as exc:
+            log.warning("call refused: %s", exc)
+            await self.peer.send_event(ErrorEvent(error=str(exc)))
+            self.peer.refuse(TOO_FAST_CODE, "caller audio too fast")
+        except Exception as exc:  # the caller hears that it failed, rather than a dropped line
             log.exception("call failed")
-            await self.peer.send_event(ErrorEvent(error=f"the call failed: {exc}"))
+            # the exception's own words stay in the log: they may name hosts, paths or values
+            name = type(exc).__name__
+            await self.peer.send_event(ErrorEvent(error=f"the call failed ({name})"))
         finally:
             for task in (watcher, pacer, *self._tasks):
                 if task is not None:
@@ -169,7 +181,7 @@ class Call:
 
     # --- caller → bus ------------------------------------------------------------------------
 
-    async def _turn_event(self, kind: str, frames: tuple[bytes, ...]) -> None:
+    async def _turn_event(self, kind: str, frames: tuple[bytes, ...], *, cut: bool = False) -> None:
         if kind == "start":
             if self.bot_busy and not self.options.barge_in:
                 self._ignoring = True  # half duplex: speech over the bot is not a turn
@@ -188,7 +200,7 @@ class Call:
             # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
             await self.svc.bus.publish(self._ingress_subject, frame)
         if kind == "end":
-            await self._end_turn()
+            await self._end_turn(cut=cut)
 
     async def _start_turn(self) -> None:
         # Where caller audio goes is the session's flow's business (stt in every valid flow
@@ -228,7 +240,7 @@ class Call:
         except NoInstance as exc:
             await self._abandon(Stalled(self.ingress, epoch, str(exc)))
 
-    async def _end_turn(self) -> None:
+    async def _end_turn(self, *, cut: bool = False) -> None:
         # END|LAST: the utterance is the turn's one unit, so a flow that relays it unchanged
         # (pass-through stages) brings back a complete reply, not one waiting for more
         end = Frame.audio(
@@ -240,7 +252,14 @@ class Call:
         self.supervisor.ended(self.utterance)
         self._spawn(self._hand_over(self.epoch, self.utterance, end))
         self.utterance = []
-        await self.peer.send_event(UserStopped(epoch=self.epoch))
+        if cut:
+            log.warning(
+                "turn %d cut at the %g s utterance limit (VOICEMESH_MAX_UTTERANCE_S)",
+                self.epoch,
+                self.max_utterance_s,
+            )
+        stopped = UserStopped(epoch=self.epoch, reason="max_utterance" if cut else None)
+        await self.peer.send_event(stopped)
 
     async def _hand_over(self, epoch: int, utterance: list[Frame], end: Frame) -> None:
         """Send the utterance's end to its owner, or all of it to a new owner; in the background,

@@ -51,6 +51,11 @@ class Peer(ABC):
         """End the call from our side (its session was deleted): `receive()` returns None soon,
         after the events already sent have gone out."""
 
+    def refuse(self, code: int, reason: str) -> None:
+        """End the call from our side because the caller broke a limit, after the events already
+        sent; a carrier with close codes (a WebSocket) closes with `code` and `reason`."""
+        self.hang_up()
+
     def interrupted(self) -> None:
         """Bot audio was cut off: a peer that buffers audio of its own drops it now."""
 

@@ -54,6 +54,8 @@ _SMART_TURN_SAMPLES = SMART_TURN_SECONDS * RATE
 class TurnEvent:
     kind: str  # "start" (frames = pre-roll and the voiced run), "audio", "end"
     frames: tuple[bytes, ...] = ()
+    #: an "end" forced by the utterance limit while the caller was still speaking
+    cut: bool = False
 
 
 def dbfs(frame: bytes) -> float:
@@ -198,10 +200,23 @@ def _frames(ms: int) -> int:
 
 
 class TurnDetector:
-    """One per call. Not thread-safe: push from the call's task only."""
+    """One per call. Not thread-safe: push from the call's task only.
 
-    def __init__(self, options: TurnOptions) -> None:
+    `max_utterance_s` bounds a turn, pre-roll included: a caller who never pauses (or noise the
+    VAD calls speech) would otherwise grow one utterance without end, and STT would buffer all of
+    it and then hold its engine for as long. At the limit the turn ends as any other ("end", with
+    `cut`), so what was said is transcribed and answered. Speech that goes on without a pause is
+    dropped until the caller pauses (end_of_turn_silence_ms), and only then may a turn start:
+    a turn opened at once would be a newer turn, and every stage cancels an older turn's work
+    when a newer one starts, so the cut turn would never be transcribed."""
+
+    def __init__(self, options: TurnOptions, *, max_utterance_s: float | None = None) -> None:
         self.options = options
+        self._max_turn_frames = (
+            max(1, int(max_utterance_s * 1000) // FRAME_MS) if max_utterance_s else None
+        )
+        self._turn_frames = 0
+        self._cut = False  # a turn was cut: drop speech until the caller pauses
         self._vad = webrtcvad.Vad(options.vad_aggressiveness) if options.vad == "webrtc" else None
         self._silero = SileroVAD() if options.vad == "silero" else None
         # A stop threshold above the start one would make hysteresis flap; clamp rather than
@@ -266,6 +281,11 @@ class TurnDetector:
         """Feeds one 20 ms frame; returns what it changed. Never blocks on smart-turn: the model
         runs in a worker thread and its answer is acted on by the first frame after it lands."""
         voiced = self.last_voiced = self.voiced(frame)
+        if self._cut:
+            self._silence = 0 if voiced else self._silence + 1
+            if self._silence < self._end_frames:
+                return []
+            self._cut, self._silence = False, 0
         if not self.speaking:
             self._recent.append(frame)
             self._run = self._run + 1 if voiced else 0
@@ -278,10 +298,17 @@ class TurnDetector:
             self.speaking, self._silence, self._run, self._asked = True, 0, 0, False
             self._turn_audio.clear()
             self._turn_audio.extend(frames)
+            self._turn_frames = len(frames)
             return [TurnEvent("start", frames)]
 
         self._turn_audio.append(frame)
+        self._turn_frames += 1
         events = [TurnEvent("audio", (frame,))]
+        if self._max_turn_frames is not None and self._turn_frames >= self._max_turn_frames:
+            self._close()
+            self._cut = True
+            events.append(TurnEvent("end", cut=True))
+            return events
         if voiced:
             self._silence, self._asked = 0, False
             self._drop_decision()  # the speaker went on: whatever the model says is moot
@@ -324,6 +351,7 @@ class TurnDetector:
     def reset(self) -> None:
         """Forgets a half-open turn and the VAD's memory, as if the call had just begun."""
         self._close()
+        self._cut = False
         self._recent.clear()
         self.last_voiced = self._voiced = False
         if self._silero is not None:

@@ -96,6 +96,7 @@ class WebRTCPeer(Peer):
         self._resampler: soxr.ResampleStream | None = None
         self._rate = 0
         self._gone = asyncio.Event()
+        self._connected = asyncio.Event()
 
         for state in ("closed", "failed", "disconnected"):
             connection.event_handler(state)(self._on_gone)
@@ -112,7 +113,24 @@ class WebRTCPeer(Peer):
         self._input = self.connection.audio_input_track()
 
     async def _on_connected(self, _conn: Any) -> None:
+        self._connected.set()
         log.info("WebRTC peer connected (%s)", self.connection.pc_id)
+
+    async def hang_up_unless_connected(self, timeout_s: float) -> None:
+        """End the call if ICE and DTLS have not completed within `timeout_s` of the answer. An
+        offer costs nothing to send, and until then the call holds its session, a peer
+        connection with its UDP ports, and a call slot; pipecat alone gives up after 60 s of
+        "connecting", and never if the state never gets there."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except TimeoutError:
+            log.warning(
+                "WebRTC peer %s not connected within %g s (VOICEMESH_WEBRTC_CONNECT_TIMEOUT_S): "
+                "closed",
+                self.connection.pc_id,
+                timeout_s,
+            )
+            self._gone.set()  # receive() returns None: the call ends and close() frees the rest
 
     async def _on_gone(self, _conn: Any) -> None:
         self._gone.set()
@@ -315,10 +333,14 @@ def webrtc_routes(
         sessions_of[pc_id] = (sid, ice_key(options), client.tenant.name)
 
         async def run() -> None:
+            watchdog = asyncio.create_task(
+                peer.hang_up_unless_connected(service.settings.webrtc_connect_timeout_s)
+            )
             try:
                 async with slot:
                     await Call(service, sid, peer).run()
             finally:
+                watchdog.cancel()
                 sessions_of.pop(pc_id, None)
                 calls.pop(pc_id, None)
 

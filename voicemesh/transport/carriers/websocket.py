@@ -7,11 +7,19 @@ PCM16 mono 16 kHz, paced in real time (a few frames ahead, for the client's jitt
 JSON events; {"type": "interrupted"} means drop the bot audio not yet played. A message in another
 format (an odd byte count, a WAV file, an oversized chunk, text that is not a known control message)
 is dropped whole with an `error` event naming the expected format; the call goes on.
+
+Limits on the socket itself: a message over VOICEMESH_WS_MAX_BYTES (64 KiB) is refused by the
+WebSocket layer below the app, from the frame's length before its payload is read: the socket is
+closed with 1009 and the close reason names the limit (no event can precede it, since no app code
+sees such a message). Audio faster than VOICEMESH_CALLER_AUDIO_MAX_RATE times real time ends the
+call with an `error` event and close code 4429 (call/limits.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Depends
@@ -26,12 +34,23 @@ from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
 
+log = logging.getLogger(__name__)
+
 AUDIO_FORMAT = "PCM16 mono 16 kHz, raw, no WAV header"
+#: the close code of a message over VOICEMESH_WS_MAX_BYTES, sent by the WebSocket layer
+MESSAGE_TOO_BIG = 1009
 # 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
 # file) that would otherwise run through VAD and onto the bus as one long utterance at once.
 MAX_AUDIO_MESSAGE = 2 * RATE * 2
 CONTROL_TYPES = tuple(m.model_fields["type"].default for m in CHANNELS["caller control"])
-_HANG_UP = object()  # the writer's marker: close the socket after what was queued before it
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    """The writer's marker: close the socket after what was queued before it."""
+
+    code: int
+    reason: str
 
 
 def audio_problem(data: bytes) -> str | None:
@@ -60,7 +79,7 @@ class WebSocketPeer(Peer):
 
     def __init__(self, ws: WebSocket):
         self.ws = ws
-        self._out: asyncio.Queue[bytes | str | object | None] = asyncio.Queue()
+        self._out: asyncio.Queue[bytes | str | _Close | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
 
     async def receive(self) -> bytes | None:
@@ -70,6 +89,8 @@ class WebSocketPeer(Peer):
             except (WebSocketDisconnect, RuntimeError):
                 return None
             if msg["type"] == "websocket.disconnect":
+                if msg.get("code") == MESSAGE_TOO_BIG:  # closed below us, by uvicorn's limit
+                    log.warning("caller sent a message over VOICEMESH_WS_MAX_BYTES: closed (1009)")
                 return None
             if msg.get("bytes") is not None:
                 problem = audio_problem(msg["bytes"])
@@ -88,19 +109,22 @@ class WebSocketPeer(Peer):
     async def deliver(self, event: CallerEvent) -> None:
         self._put(event.wire_json().decode())
 
-    def _put(self, item: bytes | str | object) -> None:
+    def _put(self, item: bytes | str | _Close) -> None:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
         self._out.put_nowait(item)
 
     def hang_up(self) -> None:
-        self._put(_HANG_UP)
+        self._put(_Close(4404, "session deleted"))
+
+    def refuse(self, code: int, reason: str) -> None:
+        self._put(_Close(code, reason))
 
     async def _write(self) -> None:
         while (item := await self._out.get()) is not None:
             try:
-                if item is _HANG_UP:
-                    await self.ws.close(code=4404, reason="session deleted")
+                if isinstance(item, _Close):
+                    await self.ws.close(code=item.code, reason=item.reason)
                     return
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)
