@@ -104,6 +104,7 @@ async def main(runs: int, timeout_ms: int) -> None:
 
     os.environ.setdefault("BENCH", "bench-key")
     os.environ.setdefault("VOICEMESH_SECRET_ENV", "llm.anthropic:BENCH")  # allow ${BENCH}
+    os.environ.setdefault("VOICEMESH_EGRESS_PRIVATE", "on")  # the providers are loopback servers
     data = Path(tempfile.mkdtemp(prefix="vm-bench-"))
     nats, valkey = start_nats(data), start_valkey(data)
     primary = OpenAIChatServer([REPLY], chunk_words=2)

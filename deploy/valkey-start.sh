@@ -20,10 +20,10 @@ need VALKEY_PASSWORD_TTS "${VALKEY_PASSWORD_TTS:-}"
 need VALKEY_PASSWORD_ADMIN "${VALKEY_PASSWORD_ADMIN:-}"
 {
   printf '%s\n' 'user default off resetkeys resetchannels -@all'
-  printf '%s\n' "user transport on >${VALKEY_PASSWORD_TRANSPORT}"' resetchannels ~vm:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy'
-  printf '%s\n' "user stt on >${VALKEY_PASSWORD_STT}"' resetchannels %R~vm:session:* %R~vm:agent:* %R~vm:agents:default ~vm:health:stt:* ~vm:claim:stt:* ~vm:lease:stt:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy'
-  printf '%s\n' "user llm on >${VALKEY_PASSWORD_LLM}"' resetchannels %R~vm:session:* %R~vm:agent:* %R~vm:agents:default ~vm:health:llm:* ~vm:claim:llm:* ~vm:ctx:* ~vm:progress:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy'
-  printf '%s\n' "user tts on >${VALKEY_PASSWORD_TTS}"' resetchannels %R~vm:session:* %R~vm:agent:* %R~vm:agents:default ~vm:health:tts:* ~vm:claim:tts:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy'
+  printf '%s\n' "user transport on >${VALKEY_PASSWORD_TRANSPORT}"' resetchannels ~vm:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy +time'
+  printf '%s\n' "user stt on >${VALKEY_PASSWORD_STT}"' resetchannels %R~vm:session:* %R~vm:agent:* %R~vm:agents:default ~vm:health:stt:* ~vm:claim:stt:* ~vm:lease:stt:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy +time'
+  printf '%s\n' "user llm on >${VALKEY_PASSWORD_LLM}"' resetchannels %R~vm:session:* %R~vm:agent:* %R~vm:agents:default ~vm:health:llm:* ~vm:claim:llm:* ~vm:ctx:* ~vm:progress:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy +time'
+  printf '%s\n' "user tts on >${VALKEY_PASSWORD_TTS}"' resetchannels %R~vm:session:* %R~vm:agent:* %R~vm:agents:default ~vm:health:tts:* ~vm:claim:tts:* -@all +@read +@write +@keyspace +@transaction +@connection +eval +evalsha +script|load +script|exists -@dangerous -@admin -function -move -copy +time'
   printf '%s\n' "user admin on >${VALKEY_PASSWORD_ADMIN}"' ~* &* +@all'
 } >"$acl"
 exec "${VALKEY_SERVER:-valkey-server}" --aclfile "$acl" "$@"

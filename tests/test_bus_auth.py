@@ -217,6 +217,15 @@ async def test_a_stages_valkey_user_cannot_flush_configure_or_touch_others_keys(
             with pytest.raises(NoPermissionError):
                 await attempt()
         assert (await transport.get_context(sid))[0]["content"] == "hi"
+        # the transport's own job includes the tenants' call slots, whose scripts read TIME
+        from voicemesh.transport.api.tenants import CallSlots, Tenant
+
+        slots = CallSlots(lambda: transport, instance="t1", lease_s=5)
+        slot = await slots.acquire(Tenant("acme", admin=False, max_calls=2, session_rate=None))
+        await slots.renew(slot)
+        assert await slots.count("acme") == 1
+        await slots.release(slot)
+        assert await slots.count("acme") == 0
     finally:
         for s in (transport, stt, llm):
             await s.close()

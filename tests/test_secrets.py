@@ -199,6 +199,11 @@ def test_secret_env_setting_format(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("openai", "openai:", "vision.x:A", "openai:1A", "llm.openai:A-B"):
         with pytest.raises(ValueError, match="VOICEMESH_SECRET_ENV"):
             parse_secret_env(bad)
+    # a misspelt connector, or one at a stage where it has no credential, would allow nothing
+    # without a word: it stops the process at start, naming what is known
+    for bad in ("opnai:A", "stt.anthropic:A", "llm.echo:A", "whisper:A"):
+        with pytest.raises(ValueError, match="not a connector with credentials; known: anthropic"):
+            parse_secret_env(bad)
     monkeypatch.setenv("VOICEMESH_SECRET_ENV", "tts.azure:AZ_KEY")
     assert get_settings().secret_env == {"tts.azure": ("AZ_KEY",)}
     monkeypatch.setenv("VOICEMESH_SECRET_ENV", "nope")

@@ -151,7 +151,8 @@ def stack_env(
     nats_url: str, valkey_url: str, *, prefix: str = PREFIX, **extra: str
 ) -> dict[str, str]:
     """The environment of a benchmark's own stack: its servers, its prefix, quiet logs, no auth
-    (loopback only, like `voicemesh up`), no model downloads."""
+    (loopback only, like `voicemesh up`), no model downloads, and no per-client session rate or
+    call limit: a load or soak run is one client that means to make hundreds of calls."""
     return {
         **os.environ,
         "NATS_URL": nats_url,
@@ -160,6 +161,8 @@ def stack_env(
         "VOICEMESH_KEY_PREFIX": prefix,
         "VOICEMESH_LOG_LEVEL": "WARNING",
         "VOICEMESH_AUTH": "off",
+        "VOICEMESH_SESSION_RATE": "off",
+        "VOICEMESH_TENANT_MAX_CALLS": "0",
         "HF_HUB_OFFLINE": "1",
         **extra,
     }

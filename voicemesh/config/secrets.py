@@ -83,6 +83,19 @@ def credential_fields(model: type[BaseModel]) -> dict[str, CredentialSpec]:
     return out
 
 
+def credential_connectors() -> dict[str, set[str]]:
+    """Connector name -> the stages where it has credential fields (what VOICEMESH_SECRET_ENV may
+    name)."""
+    from voicemesh.config.connectors import CONNECTOR_OPTIONS  # it imports this module
+
+    out: dict[str, set[str]] = {}
+    for stage, models in CONNECTOR_OPTIONS.items():
+        for name, model in models.items():
+            if credential_fields(model):
+                out.setdefault(name, set()).add(stage)
+    return out
+
+
 def is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY.search(key))
 

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from voicemesh.config.hosts import HOSTS_FORMAT, parse_egress_hosts
+from voicemesh.config.secrets import credential_connectors
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
 #: a tenant's name: a Valkey key part and a log field, so no ':' , spaces or upper case
@@ -43,6 +44,14 @@ def parse_secret_env(value: str) -> dict[str, tuple[str, ...]]:
         for name in listed:
             if not _ENV_NAME.fullmatch(name):
                 raise ValueError(f"VOICEMESH_SECRET_ENV: {name!r} is not an environment name")
+        # a misspelt connector would allow nothing, silently: the operator hears of it at start
+        stage, dot, connector = key.rpartition(".")
+        known = credential_connectors()
+        if connector not in known or (dot and stage not in known[connector]):
+            names = ", ".join(f"{n} ({'/'.join(sorted(s))})" for n, s in sorted(known.items()))
+            raise ValueError(
+                f"VOICEMESH_SECRET_ENV: {key!r} is not a connector with credentials; known: {names}"
+            )
         out[key] = tuple(dict.fromkeys((*out.get(key, ()), *listed)))
     return out
 
