@@ -42,6 +42,9 @@ RATE = 16000
 SECOND = RATE * 2  # bytes of one second of PCM16 mono
 CHUNK = FRAME_BYTES  # 20 ms
 
+# the calls transcribe on a loopback OpenAI-compatible server
+pytestmark = pytest.mark.usefixtures("private_egress")
+
 
 def tone(ms: int, hz: float = 220.0) -> bytes:
     t = np.arange(RATE * ms // 1000) / RATE
@@ -573,7 +576,7 @@ async def test_an_unexpected_error_is_a_generic_500_and_its_traceback_is_scrubbe
     vm_logging.setup_logging("INFO", "text")
     store = server.app.service.store
 
-    async def broken() -> list[str]:
+    async def broken(**_: object) -> list[str]:
         raise RuntimeError(f"valkey said: wrong password {SECRET}")
 
     original = store.list_configs
