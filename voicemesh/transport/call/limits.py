@@ -25,6 +25,8 @@ from voicemesh.transport.call.audio import RATE
 
 #: bytes of one second of caller audio (16 kHz PCM16 mono)
 BYTES_PER_S = RATE * 2
+#: how much audio the call counts before it checks the rate: ~100 ms, far under any burst
+RATE_CHECK_BYTES = BYTES_PER_S // 10
 #: the close code of a call refused for sending audio too fast (the session rate's code too)
 TOO_FAST_CODE = 4429
 
