@@ -255,6 +255,7 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
     annotation, optional = _unwrap_optional(info.annotation)
     bounds: dict[str, Any] = {}
     min_len = 0
+    pattern: str | None = None
     max_len = 20  # short values; within every cap the options declare (voicemesh.config.limits)
     for meta in info.metadata:
         if isinstance(meta, at.Ge):
@@ -269,6 +270,8 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
             min_len = meta.min_length
         elif isinstance(meta, at.MaxLen):
             max_len = min(max_len, meta.max_length)
+        elif getattr(meta, "pattern", None):
+            pattern = meta.pattern
     strategy: st.SearchStrategy[Any]
     egress = egress_fields(model).get(name)
     if egress is not None:  # an endpoint: only the operator's allow-list is valid
@@ -290,7 +293,11 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
     elif annotation is str:
         spec = credential_fields(model).get(name)
         # a credential names one of its default variables; "${...}" stands nowhere else
-        text = st.text(min_size=min_len, max_size=max_len).filter(lambda t: not is_secret_ref(t))
+        text = (
+            st.from_regex(pattern, fullmatch=True)
+            if pattern
+            else st.text(min_size=min_len, max_size=max_len).filter(lambda t: not is_secret_ref(t))
+        )
         if spec is not None:
             refs = st.sampled_from([f"${{{e}}}" for e in spec.env])
             strategy = refs | text if spec.clear else refs

@@ -294,6 +294,20 @@ async def test_end_still_hangs_up_after_bad_messages(caller: Caller) -> None:
     await asyncio.wait_for(caller.closed.wait(), 5)
 
 
+async def test_a_flood_of_malformed_messages_hangs_up(caller: Caller) -> None:
+    """Each bad message is answered with an error event, queued for a client that may never
+    read, and spends no audio rate: past MAX_BAD_MESSAGES the call ends (1008)."""
+    from voicemesh.transport.carriers.websocket import MAX_BAD_MESSAGES
+
+    for _ in range(MAX_BAD_MESSAGES + 5):
+        try:
+            await caller.ws.send(b"\x01")
+        except websockets.ConnectionClosed:
+            break
+    await asyncio.wait_for(caller.closed.wait(), 5)
+    assert any("malformed messages: hung up" in (e.get("error") or "") for e in caller.events)
+
+
 async def test_deleting_the_session_hangs_up_the_call(server: Server, caller: Caller) -> None:
     """The session deleted through the API mid-call: the caller is told why, then hung up."""
     mark = len(caller.events)

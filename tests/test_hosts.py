@@ -229,6 +229,29 @@ async def test_a_tts_answer_that_is_not_audio_is_refused(name: str) -> None:
     assert "not audio" in str(info.value) and MARKER not in str(info.value)
 
 
+async def test_a_voice_id_cannot_aim_the_key_elsewhere_on_the_providers_api(
+    sink: RawServer,
+) -> None:
+    """The ElevenLabs SDK pastes voice_id into the path unencoded: "../../v1/user?" made the
+    synthesis a POST to /v1/user, on the allowed host, whose JSON answer the caller heard. The
+    id is refused at push, and any POST answer of a TTS connector must be audio whatever its
+    path."""
+    from voicemesh.connectors.http import EgressGuard
+
+    for bad in ("../../v1/user?", "a/b", "a?b", "a#b", "x" * 65, ""):
+        with pytest.raises(ValidationError, match="voice_id"):
+            ElevenLabsOptions(api_key="${ELEVENLABS_API_KEY}", voice_id=bad)
+    ElevenLabsOptions(api_key="${ELEVENLABS_API_KEY}", voice_id="21m00Tcm4TlvDq8ikWAM")
+    account = orjson.dumps({"subscription": MARKER})
+    async with RawServer(lambda head: http_response(200, account, "application/json")) as api:
+        guard = EgressGuard("elevenlabs", api.url, audio_path="/text-to-speech/")
+        async with guard.client() as http:
+            with pytest.raises(ConnectorError, match="not audio") as info:
+                await http.post(f"{api.url}/v1/user?/stream", json={"text": "hi"})
+            assert MARKER not in str(info.value)
+            assert (await http.get(f"{api.url}/v1/voices/abc")).status_code == 200  # probes
+
+
 @pytest.mark.parametrize("content_type", ["audio/pcm", "application/octet-stream", "audio/x-wav"])
 async def test_audio_answers_still_play(content_type: str) -> None:
     pcm = bytes(3200)
@@ -366,6 +389,9 @@ def test_private_hosts_need_the_operator_setting(
         "http://0177.0.0.1/v1",
         "http://0x7f.0.0.1/v1",
         "http://127.1/v1",
+        "http://metadata.google.internal/computeMetadata/v1",
+        "http://instance-data.ec2.internal/latest",
+        "http://metadata/v1",
     ],
 )
 def test_metadata_and_odd_ip_forms_are_refused_even_with_private_on(

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,7 @@ import pytest
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from tests.support import TransportApp, heard, listen, loopback_agent
+from tests.support import TransportApp, heard, listen, loopback_agent, until
 from voicemesh.bus import Bus, Flag, Frame, Kind, Subjects
 from voicemesh.config import logging as vm_logging
 from voicemesh.config.connectors import TurnOptions
@@ -477,11 +478,12 @@ async def test_a_caller_sending_10_s_in_1_s_is_refused_with_4429(server: Server)
 
 
 async def test_a_webrtc_offer_that_never_connects_is_closed_after_the_timeout(
-    server: Server, bus: Bus
+    server: Server, bus: Bus, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client sends an offer and never applies the answer, so ICE never completes. With
     VOICEMESH_WEBRTC_CONNECT_TIMEOUT_S at 1 s the call ends (call_end on vm.ctl) and its peer
     connection is forgotten; on main it was held for 60 s."""
+    caplog.set_level(logging.INFO, logger="voicemesh.transport.carriers.webrtc")
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         pc.addTransceiver("audio", direction="sendrecv")
@@ -508,6 +510,9 @@ async def test_a_webrtc_offer_that_never_connects_is_closed_after_the_timeout(
             assert 0.8 < time.monotonic() - t0 < 4
             r = await http.patch("/api/offer", json={"pc_id": pc_id, "candidates": []})
             assert r.status_code == 404  # the peer connection is gone
+            # and so is the handler of its ICE server list: a config naming ever new lists
+            # cannot grow the transport's handlers without end
+            await until(lambda: "their handler is closed" in caplog.text, 5)
     finally:
         await pc.close()
     async with calling(server, await new_session(server)) as other:
@@ -565,6 +570,32 @@ def test_a_traceback_is_printed_with_secrets_masked(
     for secret in (SECRET, NATS_PW, "abc.def", "eleven123", "azure1234", "k" * 20):
         assert secret not in out, (secret, out)
     assert "***" in out
+
+
+def test_tenant_keys_and_the_twilio_token_are_masked_by_value(
+    real_logging: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A bare key in a message has no header or `api_key=` around it: only its value can
+    catch it, for every place a key comes from."""
+    from voicemesh.transport.api.tenants import Tenants
+
+    env_key, file_key, token = (
+        "acme-env-key-0123456789",
+        "beta-file-key-9876543210",
+        "twl0123456789",
+    )
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(orjson.dumps({"tenants": {"beta": {"keys": [file_key]}}}).decode())
+    settings = Settings(
+        tenant_keys=f"acme:{env_key}", keys_file=str(keys_file), twilio_auth_token=token
+    )
+    vm_logging.setup_logging("INFO", "text", settings=settings)
+    Tenants(settings)  # reads the keys file: its keys join what is masked
+    logging.getLogger("voicemesh.test").warning("keys %s %s %s", env_key, file_key, token)
+    out = capsys.readouterr().err
+    assert "keys" in out
+    for secret in (env_key, file_key, token):
+        assert secret not in out, (secret, out)
 
 
 async def test_an_unexpected_error_is_a_generic_500_and_its_traceback_is_scrubbed(

@@ -985,9 +985,35 @@ async def test_auth_off_refuses_other_origins_and_serves_its_own_page(
         sneaky = {"Origin": f"http://{host}.evil.example"}
         event, code = await ws_open(url, agent="local", _headers=sneaky)  # type: ignore[arg-type]
         assert code == 4403
+        # DNS rebinding: a page whose name now resolves to 127.0.0.1 sends that name as Host
+        # and as Origin, which match each other; only an address, localhost or the configured
+        # host is this server's own name (one dependency guards HTTP and WebSockets alike)
+        port = host.rpartition(":")[2]
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = await http.post("/api/sessions", json={"agent": "local"}, headers=rebound)
+            assert refused.status_code == 403, refused.text
+            local = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+            assert (await http.get("/api/agents", headers=local)).status_code == 200
         event, code = await ws_open(url, agent="local", _headers={"Origin": f"http://{host}"})  # type: ignore[arg-type]
         assert event["type"] == "session" and code is None
     assert len(await svc.store.list_configs()) == 1  # only the allowed call made a session
+
+
+def test_the_host_names_trusted_with_auth_off() -> None:
+    from voicemesh.transport.api.security import trusted_host
+
+    for host in (
+        "127.0.0.1:8080",
+        "localhost:8080",
+        "[::1]:8080",
+        "192.168.1.20:8080",
+        "LOCALHOST",
+    ):
+        assert trusted_host(host, "127.0.0.1"), host
+    assert trusted_host("voice.lan:8080", "voice.lan")  # VOICEMESH_HTTP_HOST names it
+    for host in ("evil.example:8080", "127.0.0.1.nip.io:8080", "localhost.evil.example", ""):
+        assert not trusted_host(host, "127.0.0.1"), host
 
 
 async def test_auth_on_does_not_look_at_origin(

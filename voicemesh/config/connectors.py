@@ -313,7 +313,13 @@ class ElevenLabsOptions(ConnectorOptions):
         max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"',
     )
-    voice_id: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
+    # pasted unencoded into the request path by the SDK (/v1/text-to-speech/{voice_id}/stream):
+    # "../../v1/user?" would aim the operator's key at any endpoint of the provider's API
+    voice_id: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        max_length=64,
+        description="an ElevenLabs voice id (letters, digits, '_' and '-')",
+    )
     base_url: str | None = endpoint(
         max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
     )

@@ -75,6 +75,19 @@ _NUMERIC_TLD = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)")
 _NETLOC = re.compile(r"(?P<host>\[[^\[\]]*\]|[^:\[\]]+)(?::(?P<port>[0-9]{1,5}))?")
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\@#?%<>\"'`^{|}/]")
 _PATH_BAD = re.compile(r"[\x00-\x20\x7f\\@#?<>\"'`^{|}]")
+#: cloud metadata services by name (their addresses are refused as link-local): never a
+#: connector's endpoint, in any mode, since they hand out the machine's own cloud credentials
+METADATA_NAMES = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "metadata.azure.internal",
+        "metadata.tencentyun.com",
+    }
+)
 _PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa", ".lan")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
@@ -189,6 +202,8 @@ def ip_class(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> HostClass:
 def host_class(host: Host) -> HostClass:
     if host.ip is not None:
         return ip_class(host.ip)
+    if host.name in METADATA_NAMES:
+        return "never"
     if host.name == "localhost" or host.name.endswith(_PRIVATE_SUFFIXES):
         return "private"
     return "public"

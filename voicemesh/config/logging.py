@@ -133,11 +133,22 @@ def scrub(text: str) -> str:
     return text
 
 
+_known: set[str] = set()
+
+
 def set_secret_values(values: Iterable[str]) -> None:
     """The values `scrub` masks wherever they appear (shorter than MIN_SECRET_LEN: ignored)."""
     global _secret_values
-    kept = sorted({v for v in values if len(v) >= MIN_SECRET_LEN}, key=len, reverse=True)
+    _known.clear()
+    _known.update(v for v in values if len(v) >= MIN_SECRET_LEN)
+    kept = sorted(_known, key=len, reverse=True)
     _secret_values = re.compile("|".join(map(re.escape, kept))) if kept else None
+
+
+def add_secret_values(values: Iterable[str]) -> None:
+    """More values to mask, learnt after logging was set up (the raw keys of a keys file, read
+    when the transport starts)."""
+    set_secret_values([*_known, *values])
 
 
 def secret_values(settings: Any = None, env: Mapping[str, str] | None = None) -> set[str]:
@@ -163,6 +174,11 @@ def secret_values(settings: Any = None, env: Mapping[str, str] | None = None) ->
     if settings is not None:
         for key in getattr(settings, "api_keys", ()):
             values.add(key.get_secret_value())
+        for _tenant, key in getattr(settings, "tenant_keys", ()):
+            values.add(key.get_secret_value())
+        token = getattr(settings, "twilio_auth_token", None)
+        if token is not None:
+            values.add(token.get_secret_value())
         for field in ("nats_password", "nats_token", "valkey_password"):
             secret = getattr(settings, field, None)
             if secret is not None:

@@ -83,10 +83,16 @@ class EgressGuard:
                 f"{self.provider}: the provider answered a redirect; redirects are not followed",
                 status=status,
             )
+        # every POST of a TTS connector is a synthesis: its answer must be audio whatever the
+        # path says (a path a config could bend elsewhere on the provider's API must not turn
+        # a JSON answer into "audio" the caller hears)
         if (
             self.audio_path
             and 200 <= status < 300
-            and self.audio_path in str(response.request.url.path)
+            and (
+                response.request.method == "POST"
+                or self.audio_path in str(response.request.url.path)
+            )
         ):
             require_audio(self.provider, response.headers.get("content-type"))
 

@@ -178,8 +178,10 @@ class STTService(StageService):
             self.track(session, frame.epoch, self._transcribe(stream, stream.cut()))
 
     def _max_bytes(self, rate: int) -> int:
-        """The most PCM16 mono of one turn this stage buffers at `rate`."""
-        return int((self.settings.max_utterance_s + UTTERANCE_MARGIN_S) * rate) * 2
+        """The most PCM16 mono of one turn this stage buffers at `rate`. The rate is what the
+        sender declares (the codec allows up to 192 kHz): counted at no more than 48 kHz, a
+        sender that declares more buys no more memory."""
+        return int((self.settings.max_utterance_s + UTTERANCE_MARGIN_S) * min(rate, 48_000)) * 2
 
     async def _cap(self, stream: Stream) -> None:
         """The turn outgrew the limit without ending (a sender that skips the transport's turn

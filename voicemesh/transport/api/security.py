@@ -9,6 +9,7 @@ counter's name holds the tenant's name or the address, never a key.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from dataclasses import dataclass
@@ -74,6 +75,29 @@ def same_origin(origin: str, host: str) -> bool:
     return bool(sep) and scheme in ("http", "https") and rest.lower() == host.lower() != ""
 
 
+def host_name(host: str) -> str:
+    """The name or address of a Host header, without its port ("[::1]:8080" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def trusted_host(host: str, own: str) -> bool:
+    """Whether a Host header can be this server's own with auth off: an IP address,
+    `localhost`, or the configured VOICEMESH_HTTP_HOST. Not any other name: a page whose name
+    the attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host and as Origin,
+    which then match each other."""
+    name = host_name(host)
+    if name in ("localhost", own.strip().lower()):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "unknown"
 
@@ -83,6 +107,7 @@ class ApiKeyAuth:
 
     def __init__(self, settings: Settings):
         self.required = settings.auth == "required"
+        self.http_host = settings.http_host
         self.tenants = Tenants(settings)
         if self.required and not self.tenants.key_count:
             raise AuthConfigError(
@@ -127,7 +152,10 @@ class ApiKeyAuth:
             # send Origin there; tools (curl, the CLI callers) send none. So a request that
             # names an origin must name this server's own, the page it serves.
             origin = conn.headers.get("origin")
-            if origin is not None and not same_origin(origin, conn.headers.get("host", "")):
+            host = conn.headers.get("host", "")
+            if origin is not None and not (
+                same_origin(origin, host) and trusted_host(host, self.http_host)
+            ):
                 self._refuse(conn, f"cross-origin {origin!r} with auth off")
                 raise CrossOrigin(
                     f"origin {origin} refused: with API auth off, only pages served by this "

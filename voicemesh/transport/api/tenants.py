@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from voicemesh.config.logging import add_secret_values
 from voicemesh.config.settings import TENANT_NAME, Settings, parse_rate
 from voicemesh.errors import VoicemeshError
 from voicemesh.state import ConfigStore
@@ -197,6 +198,7 @@ class Tenants:
                 found = entry(name, spec.admin, "VOICEMESH_KEYS_FILE")
                 found.max_calls, found.session_rate = spec.max_calls, spec.session_rate
                 digests += [(digest(k.get_secret_value()), name) for k in spec.keys]
+                add_secret_values(k.get_secret_value() for k in spec.keys)  # never logged
                 digests += [(bytes.fromhex(h), name) for h in spec.key_sha256]
 
         owner: dict[bytes, str] = {}

@@ -1,7 +1,7 @@
 """Daily rooms: a bot joins a room through pipecat's DailyTransport and the call runs there.
 
     POST   /api/daily/calls  {session_id | agent, room_url?, token?, join_timeout_s?}
-           → 201 {session_id, room_url}, once the bot is in the room
+           → 201 {session_id, room_url (as given: a "${NAME}" stays a name)}, once the bot is in
     DELETE /api/daily/calls/{session_id}  → the bot leaves
 
 The room URL and meeting token come from the session's `daily` transport options unless the request
@@ -57,6 +57,7 @@ from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.config.secrets import (
     SecretResolutionError,
     credential_fields,
+    is_secret_ref,
     resolve_credential,
 )
 from voicemesh.errors import VoicemeshError
@@ -412,7 +413,11 @@ def daily_routes(
         cached = await service.router.load(sid)
         options = cached.config.transport_options("daily")
         assert isinstance(options, DailyTransportOptions)
-        room_url = _resolve("room_url", body.room_url or options.room_url)
+        given = body.room_url or options.room_url
+        room_url = _resolve("room_url", given)
+        # what is answered and logged is the URL as given: a "${NAME}" stays a name, so no
+        # tenant reads a room URL that the operator keeps in the environment
+        shown = given if is_secret_ref(given) else room_url
         if not room_url:
             raise _issue(
                 "room_url",
@@ -433,19 +438,20 @@ def daily_routes(
                 501, f"Daily calls need daily-python (pip install 'pipecat-ai[daily]'): {exc}"
             ) from None
         bot = DailyBot(
-            peer, transport.input(), transport.output(), room_url=room_url, transport=transport
+            peer, transport.input(), transport.output(), room_url=shown, transport=transport
         )
         bot.token = token
-        log.info("Daily bot joining %s for session %s", room_url, sid)
+        log.info("Daily bot joining %s for session %s", shown, sid)
         try:
             await bot.join(timeout)
         except BaseException as exc:
             hold(abandoned, asyncio.create_task(bot.stop()))  # not awaited: see DailyBot.stop
             if not isinstance(exc, JoinFailed):
                 raise
-            log.warning("Daily bot could not join %s: %s", room_url, exc)
+            why = str(exc).replace(room_url, shown)  # daily-python's text may name the URL
+            log.warning("Daily bot could not join %s: %s", shown, why)
             raise HTTPException(
-                502, f"could not join the Daily room {room_url}: {exc}; {JOIN_HELP}"
+                502, f"could not join the Daily room {shown}: {why}; {JOIN_HELP}"
             ) from None
         peer.when_closed(lambda: leave(bot))
         bots[sid] = bot
@@ -461,7 +467,7 @@ def daily_routes(
                 calls.pop(sid, None)
 
         calls[sid] = asyncio.create_task(run(), name=f"daily-call {sid}")
-        return DailyCallOut(session_id=sid, room_url=room_url)
+        return DailyCallOut(session_id=sid, room_url=shown)
 
     async def leave(bot: DailyBot) -> None:
         """Bounded: a room that does not answer the leave is left in the background."""

@@ -253,6 +253,10 @@ def webrtc_routes(
     handlers: dict[tuple[str, ...], SmallWebRTCRequestHandler] = {}
     calls: dict[str, asyncio.Task[None]] = {}
 
+    # calls (answered or being answered) per ICE server list: a list's handler goes with its
+    # last call, so configs naming ever new lists cannot grow `handlers` without end
+    users: dict[tuple[str, ...], int] = {}
+
     def handler_for(options: WebRTCTransportOptions) -> SmallWebRTCRequestHandler:
         """One handler per ICE server list (most deployments have one): it keeps the peer
         connections by pc_id for renegotiation and trickle ICE."""
@@ -260,6 +264,19 @@ def webrtc_routes(
         if key not in handlers:
             handlers[key] = SmallWebRTCRequestHandler(ice_servers=ice_servers(options))
         return handlers[key]
+
+    def release(key: tuple[str, ...]) -> None:
+        users[key] -= 1
+        if users[key] <= 0:
+            del users[key]
+            handler = handlers.pop(key, None)
+            if handler is not None:  # its connections have all ended; close() frees the rest
+                log.info("no WebRTC call uses ICE servers %s now: their handler is closed", key)
+                task = asyncio.create_task(handler.close())
+                closing.add(task)  # held until done: a task only the loop holds may be lost
+                task.add_done_callback(closing.discard)
+
+    closing: set[asyncio.Task[None]] = set()
 
     # pc_id → (session, ice key, tenant): another tenant's peer connection does not exist for you
     sessions_of: dict[str, tuple[str, tuple[str, ...], str]] = {}
@@ -299,6 +316,23 @@ def webrtc_routes(
         cached = await service.router.load(sid)
         options = cached.config.transport_options("webrtc")
         assert isinstance(options, WebRTCTransportOptions)
+        key = ice_key(options)
+        users[key] = users.get(key, 0) + 1
+        try:
+            return await answer_with(sid, request, slot, client, options, key)
+        except BaseException:
+            release(key)
+            raise
+
+    async def answer_with(
+        sid: str,
+        request: SmallWebRTCRequest,
+        slot: CallSlot,
+        client: Client,
+        options: WebRTCTransportOptions,
+        key: tuple[str, ...],
+    ) -> dict[str, Any]:
+        """Answer the offer and start its call, which releases `key` when it ends."""
         started: list[WebRTCPeer] = []
         refused: list[SmallWebRTCConnection] = []
 
@@ -330,7 +364,7 @@ def webrtc_routes(
             raise HTTPException(400, "the offer has no audio transceiver: add one (sendrecv)")
         peer = started[0]
         pc_id = answer["pc_id"]
-        sessions_of[pc_id] = (sid, ice_key(options), client.tenant.name)
+        sessions_of[pc_id] = (sid, key, client.tenant.name)
 
         async def run() -> None:
             watchdog = asyncio.create_task(
@@ -343,6 +377,7 @@ def webrtc_routes(
                 watchdog.cancel()
                 sessions_of.pop(pc_id, None)
                 calls.pop(pc_id, None)
+                release(key)
 
         calls[pc_id] = asyncio.create_task(run())
         log.info("WebRTC call %s on session %s", pc_id, sid)

@@ -42,6 +42,13 @@ MESSAGE_TOO_BIG = 1009
 # 2 s of audio: browsers send 20-100 ms a message; more in one message is a client bug (a whole
 # file) that would otherwise run through VAD and onto the bus as one long utterance at once.
 MAX_AUDIO_MESSAGE = 2 * RATE * 2
+#: malformed messages a call answers with an error event before it hangs up (1008): each answer
+#: is queued for a client that may never read, and a bad message spends no audio rate
+MAX_BAD_MESSAGES = 50
+POLICY_VIOLATION = 1008
+#: items the writer may hold for a client that does not read: ~10 s of bot audio and its events;
+#: past that the item is dropped (and the call hung up) rather than held in memory
+MAX_QUEUED = 600
 CONTROL_TYPES = tuple(m.model_fields["type"].default for m in CHANNELS["caller control"])
 
 
@@ -81,6 +88,8 @@ class WebSocketPeer(Peer):
         self.ws = ws
         self._out: asyncio.Queue[bytes | str | _Close | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._bad = 0
+        self._overflowed = False
 
     async def receive(self) -> bytes | None:
         while True:
@@ -92,16 +101,27 @@ class WebSocketPeer(Peer):
                 if msg.get("code") == MESSAGE_TOO_BIG:  # closed below us, by uvicorn's limit
                     log.warning("caller sent a message over VOICEMESH_WS_MAX_BYTES: closed (1009)")
                 return None
+            if self._overflowed:
+                return None  # the client reads nothing of what is sent: hung up
             if msg.get("bytes") is not None:
                 problem = audio_problem(msg["bytes"])
                 if problem is None:
                     return msg["bytes"]
-                await self.send_event(ErrorEvent(error=problem))
             elif msg.get("text") is not None:
                 problem = control_problem(msg["text"])
                 if problem is None:
                     return None  # {"type": "end"}: the caller hangs up
-                await self.send_event(ErrorEvent(error=problem))
+            else:
+                continue
+            self._bad += 1
+            if self._bad > MAX_BAD_MESSAGES:
+                log.warning("caller sent %d malformed messages: hung up", self._bad)
+                await self.send_event(
+                    ErrorEvent(error=f"more than {MAX_BAD_MESSAGES} malformed messages: hung up")
+                )
+                self.refuse(POLICY_VIOLATION, "too many malformed messages")
+                return None
+            await self.send_event(ErrorEvent(error=problem))
 
     async def send_audio(self, pcm: bytes) -> None:
         self._put(pcm)
@@ -112,6 +132,11 @@ class WebSocketPeer(Peer):
     def _put(self, item: bytes | str | _Close) -> None:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
+        if self._out.qsize() >= MAX_QUEUED and not isinstance(item, _Close):
+            if not self._overflowed:
+                log.warning("the caller reads nothing of what is sent: dropping, hanging up")
+                self._overflowed = True
+            return
         self._out.put_nowait(item)
 
     def hang_up(self) -> None:
