@@ -1,0 +1,129 @@
+"""Piper's first audio (voicemesh/connectors/tts/piper.py): phrase by phrase, each phrase's audio
+out as soon as it exists; the onnxruntime session's threads; the warm-up; the settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from voicemesh.config.connectors import PiperOptions
+from voicemesh.config.settings import Settings
+from voicemesh.connectors.threads import usable_cores
+
+pytest.importorskip("piper")
+
+from piper import SynthesisConfig
+
+from voicemesh.connectors.tts import piper as piper_tts
+from voicemesh.connectors.tts.piper import PiperTTS, load_voice, phrases, speak
+
+#: one sentence (Piper's synthesize makes it one chunk) of ~45 words with clause breaks
+LONG = (
+    "Well, the weather here today looks sunny and warm, with a light breeze coming in from the "
+    "west all afternoon; so take a hat, some water and a good book - and if it rains later in "
+    "the evening, come back inside and make yourself a nice cup of tea."
+)
+
+
+def test_phrases_end_at_clause_breaks() -> None:
+    assert phrases(LONG) == [
+        "Well,",
+        "the weather here today looks sunny and warm,",
+        "with a light breeze coming in from the west all afternoon;",
+        "so take a hat,",
+        "some water and a good book -",
+        "and if it rains later in the evening,",
+        "come back inside and make yourself a nice cup of tea.",
+    ]
+    assert phrases("It is 1,000 miles. A well-known way\u2014yes: ok") == [
+        "It is 1,000 miles. A well-known way\u2014yes:",
+        "ok",
+    ]
+    assert phrases('He said "no," then left.') == ['He said "no,"', "then left."]
+    assert phrases("   ") == []
+
+
+async def test_a_long_sentence_s_first_audio_comes_before_the_rest_is_made() -> None:
+    """On main the connector yielded Piper's one chunk per sentence: a 45-word sentence's first
+    audio came when all of it was made. Now its first phrase is out first."""
+    conn = PiperTTS(PiperOptions())
+    await conn.warmup()
+    times: list[float] = []
+    sizes: list[int] = []
+    t0 = time.perf_counter()
+    async for pcm in conn.synthesize(LONG):
+        times.append(time.perf_counter() - t0)
+        sizes.append(len(pcm))
+    assert len(times) == len(phrases(LONG))
+    assert times[0] < 0.5 * times[-1], times
+    assert sizes[0] < 0.2 * sum(sizes)  # "Well," is a small part of the audio
+    assert sum(sizes) / 2 / conn.sample_rate > 8  # all of it spoken
+
+
+def test_a_phrase_sounds_as_piper_makes_it() -> None:
+    """Same samples as PiperVoice.synthesize for a text with no clause break (noise off, so the
+    model is deterministic), and one piece per sentence."""
+    voice = load_voice("joe", 1)
+    syn = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    text = "The weather looks sunny today. Take a hat."
+    theirs = [c.audio_int16_bytes for c in voice.synthesize(text, syn_config=syn)]
+    ours = list(speak(voice, threading.Lock(), text, syn))
+    assert len(ours) == 2 and ours == theirs
+    loud = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, volume=0.5)
+    half = np.frombuffer(b"".join(speak(voice, threading.Lock(), text, loud)), dtype=np.int16)
+    assert 16000 < np.abs(half).max() <= 16384  # normalized to full range, then the volume
+
+
+def test_the_session_never_spins_and_takes_its_thread_count() -> None:
+    """piper-tts's own PiperVoice.load keeps onnxruntime's default: spin-waiting threads, which
+    cost Piper ~30% of its first audio on 2 busy cores (benchmarks/bench_tts_first_audio.py)."""
+    one = load_voice("joe", 1).session.get_session_options()
+    assert one.intra_op_num_threads == 1
+    assert one.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    many = load_voice("joe", 64).session.get_session_options()
+    assert many.intra_op_num_threads == usable_cores()  # never past this process's cores
+    assert load_voice("joe", 0).session.get_session_options().intra_op_num_threads == 0
+
+
+def test_the_connector_loads_with_voicemesh_piper_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOICEMESH_PIPER_THREADS", "1")
+    piper_tts._voice.cache_clear()
+    try:
+        voice, _ = piper_tts._voice("joe")
+        assert voice.session.get_session_options().intra_op_num_threads == 1
+    finally:
+        piper_tts._voice.cache_clear()
+
+
+async def test_warmup_runs_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first run of a fresh session is 2-3x slower than later ones: a connector the pool
+    makes on a caller's first turn pays it at its warmup, not on the caller's first sentence."""
+    said: list[str] = []
+    real = piper_tts.speak
+
+    def spy(voice: object, lock: threading.Lock, text: str, syn: object):  # type: ignore[no-untyped-def]
+        said.append(text)
+        return real(voice, lock, text, syn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(piper_tts, "speak", spy)
+    await PiperTTS(PiperOptions()).warmup()
+    assert said == [piper_tts.WARMUP_TEXT]
+
+
+def test_settings() -> None:
+    assert Settings.model_fields["piper_threads"].default == 0
+    assert Settings.model_fields["first_unit_words"].default == 5
+    assert Settings(piper_threads=2, first_unit_words=0).piper_threads == 2
+    for bad in ({"piper_threads": -1}, {"first_unit_words": -1}, {"first_unit_words": 101}):
+        with pytest.raises(ValueError):
+            Settings(**bad)
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOICEMESH_PIPER_THREADS", "1")
+    monkeypatch.setenv("VOICEMESH_FIRST_UNIT_WORDS", "3")
+    settings = Settings()
+    assert (settings.piper_threads, settings.first_unit_words) == (1, 3)
