@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -54,7 +53,6 @@ DEFAULT = "one per core, spinning (piper-tts's own)"
 CONNECTOR = "one per core, no spin (the connector's)"
 RATE = 22050
 SYN = SynthesisConfig()
-LOCK = threading.Lock()
 
 
 def text(n: int) -> str:
@@ -73,7 +71,7 @@ def timed(chunks: Iterable[bytes]) -> tuple[float, float, float]:
 
 
 def say(voice: Any, words: str) -> tuple[float, float, float]:
-    return timed(speak(voice, LOCK, words, SYN))
+    return timed(speak(voice, words, SYN))
 
 
 def pct(xs: Iterable[float], q: float) -> float:
@@ -120,16 +118,16 @@ def by_words(voices: dict[str, Any], reps: int) -> dict[tuple[str, str, int], li
 
 
 COLD = """
-import json, sys, time, threading
+import json, sys, time
 from piper import SynthesisConfig
 from voicemesh.connectors.tts.piper import WARMUP_TEXT, load_voice, speak
-voice, lock, syn = load_voice("joe", 0), threading.Lock(), SynthesisConfig()
+voice, syn = load_voice("joe", 0), SynthesisConfig()
 def ms(t):
     t0 = time.perf_counter()
-    next(iter(speak(voice, lock, t, syn)))
+    next(iter(speak(voice, t, syn)))
     return (time.perf_counter() - t0) * 1000
 out = {"cold": ms(sys.argv[1]), "second": ms(sys.argv[1])}
-for _ in speak(voice, lock, WARMUP_TEXT, syn):
+for _ in speak(voice, WARMUP_TEXT, syn):
     pass
 out["warm"] = ms(sys.argv[1])
 print(json.dumps(out))
@@ -248,7 +246,7 @@ def section_cuts(voice: Any, reps: int) -> list[str]:
 
 
 def section_resample(voice: Any, reps: int) -> list[str]:
-    pcm = np.frombuffer(b"".join(speak(voice, LOCK, text(20), SYN)), dtype=np.int16)
+    pcm = np.frombuffer(b"".join(speak(voice, text(20), SYN)), dtype=np.int16)
     seconds = len(pcm) / RATE
     lines = [
         f"## 5. Resampling {seconds:.1f} s of Piper audio in one chunk "

@@ -3,7 +3,7 @@ out as soon as it exists; the onnxruntime session's threads; the warm-up; the se
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 
 import numpy as np
@@ -70,10 +70,10 @@ def test_a_phrase_sounds_as_piper_makes_it() -> None:
     syn = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
     text = "The weather looks sunny today. Take a hat."
     theirs = [c.audio_int16_bytes for c in voice.synthesize(text, syn_config=syn)]
-    ours = list(speak(voice, threading.Lock(), text, syn))
+    ours = list(speak(voice, text, syn))
     assert len(ours) == 2 and ours == theirs
     loud = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, volume=0.5)
-    half = np.frombuffer(b"".join(speak(voice, threading.Lock(), text, loud)), dtype=np.int16)
+    half = np.frombuffer(b"".join(speak(voice, text, loud)), dtype=np.int16)
     assert 16000 < np.abs(half).max() <= 16384  # normalized to full range, then the volume
 
 
@@ -104,9 +104,9 @@ async def test_warmup_runs_the_model_once(monkeypatch: pytest.MonkeyPatch) -> No
     said: list[str] = []
     real = piper_tts.speak
 
-    def spy(voice: object, lock: threading.Lock, text: str, syn: object):  # type: ignore[no-untyped-def]
+    def spy(voice: object, text: str, syn: object):  # type: ignore[no-untyped-def]
         said.append(text)
-        return real(voice, lock, text, syn)  # type: ignore[arg-type]
+        return real(voice, text, syn)
 
     monkeypatch.setattr(piper_tts, "speak", spy)
     await PiperTTS(PiperOptions()).warmup()
@@ -127,3 +127,22 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOICEMESH_FIRST_UNIT_WORDS", "3")
     settings = Settings()
     assert (settings.piper_threads, settings.first_unit_words) == (1, 3)
+
+
+async def test_a_reply_s_next_unit_waits_for_the_one_before() -> None:
+    """Units of a reply reach a TTS instance one after another while the first is still being
+    made. The next must not share the cores with it (which would delay the audio the caller
+    needs first): units are made in the order they came, each still phrase by phrase."""
+    conn = PiperTTS(PiperOptions())
+    await conn.warmup()
+    order: list[str] = []
+
+    async def run(name: str, text: str) -> None:
+        async for _ in conn.synthesize(text):
+            order.append(name)
+
+    first = asyncio.ensure_future(run("first", "Well, the weather today looks sunny and warm."))
+    while not order:  # its first phrase is out; its second is being made
+        await asyncio.sleep(0.001)
+    await asyncio.gather(first, run("next", "Take a hat, and some water."))
+    assert order == ["first", "first", "next", "next"]

@@ -80,14 +80,11 @@ def _voice(name: str) -> tuple[Any, threading.Lock]:
     return load_voice(name, get_settings().piper_threads), threading.Lock()
 
 
-def speak(voice: Any, lock: threading.Lock, text: str, syn: Any) -> Iterator[bytes]:
+def speak(voice: Any, text: str, syn: Any) -> Iterator[bytes]:
     """PCM16 of `text`, one piece per phrase (or per sentence within one), each as soon as it is
-    made. Only espeak (global state in the process) runs under `lock`: the model's runs do not
-    need it, so another session's phrase can be synthesized on the other core meanwhile."""
+    made."""
     for phrase in phrases(text):
-        with lock:
-            sentences = voice.phonemize(phrase)
-        for phonemes in sentences:
+        for phonemes in voice.phonemize(phrase):
             if not phonemes:
                 continue
             audio = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(phonemes), syn)
@@ -115,8 +112,9 @@ class PiperTTS(TTSConnector):
 
     def _warm(self) -> None:
         voice, lock = _voice(self.options.voice)
-        for _ in speak(voice, lock, WARMUP_TEXT, self._config()):
-            pass
+        with lock:
+            for _ in speak(voice, WARMUP_TEXT, self._config()):
+                pass
 
     @property
     def sample_rate(self) -> int:
@@ -136,6 +134,10 @@ class PiperTTS(TTSConnector):
 
         def chunks() -> Iterator[bytes]:
             voice, lock = _voice(self.options.voice)
-            yield from speak(voice, lock, text, syn)
+            # Held for the whole unit, as units come (espeak's state is global, too): a reply's
+            # next unit, often here while this one is still made, would otherwise share the
+            # cores with it and delay this one's audio, which the caller needs first.
+            with lock:
+                yield from speak(voice, text, syn)
 
         return iterate_in_thread(chunks)
