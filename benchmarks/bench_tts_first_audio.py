@@ -11,9 +11,9 @@ time to synthesize the first unit of text. This measures, in one run:
 2. cold start: the first call in a fresh process, the second, and one after the warm-up text;
 3. phrase by phrase (the connector) against Piper's own per-sentence `synthesize`, for a sentence
    with clause breaks: first chunk and total;
-4. the cost of cutting a 20-word sentence after its first N words: first chunk, total against
-   the whole sentence in one call, and the first unit's audio length (the time the next unit has
-   to be synthesized in before the caller hears a gap);
+4. replies cut as the LLM stage cuts them, by the first unit's words (VOICEMESH_FIRST_UNIT_WORDS):
+   first audio, and the silence heard inside a reply where the next unit's audio was not made
+   by the time the audio before it ended (too short a first unit);
 5. resampling Piper's 22 050 Hz to the peers' rates (soxr, as the transport does).
 
     .venv/bin/python benchmarks/bench_tts_first_audio.py [--reps 9] \
@@ -40,13 +40,22 @@ import soxr
 from piper import SynthesisConfig
 
 from voicemesh.connectors.tts.piper import WARMUP_TEXT, load_voice, speak
+from voicemesh.pipeline.text import SentenceSplitter
 
 WORDS = (
     "Sure thing the weather here today looks sunny and warm with a light breeze coming in "
     "from the west so take a hat"
 ).split()
 LENGTHS = (1, 3, 5, 8, 12, 20)
-CUTS = (2, 3, 4, 5, 6, 8)
+FIRST_WORDS = (0, 3, 4, 5, 6, 8)
+REPLIES = (
+    "The capital of France is Paris, which is famous for the Eiffel Tower and its art museums.",
+    "I am sorry, but I do not have access to real time weather information for your city.",
+    "A good way to relax is to take a slow walk outside and listen to some calm music.",
+    "Sure! Here is a fun fact: octopuses have three hearts and blue blood.",
+    "The sun is the star at the center of our solar system that gives us light and heat.",
+    "Water boils at one hundred degrees at sea level. Higher up it boils at a lower temperature.",
+)
 CLAUSED = "Well, the weather here today looks sunny and warm, with a light breeze, so take a hat."
 HOG = "import numpy as np\na = np.random.rand(384, 384)\nwhile True:\n    a @ a\n"
 DEFAULT = "one per core, spinning (piper-tts's own)"
@@ -121,6 +130,7 @@ COLD = """
 import json, sys, time
 from piper import SynthesisConfig
 from voicemesh.connectors.tts.piper import WARMUP_TEXT, load_voice, speak
+from voicemesh.pipeline.text import SentenceSplitter
 voice, syn = load_voice("joe", 0), SynthesisConfig()
 def ms(t):
     t0 = time.perf_counter()
@@ -216,31 +226,65 @@ def section_phrases(voice: Any, reps: int) -> list[str]:
     return lines
 
 
-def section_cuts(voice: Any, reps: int) -> list[str]:
+def piper_own(voice: Any, text: str) -> Iterator[bytes]:
+    """Piper's own synthesize: one chunk per sentence, as the connector was on main."""
+    return (c.audio_int16_bytes for c in voice.synthesize(text, syn_config=SYN))
+
+
+def timeline(voice: Any, units: list[str], per_sentence: bool = False) -> tuple[float, float]:
+    """Units synthesized one after another (as the connector's lock makes them on one instance),
+    the text all there at once (the LLM is faster than Piper): (first audio ms, silence ms heard
+    inside the reply, where a chunk was not ready when the audio before it ended)."""
+    t0 = time.perf_counter()
+    ready: list[tuple[float, float]] = []  # (when made, s of audio)
+    for unit in units:
+        for pcm in piper_own(voice, unit) if per_sentence else speak(voice, unit, SYN):
+            ready.append((time.perf_counter() - t0, len(pcm) / 2 / RATE))
+    first = ready[0][0]
+    plays_until, gaps = first, 0.0
+    for made, seconds in ready:
+        start = max(plays_until, made)
+        gaps += start - plays_until
+        plays_until = start + seconds
+    return first * 1000, gaps * 1000
+
+
+def section_replies(voice: Any, reps: int) -> list[str]:
     lines = [
-        "## 4. A 20-word sentence cut after its first N words (two calls)",
+        "## 4. Replies cut by the LLM stage's splitter, by its first unit's words "
+        "(VOICEMESH_FIRST_UNIT_WORDS)",
         "",
-        "| N | load | first unit ms p50 | its audio s | rest ms p50 | first + rest ÷ whole |",
+        f"{len(REPLIES)} replies of the kind SmolLM2 gives (one or two sentences, 12-19 words), "
+        "cut as the LLM stage cuts them, units synthesized one after another; the text is all "
+        "there at once. Gap: silence inside a reply, where a unit's audio was not made by the time "
+        "the audio before it ended. ≈ main: sentence units and Piper's own per-sentence "
+        "synthesize (main also cut a first sentence at a comma or a clause word past 6 words); "
+        "the other rows synthesize phrase by phrase, as the connector now does.",
+        "",
+        "| first unit | load | first audio ms p50 / p95 | ÷ ≈ main | gap ms per reply, mean "
+        "| replies with a gap |",
         "|---|---|---|---|---|---|",
     ]
     for load in ("idle", "busy"):
-        runs: dict[int, list[tuple[float, float, float]]] = {}
+        runs: dict[int, list[tuple[float, float]]] = {}
         with Hog(load == "busy"):
             for _ in range(reps):
-                runs.setdefault(0, []).append(say(voice, text(20)))
-                for n in CUTS:
-                    head = say(voice, " ".join(WORDS[:n]))
-                    rest = say(voice, " ".join(WORDS[n:20]) + ".")
-                    runs.setdefault(n, []).append((head[0], rest[1], head[2]))
-        whole = med(r[1] for r in runs[0])
-        lines.append(
-            f"| whole | {load} | {med(r[0] for r in runs[0]):.0f} | {runs[0][0][2]:.1f} | — | "
-            f"1.00 ({whole:.0f} ms) |"
-        )
-        for n in CUTS:
-            a, b, audio = med(r[0] for r in runs[n]), med(r[1] for r in runs[n]), runs[n][0][2]
+                for n in (-1, *FIRST_WORDS):
+                    for reply in REPLIES:
+                        splitter = SentenceSplitter(first_words=max(n, 0))
+                        units = splitter.push(reply) + splitter.flush()
+                        runs.setdefault(n, []).append(timeline(voice, units, n < 0))
+        base = med(r[0] for r in runs[-1])
+        for n in (-1, *FIRST_WORDS):
+            firsts = [r[0] for r in runs[n]]
+            gaps = [r[1] for r in runs[n]]
+            label = {-1: "a sentence, Piper per sentence (≈ main)", 0: "a sentence (0)"}.get(
+                n, f"clause or {n} words"
+            )
             lines.append(
-                f"| {n} | {load} | {a:.0f} | {audio:.1f} | {b:.0f} | {(a + b) / whole:.2f} |"
+                f"| {label} | {load} | {med(firsts):.0f} / {pct(firsts, 0.95):.0f} | "
+                f"{med(firsts) / base:.2f} | {statistics.mean(gaps):.0f} | "
+                f"{sum(g > 20 for g in gaps)} of {len(gaps)} |"
             )
     return lines
 
@@ -298,7 +342,7 @@ def main() -> None:
         "",
         *section_phrases(connector, reps),
         "",
-        *section_cuts(connector, reps),
+        *section_replies(connector, reps),
         "",
         *section_resample(connector, reps),
         "",
