@@ -117,6 +117,7 @@ def test_decimals_and_abbreviations_do_not_end_a_unit() -> None:
         "It is 3 p.m. now.",
     ]
     assert s.push("Wait... what? ") == ["Wait...", "what?"]
+    assert s.push("No. It is not. ") == ["No.", "It is not."]  # "No." is an answer, not "No. 5"
     s = SentenceSplitter()
     # in pieces, as an LLM streams it: "Dr." is the second word, no sentence end
     out = [u for p in ["Dr", ".", " Smith", " is", " in", "."] for u in s.push(p)]

@@ -17,7 +17,7 @@ _HYPHEN_DASHES = frozenset(("-", "--"))  # a hyphen only when it stands alone as
 _WORD = re.compile(r"[A-Za-z0-9]")
 #: words whose final "." is not a sentence's end (compared lower-case, without that ".")
 ABBREVIATIONS = frozenset(
-    "dr mr mrs ms prof st jr sr mt vs etc e.g i.e approx dept est fig inc ltd co no vol ave rd "
+    "dr mr mrs ms prof st jr sr mt vs etc e.g i.e approx dept fig inc ltd ave rd "
     "a.m p.m u.s".split()
 )
 
