@@ -77,7 +77,14 @@ def load_voice(name: str, threads: int, *, spin: bool = False) -> Any:
 
 @cache
 def _voice(name: str) -> tuple[Any, threading.Lock]:
-    return load_voice(name, get_settings().piper_threads), threading.Lock()
+    """The process's voice, loaded and run once (per process, not per connector: a session's
+    own options make a new connector, whose first unit must not pay for a warm-up)."""
+    from piper import SynthesisConfig
+
+    voice = load_voice(name, get_settings().piper_threads)
+    for _ in speak(voice, WARMUP_TEXT, SynthesisConfig()):
+        pass
+    return voice, threading.Lock()
 
 
 def speak(voice: Any, text: str, syn: Any) -> Iterator[bytes]:
@@ -108,13 +115,7 @@ class PiperTTS(TTSConnector):
     options: PiperOptions
 
     async def warmup(self) -> None:
-        await asyncio.to_thread(self._warm)
-
-    def _warm(self) -> None:
-        voice, lock = _voice(self.options.voice)
-        with lock:
-            for _ in speak(voice, WARMUP_TEXT, self._config()):
-                pass
+        await asyncio.to_thread(_voice, self.options.voice)
 
     @property
     def sample_rate(self) -> int:
