@@ -89,6 +89,20 @@ def test_first_unit_ends_after_first_words() -> None:
     assert s.push("one two three") == []  # the third word may go on ("three" + "teen")
 
 
+def test_first_unit_does_not_end_on_a_word_that_leans_on_the_next() -> None:
+    """ "A good way to" would be spoken as if it were done: the cut waits up to two more words
+    for one that can end it."""
+    s = SentenceSplitter(first_words=4)
+    assert s.push("A good way to relax is to walk. ") == ["A good way to relax", "is to walk."]
+    s = SentenceSplitter()
+    assert s.push("I want to go to the shop now please. ") == [
+        "I want to go to the shop",  # "to", "the": two more words at most
+        "now please.",
+    ]
+    s = SentenceSplitter(first_words=3)
+    assert s.push("The sun is the star at noon. ") == ["The sun is the star", "at noon."]
+
+
 def test_a_short_first_sentence_is_the_first_unit() -> None:
     s = SentenceSplitter()
     assert s.push("Hi there. How are you doing today my friend? ") == [

@@ -15,6 +15,13 @@ _CLOSERS = frozenset("\"')]")
 _DASHES = frozenset("\u2014\u2013")  # em and en dash: always a clause break
 _HYPHEN_DASHES = frozenset(("-", "--"))  # a hyphen only when it stands alone as a word
 _WORD = re.compile(r"[A-Za-z0-9]")
+#: words that lean on the next one: a first unit cut after N words does not end on them
+_LEANING = frozenset(
+    "a an the to of in on at by for from with into about as and or but nor so than that "
+    "my your his her its our their this these those is are was were be am will would can could "
+    "should may might must do does did has have had not very".split()
+)
+_LEANING_GRACE = 2  # more words a first unit may take to end on a word that does not lean
 #: words whose final "." is not a sentence's end (compared lower-case, without that ".")
 ABBREVIATIONS = frozenset(
     "dr mr mrs ms prof st jr sr mt vs etc e.g i.e approx dept fig inc ltd ave rd "
@@ -100,6 +107,12 @@ class SentenceSplitter:
             return False
         return stem.lower() not in ABBREVIATIONS
 
+    def _may_end(self, word: str) -> bool:
+        """A first unit cut after `first_words` words does not end on a word that leans on the
+        next ("to", "the", "of"...): it would be spoken with a falling end, as a sentence is. It
+        takes up to two more words to reach one that can end it."""
+        return self._words >= self.first_words + _LEANING_GRACE or word.lower() not in _LEANING
+
     def _cut(self, start: int) -> int | None:
         """Where the unit starting at `start` ends, if that is known yet: at the first sentence
         end; for a reply's first unit, also at the first clause boundary or after `first_words`
@@ -121,7 +134,7 @@ class SentenceSplitter:
                     if first and (
                         buf[i - 1] == ","
                         or buf[ws:i] in _HYPHEN_DASHES
-                        or self._words >= self.first_words
+                        or (self._words >= self.first_words and self._may_end(buf[ws:i]))
                     ):
                         return self._stop(i)
                     self._word_start = None
