@@ -79,7 +79,8 @@ def test_a_phrase_sounds_as_piper_makes_it() -> None:
 
 def test_the_session_never_spins_and_takes_its_thread_count() -> None:
     """piper-tts's own PiperVoice.load keeps onnxruntime's default: spin-waiting threads, which
-    cost Piper ~30% of its first audio on 2 busy cores (benchmarks/bench_tts_first_audio.py)."""
+    delay Piper's first audio 14-40% on 2 cores busy with other work
+    (benchmarks/bench_tts_first_audio.py)."""
     one = load_voice("joe", 1).session.get_session_options()
     assert one.intra_op_num_threads == 1
     assert one.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -99,7 +100,7 @@ def test_the_connector_loads_with_voicemesh_piper_threads(monkeypatch: pytest.Mo
 
 
 async def test_the_voice_runs_once_when_it_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first run of a fresh session is 2-3x slower than later ones: the process pays it when
+    """The first run of a fresh session is slower than later ones: the process pays it when
     the voice loads (at preload, or the pool's warmup), once, not on a caller's first unit nor
     again for a connector made for a session's own options."""
     said: list[str] = []

@@ -259,8 +259,9 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         ge=0,
         le=64,
         description="tts: onnxruntime threads of the Piper voice in this process, at most its "
-        "cores; 0: one per core (onnxruntime's default). Its threads never spin-wait: that alone "
-        "cut Piper's first audio by ~30% on 2 busy cores (benchmarks/bench_tts_first_audio.py)",
+        "cores; 0: one per core (onnxruntime's default). Its threads never spin-wait, which made "
+        "Piper's first audio 14-40% sooner on 2 busy cores, 10% later on idle ones "
+        "(benchmarks/bench_tts_first_audio.py)",
     )
     connector_pool_size: int = Field(
         64,

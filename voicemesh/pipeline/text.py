@@ -31,7 +31,8 @@ ABBREVIATIONS = frozenset(
 #: a sentence with no end in sight is cut at a word boundary once it holds this many characters
 MAX_SENTENCE_CHARS = 1000
 #: the first unit of a reply holds at most this many words (benchmarks/bench_tts_first_audio.py:
-#: Piper's first audio grows ~20 ms a word, and fewer words cost more calls and worse prosody)
+#: Piper's first audio grows 10-30 ms a word, idle to busy, over ~20 ms a call; with 3-8 words
+#: no typical reply had a gap after its first unit; fewer words cut more replies mid-clause)
 FIRST_WORDS = 5
 # how far past that the scan reads before cutting, so that an end mark at the limit is seen
 # whether the text came in one piece or in many
@@ -42,7 +43,7 @@ class SentenceSplitter:
     """Yields the units of a reply for TTS: whole sentences, except the first unit, which ends at
     the first clause boundary (a comma, semicolon, colon or dash) or after `first_words` words,
     whichever comes first. Time to first audio matters more there than prosody: a TTS engine such
-    as Piper synthesizes a whole unit before its first sample, at ~20 ms a word on 2 busy cores.
+    as Piper synthesizes a whole unit before its first sample, at 10-30 ms a word on 2 cores.
     `first_words=0` (or `early_first=False`, for a reply resumed after units already sent) keeps
     the first unit a sentence too.
 

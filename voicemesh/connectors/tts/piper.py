@@ -8,10 +8,13 @@ first phrase only. Synthesis runs in a worker thread (connectors/threads.py); a 
 sentence stops at the next phrase.
 
 The onnxruntime session is made here rather than by `PiperVoice.load`: its worker threads must not
-spin-wait between runs' steps (onnxruntime's default). On 2 cores shared with llama generating the
-rest of the reply, or whisper, spinning threads burn the time the other engines need and wait on
-each other: without spinning, the first audio came ~30% sooner, busy or idle
-(benchmarks/bench_tts_first_audio.py). The thread count is VOICEMESH_PIPER_THREADS.
+spin-wait between a run's steps (onnxruntime's default). On 2 cores shared with llama generating
+the rest of the reply, or whisper, spinning threads burn the time the other engines need and wait
+on each other. Without spinning, the first audio came 14% sooner beside a 2-thread CPU hog on an
+otherwise quiet machine, 28-40% sooner with more load on it, and 10% later on idle cores
+(benchmarks/bench_tts_first_audio.py): Piper's first audio is made while llama writes the rest of
+the reply, so the busy case is the one that counts. The thread count is VOICEMESH_PIPER_THREADS
+(one per core by default: one thread was as fast busy, but 1.5x slower idle).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from voicemesh.connectors.threads import clamp_threads, iterate_in_thread
 _CLAUSE_ENDS = (",", ";", ":", "\u2014", "\u2013")
 _DASH_WORDS = frozenset(("-", "--"))
 _CLOSERS = "\"')]"
-#: spoken once when the voice loads: onnxruntime's first runs are 2-3x slower than later ones
+#: spoken once when the voice loads: a fresh session's first run is slower than later ones
+#: (123 against 105 ms for 8 words on idle cores, 505 against 347 ms on loaded ones)
 WARMUP_TEXT = "Hello, this is a warm up."
 
 
