@@ -69,6 +69,7 @@ QUESTIONS = [
     "Is it going to be a good day for a walk?",
     "What language is spoken in Brazil?",
 ]
+WARMUP = "Hello, can you hear me?"
 #: the phases as each setup reports them, in path order: (key, column title)
 PHASES = [
     ("eou_ms", "end of turn"),
@@ -163,6 +164,9 @@ def rows_of(setup: str, block: int, wavs: list[Path], result: CallResult) -> lis
                 **{key: p.get(key) for key, _ in PHASES},
                 "user_text": t.user_text,
                 "bot_text": t.bot_text,
+                # the connector that answered: the default agent fails over to a scripted reply
+                # when SmolLM2 gives no first token within its attempt timeout (3 s)
+                "engine": ",".join(sorted(c for c in t.connectors if c)) or None,
                 "error": t.error,
             }
         )
@@ -187,6 +191,7 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         wavs = await asyncio.to_thread(_speak, texts, work)
         report["wavs"] = "the harness's: the questions below, in the bot's own Piper voice (joe)"
     report["turns_planned"] = len(wavs)
+    (work / "warmup").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
     cpu: dict[str, dict[str, float]] = {s: {"active": 0.0, "idle_other": 0.0} for s in SETUPS}
     calls: list[dict[str, Any]] = []
@@ -198,10 +203,13 @@ async def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             urls = {VOICEMESH: env.http_url, PIPECAT: pc_url}
             pids = {VOICEMESH: [p.pid for p in env.stack.procs.values()], PIPECAT: [pc_proc.pid]}
             if not args.no_warmup:
+                # not one of the measured WAVs: llama.cpp reuses the KV cache of an identical
+                # prompt, which would make that turn's first token look free
+                (first,) = await asyncio.to_thread(_speak, [WARMUP], work / "warmup")
                 for setup in SETUPS:
                     log(f"warm-up call to {setup} (not counted)")
                     with contextlib.suppress(Exception):
-                        await one_call(urls[setup], wavs[:1], args.turn_timeout)
+                        await one_call(urls[setup], [first], args.turn_timeout)
             for b, block in enumerate(blocks(wavs, args.block)):
                 order = SETUPS if b % 2 == 0 else SETUPS[::-1]
                 for setup in order:
@@ -247,6 +255,7 @@ def summarize(rows: list[dict[str, Any]], cpu: dict[str, dict[str, float]]) -> d
             stats[key] = {"p50": percentile(vals, 50), "p95": percentile(vals, 95), "n": len(vals)}
         answered = sum(1 for r in mine if r["caller_ms"] is not None)
         stats["answered"] = answered
+        stats["not_smollm2"] = sum(1 for r in mine if r.get("engine") != "smollm2")
         stats["cpu_s_per_turn"] = round(cpu[setup]["active"] / answered, 2) if answered else None
         stats["idle_other_cpu_s"] = round(cpu[setup]["idle_other"], 2)
         out[setup] = stats
@@ -269,10 +278,12 @@ PHASE_NOTES = {
     ),
     PIPECAT: (
         "end of turn: UserBotLatencyObserver's user turn (VAD stop − stop_secs → "
-        "UserStoppedSpeakingFrame); STT: WhisperSTTService's processing time (it starts at VAD "
-        "stop, beside smart-turn, so it overlaps end of turn); LLM first token and TTS first "
-        "audio: the services' TTFB metrics (first of the turn); v2v at the server: "
-        "UserBotLatencyObserver's latency (user silence → BotStartedSpeakingFrame)."
+        "UserStoppedSpeakingFrame; pipecat's smart-turn strategy also waits for the "
+        "transcript, so this includes whisper's time after the 200 ms pause); STT: "
+        "WhisperSTTService's processing time (it starts at VAD stop, beside smart-turn, so it "
+        "overlaps end of turn); LLM first token and TTS first audio: the services' TTFB "
+        "metrics (first of the turn); v2v at the server: UserBotLatencyObserver's latency "
+        "(user silence → BotStartedSpeakingFrame)."
     ),
 }
 
@@ -292,6 +303,14 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
         f"- WAVs: {report['wavs']}; {report['turns_planned']} turns per setup, blocks of "
         f"{report['block']} turns per call, alternating which setup goes first",
         f"- pipecat's whisper call: {report['whisper']} (see benchmarks/pipecat_bot.py)",
+        *(
+            [
+                "- **`--quick`: a smoke run of 2 turns; it shows that both setups answer, its "
+                "figures mean little**"
+            ]
+            if report.get("quick")
+            else []
+        ),
         "",
         "Voice to voice is timed by the caller (aiortc, 20 ms jitter buffer) from its last voiced "
         "frame (Silero) to the first audible bot audio out of its jitter buffer: both VADs, "
@@ -311,6 +330,13 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
             + f" | {st['cpu_s_per_turn'] if st['cpu_s_per_turn'] is not None else '–'} |"
         )
     ratio = s["ratio_p50"]
+    for setup in SETUPS:
+        if n := s[setup]["not_smollm2"]:
+            lines += [
+                "",
+                f"**Not a like-for-like run: {n} of {setup}'s turns were not answered by "
+                "SmolLM2** (a fallback reply, or none; see the `engine` column below).",
+            ]
     lines += [
         "",
         f"**voicemesh p50 ÷ pipecat p50 (at the caller): {ratio if ratio is not None else '–'}**"
@@ -335,8 +361,8 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
         "",
         "| setup | block | wav | caller ms | "
         + " | ".join(title for _, title in PHASES)
-        + " | heard | answered |",
-        "|---|---|---|---|" + "---|" * len(PHASES) + "---|---|",
+        + " | heard | engine | answered |",
+        "|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|",
     ]
     for r in report["rows"]:
         heard = (r["user_text"] or "").replace("|", "/")[:60]
@@ -344,7 +370,7 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
         lines.append(
             f"| {r['setup']} | {r['block'] + 1} | {r['wav']} | {_ms(r['caller_ms'])} | "
             + " | ".join(_ms(r.get(k)) for k, _ in PHASES)
-            + f" | {heard} | {said} |"
+            + f" | {heard} | {r.get('engine') or '–'} | {said} |"
         )
     failed = [c for c in report["calls"] if "error" in c]
     if failed:
@@ -366,8 +392,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             r["caller_ms"] for r in report["rows"] if r["setup"] == setup and r["caller_ms"]
         )
         if vals:
-            ys = [(i + 1) / len(vals) for i in range(len(vals))]
-            cdf.step(vals, ys, where="post", label=f"{setup} (p50 {percentile(vals, 50):.0f} ms)")
+            ys = [0.0, *((i + 1) / len(vals) for i in range(len(vals)))]
+            label = f"{setup} (p50 {percentile(vals, 50):.0f} ms)"
+            cdf.step([vals[0], *vals], ys, where="post", label=label)
     cdf.axvline(800, color="grey", linestyle=":", label="goal p50 800 ms")
     cdf.set_xlabel("voice to voice at the caller (ms)")
     cdf.set_ylabel("fraction of turns")
@@ -414,7 +441,7 @@ def main() -> None:
         parser.error("--turns and --block must be at least 1")
     command = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     report = asyncio.run(run(args, command))
-    report["block"], report["whisper"] = args.block, args.whisper
+    report["block"], report["whisper"], report["quick"] = args.block, args.whisper, args.quick
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     drawn = plot(report, png)

@@ -247,7 +247,7 @@ class SmolLM2Service(LLMService):
         await self.start_ttfb_metrics()
         try:
             first = True
-            async for piece in self._connector.stream(messages):  # type: ignore[arg-type]
+            async for piece in self._connector.stream(messages):
                 if first:
                     await self.stop_ttfb_metrics()
                     first = False
