@@ -181,3 +181,38 @@ def test_policy_takes_the_agent_cap() -> None:
     # a hold longer than the cap is cut to the cap
     long_hold = EndpointPolicy(finished_hold_ms=5000, max_silence_ms=1500)
     assert combine(0.0, DONE, long_hold).end_after_ms == 1500
+
+
+# --- on the shipped voices, with the real smart-turn model -----------------------------------
+
+
+def _smart_turn_at_pause(file: str) -> tuple[float, str]:
+    """smart-turn's probability on a shipped WAV as the detector would ask it (the speech and
+    a 200 ms pause), and the utterance's text."""
+    import numpy as np
+    import soundfile as sf
+
+    from voicemesh.bench import voices
+    from voicemesh.transport.call.turns import turn_complete_probability
+
+    item = next(i for i in voices.load().items if i.file == file)
+    audio, _ = sf.read(str(item.path), dtype="int16")
+    pcm = np.concatenate((audio, np.zeros(3200, np.int16))).tobytes()
+    return turn_complete_probability(pcm), item.text
+
+
+@pytest.mark.parametrize("file", ["espeak-en-029-f4-f0.wav", "festival-slt-hts-f0.wav"])
+def test_finished_questions_smart_turn_doubts_in_other_voices_end_early(file: str) -> None:
+    p, text = _smart_turn_at_pause(file)
+    assert p < 0.5  # alone, this turn waits the whole 2 s cap
+    assert not combine(p, None, silence_ms=200).end_now
+    decision = combine(p, judge_text(text), silence_ms=200)
+    assert decision.end_after_ms <= 600, decision
+
+
+@pytest.mark.parametrize("file", ["flite-awb-u0.wav", "espeak-rp-m3-fast-u1.wav"])
+def test_cut_sentences_smart_turn_hears_as_finished_still_wait(file: str) -> None:
+    p, text = _smart_turn_at_pause(file)
+    assert p > 0.5  # alone, this turn ends mid-clause
+    decision = combine(p, judge_text(text), silence_ms=200)
+    assert not decision.end_now and decision.end_after_ms == 2000, decision
