@@ -529,3 +529,11 @@ async def test_a_turn_cut_at_the_utterance_limit_is_transcribed_in_whole(
     assert final["discarded"] == 1
     assert HEARD[-1] == 30 * SECOND, HEARD[-3:]
     assert counts()["discarded"] == 1 and counts()["used"] == 0
+
+
+def test_the_default_agent_speculates(agent_json: dict) -> None:
+    config = parse_agent_config(agent_json)
+    for carrier in ("webrtc", "websocket"):
+        options = config.transport_options(carrier)
+        assert isinstance(options, TurnOptions) and options.speculative_stt, carrier
+    assert not TurnOptions().speculative_stt  # an agent that does not ask for it: off

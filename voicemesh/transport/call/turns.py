@@ -210,7 +210,11 @@ class TurnDetector:
     `cut`), so what was said is transcribed and answered. Speech that goes on without a pause is
     dropped until the caller pauses (end_of_turn_silence_ms), and only then may a turn start:
     a turn opened at once would be a newer turn, and every stage cancels an older turn's work
-    when a newer one starts, so the cut turn would never be transcribed."""
+    when a newer one starts, so the cut turn would never be transcribed.
+
+    With `speculative_stt`, each pause inside a turn is marked once ("pause") where STT may
+    transcribe the turn so far, and an "end" in the pause last marked says so (`paused`): the
+    VAD is the one that knows nothing voiced came since, which STT could only guess at."""
 
     def __init__(self, options: TurnOptions, *, max_utterance_s: float | None = None) -> None:
         self.options = options
