@@ -9,8 +9,10 @@ connectors (`scripted` LLM, `tone` TTS); nothing loads a model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -120,6 +122,68 @@ async def test_config_update_during_an_llm_turn_does_not_lose_the_turn(
     assert texts in (["Before.", ""], ["After.", ""]), texts
 
 
+async def test_llm_publishes_the_first_unit_before_the_first_sentence_ends(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reply's first unit (five words here: no clause boundary comes first) goes to TTS while
+    the model is still writing its first sentence; on main it waited for the sentence's end.
+    Later units are sentences, indexes stay in order, and the context holds the whole reply."""
+    reply = "The quick brown fox jumps over the lazy dog near the river today. It naps now."
+    sid = (await store.create_session(scripted(agent_json, [reply]))).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    seen_before_end: list[list[str]] = []
+
+    async def slow_words(text: str, per_chunk: int) -> AsyncIterator[str]:
+        for i, word in enumerate(text.split(" ")):
+            if word.endswith(".") and not seen_before_end:
+                # the first sentence's end is about to stream: what has TTS had so far?
+                with contextlib.suppress(AssertionError):
+                    await until(lambda: tts.frames, limit_s=1.0)
+                seen_before_end.append([f.as_text for f in tts.frames])
+            yield (" " if i else "") + word
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr("voicemesh.connectors.llm.scripted._words", slow_words)
+    await services.start(LLMService)
+    await bus.publish(subjects.data("llm", sid), Frame.text("tell me", epoch=1))
+    frames = await tts.wait_for(has_last)
+    assert seen_before_end == [["The quick brown fox jumps"]]
+    assert [(f.index, f.as_text) for f in frames] == [
+        (0, "The quick brown fox jumps"),
+        (1, "over the lazy dog near the river today."),
+        (2, "It naps now."),
+        (3, ""),
+    ]
+    context = await store.get_context(sid)
+    assert context[-1]["content"] == reply
+
+
+async def test_first_unit_words_setting_zero_keeps_the_first_sentence_whole(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    """VOICEMESH_FIRST_UNIT_WORDS=0: the first unit is a whole sentence, commas and all."""
+    reply = "Well, the quick brown fox jumps over the lazy dog. It naps."
+    sid = (await store.create_session(scripted(agent_json, [reply]))).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    await services.start(LLMService, first_unit_words=0)
+    await bus.publish(subjects.data("llm", sid), Frame.text("tell me", epoch=1))
+    frames = await tts.wait_for(has_last)
+    assert [f.as_text for f in frames] == [
+        "Well, the quick brown fox jumps over the lazy dog.",
+        "It naps.",
+        "",
+    ]
+
+
 # --- LLM + TTS -------------------------------------------------------------------------------
 
 
@@ -134,7 +198,7 @@ async def test_llm_and_two_tts_instances_play_in_sentence_order(
         "Alpha beta gamma delta epsilon zeta eta theta iota kappa. Two words. Three. "
         "Four five six. Seven!"
     )
-    words = [10, 2, 1, 3, 1]
+    words = [5, 5, 2, 1, 3, 1]  # the reply's first unit: its first five words
     ms_per_word, rate = 60, 16000
     config = scripted(agent_json, [reply], tone={"ms_per_word": ms_per_word, "sample_rate": rate})
     sid = (await store.create_session(config)).session_id

@@ -139,3 +139,25 @@ def test_a_barge_in_lifts_the_cut() -> None:
 def test_playout_bound_defaults_to_the_setting() -> None:
     assert Settings().playout_max_s == 120.0
     assert Playout(RATE).max_bytes == 120 * RATE * 2
+
+
+def test_barge_in_after_a_short_first_unit_keeps_it_whole_and_the_next_in_proportion() -> None:
+    """The LLM stage's first unit is now a few words, not a sentence: the context still keeps
+    what was heard, unit by unit (whole units played, then the cut one in proportion)."""
+    from voicemesh.pipeline.text import SentenceSplitter
+
+    reply = "The quick brown fox jumps over the lazy dog near the river. It naps."
+    splitter = SentenceSplitter()
+    units = splitter.push(reply) + splitter.flush()
+    assert units == ["The quick brown fox jumps", "over the lazy dog near the river.", "It naps."]
+    p = Playout(RATE)
+    for index, unit in enumerate(units):  # 100 ms of audio a word
+        p.push(pcm(100 * len(unit.split())), epoch=1, index=index)
+        p.end_sentence(epoch=1, index=index)
+    p.end_reply(1)
+    for _ in range(25 + 18):  # all of the first unit (500 ms), half of the second (of 700 ms)
+        assert p.pull().pcm is not None
+    heard = p.clear(1)
+    said = truncate(dict(enumerate(units)), heard)
+    assert said == "The quick brown fox jumps over the lazy dog"  # 3.6 of 7 words begun: 4
+    assert reply.startswith(said)

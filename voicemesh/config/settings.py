@@ -251,6 +251,24 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         "the turn ends normally with the cut text, and the caller gets a 'warning' event "
         "(reply_truncated)",
     )
+    first_unit_words: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="llm: a reply's first TTS unit ends at its first clause boundary (comma, "
+        "semicolon, colon, dash) or after this many words, whichever comes first, so the first "
+        "audio does not wait for a whole sentence; later units are sentences; 0: the first unit "
+        "is a sentence too",
+    )
+    piper_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="tts: onnxruntime threads of the Piper voice in this process, at most its "
+        "cores; 0: one per core (onnxruntime's default). Its threads never spin-wait, which made "
+        "Piper's first audio 14-40% sooner on 2 busy cores, 10% later on idle ones "
+        "(benchmarks/bench_tts_first_audio.py)",
+    )
     connector_pool_size: int = Field(
         64,
         ge=1,

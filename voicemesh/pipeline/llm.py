@@ -97,7 +97,13 @@ class LLMService(QueuedStage):
         chain = self.chain(config)
         # hop: -> voicemesh.pipeline.tts.TTSService._on_text (vm.tts.<sid>, default flow)
         next_subject = self.router.next_subject_of(config, session)
-        splitter, parts, index, used = SentenceSplitter(), [], len(sent_before), ""
+        # the reply's first unit is cut short (a clause, a few words) for an early first audio; a
+        # resumed reply's first unit was heard long ago, so it stays a sentence
+        splitter = SentenceSplitter(
+            first_words=self.settings.first_unit_words, early_first=not sent_before
+        )
+        parts: list[str] = []
+        index, used = len(sent_before), ""
         prior = [" ".join(sent_before)] if sent_before else []
         if sent_before:
             log.info("turn %d resumes after %d sentences sent before", epoch, index)
