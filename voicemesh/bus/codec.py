@@ -37,11 +37,15 @@ class Flag(IntFlag):
     START = 1  # first frame of a unit (an utterance, a sentence)
     END = 2  # last frame of a unit
     LAST = 4  # the unit is the last of its turn (the reply is complete after it)
+    # Caller audio only. On an empty frame inside an utterance: the caller paused here, so STT
+    # may transcribe what came before it at once (speculative STT). On the utterance's END: the
+    # caller has not spoken since the last such mark, so that transcript is the utterance's.
+    PAUSE = 8
 
 
 # Enum construction costs ~0.45 µs a call on 3.11: decode looks members up instead.
 _KINDS = {k.value: k for k in Kind}
-_FLAGS = {v: Flag(v) for v in range(8)}
+_FLAGS = {v: Flag(v) for v in range(16)}
 
 
 class FrameError(VoicemeshError, ValueError):

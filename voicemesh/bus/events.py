@@ -110,8 +110,9 @@ class UserStopped(Event):
 
 class Transcript(Event):
     """What was said. From STT (role user: `final` false for an interim, true with `stt_ms` for
-    the final one) and from the LLM (role assistant: one per sentence, by `index`; the first
-    carries `ttft_ms`). Published to `vm.transport.<sid>` and forwarded to the caller."""
+    the final one, and `speculative` / `discarded` when speculative STT was at work) and from the
+    LLM (role assistant: one per sentence, by `index`; the first carries `ttft_ms`). Published to
+    `vm.transport.<sid>` and forwarded to the caller."""
 
     type: Literal["transcript"] = "transcript"
     role: Literal["user", "assistant"]
@@ -122,6 +123,10 @@ class Transcript(Event):
     connector: str | None = _optional()
     ttft_ms: float | None = _optional()
     stt_ms: float | None = _optional()
+    #: a final transcript made at the caller's pause, before the turn's end (speculative STT)
+    speculative: bool | None = _optional()
+    #: speculative transcripts of the turn thrown away because the caller went on
+    discarded: int | None = _optional()
 
 
 class Hop(Event):
@@ -153,6 +158,10 @@ class TurnMetrics(Event):
     tts_ttfb_ms: float | None
     first_audio_ms: float | None
     v2v_ms: float | None
+    #: the turn's transcript was a speculative one (made at the caller's pause)
+    stt_speculative: bool | None = _optional()
+    #: speculative transcripts of the turn thrown away because the caller went on
+    stt_discarded: int | None = _optional()
 
 
 class BotDone(Event):

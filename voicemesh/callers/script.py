@@ -54,6 +54,9 @@ class TurnResult:
     indexes: list[int] = field(default_factory=list)
     #: the transport's per-phase figures for the turn (eou, stt, llm_ttft, tts_ttfb, v2v, ...)
     phases: dict[str, float | None] = field(default_factory=dict)
+    #: the turn's transcript was a speculative one, and how many were thrown away before it
+    stt_speculative: bool = False
+    stt_discarded: int = 0
     #: the transport gave the turn up (e.g. "no llm instance is running"), this long after the
     #: end of the caller's speech
     error: str | None = None
@@ -165,8 +168,9 @@ class Script:
                 if self.speech_end is not None and not self.latency_on_sound:
                     self._replied(turn)
                 turn.server_latency_ms = latency_ms
-            case TurnMetrics():
+            case TurnMetrics(stt_speculative=speculative, stt_discarded=discarded):
                 turn.phases = {k: v for k, v in ev.wire().items() if k.endswith("_ms")}
+                turn.stt_speculative, turn.stt_discarded = bool(speculative), discarded or 0
             case BotDone():
                 self.done.set()
             case ErrorEvent(error=error):

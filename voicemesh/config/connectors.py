@@ -91,6 +91,12 @@ class TurnOptions(ConnectorOptions):
         description="voiced time over the bot's audio that counts as a barge-in: 300 ms lets "
         "'wait' through (360 ms) but not 'uh' (220-260 ms)",
     )
+    speculative_stt: bool = Field(
+        False,
+        description="at the caller's first pause in a turn (with smart_turn, when the model is "
+        "asked; with silence alone, halfway to end_of_turn_silence_ms) STT transcribes what was "
+        "said so far, so a turn that ends in that pause needs no transcription after its end",
+    )
 
     @model_validator(mode="before")
     @classmethod

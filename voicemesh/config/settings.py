@@ -210,6 +210,12 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         "the transport serves /metrics on its own HTTP port",
     )
     preload: bool = Field(True, description="load the default agent's engines at stage start")
+    speculative_stt: bool = Field(
+        True,
+        description="stt: transcribe at the pauses the transport marks (agents with "
+        "speculative_stt), when the engine is idle; false ignores the marks (less CPU, and "
+        "every turn waits for its transcription after its end)",
+    )
     default_agent_file: str | None = Field(
         None,
         description="agent-config.json the transport stores as agent 'local' when Valkey "

@@ -25,3 +25,10 @@ FIRST_RESULT = Histogram(
     ["stage", "connector"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
 )
+SPECULATIONS = Counter(
+    "voicemesh_speculations_total",
+    "Work started before the turn's end was confirmed, by outcome: started; used (it became the "
+    "turn's result); discarded (started, then thrown away: the caller went on, or a newer turn "
+    "began); skipped (a pause was marked while the engine was busy, so none was started)",
+    ["stage", "outcome"],
+)

@@ -4,6 +4,14 @@ buffers each utterance (whisper has no streaming) and sends its transcript to th
 The transport asks `vm.assign.stt` (a queue group) for an owner; the instance that answers takes the
 lease, subscribes to `vm.stt.<session>` before replying (same connection, so the subscription is in
 place before the transport sends), and renews the lease while it holds the stream.
+
+Speculative STT: the transport marks the caller's pauses on the stream (an empty frame flagged
+PAUSE) and flags the END of an utterance that ended in the pause last marked. At a mark, the audio
+so far is transcribed at once, while the transport still decides whether the turn is over; if the
+END says it ended in that pause, that transcript is final and goes out without waiting for the
+engine. A speculation starts only when this process's engine is idle: whisper's lock is
+process-wide, and a final transcription (which someone is waiting for) must never queue behind
+more than one speculation, the one already running when its END came.
 """
 
 from __future__ import annotations
@@ -47,6 +55,23 @@ class Utterance:
     live: STTStream | None
     live_name: str
     live_conn: Connector | None
+    #: the transcript of the audio up to the pause the utterance ended in, if one was started
+    speculation: Speculation | None = None
+    #: speculations of this utterance thrown away because the caller went on
+    discarded: int = 0
+
+
+@dataclass
+class Speculation:
+    """A transcription of an utterance's audio up to a pause mark, started before the turn's end
+    is known. The task yields (connector name, text), or None if every connector failed."""
+
+    covers: int  # bytes of the utterance's audio it transcribes
+    task: asyncio.Task[tuple[str, str] | None]
+
+
+def _speculations(outcome: str) -> None:
+    metrics.SPECULATIONS.labels(Stage.STT, outcome).inc()
 
 
 @dataclass
@@ -68,16 +93,35 @@ class Stream:
     live_conn: Connector | None = None
     #: the utterance reached the length limit and was cut: the rest of its turn is dropped
     capped: bool = False
+    #: the transcription of the audio up to the latest pause mark, while the turn may end there
+    speculation: Speculation | None = None
+    discarded: int = 0  # speculations of this utterance thrown away so far
 
     def begin(self, frame: Frame) -> None:
         """Start a new utterance at `frame` (its live stream, if any, closed already)."""
+        self.discard()  # an utterance that never got its END (a newer turn started)
         self.audio.clear()
         self.epoch, self.rate, self.origin_ns = frame.epoch, frame.sample_rate, frame.origin_ns
         self.capped = False
+        self.discarded = 0
 
-    def cut(self) -> Utterance:
+    def discard(self) -> None:
+        """The latest speculation is moot: the caller went on, or the utterance is gone. It is
+        not cancelled: a whisper thread runs to its end anyway, and the engine is counted busy
+        until it has, so its result is simply never used."""
+        if self.speculation is not None:
+            self.speculation = None
+            self.discarded += 1
+            _speculations("discarded")
+
+    def cut(self, *, paused: bool = False) -> Utterance:
         """Hand the utterance over to its transcription; the stream keeps nothing of it, so the
-        next utterance can start while this one is transcribed."""
+        next utterance can start while this one is transcribed. `paused`: it ended in the pause
+        last marked, so the speculation of that pause (if any) is its transcript."""
+        speculation = self.speculation if paused else None
+        if speculation is None:
+            self.discard()
+        self.speculation = None
         utterance = Utterance(
             self.epoch,
             bytes(self.audio),
@@ -87,6 +131,8 @@ class Stream:
             self.live,
             self.live_name,
             self.live_conn,
+            speculation,
+            self.discarded,
         )
         self.audio.clear()
         self.live = None
@@ -96,8 +142,12 @@ class Stream:
 async def transcribe_utterance(conn: Connector, utterance: Utterance) -> str:
     """The whole utterance's text from `conn` (the replay path, and the path with no live
     stream)."""
+    return await transcribe_pcm(conn, utterance.pcm, utterance.rate)
+
+
+async def transcribe_pcm(conn: Connector, pcm: bytes, rate: int) -> str:
     assert isinstance(conn, STTConnector)  # an STT chain holds STT connectors
-    return await conn.transcribe(utterance.pcm, utterance.rate)
+    return await conn.transcribe(pcm, rate)
 
 
 class STTService(StageService):
@@ -107,6 +157,9 @@ class STTService(StageService):
         self.leases = self.store.leases(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
         self.streams: dict[str, Stream] = {}
         self._lock = asyncio.Lock()
+        #: transcriptions of this process running or waiting for the engine (whisper's lock is
+        #: process-wide): a speculation starts only when there are none
+        self.engine_busy = 0
         # hop: <- voicemesh.transport.api.service.TransportService._assign (vm.assign.stt)
         self._intake.append(
             await self.bus.nc.subscribe(
@@ -175,7 +228,36 @@ class STTService(StageService):
             except Exception as exc:
                 await self._live_failed(stream, exc)
         if frame.has(Flag.END):
-            self.track(session, frame.epoch, self._transcribe(stream, stream.cut()))
+            utterance = stream.cut(paused=frame.has(Flag.PAUSE))
+            self.track(session, frame.epoch, self._transcribe(stream, utterance))
+        elif frame.has(Flag.PAUSE):
+            self._speculate(stream)
+
+    def _speculate(self, stream: Stream) -> None:
+        """The caller paused: transcribe the utterance so far, while the transport decides
+        whether the turn is over. A newer pause supersedes an older one's speculation."""
+        stream.discard()
+        if not self.settings.speculative_stt or stream.live is not None or stream.chain is None:
+            return  # off here, or a streaming provider, which transcribes as the caller speaks
+        if self.engine_busy:
+            # A final transcription may be waiting for the engine: never make it wait longer.
+            _speculations("skipped")
+            return
+        pcm, rate, chain = bytes(stream.audio), stream.rate, stream.chain
+        task = self.bus.spawn(self._speculation(chain, pcm, rate), what="speculative transcription")
+        stream.speculation = Speculation(len(pcm), task)
+        _speculations("started")
+
+    async def _speculation(self, chain: Chain, pcm: bytes, rate: int) -> tuple[str, str] | None:
+        self.engine_busy += 1
+        try:
+            conn, text = await chain.call_first(lambda c: transcribe_pcm(c, pcm, rate))
+            return conn.name, text
+        except AllConnectorsFailed as exc:  # the END transcribes again, and reports it
+            log.info("speculative transcription failed: %s", exc)
+            return None
+        finally:
+            self.engine_busy -= 1
 
     def _max_bytes(self, rate: int) -> int:
         """The most PCM16 mono of one turn this stage buffers at `rate`. The rate is what the
@@ -238,9 +320,25 @@ class STTService(StageService):
             await live.aclose()
 
     async def _transcribe(self, stream: Stream, utterance: Utterance) -> None:
+        t0 = time.perf_counter()
+        used = False
+        spec = utterance.speculation
+        try:
+            if spec is not None:
+                # shielded: a newer turn cancels this task, and the engine's thread runs on
+                # anyway; the speculation is then counted discarded
+                result = await asyncio.shield(spec.task)
+                if result is not None:
+                    used = await self._transcribed(stream, utterance, t0, *result, speculative=True)
+                    return
+            await self._transcribe_now(stream, utterance, t0)
+        finally:
+            if spec is not None:
+                _speculations("used" if used else "discarded")
+
+    async def _transcribe_now(self, stream: Stream, utterance: Utterance, t0: float) -> None:
         session, epoch, live = stream.session, utterance.epoch, utterance.live
         chain = utterance.chain or self.chain((await self.router.load(session)).config)
-        t0 = time.perf_counter()
         text: str | None = None
         name = utterance.live_name
         if live is not None:
@@ -255,6 +353,7 @@ class STTService(StageService):
                 await chain.failed(name, utterance.live_conn, exc, started=False)
                 await live.aclose()
         if text is None:  # no live stream, or it failed: replay the utterance from its start
+            self.engine_busy += 1
             try:
                 conn, text = await chain.call_first(
                     lambda c: transcribe_utterance(c, utterance),
@@ -266,16 +365,35 @@ class STTService(StageService):
                 failed = ErrorEvent(error=text, code=code, stage=Stage.STT, epoch=epoch)
                 await self.notify(session, failed, epoch=epoch)
                 text, name = "", ""  # an empty final transcript: the caller's turn is over
+            finally:
+                self.engine_busy -= 1
+        await self._transcribed(stream, utterance, t0, name, text or "")
+
+    async def _transcribed(
+        self,
+        stream: Stream,
+        utterance: Utterance,
+        t0: float,
+        name: str,
+        text: str,
+        *,
+        speculative: bool = False,
+    ) -> bool:
+        """Send the utterance's final transcript on (False: a newer turn made it moot).
+        `stt_ms` counts from its END, so with a speculation it is what the END still waited."""
+        session, epoch = stream.session, utterance.epoch
         took_ms = (time.perf_counter() - t0) * 1000
         if not self.current(session, epoch):
-            return
+            return False
         final = Transcript(
             role="user",
-            text=text or "",
+            text=text,
             epoch=epoch,
             final=True,
             connector=name,
             stt_ms=round(took_ms, 1),
+            speculative=speculative or None,
+            discarded=utterance.discarded or None,
         )
         await self.notify(session, final, epoch=epoch)
         if text:
@@ -287,6 +405,7 @@ class STTService(StageService):
             )
             # hop: -> voicemesh.pipeline.llm.LLMService._on_text (vm.llm.<sid>, default flow)
             await self.router.route_to_next(out, session)
+        return True
 
     async def _renew_forever(self) -> None:
         period = self.settings.lease_ttl_ms / 3000
@@ -308,6 +427,7 @@ class STTService(StageService):
         if stream is not None:
             await stream.sub.unsubscribe()
             await self._close_live(stream)  # an utterance cut off mid-way (hang-up, lost lease)
+            stream.discard()
         if release:
             await self.leases.release(self.subjects_lease(session))
 

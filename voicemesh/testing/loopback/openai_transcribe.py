@@ -4,7 +4,9 @@ file, model, language, prompt, response_format) and `GET /v1/models`, with OpenA
 The transcript is a fixed text or a callable of the uploaded audio (the PCM samples when the file
 is a WAV, else the file's bytes). `last` records the latest transcription request: model,
 language, prompt, response_format, filename, content type, file and PCM byte lengths, sample rate
-and the Authorization header. Setting `api_key` makes any other bearer token a 401.
+and the Authorization header. Setting `api_key` makes any other bearer token a 401. `delay_s`
+holds every answer that long, as an engine's transcription time would (it does not block the
+event loop).
 
 The multipart body is parsed with the standard library's email parser, so the server needs no
 python-multipart.
@@ -101,6 +103,7 @@ class OpenAITranscribeServer(LoopbackServer):
         self.models = models
         self.last: dict[str, Any] = {}
         self.transcriptions = 0  # answered transcription requests
+        self.delay_s = 0.0
         super().__init__()
 
     @property
@@ -159,6 +162,8 @@ class OpenAITranscribeServer(LoopbackServer):
             "sample_rate": rate,
             "authorization": request.headers.get("authorization"),
         }
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         transcript = self.transcript(pcm) if callable(self.transcript) else self.transcript
         fmt = self.last["response_format"] or "json"
         if fmt == "text":

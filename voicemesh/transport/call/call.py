@@ -134,7 +134,7 @@ class Call:
                     if detector.last_voiced and (detector.speaking or events):
                         self.trace.voiced()
                     for ev in events:
-                        await self._turn_event(ev.kind, ev.frames, cut=ev.cut)
+                        await self._turn_event(ev.kind, ev.frames, cut=ev.cut, paused=ev.paused)
             if self._ended.is_set():
                 log.info("session deleted during the call: hung up")
         except NotFound:
@@ -192,7 +192,9 @@ class Call:
 
     # --- caller → bus ------------------------------------------------------------------------
 
-    async def _turn_event(self, kind: str, frames: tuple[bytes, ...], *, cut: bool = False) -> None:
+    async def _turn_event(
+        self, kind: str, frames: tuple[bytes, ...], *, cut: bool = False, paused: bool = False
+    ) -> None:
         if kind == "start":
             if self.bot_busy and not self.options.barge_in:
                 self._ignoring = True  # half duplex: speech over the bot is not a turn
@@ -210,8 +212,21 @@ class Call:
             self.utterance.append(frame)
             # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
             await self.svc.bus.publish(self._ingress_subject, frame)
+        if kind == "pause":
+            await self._mark_pause()
         if kind == "end":
-            await self._end_turn(cut=cut)
+            await self._end_turn(cut=cut, paused=paused)
+
+    async def _mark_pause(self) -> None:
+        """The caller paused: mark the point on the audio stream itself, so STT knows exactly
+        which audio came before it, and may transcribe that while the end of turn is decided.
+        The mark takes a seq like any frame of the utterance (a pass-through flow relays it to
+        the reorderer, which must see no gap) and is replayed with it."""
+        mark = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.PAUSE)
+        self.seq += 1
+        self.utterance.append(mark)
+        # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
+        await self.svc.bus.publish(self._ingress_subject, mark)
 
     async def _start_turn(self) -> None:
         # Where caller audio goes is the session's flow's business (stt in every valid flow
@@ -251,12 +266,13 @@ class Call:
         except NoInstance as exc:
             await self._abandon(Stalled(self.ingress, epoch, str(exc)))
 
-    async def _end_turn(self, *, cut: bool = False) -> None:
+    async def _end_turn(self, *, cut: bool = False, paused: bool = False) -> None:
         # END|LAST: the utterance is the turn's one unit, so a flow that relays it unchanged
-        # (pass-through stages) brings back a complete reply, not one waiting for more
-        end = Frame.audio(
-            b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.END | Flag.LAST
-        )
+        # (pass-through stages) brings back a complete reply, not one waiting for more.
+        # PAUSE: nothing voiced since the last mark, so STT's transcript of the audio up to that
+        # mark is the utterance's (the VAD knows; STT would have to guess from the audio).
+        flags = Flag.END | Flag.LAST | (Flag.PAUSE if paused else Flag.NONE)
+        end = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
         self.utterance.append(end)
         self.trace.ended()
         self.replying, self.sentences = self.epoch, {}

@@ -45,6 +45,8 @@ class TurnTrace:
     llm_ttft_ms: float | None = None
     tts_ttfb_ms: float | None = None
     first_audio: float | None = None
+    stt_speculative: bool | None = None
+    stt_discarded: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,8 +68,9 @@ class TurnTrace:
     def on_event(self, event: SideEvent | Mapping[str, Any]) -> None:
         """Take a stage's report of the turn (a mapping is parsed first: EventError if bad)."""
         match event if isinstance(event, Event) else parse_side_event(event):
-            case Transcript(role="user", final=final) if final is not False:
+            case Transcript(role="user", final=final) as said if final is not False:
                 self.transcript_at = self.transcript_at or time.perf_counter()
+                self.stt_speculative, self.stt_discarded = said.speculative, said.discarded
             case Transcript(role="assistant", ttft_ms=ttft_ms) if ttft_ms is not None:
                 self.llm_ttft_ms = ttft_ms
             case Hop(stage=Stage.TTS, ttfb_ms=ttfb_ms):
@@ -84,6 +87,8 @@ class TurnTrace:
             tts_ttfb_ms=self.tts_ttfb_ms,
             first_audio_ms=_ms(self.end_sent, self.first_audio),
             v2v_ms=_ms(self.last_voiced, self.first_audio),
+            stt_speculative=self.stt_speculative,
+            stt_discarded=self.stt_discarded,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -52,10 +52,12 @@ _SMART_TURN_SAMPLES = SMART_TURN_SECONDS * RATE
 
 @dataclass(frozen=True, slots=True)
 class TurnEvent:
-    kind: str  # "start" (frames = pre-roll and the voiced run), "audio", "end"
+    kind: str  # "start" (frames = pre-roll and the voiced run), "audio", "pause", "end"
     frames: tuple[bytes, ...] = ()
     #: an "end" forced by the utterance limit while the caller was still speaking
     cut: bool = False
+    #: an "end" inside the pause last marked by a "pause" event: nothing voiced came after it
+    paused: bool = False
 
 
 def dbfs(frame: bytes) -> float:
@@ -208,7 +210,11 @@ class TurnDetector:
     `cut`), so what was said is transcribed and answered. Speech that goes on without a pause is
     dropped until the caller pauses (end_of_turn_silence_ms), and only then may a turn start:
     a turn opened at once would be a newer turn, and every stage cancels an older turn's work
-    when a newer one starts, so the cut turn would never be transcribed."""
+    when a newer one starts, so the cut turn would never be transcribed.
+
+    With `speculative_stt`, each pause inside a turn is marked once ("pause") where STT may
+    transcribe the turn so far, and an "end" in the pause last marked says so (`paused`): the
+    VAD is the one that knows nothing voiced came since, which STT could only guess at."""
 
     def __init__(self, options: TurnOptions, *, max_utterance_s: float | None = None) -> None:
         self.options = options
@@ -239,6 +245,12 @@ class TurnDetector:
             if self._smart
             else self._end_frames
         )
+        # Speculative STT: a pause is marked where STT may transcribe the turn so far. With
+        # smart_turn, when the model is asked, so whisper runs beside it; with silence alone,
+        # halfway to the end, so whisper has the other half to run before the turn ends.
+        self._speculate = options.speculative_stt
+        self._mark_frames = self._end_frames if self._smart else max(1, self._end_frames // 2)
+        self._marked = False  # this pause is marked, and nothing voiced came since
         self._turn_audio: deque[bytes] = deque(maxlen=SMART_TURN_SECONDS * 1000 // FRAME_MS)
         self._decision: asyncio.Future[float] | None = None
         self._asked = False
@@ -296,6 +308,7 @@ class TurnDetector:
             frames = tuple(self._recent)[-keep:]
             self._recent.clear()
             self.speaking, self._silence, self._run, self._asked = True, 0, 0, False
+            self._marked = False
             self._turn_audio.clear()
             self._turn_audio.extend(frames)
             self._turn_frames = len(frames)
@@ -305,24 +318,30 @@ class TurnDetector:
         self._turn_frames += 1
         events = [TurnEvent("audio", (frame,))]
         if self._max_turn_frames is not None and self._turn_frames >= self._max_turn_frames:
+            paused = self._marked and not voiced
             self._close()
             self._cut = True
-            events.append(TurnEvent("end", cut=True))
+            events.append(TurnEvent("end", cut=True, paused=paused))
             return events
         if voiced:
-            self._silence, self._asked = 0, False
+            self._silence, self._asked, self._marked = 0, False, False
             self._drop_decision()  # the speaker went on: whatever the model says is moot
             return events
         self._silence += 1
         if self._silence >= self._max_frames or (self._smart and self._complete()):
+            paused = self._marked
             self._close()
-            events.append(TurnEvent("end"))
-        elif self._smart and self._silence >= self._end_frames and not self._asked:
+            events.append(TurnEvent("end", paused=paused))
+            return events
+        if self._smart and self._silence >= self._end_frames and not self._asked:
             self._asked = True
             pcm = b"".join(self._turn_audio)
             self._decision = asyncio.ensure_future(
                 asyncio.to_thread(turn_complete_probability, pcm)
             )
+        if self._speculate and not self._marked and self._silence >= self._mark_frames:
+            self._marked = True
+            events.append(TurnEvent("pause"))
         return events
 
     def _complete(self) -> bool:
@@ -346,6 +365,7 @@ class TurnDetector:
     def _close(self) -> None:
         self._drop_decision()
         self.speaking, self._silence, self._run, self._asked = False, 0, 0, False
+        self._marked = False
         self._turn_audio.clear()
 
     def reset(self) -> None:
