@@ -423,16 +423,10 @@ def url_problem(
         return "the host part has characters that are not allowed (spaces, \\, %, ?, # ...)"
     if _PATH_BAD.search(path):
         return "query strings, fragments, '@', '\\' and spaces are not allowed in a URL"
-    m = _NETLOC.fullmatch(netloc)
-    if m is None:
-        return "the host part is not HOST[:PORT]"
-    try:
-        host = parse_host(m.group("host"))
-    except ValueError as exc:
-        return str(exc)
-    port = int(m.group("port")) if m.group("port") is not None else None
-    if port is not None and not 0 < port < 65536:
-        return "port out of range"
+    found = host_and_port(netloc, "the host part is not HOST[:PORT]")
+    if isinstance(found, str):
+        return found
+    host, port = found
     if port == DEFAULT_PORTS.get(scheme):
         port = None
     if problem := _allowed(host, port, stage, connector, policy, show):
@@ -440,6 +434,22 @@ def url_problem(
     if scheme in plain and host_class(host) != "private":
         return f"plain {scheme}:// only for a private host the operator allows; use {scheme}s://"
     return None
+
+
+def host_and_port(netloc: str, malformed: str) -> tuple[Host, int | None] | str:
+    """HOST[:PORT] of a URL or an ICE URI, normalised, or what is wrong with it (`malformed`
+    when it is not that shape at all)."""
+    m = _NETLOC.fullmatch(netloc)
+    if m is None:
+        return malformed
+    try:
+        host = parse_host(m.group("host"))
+    except ValueError as exc:
+        return str(exc)
+    port = int(m.group("port")) if m.group("port") is not None else None
+    if port is not None and not 0 < port < 65536:
+        return "port out of range"
+    return host, port
 
 
 def region_problem(value: str) -> str | None:
@@ -469,16 +479,10 @@ def ice_problem(
         return "the only query allowed is ?transport=udp or ?transport=tcp"
     if netloc.startswith("//") or "@" in netloc or _BAD_CHARS.search(netloc):
         return "must be scheme:host[:port] (no //, userinfo or special characters)"
-    m = _NETLOC.fullmatch(netloc)
-    if m is None:
-        return "must be scheme:host[:port]"
-    try:
-        host = parse_host(m.group("host"))
-    except ValueError as exc:
-        return str(exc)
-    port = int(m.group("port")) if m.group("port") is not None else None
-    if port is not None and not 0 < port < 65536:
-        return "port out of range"
+    found = host_and_port(netloc, "must be scheme:host[:port]")
+    if isinstance(found, str):
+        return found
+    host, port = found
     if problem := _private_problem(host, policy):
         return problem
     if scheme != "stun" and with_credential and host_class(host) != "private":
