@@ -43,6 +43,7 @@ from voicemesh.callers.script import TurnResult, load_pcm16
 from voicemesh.callers.websocket import call_over_websocket, ws_url
 from voicemesh.config.models import parse_agent_config
 from voicemesh.launcher import Stack
+from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valkey
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.audio import PCMStream
@@ -84,7 +85,16 @@ SLOW_REPLY = (
     "Every morning it walked along the water looking for berries. "
     "One day it met a wise old owl who knew every path in the woods."
 )
-SLOW_SENTENCES = [s.strip() + "." for s in SLOW_REPLY.split(".") if s.strip()]
+
+
+def units(reply: str) -> list[str]:
+    """A reply's units as the LLM stage cuts them: the first clause or first words, then
+    sentences."""
+    splitter = SentenceSplitter()
+    return [*splitter.push(reply), *splitter.flush()]
+
+
+SLOW_SENTENCES = units(SLOW_REPLY)
 
 
 def words(text: str) -> list[str]:
