@@ -431,34 +431,37 @@ def transport(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Transport]:
     from voicemesh.transport.api.app import create_app
     from voicemesh.transport.api.service import TransportService
 
-    data = tmp_path_factory.mktemp("transport")
-    nats, valkey = start_nats(data), start_valkey(data)
-    loop = asyncio.new_event_loop()
-    prefix = f"b{uuid.uuid4().hex[:10]}"
-    settings = Settings(
-        nats_url=nats.url, valkey_url=valkey.url, subject_prefix=prefix, key_prefix=prefix,
-        preload=False, api_keys=(SecretStr(API_KEY),),
-    )  # fmt: skip
-    service = TransportService(unlimited(settings))
     config = agent_json()
     config["connectors"]["transport"]["primary"] = "websocket"
     config["connectors"]["transport"]["config"]["websocket"] = {"vad": "energy"}
-    try:
-        loop.run_until_complete(service.start())
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_app(service)),
-            base_url="http://bench",
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        )
-        made = loop.run_until_complete(client.post("/api/sessions", json={"config": config}))
-        assert made.status_code == 201, made.text
-        yield Transport(loop, service, client, made.json()["session_id"], config)
-        loop.run_until_complete(client.aclose())
-        loop.run_until_complete(service.stop())
+    data = tmp_path_factory.mktemp("transport")
+    nats = start_nats(data)
+    loop = asyncio.new_event_loop()
+    try:  # whatever fails below, the servers started stop (no nats-server left behind)
+        valkey = start_valkey(data)
+        try:
+            prefix = f"b{uuid.uuid4().hex[:10]}"
+            settings = Settings(
+                nats_url=nats.url, valkey_url=valkey.url, subject_prefix=prefix,
+                key_prefix=prefix, preload=False, api_keys=(SecretStr(API_KEY),),
+            )  # fmt: skip
+            service = TransportService(unlimited(settings))
+            loop.run_until_complete(service.start())
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(service)),
+                base_url="http://bench",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+            made = loop.run_until_complete(client.post("/api/sessions", json={"config": config}))
+            assert made.status_code == 201, made.text
+            yield Transport(loop, service, client, made.json()["session_id"], config)
+            loop.run_until_complete(client.aclose())
+            loop.run_until_complete(service.stop())
+        finally:
+            valkey.stop()
     finally:
         loop.close()
         nats.stop()
-        valkey.stop()
 
 
 @pytest.mark.benchmark(group="call frames (1000 x 20 ms)")
