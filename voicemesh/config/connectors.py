@@ -13,14 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from voicemesh.config.hosts import egress_extra, endpoint
 from voicemesh.config.limits import (
-    CREDENTIAL_MAX_CHARS,
     ICE_SERVERS_MAX,
     LANGUAGE_MAX_CHARS,
     NAME_MAX_CHARS,
     PREFIX_MAX_CHARS,
     REPLIES_MAX,
     TEXT_MAX_CHARS,
-    URL_MAX_CHARS,
     Reply,
     Url,
 )
@@ -135,7 +133,6 @@ class WebRTCTransportOptions(TurnOptions):
     ice_credential: str = credential(
         "",
         env=("TURN_CREDENTIAL",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description="TURN password: a ${ENV} reference",
     )
 
@@ -150,7 +147,6 @@ class DailyTransportOptions(TurnOptions):
     room_url: str = credential(
         "",
         env=("DAILY_ROOM_URL",),
-        max_length=CREDENTIAL_MAX_CHARS,
         clear=True,
         extra=egress_extra("url", ("https",)),
         description="https://<domain>.daily.co/<room>, or a ${ENV} reference",
@@ -158,7 +154,6 @@ class DailyTransportOptions(TurnOptions):
     token: str = credential(
         "",
         env=("DAILY_TOKEN", "DAILY_MEETING_TOKEN"),
-        max_length=CREDENTIAL_MAX_CHARS,
         description="meeting token, a ${ENV} reference in stored configs",
     )
     bot_name: str = Field("voicemesh", max_length=NAME_MAX_CHARS)
@@ -189,12 +184,9 @@ class OpenAISTTOptions(ConnectorOptions):
     api_key: str | None = credential(
         None,
         env=("OPENAI_API_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"',
     )
-    base_url: str | None = endpoint(
-        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
-    )
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     model: str = Field("gpt-4o-mini-transcribe", max_length=NAME_MAX_CHARS)
     language: str | None = Field("en", max_length=LANGUAGE_MAX_CHARS)
     prompt: str | None = Field(None, max_length=TEXT_MAX_CHARS)
@@ -205,12 +197,10 @@ class DeepgramOptions(ConnectorOptions):
 
     api_key: str = credential(
         env=("DEEPGRAM_API_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${DEEPGRAM_API_KEY}"',
     )
     base_url: str | None = endpoint(
         schemes=("wss", "https"),
-        max_length=URL_MAX_CHARS,
         description="wss://host[:port] of a Deepgram-compatible API on the egress allow-list",
     )
     model: str = Field("nova-3", max_length=NAME_MAX_CHARS)
@@ -262,11 +252,9 @@ class OpenAILLMOptions(ConnectorOptions):
     api_key: str | None = credential(
         None,
         env=("OPENAI_API_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference; optional for local servers',
     )
     base_url: str | None = endpoint(
-        max_length=URL_MAX_CHARS,
         description="a host on the egress allow-list, e.g. https://api.groq.com/openai/v1; "
         "http://127.0.0.1:11434/v1 (Ollama) needs VOICEMESH_EGRESS_PRIVATE",
     )
@@ -281,12 +269,9 @@ class AnthropicOptions(ConnectorOptions):
     model: str = Field(min_length=1, max_length=NAME_MAX_CHARS)
     api_key: str = credential(
         env=("ANTHROPIC_API_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${ANTHROPIC_API_KEY}"',
     )
-    base_url: str | None = endpoint(
-        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
-    )
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     max_tokens: int = Field(512, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=1)
 
@@ -316,7 +301,6 @@ class ElevenLabsOptions(ConnectorOptions):
 
     api_key: str = credential(
         env=("ELEVENLABS_API_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${ELEVENLABS_API_KEY}"',
     )
     # pasted unencoded into the request path by the SDK (/v1/text-to-speech/{voice_id}/stream):
@@ -326,9 +310,7 @@ class ElevenLabsOptions(ConnectorOptions):
         max_length=64,
         description="an ElevenLabs voice id (letters, digits, '_' and '-')",
     )
-    base_url: str | None = endpoint(
-        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
-    )
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     model_id: str = Field("eleven_flash_v2_5", max_length=NAME_MAX_CHARS)
     output_format: Literal["pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100"] = "pcm_16000"
 
@@ -338,7 +320,6 @@ class AzureTTSOptions(ConnectorOptions):
 
     api_key: str = credential(
         env=("AZURE_SPEECH_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference (the resource key)',
     )
     region: str | None = endpoint(
@@ -346,9 +327,7 @@ class AzureTTSOptions(ConnectorOptions):
         max_length=NAME_MAX_CHARS,
         description="a region name, e.g. westeurope; or give base_url",
     )
-    base_url: str | None = endpoint(
-        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
-    )
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     voice: str = Field("en-US-JennyNeural", max_length=NAME_MAX_CHARS)
     output_format: Literal[
         "raw-16khz-16bit-mono-pcm", "raw-24khz-16bit-mono-pcm", "raw-48khz-16bit-mono-pcm"
@@ -364,12 +343,9 @@ class OpenAITTSOptions(ConnectorOptions):
     api_key: str | None = credential(
         None,
         env=("OPENAI_API_KEY",),
-        max_length=CREDENTIAL_MAX_CHARS,
         description='"${ENV}" reference, e.g. "${OPENAI_API_KEY}"',
     )
-    base_url: str | None = endpoint(
-        max_length=URL_MAX_CHARS, description="a host on the egress allow-list"
-    )
+    base_url: str | None = endpoint(description="a host on the egress allow-list")
     model: str = Field("gpt-4o-mini-tts", max_length=NAME_MAX_CHARS)
     voice: str = Field("alloy", max_length=NAME_MAX_CHARS)
     instructions: str | None = Field(None, max_length=TEXT_MAX_CHARS)

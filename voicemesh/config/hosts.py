@@ -36,6 +36,8 @@ from typing import Any, Literal, cast
 import idna
 from pydantic import BaseModel, Field
 
+from voicemesh.config.limits import URL_MAX_CHARS
+from voicemesh.config.secrets import connectors_declaring
 from voicemesh.errors import VoicemeshError
 
 #: the JSON Schema key that marks an egress field: {"kind": "url"|"region"|"ice", "schemes": [...]}
@@ -113,7 +115,9 @@ def endpoint(
     default: Any = None, *, kind: Kind = "url", schemes: tuple[str, ...] = ("https",), **kw: Any
 ) -> Any:
     """A pydantic Field declared as an egress option: checked against the egress policy at push
-    time, at load from Valkey, and when the connector is built."""
+    time, at load from Valkey, and when the connector is built. Capped like any URL unless the
+    caller says otherwise (a region passes its own, shorter cap)."""
+    kw.setdefault("max_length", URL_MAX_CHARS)
     return Field(default, json_schema_extra=egress_extra(kind, schemes), **kw)
 
 
@@ -142,14 +146,7 @@ def egress_fields(model: type[BaseModel]) -> dict[str, EgressSpec]:
 def egress_connectors() -> dict[str, set[str]]:
     """Connector name -> the stages where it has egress options (what VOICEMESH_EGRESS_HOSTS
     may name)."""
-    from voicemesh.config.connectors import CONNECTOR_OPTIONS
-
-    out: dict[str, set[str]] = {}
-    for stage, models in CONNECTOR_OPTIONS.items():
-        for name, model in models.items():
-            if egress_fields(model):
-                out.setdefault(name, set()).add(stage)
-    return out
+    return connectors_declaring(egress_fields)
 
 
 # --- hosts -----------------------------------------------------------------------------------

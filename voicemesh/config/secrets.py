@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from types import MappingProxyType
@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from voicemesh.config.limits import CREDENTIAL_MAX_CHARS
 from voicemesh.errors import VoicemeshError
 
 SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -65,6 +66,7 @@ def credential(
     allow-list), and the JSON Schema shows `"x-credential": {"env": [...], "clear": ...}`
     (plus `extra`, e.g. an egress declaration)."""
     extra = {**(extra or {}), CREDENTIAL_KEY: {"env": list(env), "clear": clear}}
+    kwargs.setdefault("max_length", CREDENTIAL_MAX_CHARS)  # a key, a token or a reference to one
     return Field(default, json_schema_extra=extra, **kwargs)
 
 
@@ -84,17 +86,24 @@ def credential_fields(model: type[BaseModel]) -> dict[str, CredentialSpec]:
     return out
 
 
-def credential_connectors() -> dict[str, set[str]]:
-    """Connector name -> the stages where it has credential fields (what VOICEMESH_SECRET_ENV may
-    name)."""
+def connectors_declaring(
+    fields: Callable[[type[BaseModel]], Mapping[str, Any]],
+) -> dict[str, set[str]]:
+    """Connector name -> the stages where its options model declares any of `fields` (credential
+    or egress fields): what an operator setting keyed by [stage.]connector may name."""
     from voicemesh.config.connectors import CONNECTOR_OPTIONS  # it imports this module
 
     out: dict[str, set[str]] = {}
     for stage, models in CONNECTOR_OPTIONS.items():
         for name, model in models.items():
-            if credential_fields(model):
+            if fields(model):
                 out.setdefault(name, set()).add(stage)
     return out
+
+
+def credential_connectors() -> dict[str, set[str]]:
+    """What VOICEMESH_SECRET_ENV may name."""
+    return connectors_declaring(credential_fields)
 
 
 def is_secret_key(key: str) -> bool:
