@@ -356,7 +356,7 @@ async def test_hang_is_caught_by_the_chain(
         {
             "primary": name,
             "fallback": ["tone"],
-            "attempt_timeout_ms": 300,
+            "attempt_timeout_ms": 1000,
             "config": {name: chain_options(name, server.url), "tone": {"sample_rate": 16000}},
         }
     )
@@ -368,7 +368,7 @@ async def test_hang_is_caught_by_the_chain(
         elapsed = time.perf_counter() - t0
     finally:
         await pool.aclose()
-    assert elapsed < 2.0
+    assert elapsed < 4.0  # one deadline, not the client's own long timeout
     assert {conn for conn, _, _ in out} == {"tone"}
     assert [(n, e.kind) for n, e in chain.failures] == [(name, FailureKind.TIMEOUT)]
     pcm = b"".join(p for _, p, _ in out)
@@ -472,7 +472,9 @@ async def test_fallback_to_azure_resumes_the_sentence(
         {
             "primary": "elevenlabs",
             "fallback": ["azure"],
-            "attempt_timeout_ms": 300,
+            # short only where the primary hangs: elsewhere a cold client on a loaded CI
+            # machine must not turn the failure under test into a timeout
+            "attempt_timeout_ms": 1000 if mode == "hang" else 5000,
             "config": {
                 "elevenlabs": chain_options("elevenlabs", eleven.url),
                 # another rate than the primary: the resume point is found by duration
