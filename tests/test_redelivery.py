@@ -141,3 +141,49 @@ async def die(svc: Any) -> None:
     await svc.bus.close()
     svc.health and await svc.health.stop()
     await until(lambda: not svc._work, 5, "the dead instance's tasks to end")
+
+
+async def test_an_instance_that_loses_its_claim_stops_its_unit(
+    fast_leases: Settings,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    """A starved instance whose claim lapsed must not go on beside the one the supervisor gave
+    the unit to: the caller would hear every later sentence twice."""
+    services = Services(fast_leases)
+    chat = OpenAIChatServer([REPLY], chunk_words=1, chunk_delay_s=0.1)
+    await chat.start()
+    try:
+        data = {**agent_json}
+        data["connectors"] = {
+            "llm": {
+                "primary": "openai",
+                "config": {"openai": {"base_url": f"{chat.url}/v1", "model": "m"}},
+            },
+            "tts": {"primary": "tone"},
+            "stt": agent_json["connectors"]["stt"],
+        }
+        sid = (await store.create_session(parse_agent_config(data))).session_id
+        slow: LLMService = await services.start(LLMService)
+        tts_in = await listen(bus, subjects.data("tts", sid))
+        await bus.publish(
+            subjects.data("llm", sid),
+            Frame.text("count fish", epoch=1, flags=Flag.START | Flag.END),
+        )
+        await tts_in.wait_for(lambda fs: len(fs) >= 1)
+        # the claim lapsed and another instance took the unit over
+        key = slow.claims.key("llm", sid, 1, 0)
+        assert key in slow.claims.held
+        await store.client.set(key, "llm-other", px=60_000)
+        await until(lambda: not slow._work, 3, "the unit to stop")
+        sent = len(tts_in.frames)
+        await asyncio.sleep(1.0)  # the reply had ~1.5 s left to stream
+        assert len(tts_in.frames) == sent
+        assert sent < len(REPLY.split(". "))
+        assert await store.client.get(key) == b"llm-other"  # its release took nothing
+    finally:
+        for svc in reversed(list(services.running)):
+            await services.stop(svc)
+        await chat.stop()

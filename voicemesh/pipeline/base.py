@@ -70,6 +70,8 @@ class StageService(Role):
         )
         await self.health.start()
         self.claims = self.store.claims(owner=self.instance, ttl_ms=self.settings.lease_ttl_ms)
+        # claim -> the task doing its unit, cancelled if the claim is lost
+        self._holders: dict[str, asyncio.Task[Any]] = {}
         # not bus.spawn: drain waits for spawned work, and this runs until the drain is over
         self._renewer = asyncio.ensure_future(self._renew_claims())
         # hop: <- voicemesh.transport.call.call.Call._start_turn and _interrupt (vm.ctl.<sid>)
@@ -128,9 +130,14 @@ class StageService(Role):
         while True:
             await asyncio.sleep(self.settings.lease_ttl_ms / 3000)
             try:
-                await self.claims.renew_all()
-            except Exception as exc:
+                lost = await self.claims.renew_all()
+            except Exception as exc:  # Valkey away: the claims are not known to be lost
                 log.warning("claim renewal failed: %s", exc)
+                continue
+            for key in lost:
+                if (holder := self._holders.get(key)) is not None:
+                    log.warning("claim %s lapsed before it was renewed; its work stops", key)
+                    holder.cancel()
 
     async def claimed(self, stage: str, session: str, frame: Frame) -> str | None:
         """Claim a unit of work taken from the queue group; None if it is someone else's (a
@@ -252,11 +259,15 @@ class QueuedStage(StageService):
         claim = await self.claimed(self.role, session, frame)
         if claim is None:
             return
+        if (task := asyncio.current_task()) is not None:
+            self._holders[claim] = task
         try:
             note = await self.work(session, frame)
         except asyncio.CancelledError:
             await best_effort("releasing the claim", self.claims.release(claim), None)
             raise
+        finally:
+            self._holders.pop(claim, None)
         await best_effort("finishing the claim", self.claims.finish(claim, note), None)
 
     async def work(self, session: str, frame: Frame) -> str:

@@ -64,10 +64,17 @@ class Claims:
             return True
         return False
 
-    async def renew_all(self) -> None:
+    async def renew_all(self) -> list[str]:
+        """Renew every held claim; returns the ones lost. A claim is lost when this instance
+        was too slow to renew it (a starved CPU, a long GC pause): it lapsed, and the
+        supervisor may already have handed the unit to another instance, so the work under it
+        must stop or the caller hears it twice."""
+        lost = []
         for key in list(self.held):
             if not await self._renew(keys=[key], args=[self.owner, self.ttl_ms]):
                 self.held.discard(key)
+                lost.append(key)
+        return lost
 
     async def finish(self, key: str, note: str = DONE) -> None:
         self.held.discard(key)
