@@ -4,6 +4,7 @@ holds no session state, so one instance (and one loaded model) serves every sess
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
@@ -60,7 +61,11 @@ class SDKClient:
         return self._client
 
     async def warmup(self) -> None:
-        _ = self.client  # imports the SDK and builds its HTTP client; no request
+        # Imports the SDK and builds its HTTP client (no request), off the event loop: a cold
+        # `import openai` alone blocks ~0.8 s, a stall for every other call on this instance
+        # and long enough for its claims on units of work to lapse.
+        if self._client is None:
+            self._client = await asyncio.to_thread(self.make_client)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

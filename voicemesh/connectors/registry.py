@@ -143,7 +143,9 @@ class ConnectorPool:
             resolved = model.model_validate(
                 resolve_credentials(stage, name, model, options.model_dump())
             )
-            inst = connector_class(stage, name)(resolved)
+            # the connector's module may import a provider SDK: not on the event loop
+            cls = await asyncio.to_thread(connector_class, stage, name)
+            inst = cls(resolved)
             await inst.warmup()
             entry = self._entries[key] = _Entry(inst, options)
             victims: list[tuple[PoolKey, _Entry]] = []

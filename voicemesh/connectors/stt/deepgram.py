@@ -136,6 +136,7 @@ class DeepgramSTT(STTConnector):
         return self._client
 
     async def warmup(self) -> None:
+        await asyncio.to_thread(_sdk)  # a cold SDK import is not for the event loop
         _ = self.client
 
     async def open_stream(self, sample_rate: int, on_interim: Interim | None = None) -> STTStream:

@@ -10,6 +10,7 @@ sends to no other host and refuses a 200 that is not audio (http.EgressGuard).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -88,7 +89,7 @@ class ElevenLabsTTS(TTSConnector):
         return self._client
 
     async def warmup(self) -> None:
-        self.client()
+        await asyncio.to_thread(self.client)  # a cold SDK import is not for the event loop
 
     async def aclose(self) -> None:
         if self._http is not None:
