@@ -30,6 +30,7 @@ from voicemesh.bus.events import (
     Session,
     Transcript,
     Turn,
+    TurnEnded,
     TurnMetrics,
     TurnStarted,
     UserStopped,
@@ -52,6 +53,7 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
         {"type": "session", "session_id": "Ka1OD9cF3nfRToHywZBJVQ", "version": 3},
     ),
     (TurnStarted(epoch=3), {"type": "turn", "epoch": 3}),
+    (TurnStarted(epoch=4, continues=3), {"type": "turn", "epoch": 4, "continues": 3}),
     (UserStopped(epoch=3), {"type": "user_stopped", "epoch": 3}),
     (  # stt: an interim transcript
         Transcript(role="user", text="What", epoch=3, final=False, connector="deepgram"),
@@ -156,6 +158,7 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
     ),
     (Turn(epoch=4), {"type": "turn", "epoch": 4}),
     (Interrupt(epoch=4, interrupted=3), {"type": "interrupt", "epoch": 4, "interrupted": 3}),
+    (TurnEnded(epoch=4), {"type": "turn_ended", "epoch": 4}),
     (End(), {"type": "end"}),
     (CallEnd(), {"type": "call_end"}),
 ]

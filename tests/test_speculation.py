@@ -89,21 +89,22 @@ def engine(transcriber: OpenAITranscribeServer) -> Iterator[OpenAITranscribeServ
     transcriber.delay_s = 0.0
 
 
-def speculations(outcome: str) -> float:
-    labels = {"stage": "stt", "outcome": outcome}
+def speculations(outcome: str, stage: str = "stt") -> float:
+    labels = {"stage": stage, "outcome": outcome}
     return REGISTRY.get_sample_value("voicemesh_speculations_total", labels) or 0.0
 
 
 class Counts:
-    """voicemesh_speculations_total{stage="stt"} by outcome since it was made."""
+    """voicemesh_speculations_total{stage} by outcome since it was made."""
 
     OUTCOMES = ("started", "used", "discarded", "skipped")
 
-    def __init__(self) -> None:
-        self.base = {o: speculations(o) for o in self.OUTCOMES}
+    def __init__(self, stage: str = "stt") -> None:
+        self.stage = stage
+        self.base = {o: speculations(o, stage) for o in self.OUTCOMES}
 
     def __call__(self) -> dict[str, float]:
-        return {o: speculations(o) - self.base[o] for o in self.OUTCOMES}
+        return {o: speculations(o, self.stage) - self.base[o] for o in self.OUTCOMES}
 
 
 # --- the turn detector -----------------------------------------------------------------------
@@ -144,14 +145,15 @@ async def test_a_pause_is_marked_halfway_to_the_end_and_the_turn_ends_in_it() ->
 
 
 async def test_each_pause_is_marked_and_speech_after_a_mark_clears_it() -> None:
-    """A short pause (140 ms: marked, not the end), more speech, then the end: two marks, and the
-    end is in the second pause. A turn cut by the utterance limit while the caller speaks after
-    a mark did not end in a pause."""
+    """A short pause (140 ms: marked, not the end), more speech, then the end: two marks, the
+    speech after the first says the caller resumed, and the end is in the second pause. A turn
+    cut by the utterance limit while the caller speaks after a mark did not end in a pause."""
     pcm = silence(200) + tone(400) + silence(140) + tone(400, 440) + silence(400)
     got = await turn_events(TurnDetector(options()), pcm)
     assert [(ev.kind, ev.paused) for _, ev in got] == [
         ("start", False),
         ("pause", False),
+        ("resume", False),
         ("pause", False),
         ("end", True),
     ]
@@ -160,6 +162,7 @@ async def test_each_pause_is_marked_and_speech_after_a_mark_clears_it() -> None:
     assert [(ev.kind, ev.cut, ev.paused) for _, ev in got] == [
         ("start", False, False),
         ("pause", False, False),
+        ("resume", False, False),
         ("end", True, False),
     ]
 
@@ -468,17 +471,29 @@ async def test_a_call_that_goes_on_after_a_pause_is_answered_in_whole(
     ]
 
 
+@pytest.mark.parametrize("reply", [False, True], ids=["stt", "stt+reply"])
 async def test_a_barge_in_with_speculation_on_cuts_the_bot_off(
     transport_app: Any,
     store: ConfigStore,
     agent_json: dict,
     engine: OpenAITranscribeServer,
     tmp_path: Path,
+    reply: bool,
 ) -> None:
     """Turn 2's long reply is spoken over 1 s in: the bot is cut off, the context keeps what was
-    heard of it, and the barge-in turn is transcribed and answered."""
+    heard of it, and the barge-in turn is transcribed and answered. With speculative replies,
+    turn 2's reply was made at the pause, so this is a barge-in over a speculative reply."""
     replies = ("You said {user}.", LONG_REPLY)
-    name = await agent(store, agent_json, engine.base_url, "spec-on", replies, speculative_stt=True)
+    llm = Counts("llm")
+    name = await agent(
+        store,
+        agent_json,
+        engine.base_url,
+        "spec-on",
+        replies,
+        speculative_stt=True,
+        speculative_reply=reply,
+    )
     turns = [
         wav(tmp_path, "a", tone(500) + silence(600)),
         wav(tmp_path, "b", tone(500, 440) + silence(600)),
@@ -494,6 +509,87 @@ async def test_a_barge_in_with_speculation_on_cuts_the_bot_off(
     cut = [m for m in context if m.get("interrupted")]
     assert len(cut) == 1 and 0 < len(cut[0]["content"]) < len(LONG_REPLY), context
     assert context[-1]["content"] == "You said tone 660."
+    assert [m["role"] for m in context] == ["user", "assistant"] * 3, context
+    assert llm()["used"] == (3 if reply else 0), llm()
+
+
+async def test_a_speculative_reply_is_never_heard_nor_stored_when_the_caller_goes_on(
+    transport_app: Any,
+    store: ConfigStore,
+    agent_json: dict,
+    engine: OpenAITranscribeServer,
+    tmp_path: Path,
+) -> None:
+    """A 1.2 s pause mid-utterance is marked (700 ms) but is not the end (1.4 s): the reply to
+    "tone 220" is made at the mark and then dropped, as the caller goes on. The caller hears
+    only the reply to the whole utterance, the context holds only that, and the turn moved to
+    a new epoch once."""
+    engine.delay_s = 0.1
+    name = await agent(
+        store,
+        agent_json,
+        engine.base_url,
+        "spec-reply",
+        speculative_stt=True,
+        speculative_reply=True,
+        end_of_turn_silence_ms=1400,
+    )
+    stt, llm = Counts(), Counts("llm")
+    said = tone(500) + silence(1200) + tone(500, 440) + silence(1800)
+    result = await call_over_websocket(
+        transport_app.url, [wav(tmp_path, "a", said)], None, agent=name
+    )
+    (turn,) = result.turns
+    assert turn.user_text == "tone 220 tone 440"
+    assert turn.bot_text == "You said tone 220 tone 440."
+    # the tone voice speaks 90 ms a word: six words heard, not the four of the dropped reply too
+    assert len(turn.bot_audio) == pytest.approx(6 * 0.09 * SECOND, abs=0.1 * SECOND)
+    assert llm() == {"started": 2, "used": 1, "discarded": 1, "skipped": 0}, llm()
+    assert stt() == {"started": 2, "used": 1, "discarded": 1, "skipped": 0}, stt()
+    context = await store.get_context(result.session_id)
+    assert [(m["role"], m["content"]) for m in context] == [
+        ("user", "tone 220 tone 440"),
+        ("assistant", "You said tone 220 tone 440."),
+    ]
+    assert turn.epoch == 2  # the utterance began as turn 1 and went on as turn 2
+
+
+async def test_a_speculative_reply_is_played_when_the_turn_ends_in_its_pause(
+    transport_app: Any,
+    store: ConfigStore,
+    agent_json: dict,
+    engine: OpenAITranscribeServer,
+    tmp_path: Path,
+) -> None:
+    """The turn ends in the pause marked halfway (silence alone, 1 s to the end): the reply made
+    at the mark is the one heard and stored, and no other is made. It was ready before the end,
+    so the end to the first audio is short: printed, beside the same turn without it."""
+    engine.delay_s = 0.1
+    first_audio: dict[bool, float] = {}
+    for on in (False, True):
+        name = await agent(
+            store,
+            agent_json,
+            engine.base_url,
+            f"spec-reply-{on}",
+            speculative_stt=True,
+            speculative_reply=on,
+            end_of_turn_silence_ms=1000,
+        )
+        llm = Counts("llm")
+        said = [wav(tmp_path, "a", tone(500) + silence(1500))]
+        result = await call_over_websocket(transport_app.url, said, None, agent=name)
+        (turn,) = result.turns
+        assert (turn.user_text, turn.bot_text) == ("tone 220", "You said tone 220.")
+        assert llm() == {"started": int(on), "used": int(on), "discarded": 0, "skipped": 0}
+        context = await store.get_context(result.session_id)
+        assert [(m["role"], m["content"]) for m in context] == [
+            ("user", "tone 220"),
+            ("assistant", "You said tone 220."),
+        ]
+        first_audio[on] = float(turn.phases["first_audio_ms"] or 0)
+    on, off = first_audio[True], first_audio[False]
+    print(f"end of turn to first audio, ms: speculative reply {on}, not {off}")
 
 
 @pytest.mark.parametrize(

@@ -41,11 +41,17 @@ class Flag(IntFlag):
     # may transcribe what came before it at once (speculative STT). On the utterance's END: the
     # caller has not spoken since the last such mark, so that transcript is the utterance's.
     PAUSE = 8
+    # Caller audio: on a PAUSE mark, the transport asks for a speculative reply (STT sends its
+    # transcript of the pause on to the next stage at once). Text: a transcript made at a pause,
+    # before the turn's end is known: the reply to it is made but stored only once the
+    # transport confirms the turn ended there (`turn_ended` on vm.ctl), and the transport
+    # plays none of it before then.
+    SPECULATE = 16
 
 
 # Enum construction costs ~0.45 µs a call on 3.11: decode looks members up instead.
 _KINDS = {k.value: k for k in Kind}
-_FLAGS = {v: Flag(v) for v in range(16)}
+_FLAGS = {v: Flag(v) for v in range(32)}
 
 
 class FrameError(VoicemeshError, ValueError):

@@ -14,7 +14,7 @@ Channels:
   `vm.transport.<sid>`, beside the flow: `transcript`, `hop`, `error`, `warning`. The transport
   forwards each one to the caller.
 - **ctl** (`CtlEvent`, `parse_ctl_event`): EVENT frames on `vm.ctl.<sid>`: `turn`, `interrupt`,
-  `end`, `call_end`.
+  `turn_ended`, `end`, `call_end`.
 
 On the wire an event is a JSON object whose `type` names the model. Field names and order are
 those of the JSON. An optional field (default None) is left out of the JSON when it is None, as
@@ -91,10 +91,14 @@ class Session(Event):
 
 
 class TurnStarted(Event):
-    """`turn` to the caller: the VAD opened user turn `epoch`."""
+    """`turn` to the caller: the VAD opened user turn `epoch`. With `continues`: the caller
+    went on speaking after a pause where a speculative reply to turn `continues` may have
+    started, so that turn goes on as `epoch` (the same utterance; nothing of its speculative
+    reply is heard)."""
 
     type: Literal["turn"] = "turn"
     epoch: int
+    continues: int | None = _optional()
 
 
 class UserStopped(Event):
@@ -127,6 +131,10 @@ class Transcript(Event):
     speculative: bool | None = _optional()
     #: speculative transcripts of the turn thrown away because the caller went on
     discarded: int | None = _optional()
+    #: a speculative transcript (final false) of the audio up to the pause mark with this seq:
+    #: the transport judges from its words whether the turn is over. Empty text: no speculation
+    #: was made at that mark (the engine was busy, or it failed).
+    pause: int | None = _optional()
 
 
 class Hop(Event):
@@ -227,6 +235,15 @@ class Interrupt(Event):
     interrupted: int | None = _optional()
 
 
+class TurnEnded(Event):
+    """The caller's turn `epoch` ended in the pause where a speculative reply may have started:
+    that reply may now be stored in the context (the transport plays it from now on). Sent only
+    for a turn that ended in a marked pause; without it, a speculative reply is never stored."""
+
+    type: Literal["turn_ended"] = "turn_ended"
+    epoch: int
+
+
 class End(Event):
     """On vm.ctl: the session was deleted. From a caller: hang up."""
 
@@ -256,7 +273,7 @@ CallerEvent = Annotated[
     Field(discriminator="type"),
 ]
 SideEvent = Annotated[Transcript | Hop | ErrorEvent | WarningEvent, Field(discriminator="type")]
-CtlEvent = Annotated[Turn | Interrupt | End | CallEnd, Field(discriminator="type")]
+CtlEvent = Annotated[Turn | Interrupt | TurnEnded | End | CallEnd, Field(discriminator="type")]
 CallerControl = End
 
 #: channel name -> the models it carries (docs and tests walk these)
@@ -276,7 +293,7 @@ CHANNELS: dict[str, tuple[type[Event], ...]] = {
     ),
     "caller control": (End,),
     "side": (Transcript, Hop, ErrorEvent, WarningEvent),
-    "ctl": (Turn, Interrupt, End, CallEnd),
+    "ctl": (Turn, Interrupt, TurnEnded, End, CallEnd),
 }
 
 _CALLER: TypeAdapter[CallerEvent] = TypeAdapter(CallerEvent)
@@ -368,6 +385,7 @@ __all__ = [
     "SideEvent",
     "Transcript",
     "Turn",
+    "TurnEnded",
     "TurnMetrics",
     "TurnStarted",
     "UserStopped",

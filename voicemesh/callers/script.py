@@ -146,9 +146,12 @@ class Script:
                 self.session_id = session_id
             case Interrupted():
                 self.interrupts.append({**ev.wire(), "at": time.perf_counter()})
-            case TurnStarted(epoch=epoch):
-                self.turn = TurnResult(epoch=epoch)
-                self.turns.append(self.turn)
+            case TurnStarted(epoch=epoch, continues=continues):
+                if turn is not None and continues is not None and continues == turn.epoch:
+                    turn.epoch = epoch  # the same utterance, moved to a new epoch
+                else:
+                    self.turn = TurnResult(epoch=epoch)
+                    self.turns.append(self.turn)
             case _ if turn is not None and getattr(ev, "epoch", None) in (None, turn.epoch):
                 self._on_turn_event(turn, ev)
         return ev

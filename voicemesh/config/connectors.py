@@ -95,6 +95,19 @@ class TurnOptions(ConnectorOptions):
         "asked; with silence alone, halfway to end_of_turn_silence_ms) STT transcribes what was "
         "said so far, so a turn that ends in that pause needs no transcription after its end",
     )
+    text_end_of_turn: bool = Field(
+        True,
+        description="with smart_turn and speculative_stt: the speculative transcript's words "
+        "join smart-turn's probability (a finished sentence ends the turn even when the model "
+        "doubts the voice; one cut mid-clause waits for smart_turn_max_silence_ms)",
+    )
+    speculative_reply: bool = Field(
+        False,
+        description="with speculative_stt: the LLM and TTS start on the transcript made at the "
+        "pause, before the turn's end is known; none of it is played or stored unless the turn "
+        "ends in that pause, and if the caller goes on the turn moves to a new epoch, which "
+        "cancels it",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -29,6 +29,7 @@ SPECULATIONS = Counter(
     "voicemesh_speculations_total",
     "Work started before the turn's end was confirmed, by outcome: started; used (it became the "
     "turn's result); discarded (started, then thrown away: the caller went on, or a newer turn "
-    "began); skipped (a pause was marked while the engine was busy, so none was started)",
+    "began); skipped (a pause was marked while the engine was busy, so none was started). "
+    "stage stt: transcriptions at the caller's pauses; stage llm: speculative replies",
     ["stage", "outcome"],
 )

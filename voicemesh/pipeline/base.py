@@ -22,6 +22,7 @@ from voicemesh.bus.events import (
     Interrupt,
     SideEvent,
     Turn,
+    TurnEnded,
     parse_ctl_event,
 )
 from voicemesh.bus.subjects import trace_id
@@ -51,6 +52,10 @@ class StageService(Role):
         self.pool = ConnectorPool(settings.connector_pool_size, on_evict=self._evicted)
         self.health: HealthBoard | None = None
         self.epochs: dict[str, int] = {}
+        #: the latest turn per session that the transport confirmed ended (`turn_ended`), and
+        #: an event set (and replaced) at each confirmation, for speculative work that waits
+        self.ended_turns: dict[str, int] = {}
+        self._turn_end = asyncio.Event()
         self._work: dict[str, set[tuple[int, asyncio.Task[Any]]]] = {}
         self._intake: list[Any] = []
         self.closers.append(self._end_intake)
@@ -214,6 +219,11 @@ class StageService(Role):
         match event:
             case Turn(epoch=epoch) | Interrupt(epoch=epoch):
                 self.current(session, frame.epoch if epoch is None else epoch)
+            case TurnEnded(epoch=epoch):
+                if epoch > self.ended_turns.get(session, 0):
+                    self.ended_turns[session] = epoch
+                woken, self._turn_end = self._turn_end, asyncio.Event()
+                woken.set()
             case End() | CallEnd():
                 await self.session_ended(session)
 
@@ -221,7 +231,14 @@ class StageService(Role):
         """The session was deleted or its call hung up: drop its work, epoch and cached config."""
         self._cancel_older(session, 1 << 32)
         self.epochs.pop(session, None)
+        self.ended_turns.pop(session, None)
         self.router.forget(session)
+
+    async def turn_ends(self, session: str, epoch: int) -> None:
+        """Returns once the transport confirms turn `epoch` ended (speculative work made before
+        it did may then be kept); a newer turn cancels the waiting task instead."""
+        while self.ended_turns.get(session, 0) < epoch:
+            await self._turn_end.wait()
 
     def health_body(self) -> dict[str, Any]:
         return {**super().health_body(), "sessions": len(self.epochs)}

@@ -5,14 +5,18 @@ complete (numbered, so parallel TTS results can be put back in order downstream)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from voicemesh.bus import Flag, Frame
 from voicemesh.bus.events import ErrorEvent, Transcript, WarningEvent
+from voicemesh.config.models import AgentConfig
 from voicemesh.config.stages import Stage
+from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, LLMConnector, Message
 from voicemesh.connectors.fallback import caller_error
 from voicemesh.pipeline.base import QueuedStage
@@ -24,6 +28,9 @@ log = logging.getLogger(__name__)
 
 CONTEXT_MESSAGES = 50
 REPLY_TRUNCATED = "reply_truncated"
+#: how long a speculative reply waits for its turn's end before it is dropped unstored: beyond
+#: the longest silence a transport waits (smart_turn_max_silence_ms, at most 10 s)
+SPECULATION_WAIT_S = 15.0
 
 
 def within(piece: str, budget: int) -> str:
@@ -85,11 +92,56 @@ class LLMService(QueuedStage):
         history = await best_effort(
             "reading the context", self.store.get_context(session, last=CONTEXT_MESSAGES), []
         )
+        # A speculative transcript (made at the caller's pause) may not be the turn's: nothing
+        # of its turn is stored until the transport confirms the turn ended in that pause.
+        speculative = frame.has(Flag.SPECULATE)
+        confirmed: asyncio.Task[bool] | None = None
         if not any(m["role"] == "user" and m.get("epoch") == epoch for m in history[-2:]):
             entry = {"role": "user", "content": user, "epoch": epoch}
-            stored = self.store.append_context(session, entry)
-            await best_effort("storing the user's turn", stored, 0)
+            if speculative:
+                # stored the moment the turn ends, not after the reply: a barge-in once it
+                # plays stores what was heard of the reply, after this
+                confirmed = asyncio.ensure_future(self._store_when_ended(session, epoch, entry))
+            else:
+                stored = self.store.append_context(session, entry)
+                await best_effort("storing the user's turn", stored, 0)
             history.append(entry)
+        if speculative:
+            metrics.SPECULATIONS.labels(Stage.LLM, "started").inc()
+        used = False
+        try:
+            count = await self._generate(session, frame, config, history, sent_before, confirmed)
+            used = confirmed is None or (confirmed.done() and confirmed.result())
+            return count
+        finally:
+            if confirmed is not None:
+                confirmed.cancel()
+            if speculative:
+                metrics.SPECULATIONS.labels(Stage.LLM, "used" if used else "discarded").inc()
+
+    async def _store_when_ended(self, session: str, epoch: int, entry: dict[str, Any]) -> bool:
+        """True once turn `epoch` is confirmed ended and its user entry stored; False if the
+        confirmation never came (the caller went on: the turn was cancelled anyway)."""
+        try:
+            async with asyncio.timeout(SPECULATION_WAIT_S):
+                await self.turn_ends(session, epoch)
+        except TimeoutError:
+            log.warning("turn %d: never confirmed ended; its speculative reply is dropped", epoch)
+            return False
+        stored = self.store.append_context(session, entry)
+        await best_effort("storing the user's turn", stored, 0)
+        return True
+
+    async def _generate(
+        self,
+        session: str,
+        frame: Frame,
+        config: AgentConfig,
+        history: list[dict[str, Any]],
+        sent_before: list[str],
+        confirmed: asyncio.Task[bool] | None,
+    ) -> int:
+        epoch = frame.epoch
         # a reply cut off before the caller heard a word is stored empty: nothing was said
         messages = [{"role": m["role"], "content": m["content"]} for m in history if m["content"]]
         if config.system_prompt:
@@ -175,6 +227,8 @@ class LLMService(QueuedStage):
             )
             await self.notify(session, cut, epoch=epoch)
         reply = " ".join([*sent_before, "".join(parts).strip()]).strip()
+        if confirmed is not None and not await asyncio.shield(confirmed):
+            reply = ""  # a speculative reply whose turn never ended there: never stored
         if reply:
             entry = {"role": "assistant", "content": reply, "epoch": epoch, "connector": used}
             if failed:

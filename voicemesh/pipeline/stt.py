@@ -67,7 +67,12 @@ class Speculation:
     is known. The task yields (connector name, text), or None if every connector failed."""
 
     covers: int  # bytes of the utterance's audio it transcribes
-    task: asyncio.Task[tuple[str, str] | None]
+    mark: int  # the seq of the pause mark, which the transport matches its transcript by
+    #: the mark asked for a speculative reply: the transcript goes on to the next stage at once
+    reply: bool = False
+    #: it went on (flagged SPECULATE): the END sends only the final transcript event
+    forwarded: bool = False
+    task: asyncio.Task[tuple[str, str] | None] | None = None
 
 
 def _speculations(outcome: str) -> None:
@@ -231,33 +236,69 @@ class STTService(StageService):
             utterance = stream.cut(paused=frame.has(Flag.PAUSE))
             self.track(session, frame.epoch, self._transcribe(stream, utterance))
         elif frame.has(Flag.PAUSE):
-            self._speculate(stream)
+            await self._speculate(stream, frame)
 
-    def _speculate(self, stream: Stream) -> None:
+    async def _speculate(self, stream: Stream, mark: Frame) -> None:
         """The caller paused: transcribe the utterance so far, while the transport decides
         whether the turn is over. A newer pause supersedes an older one's speculation."""
         stream.discard()
         if not self.settings.speculative_stt or stream.live is not None or stream.chain is None:
-            return  # off here, or a streaming provider, which transcribes as the caller speaks
+            # off here, or a streaming provider, which transcribes as the caller speaks: the
+            # transport hears at once that no transcript of this pause is coming
+            await self._offer(stream, mark.seq, "")
+            return
         if self.engine_busy:
             # A final transcription may be waiting for the engine: never make it wait longer.
             _speculations("skipped")
+            await self._offer(stream, mark.seq, "")
             return
         pcm, rate, chain = bytes(stream.audio), stream.rate, stream.chain
-        task = self.bus.spawn(self._speculation(chain, pcm, rate), what="speculative transcription")
-        stream.speculation = Speculation(len(pcm), task)
+        spec = Speculation(len(pcm), mark.seq, reply=mark.has(Flag.SPECULATE))
+        spec.task = self.bus.spawn(
+            self._speculation(stream, spec, chain, pcm, rate), what="speculative transcription"
+        )
+        stream.speculation = spec
         _speculations("started")
 
-    async def _speculation(self, chain: Chain, pcm: bytes, rate: int) -> tuple[str, str] | None:
+    async def _speculation(
+        self, stream: Stream, spec: Speculation, chain: Chain, pcm: bytes, rate: int
+    ) -> tuple[str, str] | None:
         self.engine_busy += 1
+        result: tuple[str, str] | None = None
         try:
             conn, text = await chain.call_first(lambda c: transcribe_pcm(c, pcm, rate))
-            return conn.name, text
+            result = conn.name, text
         except AllConnectorsFailed as exc:  # the END transcribes again, and reports it
             log.info("speculative transcription failed: %s", exc)
-            return None
         finally:
             self.engine_busy -= 1
+        if stream.speculation is spec:  # the turn may still end in this pause
+            await self._offer(stream, spec.mark, result[1] if result else "", spec)
+        return result
+
+    async def _offer(
+        self, stream: Stream, mark: int, text: str, spec: Speculation | None = None
+    ) -> None:
+        """The transcript of the pause `mark` to the transport, whose end of turn weighs its
+        words; with a speculative reply asked for, on to the next stage too."""
+        session, epoch = stream.session, stream.epoch
+        heard = Transcript(
+            role="user", text=text, epoch=epoch, final=False, speculative=True, pause=mark
+        )
+        await self.notify(session, heard, epoch=epoch)
+        # checked again after the await: an END (or a newer turn) may have come meanwhile, and
+        # then the END's own path sends the transcript on, as the turn's
+        if spec is None or not spec.reply or not text or stream.speculation is not spec:
+            return
+        spec.forwarded = True
+        out = Frame.text(
+            text,
+            epoch=epoch,
+            flags=Flag.START | Flag.END | Flag.LAST | Flag.SPECULATE,
+            origin_ns=stream.origin_ns,
+        )
+        # hop: -> voicemesh.pipeline.llm.LLMService._on_text (vm.llm.<sid>, default flow)
+        await self.router.route_to_next(out, session)
 
     def _max_bytes(self, rate: int) -> int:
         """The most PCM16 mono of one turn this stage buffers at `rate`. The rate is what the
@@ -325,11 +366,19 @@ class STTService(StageService):
         spec = utterance.speculation
         try:
             if spec is not None:
+                assert spec.task is not None  # set as soon as the speculation is made
                 # shielded: a newer turn cancels this task, and the engine's thread runs on
                 # anyway; the speculation is then counted discarded
                 result = await asyncio.shield(spec.task)
                 if result is not None:
-                    used = await self._transcribed(stream, utterance, t0, *result, speculative=True)
+                    used = await self._transcribed(
+                        stream,
+                        utterance,
+                        t0,
+                        *result,
+                        speculative=True,
+                        send=not spec.forwarded,  # the next stage has it already
+                    )
                     return
             await self._transcribe_now(stream, utterance, t0)
         finally:
@@ -378,6 +427,7 @@ class STTService(StageService):
         text: str,
         *,
         speculative: bool = False,
+        send: bool = True,
     ) -> bool:
         """Send the utterance's final transcript on (False: a newer turn made it moot).
         `stt_ms` counts from its END, so with a speculation it is what the END still waited."""
@@ -396,7 +446,7 @@ class STTService(StageService):
             discarded=utterance.discarded or None,
         )
         await self.notify(session, final, epoch=epoch)
-        if text:
+        if text and send:
             out = Frame.text(
                 text,
                 epoch=epoch,

@@ -33,6 +33,7 @@ from voicemesh.bus.events import (
     Session,
     Transcript,
     Turn,
+    TurnEnded,
     TurnStarted,
     UserStopped,
     parse_ctl_event,
@@ -90,6 +91,14 @@ class Call:
         settings = service.settings
         self.rate = AudioRate(settings.caller_audio_max_rate, settings.caller_audio_burst_s)
         self.max_utterance_s = settings.max_utterance_s
+        self.detector: TurnDetector | None = None
+        #: the caller's turn is open (started, not ended): a reply of its epoch is speculative
+        self._turn_open = False
+        #: seq of the turn's latest pause mark, to match its speculative transcript
+        self._mark_seq: int | None = None
+        #: what a speculative reply sent before its turn ended: played (and its events sent)
+        #: once the turn ends in that pause, dropped if the caller goes on
+        self._held: list[tuple[str, Frame]] = []
 
     @property
     def bot_busy(self) -> bool:
@@ -105,6 +114,7 @@ class Call:
             assert isinstance(options, TurnOptions)  # every transport's options extend TurnOptions
             self.options = options
             detector = TurnDetector(self.options, max_utterance_s=self.max_utterance_s)
+            self.detector = detector
             chunker = Rechunker()
             # hop: <- voicemesh.pipeline.tts.TTSService._synthesize (vm.transport.<sid>)
             sub = await self.svc.bus.subscribe(
@@ -195,6 +205,8 @@ class Call:
     async def _turn_event(
         self, kind: str, frames: tuple[bytes, ...], *, cut: bool = False, paused: bool = False
     ) -> None:
+        if kind == "resume" and self.options.speculative_reply and not self._ignoring:
+            await self._resume_turn()
         if kind == "start":
             if self.bot_busy and not self.options.barge_in:
                 self._ignoring = True  # half duplex: speech over the bot is not a turn
@@ -222,13 +234,15 @@ class Call:
         which audio came before it, and may transcribe that while the end of turn is decided.
         The mark takes a seq like any frame of the utterance (a pass-through flow relays it to
         the reorderer, which must see no gap) and is replayed with it."""
-        mark = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=Flag.PAUSE)
+        flags = Flag.PAUSE | (Flag.SPECULATE if self.options.speculative_reply else Flag.NONE)
+        mark = Frame.audio(b"", sample_rate=RATE, epoch=self.epoch, seq=self.seq, flags=flags)
+        self._mark_seq = self.seq
         self.seq += 1
         self.utterance.append(mark)
         # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>)
         await self.svc.bus.publish(self._ingress_subject, mark)
 
-    async def _start_turn(self) -> None:
+    async def _start_turn(self, *, continues: int | None = None) -> None:
         # Where caller audio goes is the session's flow's business (stt in every valid flow
         # today); it is re-read per turn so a live config change applies.
         self._set_ingress(await self.svc.router.next_stage(self.session))
@@ -239,6 +253,7 @@ class Call:
             self.epoch, valkey_down = self.epoch + 1, True
             log.warning("Valkey unreachable, turn %d numbered by the call: %s", self.epoch, exc)
         self.reorder.reset(self.epoch)
+        self._turn_open, self._mark_seq, self._held = True, None, []
         self.trace, self.seq = TurnTrace(self.session, self.epoch), 0
         self.supervisor.begin(self.epoch)
         if valkey_down:
@@ -251,7 +266,7 @@ class Call:
             self.subjects.ctl(self.session),
             Frame.event(Turn(epoch=self.epoch), epoch=self.epoch),
         )
-        await self.peer.send_event(TurnStarted(epoch=self.epoch))
+        await self.peer.send_event(TurnStarted(epoch=self.epoch, continues=continues))
         # In the background: with no instance up, assigning waits up to stage_wait_ms, and the
         # caller's audio must keep flowing meanwhile (the end of the turn replays it anyway).
         self._spawn(self._own_ingress(self.epoch))
@@ -276,6 +291,7 @@ class Call:
         self.utterance.append(end)
         self.trace.ended()
         self.replying, self.sentences = self.epoch, {}
+        self._turn_open = False
         self.supervisor.ended(self.utterance)
         self._spawn(self._hand_over(self.epoch, self.utterance, end))
         self.utterance = []
@@ -287,6 +303,28 @@ class Call:
             )
         stopped = UserStopped(epoch=self.epoch, reason="max_utterance" if cut else None)
         await self.peer.send_event(stopped)
+        if paused and self.options.speculative_reply:
+            # the reply made at this pause is the turn's: the LLM may store it now
+            # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
+            await self.svc.bus.publish(
+                self.subjects.ctl(self.session),
+                Frame.event(TurnEnded(epoch=self.epoch), epoch=self.epoch),
+            )
+        held, self._held = self._held, []
+        for subject, frame in held:
+            await self._egress(subject, frame)
+
+    async def _resume_turn(self) -> None:
+        """The caller went on after a pause where a speculative reply may have started. The
+        turn moves to a new epoch, so every stage drops the old one's work (the reply included)
+        as for any newer turn, and the new epoch's audio begins with everything said so far:
+        STT transcribes the whole utterance at its end."""
+        said = [f.payload for f in self.utterance if f.payload]
+        old = self.epoch
+        self._held = []
+        await self._start_turn(continues=old)
+        log.info("caller went on after a pause: turn %d moved to %d", old, self.epoch)
+        await self._turn_event("audio", tuple(said))
 
     async def _hand_over(self, epoch: int, utterance: list[Frame], end: Frame) -> None:
         """Send the utterance's end to its owner, or all of it to a new owner; in the background,
@@ -347,9 +385,21 @@ class Call:
                 except EventError as exc:
                     log.warning("dropped an event on %s: %s", subject, exc)
                     return
+                if frame.epoch == self.epoch and self._turn_open:
+                    match event:
+                        case Transcript(role="user", final=False, speculative=True, pause=mark):
+                            if mark is not None and mark == self._mark_seq and self.detector:
+                                self.detector.heard(event.text)
+                            if not event.text:
+                                return  # no speculation was made at that mark: nothing to show
+                        case Transcript(role="user"):
+                            pass
+                        case _:  # a speculative reply's: not before the turn ends there
+                            self._held.append((subject, frame))
+                            return
                 if frame.epoch == self.replying:
                     match event:
-                        case Transcript(role="user", text=""):
+                        case Transcript(role="user", text="", final=True):
                             self.replying = None  # nothing was heard: no reply is coming
                 if frame.epoch == self.trace.epoch:
                     self.trace.on_event(event)
@@ -362,6 +412,9 @@ class Call:
                 await self.peer.send_event(event)
             return
         if frame.kind is not Kind.AUDIO:
+            return
+        if frame.epoch == self.epoch and self._turn_open:
+            self._held.append((subject, frame))  # a speculative reply's: not before the turn ends
             return
         await self._play(self.reorder.push(frame))
 

@@ -21,13 +21,14 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import webrtcvad
 
 from voicemesh.config.connectors import TurnOptions
 from voicemesh.transport.call.audio import FRAME_MS, RATE
+from voicemesh.transport.call.endpoint import EndpointPolicy, TextJudgement, combine, judge_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -50,9 +51,18 @@ SMART_TURN_SECONDS = 8
 _SMART_TURN_SAMPLES = SMART_TURN_SECONDS * RATE
 
 
+#: how long after a pause mark the detector waits for the speculative transcript before smart-turn
+#: decides alone: whisper tiny.en takes ~350-550 ms on 2 cores; a flow whose STT sends none (a
+#: pass-through, a streaming provider) loses at most this much
+TEXT_WAIT_MS = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class TurnEvent:
-    kind: str  # "start" (frames = pre-roll and the voiced run), "audio", "pause", "end"
+    #: "start" (frames = pre-roll and the voiced run), "audio", "pause" (a mark where STT may
+    #: transcribe the turn so far), "resume" (the caller went on after a mark: before this
+    #: frame's audio), "end"
+    kind: Literal["start", "audio", "pause", "resume", "end"]
     frames: tuple[bytes, ...] = ()
     #: an "end" forced by the utterance limit while the caller was still speaking
     cut: bool = False
@@ -251,6 +261,13 @@ class TurnDetector:
         self._speculate = options.speculative_stt
         self._mark_frames = self._end_frames if self._smart else max(1, self._end_frames // 2)
         self._marked = False  # this pause is marked, and nothing voiced came since
+        # The words of the speculative transcript join smart-turn's probability (endpoint.py).
+        self._use_text = self._smart and self._speculate and options.text_end_of_turn
+        self._policy = EndpointPolicy.from_options(options)
+        self._text_wait_frames = self._mark_frames + _frames(TEXT_WAIT_MS)
+        self._text: TextJudgement | None = None  # of this pause's transcript, once it came
+        self._p: float | None = None  # smart-turn's probability for this pause, once it came
+        self.last_reason = ""  # why the last turn ended, for the log
         self._turn_audio: deque[bytes] = deque(maxlen=SMART_TURN_SECONDS * 1000 // FRAME_MS)
         self._decision: asyncio.Future[float] | None = None
         self._asked = False
@@ -319,17 +336,24 @@ class TurnDetector:
         events = [TurnEvent("audio", (frame,))]
         if self._max_turn_frames is not None and self._turn_frames >= self._max_turn_frames:
             paused = self._marked and not voiced
+            if self._marked and voiced:
+                events.insert(0, TurnEvent("resume"))
             self._close()
             self._cut = True
             events.append(TurnEvent("end", cut=True, paused=paused))
             return events
         if voiced:
+            if self._marked:  # before this frame's audio: it belongs after the resumption
+                events.insert(0, TurnEvent("resume"))
             self._silence, self._asked, self._marked = 0, False, False
+            self._text = self._p = None
             self._drop_decision()  # the speaker went on: whatever the model says is moot
             return events
         self._silence += 1
         if self._silence >= self._max_frames or (self._smart and self._complete()):
             paused = self._marked
+            if self._silence >= self._max_frames:
+                self.last_reason = "silence cap"
             self._close()
             events.append(TurnEvent("end", paused=paused))
             return events
@@ -344,18 +368,36 @@ class TurnDetector:
             events.append(TurnEvent("pause"))
         return events
 
+    def heard(self, text: str) -> None:
+        """The speculative transcript of the pause now marked (the caller matched the mark): its
+        words join smart-turn's probability from the next frame on."""
+        if self._marked:
+            self._text = judge_text(text)
+
     def _complete(self) -> bool:
         decision = self._decision
-        if decision is None or not decision.done():
+        if decision is not None and decision.done():
+            self._decision = None
+            try:
+                self._p = self.last_decision = decision.result()
+            except Exception:  # a broken model must not end a turn early; the timer still will
+                log.exception("smart-turn decision failed")
+        if not self._use_text:
+            if self._p is not None and self._p > 0.5:
+                self.last_reason = f"smart-turn {self._p:.2f}"
+                return True
             return False
-        self._decision = None
-        try:
-            p = decision.result()
-        except Exception:  # a broken model must not end a turn early; the timer still will
-            log.exception("smart-turn decision failed")
-            return False
-        self.last_decision = p
-        return p > 0.5
+        awaiting = self._marked and self._text is None and self._silence < self._text_wait_frames
+        verdict = combine(
+            self._p,
+            self._text,
+            self._policy,
+            silence_ms=self._silence * FRAME_MS,
+            awaiting_text=awaiting,
+        )
+        if verdict.end_now:
+            self.last_reason = verdict.reason
+        return verdict.end_now
 
     def _drop_decision(self) -> None:
         if self._decision is not None:
@@ -366,6 +408,7 @@ class TurnDetector:
         self._drop_decision()
         self.speaking, self._silence, self._run, self._asked = False, 0, 0, False
         self._marked = False
+        self._text = self._p = None
         self._turn_audio.clear()
 
     def reset(self) -> None:
