@@ -158,7 +158,13 @@ class Pipeline:
             await self.bus.publish(stt, frame)
         end = Frame.audio(b"", sample_rate=RATE, epoch=epoch, seq=len(pcm) // FRAME, flags=Flag.END)
         await self.bus.publish(stt, end)
-        frames = await self.out.wait_for(lambda fs: has_last(fs, epoch), limit_s=limit_s)
+
+        def complete(fs: list[Frame]) -> bool:
+            # the end-of-reply marker is a unit of its own: it may overtake the audio before it
+            heard = any(f.kind is Kind.AUDIO and f.payload and f.epoch == epoch for f in fs)
+            return heard and has_last(fs, epoch)
+
+        frames = await self.out.wait_for(complete, limit_s=limit_s)
         mine = [f for f in frames if f.epoch == epoch]
         events = [f.as_event for f in mine if f.kind is Kind.EVENT]
         said = [e["text"] for e in events if e.get("type") == "transcript"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,3 +155,31 @@ async def test_a_reply_s_next_unit_waits_for_the_one_before() -> None:
     await started.wait()  # its first phrase is out; its second is being made
     await asyncio.gather(first, run("next", "Take a hat, and some water."))
     assert order == ["first", "first", "next", "next"]
+
+
+async def test_the_reply_s_first_unit_starts_at_its_first_sound(
+    services: Any, bus: Any, store: Any, subjects: Any, agent_json: dict
+) -> None:
+    """Piper opens each phrase with 40-50 ms under -40 dBFS. The TTS stage drops that from the
+    reply's first unit (index 0: the caller hears the bot that much sooner), not from later ones,
+    whose opening is the pause between phrases."""
+    from tests.support import listen
+    from voicemesh.bus import Frame, Kind
+    from voicemesh.config.models import parse_agent_config
+    from voicemesh.connectors.audio import quiet_lead
+    from voicemesh.pipeline import TTSService
+
+    sid = (await store.create_session(parse_agent_config(agent_json))).session_id
+    out = await listen(bus, subjects.data("transport", sid))
+    await services.start(TTSService)
+    text = "The capital of France is Paris."
+    for index in (0, 1):
+        await bus.publish(subjects.data("tts", sid), Frame.text(text, epoch=1, index=index))
+    await out.wait_for(
+        lambda fs: sum(1 for f in fs if f.kind is Kind.AUDIO and not f.payload) >= 2, 30
+    )
+    audio = {i: b"".join(f.payload for f in out.of(Kind.AUDIO) if f.index == i) for i in (0, 1)}
+    rate = {f.sample_rate for f in out.of(Kind.AUDIO) if f.payload}.pop()
+    lead = {i: quiet_lead(audio[i], rate) / 2 / rate * 1000 for i in (0, 1)}
+    assert lead[1] >= 20, lead  # the voice's own opening, kept in a later unit
+    assert lead[0] <= 5, lead  # only the 10 ms lead-in is left, which quiet_lead keeps

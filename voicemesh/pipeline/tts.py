@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from voicemesh.bus import Flag, Frame
 from voicemesh.bus.events import ErrorEvent, Hop
 from voicemesh.config.stages import Stage
+from voicemesh.connectors.audio import quiet_lead
 from voicemesh.connectors.base import Connector, TTSConnector
 from voicemesh.connectors.fallback import caller_error
 from voicemesh.pipeline.base import QueuedStage
@@ -19,6 +20,9 @@ from voicemesh.state.claims import DONE
 log = logging.getLogger(__name__)
 
 MARKER_RATE = 16000  # rate named in the header of empty marker frames
+#: the most of a reply's opening near-silence the stage drops (a voice that starts softly is
+#: never cut into past this)
+LEAD_TRIM_MAX_S = 0.3
 
 
 async def resume_sentence(
@@ -58,10 +62,21 @@ class TTSService(QueuedStage):
         chain = self.chain(cached.config)
         seq, rate = 0, MARKER_RATE
         t0 = time.perf_counter()
+        # The reply's first unit starts at its first sound: the caller waits for nothing else.
+        # Later units keep their onsets, which are the pauses between phrases.
+        trimming, trimmed = frame.index == 0, 0
         try:
             async for _, (pcm, rate) in chain.stream(
                 lambda c, done: resume_sentence(c, frame.as_text, done)
             ):
+                if trimming:
+                    budget = max(0, int(LEAD_TRIM_MAX_S * rate) * 2 - trimmed)
+                    cut = min(quiet_lead(pcm, rate), budget)
+                    trimmed += cut
+                    pcm = pcm[cut:]
+                    if not pcm:
+                        continue
+                    trimming = False
                 if seq == 0 and frame.index == 0:
                     # the turn's first audio: report this hop ahead of it (same subject, same
                     # connection: the transport has the figure before it sends the audio on)
