@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -100,6 +100,8 @@ PIPECAT_READY_S = 600.0
 BEFORE_READY_S = 660.0
 #: how long the old stack gets to stop once told (its roles drain 15 s, then its two servers)
 BEFORE_STOP_S = 60.0
+#: then how long it gets after SIGTERM, before SIGKILL
+BEFORE_TERM_S = 20.0
 
 
 def log(msg: str) -> None:
@@ -344,7 +346,7 @@ class OldStack:
         except subprocess.TimeoutExpired:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(BEFORE_TERM_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -353,6 +355,8 @@ class OldStack:
                 log(f"before: pid {pid} outlived its stack; killing it")
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def cwd_of(pid: int) -> Path | None:
@@ -368,28 +372,30 @@ def tail(path: Path, lines: int = 20) -> str:
     return "(no log)"
 
 
+def start_helper(tree: Path, log_path: Path, logfile: IO[bytes]) -> OldStack:
+    """The helper process, in `tree`, starting `tree`'s stack with `tree`'s default agent."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BEFORE_HELPER, str(tree / "config" / "agent-config.json")],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=logfile,
+    )
+    return OldStack(tree, proc, log_path)
+
+
 @contextlib.contextmanager
 def before_stack(commit: str, work: Path) -> Iterator[OldStack]:
     """The old tree checked out into `work`, and its stack starting (call `ready()`): it loads
     while the other setups load. Everything is stopped and the checkout removed at the end."""
     log_path = work / "before-stack.log"
     with checkout(commit, work / "before-tree") as tree, log_path.open("wb") as logfile:
-        tree = tree.resolve()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", BEFORE_HELPER, str(tree / "config" / "agent-config.json")],
-            cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=logfile,
-        )
-        old = OldStack(tree, proc, log_path)
+        old = start_helper(tree.resolve(), log_path, logfile)
         try:
             yield old
         finally:
             old.stop()
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 # --- the run ---------------------------------------------------------------------------------
