@@ -88,10 +88,10 @@ class AnthropicServer(ChatServer):
         index = 0
         say = " ".join(str(c["say"]) for c in calls if c.get("say"))
         if say:
-            block = {"type": "text", "text": ""}
+            text = {"type": "text", "text": ""}
             events.append(
                 sse(
-                    {"type": "content_block_start", "index": 0, "content_block": block},
+                    {"type": "content_block_start", "index": 0, "content_block": text},
                     "content_block_start",
                 )
             )
