@@ -489,3 +489,58 @@ async def test_a_barge_in_during_a_tool_cancels_the_turn_and_records_the_call_as
     ]
     assert CALLS.labels("get_weather", "nats", "cancelled")._value.get() >= 1
     await sub.unsubscribe()
+
+
+def test_tool_metric_labels_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tool names come from configs: past MAX_NAMES distinct ones, metrics say "other"."""
+    from voicemesh.tools import metrics
+
+    monkeypatch.setattr(metrics, "_seen", set())
+    monkeypatch.setattr(metrics, "MAX_NAMES", 3)
+    assert [metrics.label(f"t{i}") for i in range(5)] == ["t0", "t1", "t2", "other", "other"]
+    assert metrics.label("t1") == "t1"
+
+
+async def test_the_operator_caps_a_configs_tool_timeout(
+    services: Services, bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    """A config's timeout_ms of 60 s is cut to VOICEMESH_TOOL_TIMEOUT_MAX_MS (here 300 ms)."""
+    sub = await serve(bus.nc, "tools.weather", Weather(delay_s=3))
+    await bus.settle()
+    config = agent(
+        agent_json, [call()], [tool(timeout_ms=60_000)], replies=["Ok."], tool_filler=None
+    )
+    sid = (await store.create_session(config)).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    transport = await listen(bus, subjects.data("transport", sid))
+    await services.start(LLMService, tool_timeout_max_ms=300)
+    t0 = time.perf_counter()
+    await turn(bus, subjects, sid)
+    await tts.wait_for(has_last)
+    assert time.perf_counter() - t0 < 2
+    (result,) = await events_of(transport, "tool_result")
+    assert result["status"] == "timeout"
+    await sub.unsubscribe()
+
+
+async def test_the_default_filler_delay_is_the_operators(
+    services: Services, bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    """An agent's filler with no after_ms waits VOICEMESH_TOOL_FILLER_AFTER_MS."""
+    sub = await serve(bus.nc, "tools.weather", Weather(delay_s=0.5))
+    await bus.settle()
+    config = agent(agent_json, [call()], [tool()], replies=["Ok."], tool_filler={"text": "Wait."})
+    sid = (await store.create_session(config)).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    await services.start(LLMService, tool_filler_after_ms=100)
+    await turn(bus, subjects, sid)
+    assert [f.as_text for f in await tts.wait_for(has_last)] == ["Wait.", "Ok.", ""]
+    await sub.unsubscribe()
+
+
+def test_the_tool_subjects_setting_is_checked() -> None:
+    from voicemesh.config.settings import Settings
+
+    assert Settings(tool_subjects=" tools, acme.tools ").tool_subjects == "tools,acme.tools"
+    with pytest.raises(ValueError, match="not a subject prefix"):
+        Settings(tool_subjects="tools.>")
