@@ -306,6 +306,8 @@ def field_values(model: type[BaseModel], name: str) -> st.SearchStrategy[Any]:
     elif typing.get_origin(annotation) is list and _str_items(annotation):
         items = st.text(max_size=20).filter(lambda t: not is_secret_ref(t))
         strategy = st.lists(items, min_size=max(min_len, 1), max_size=min(3, max_len))
+    elif typing.get_origin(annotation) is list and min_len == 0:
+        strategy = st.just([])  # a list of objects (scripted tool_rounds): tests/test_tools.py
     else:  # pragma: no cover - a new field type: teach this generator about it
         raise AssertionError(f"no strategy for {model.__name__}.{name}: {info.annotation}")
     return st.none() | strategy if optional else strategy

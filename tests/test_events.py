@@ -28,6 +28,8 @@ from voicemesh.bus.events import (
     Interrupt,
     Interrupted,
     Session,
+    ToolCallEvent,
+    ToolResultEvent,
     Transcript,
     Turn,
     TurnEnded,
@@ -154,6 +156,37 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
             "message": "cut",
             "stage": "llm",
             "epoch": 3,
+        },
+    ),
+    (  # llm: a tool call of turn 3 (issue 15)
+        ToolCallEvent(
+            epoch=3, call_id="call_0_0", name="get_weather", arguments='{"city":"Paris"}'
+        ),
+        {
+            "type": "tool_call",
+            "epoch": 3,
+            "call_id": "call_0_0",
+            "name": "get_weather",
+            "arguments": '{"city":"Paris"}',
+        },
+    ),
+    (
+        ToolResultEvent(
+            epoch=3,
+            call_id="call_0_0",
+            name="get_weather",
+            status="timeout",
+            duration_ms=5000.4,
+            error="timeout",
+        ),
+        {
+            "type": "tool_result",
+            "epoch": 3,
+            "call_id": "call_0_0",
+            "name": "get_weather",
+            "status": "timeout",
+            "duration_ms": 5000.4,
+            "error": "timeout",
         },
     ),
     (Turn(epoch=4), {"type": "turn", "epoch": 4}),

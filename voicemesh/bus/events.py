@@ -7,11 +7,12 @@ Channels:
 - **caller** (`CallerEvent`, `parse_caller_event`): what the transport sends a caller, as WebSocket
   text frames, WebRTC data-channel messages or Daily app messages: `session`, `turn`,
   `user_stopped`, `transcript`, `hop`, `bot_started`, `turn_metrics`, `bot_done`, `interrupted`,
-  `error`, `warning`.
+  `error`, `warning`, `tool_call`, `tool_result`.
 - **caller control** (`CallerControl`, `parse_caller_control`): what a caller sends the transport
   (`end`: hang up).
 - **side** (`SideEvent`, `parse_side_event`): EVENT frames from the stages straight to
-  `vm.transport.<sid>`, beside the flow: `transcript`, `hop`, `error`, `warning`. The transport
+  `vm.transport.<sid>`, beside the flow: `transcript`, `hop`, `error`, `warning`, `tool_call`,
+  `tool_result`. The transport
   forwards each one to the caller.
 - **ctl** (`CtlEvent`, `parse_ctl_event`): EVENT frames on `vm.ctl.<sid>`: `turn`, `interrupt`,
   `turn_ended`, `end`, `call_end`.
@@ -215,6 +216,31 @@ class WarningEvent(Event):
     epoch: int | None = _optional()
 
 
+class ToolCallEvent(Event):
+    """The LLM stage is calling tool `name` for turn `epoch` (`arguments` as the model wrote
+    them, cut to VOICEMESH_TOOL_RESULT_MAX_CHARS)."""
+
+    type: Literal["tool_call"] = "tool_call"
+    epoch: int
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ToolResultEvent(Event):
+    """A tool call ended: `status` ok, error, timeout or cancelled (a barge-in), after
+    `duration_ms`; `error` is a short reason (unknown tool, bad arguments, handler error,
+    non-JSON output, no service, refused, timeout). The result itself goes to the LLM only."""
+
+    type: Literal["tool_result"] = "tool_result"
+    epoch: int
+    call_id: str
+    name: str
+    status: Literal["ok", "error", "timeout", "cancelled"]
+    duration_ms: float
+    error: str | None = _optional()
+
+
 # --- vm.ctl.<sid> -------------------------------------------------------------------------------
 
 
@@ -269,10 +295,15 @@ CallerEvent = Annotated[
     | BotDone
     | Interrupted
     | ErrorEvent
-    | WarningEvent,
+    | WarningEvent
+    | ToolCallEvent
+    | ToolResultEvent,
     Field(discriminator="type"),
 ]
-SideEvent = Annotated[Transcript | Hop | ErrorEvent | WarningEvent, Field(discriminator="type")]
+SideEvent = Annotated[
+    Transcript | Hop | ErrorEvent | WarningEvent | ToolCallEvent | ToolResultEvent,
+    Field(discriminator="type"),
+]
 CtlEvent = Annotated[Turn | Interrupt | TurnEnded | End | CallEnd, Field(discriminator="type")]
 CallerControl = End
 
@@ -290,9 +321,11 @@ CHANNELS: dict[str, tuple[type[Event], ...]] = {
         Interrupted,
         ErrorEvent,
         WarningEvent,
+        ToolCallEvent,
+        ToolResultEvent,
     ),
     "caller control": (End,),
-    "side": (Transcript, Hop, ErrorEvent, WarningEvent),
+    "side": (Transcript, Hop, ErrorEvent, WarningEvent, ToolCallEvent, ToolResultEvent),
     "ctl": (Turn, Interrupt, TurnEnded, End, CallEnd),
 }
 
@@ -383,6 +416,8 @@ __all__ = [
     "Interrupted",
     "Session",
     "SideEvent",
+    "ToolCallEvent",
+    "ToolResultEvent",
     "Transcript",
     "Turn",
     "TurnEnded",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from voicemesh.bus.subjects import Subjects
 from voicemesh.config.connections import DEFAULT_INBOX
 from voicemesh.config.stages import PROCESSING, STAGES, Stage
+from voicemesh.config.tools import current_tool_subjects
 
 #: the operator's user: full rights, for tools (`voicemesh up`'s launcher, the bench harness,
 #: tests' helpers) and never handed to a role
@@ -69,8 +70,10 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
             ),
         )
     assert role in PROCESSING
+    # the LLM stage sends tool requests under the operator's tool prefixes (VOICEMESH_TOOL_SUBJECTS)
+    tools = tuple(f"{p}.>" for p in current_tool_subjects()) if role is Stage.LLM else ()
     return Permissions(
-        publish=(*data, subjects.config_get_all, subjects.connector_health(role)),
+        publish=(*data, subjects.config_get_all, subjects.connector_health(role), *tools),
         subscribe=(
             subjects.data_all(role),
             subjects.ctl_all,

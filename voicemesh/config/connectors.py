@@ -16,9 +16,11 @@ from voicemesh.config.limits import (
     ICE_SERVERS_MAX,
     LANGUAGE_MAX_CHARS,
     NAME_MAX_CHARS,
+    OPTIONS_KEYS_MAX,
     PREFIX_MAX_CHARS,
     REPLIES_MAX,
     TEXT_MAX_CHARS,
+    Name,
     Reply,
     Url,
 )
@@ -243,12 +245,35 @@ class SmolLM2Options(ConnectorOptions):
     max_history_messages: int = Field(8, ge=0, le=200)
 
 
+class ScriptedCall(ConnectorOptions):
+    """One tool call a scripted LLM makes."""
+
+    name: str = Field(max_length=NAME_MAX_CHARS)
+    arguments: dict[Name, Any] | Reply = Field(
+        default_factory=dict,
+        max_length=OPTIONS_KEYS_MAX,
+        description="an object, sent as its JSON; or a string sent as it is (malformed JSON, "
+        "for tests)",
+    )
+
+
+class ScriptedRound(ConnectorOptions):
+    """A round of tool calls: `say` is spoken first, then every call is made at once."""
+
+    say: Reply = ""
+    calls: list[ScriptedCall] = Field(min_length=1, max_length=8)
+
+
 class ScriptedOptions(ConnectorOptions):
     """Deterministic replies for tests and demos: turn N answers replies[N % len]; "{user}" is
-    replaced by what the user said."""
+    replaced by what the user said. With `tool_rounds`, a turn first makes those rounds of tool
+    calls, in order, then answers; "{result}" in the reply is replaced by the last results."""
 
     replies: list[Reply] = Field(min_length=1, max_length=REPLIES_MAX)
     chunk_words: int = Field(1, ge=1, le=50, description="words per streamed chunk")
+    tool_rounds: list[ScriptedRound] = Field(
+        default_factory=list, max_length=8, description="tool calls made before each reply"
+    )
 
 
 class EchoOptions(ConnectorOptions):

@@ -45,6 +45,7 @@ from voicemesh.config.limits import (
 )
 from voicemesh.config.secrets import reference_issues
 from voicemesh.config.stages import STAGES, Stage
+from voicemesh.config.tools import TOOLS_MAX, ToolFiller, ToolSpec, tool_issues
 from voicemesh.errors import VoicemeshError
 
 Path = tuple[str | int, ...]
@@ -170,6 +171,16 @@ class AgentConfig(BaseModel):
     pipeline: PipelineSpec
     connectors: Annotated[dict[Name, StageConnectors], entries_at_most(STAGES_MAX)] = Field(
         max_length=STAGES_MAX
+    )
+    tools: Annotated[list[ToolSpec], entries_at_most(TOOLS_MAX)] = Field(
+        default_factory=list,
+        max_length=TOOLS_MAX,
+        description="functions the LLM may call (docs/wire-protocol.md, Tools); none: the LLM "
+        "stage runs exactly as without tools",
+    )
+    tool_filler: ToolFiller | None = Field(
+        default_factory=ToolFiller,
+        description="what the bot says once per turn while tools run slowly; null: nothing",
     )
 
     @field_validator("connectors")
@@ -344,6 +355,11 @@ def _check(cfg: AgentConfig) -> Iterable[ConfigIssue]:
             yield issue(
                 ("pipeline", "flow", i), "edge is not on the path from transport to transport"
             )
+
+    # Tools: egress allow-list for http URLs, declared header credentials, allowed NATS subjects.
+    if cfg.tools:
+        for where, msg in tool_issues(cfg.tools, policy):
+            yield issue(("tools", *where), msg)
 
     in_flow = {s for e in cfg.pipeline.flow for s in (e.source, e.target) if s in STAGES}
     for stage in sorted(in_flow - {Stage.TRANSPORT} - set(cfg.connectors)):

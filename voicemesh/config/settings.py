@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from voicemesh.config.hosts import HOSTS_FORMAT, parse_egress_hosts
 from voicemesh.config.secrets import credential_connectors
+from voicemesh.config.tools import parse_tool_subjects
 
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*")
 #: a tenant's name: a Valkey key part and a log field, so no ':' , spaces or upper case
@@ -260,6 +261,41 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         "audio does not wait for a whole sentence; later units are sentences; 0: the first unit "
         "is a sentence too",
     )
+    # --- tools (voicemesh/tools/, docs/wire-protocol.md "Tools") ---
+    tool_subjects: str = Field(
+        "tools",
+        description="llm: NATS subject prefixes a config's nats tools may send requests under, "
+        "comma-separated (a tool subject must be PREFIX.something); a subject elsewhere is a 422",
+    )
+    tool_max_rounds: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description="llm: rounds of tool calls in one turn; after the last, the LLM is asked "
+        "once more without tools and any call it still makes is dropped with a 'warning' event "
+        "(tool_round_limit)",
+    )
+    tool_timeout_max_ms: int = Field(
+        30_000,
+        ge=50,
+        le=600_000,
+        description="llm: the longest a tool call may run, whatever the config's timeout_ms; a "
+        "call past its timeout is answered to the LLM with an error result",
+    )
+    tool_result_max_chars: int = Field(
+        4000,
+        ge=100,
+        le=1_000_000,
+        description="llm: characters of one tool result given to the LLM and stored in the "
+        "context; a longer one is cut and ends with a truncation marker",
+    )
+    tool_filler_after_ms: int = Field(
+        1500,
+        ge=0,
+        le=60_000,
+        description="llm: how long tools run, with nothing said in the turn yet, before the "
+        "agent's tool_filler is spoken (an agent may set its own after_ms); 0: at once",
+    )
     piper_threads: int = Field(
         0,
         ge=0,
@@ -379,6 +415,11 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
                 k for k in value if (k.get_secret_value() if isinstance(k, SecretStr) else k)
             )
         return value
+
+    @field_validator("tool_subjects")
+    @classmethod
+    def _tool_subjects(cls, value: str) -> str:
+        return ",".join(parse_tool_subjects(value))
 
     @field_validator("session_rate", mode="before")
     @classmethod

@@ -6,13 +6,30 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from voicemesh.config.connectors import ConnectorOptions
 from voicemesh.config.stages import Stage
 
-Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content": str}
+if TYPE_CHECKING:
+    from voicemesh.config.tools import ToolSpec
+
+# {"role": "system" | "user" | "assistant", "content": str}; with tools also an assistant message
+# with "tool_calls": [{"id", "name", "arguments": JSON text}] and {"role": "tool",
+# "tool_call_id", "name", "content": str} (each connector reshapes these for its provider)
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the LLM asked for. `arguments` is the JSON text as the model wrote it:
+    the stage parses and checks it, so a malformed one becomes an error result, not a crash."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 class Connector(ABC):
@@ -106,9 +123,21 @@ class STTConnector(Connector):
 class LLMConnector(Connector):
     stage = Stage.LLM
 
+    #: whether `stream_tools` offers the tools to the model (else it just talks)
+    tools: ClassVar[bool] = False
+
     @abstractmethod
     def stream(self, messages: list[Message]) -> AsyncIterator[str]:
         """Reply text in pieces as they are produced."""
+
+    def stream_tools(
+        self, messages: list[Message], tools: Sequence[ToolSpec], *, choose: bool = True
+    ) -> AsyncIterator[str | ToolCall]:
+        """Reply text in pieces, then the tool calls of this round (each whole, in order) once
+        the model has finished. `choose` False: the model must answer in words (the turn's
+        last round). A connector that cannot call tools talks: the tool exchange already in
+        `messages` is given to it as text."""
+        return self.stream(without_tools(messages))
 
 
 class TTSConnector(Connector):
@@ -129,3 +158,19 @@ def last_user_text(messages: list[Message]) -> str:
         if m.get("role") == "user":
             return str(m.get("content", ""))
     return ""
+
+
+def without_tools(messages: list[Message]) -> list[Message]:
+    """`messages` for a model that knows nothing of tools: each result becomes a line of user
+    text, so a connector that took over mid-turn (a fallback) still has the answer."""
+    out: list[Message] = []
+    for m in messages:
+        role = m.get("role")
+        if role == "tool":
+            out.append({"role": "user", "content": f"[{m.get('name')} returned: {m['content']}]"})
+        elif role == "assistant" and "tool_calls" in m:
+            if m.get("content"):
+                out.append({"role": "assistant", "content": m["content"]})
+        else:
+            out.append(m)
+    return out

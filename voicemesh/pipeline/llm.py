@@ -9,20 +9,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from voicemesh.bus import Flag, Frame
-from voicemesh.bus.events import ErrorEvent, Transcript, WarningEvent
+from voicemesh.bus.events import (
+    ErrorEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    Transcript,
+    WarningEvent,
+)
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.stages import Stage
+from voicemesh.config.tools import ToolSpec
 from voicemesh.connectors import metrics
-from voicemesh.connectors.base import Connector, LLMConnector, Message
+from voicemesh.connectors.base import Connector, LLMConnector, Message, ToolCall
 from voicemesh.connectors.fallback import caller_error
 from voicemesh.pipeline.base import QueuedStage
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.state.claims import DONE
 from voicemesh.state.store import best_effort
+from voicemesh.tools.runner import Outcome, ToolRunner, cap
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,9 @@ REPLY_TRUNCATED = "reply_truncated"
 #: how long a speculative reply waits for its turn's end before it is dropped unstored: beyond
 #: the longest silence a transport waits (smart_turn_max_silence_ms, at most 10 s)
 SPECULATION_WAIT_S = 15.0
+TOOL_ROUND_LIMIT = "tool_round_limit"
+#: context entries of a tool exchange (beside "user" and "assistant")
+TOOL_CALLS, TOOL_RESULT = "tool_calls", "tool_result"
 
 
 def within(piece: str, budget: int) -> str:
@@ -46,21 +57,37 @@ def within(piece: str, budget: int) -> str:
 
 
 async def continue_reply(
-    conn: Connector, messages: list[Message], delivered: list[str]
-) -> AsyncIterator[str]:
+    conn: Connector,
+    messages: list[Message],
+    delivered: Sequence[str | ToolCall],
+    tools: Sequence[ToolSpec] | None = None,
+    *,
+    choose: bool = True,
+) -> AsyncIterator[Any]:
     """The reply from `conn`; after a fallback mid-reply, only what follows the text already
     delivered. The partial reply goes in as an assistant prefill (native for Anthropic and most
-    OpenAI-compatible servers); if a model starts over anyway, the repeated prefix is dropped."""
+    OpenAI-compatible servers); if a model starts over anyway, the repeated prefix is dropped.
+    With `tools` the connector may also end the round with tool calls; once one was delivered,
+    the round is over (a fallback must not make the calls again)."""
     assert isinstance(conn, LLMConnector)
-    partial = "".join(delivered)
+    if any(isinstance(d, ToolCall) for d in delivered):
+        return
+    partial = "".join(d for d in delivered if isinstance(d, str))
+
+    def start(msgs: list[Message]) -> AsyncIterator[Any]:
+        if tools is None:
+            return conn.stream(msgs)
+        return conn.stream_tools(msgs, tools, choose=choose)
+
     if not partial:
-        async for piece in conn.stream(messages):
+        async for piece in start(messages):
             yield piece
         return
     pending = ""
     matching = True
-    async for piece in conn.stream([*messages, {"role": "assistant", "content": partial}]):
-        if not matching:
+    async for piece in start([*messages, {"role": "assistant", "content": partial}]):
+        if not matching or isinstance(piece, ToolCall):
+            matching = False  # what matched so far restated the partial text: dropped
             yield piece
             continue
         pending += piece
@@ -82,6 +109,19 @@ class LLMService(QueuedStage):
         # with the sentence count, the call supervisor knows which TTS sentences a reply has
         return f"{DONE}:{await self._reply(session, frame)}"
 
+    _runner: ToolRunner | None = None
+
+    def runner(self) -> ToolRunner:
+        """The process's tool runner, made with the first turn that has tools."""
+        if self._runner is None:
+            self._runner = ToolRunner(self.bus.nc, self.settings)
+        return self._runner
+
+    async def release(self) -> None:
+        await super().release()
+        if self._runner is not None:
+            await self._runner.aclose()
+
     async def _reply(self, session: str, frame: Frame) -> int:
         """Generate and send the reply; returns how many sentences the turn has in all."""
         epoch, user = frame.epoch, frame.as_text
@@ -96,7 +136,7 @@ class LLMService(QueuedStage):
         # of its turn is stored until the transport confirms the turn ended in that pause.
         speculative = frame.has(Flag.SPECULATE)
         confirmed: asyncio.Task[bool] | None = None
-        if not any(m["role"] == "user" and m.get("epoch") == epoch for m in history[-2:]):
+        if not has_user_turn(history, epoch):
             entry = {"role": "user", "content": user, "epoch": epoch}
             if speculative:
                 # stored the moment the turn ends, not after the reply: a barge-in once it
@@ -141,9 +181,17 @@ class LLMService(QueuedStage):
         sent_before: list[str],
         confirmed: asyncio.Task[bool] | None,
     ) -> int:
-        epoch = frame.epoch
-        # a reply cut off before the caller heard a word is stored empty: nothing was said
-        messages = [{"role": m["role"], "content": m["content"]} for m in history if m["content"]]
+        epoch, tools = frame.epoch, config.tools
+        if tools:
+            messages, pending, rounds = tool_messages(history, epoch)
+        else:
+            # a reply cut off before the caller heard a word is stored empty: nothing was said
+            messages = [
+                {"role": m["role"], "content": m["content"]}
+                for m in history
+                if m["content"] and m["role"] in ("user", "assistant")
+            ]
+            pending, rounds = [], 0
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         chain = self.chain(config)
@@ -156,7 +204,8 @@ class LLMService(QueuedStage):
         )
         parts: list[str] = []
         index, used = len(sent_before), ""
-        prior = [" ".join(sent_before)] if sent_before else []
+        # a resumed tool turn goes on after its last completed call, not after its last words
+        prior = [" ".join(sent_before)] if sent_before and not rounds else []
         if sent_before:
             log.info("turn %d resumes after %d sentences sent before", epoch, index)
         t0 = time.perf_counter()
@@ -166,6 +215,8 @@ class LLMService(QueuedStage):
         limit = self.settings.max_reply_chars
         length = sum(len(s) + 1 for s in sent_before)
         truncated = False
+        tool_s = 0.0
+        filler_said = False
 
         async def emit(sentence: str) -> None:
             nonlocal index
@@ -192,24 +243,111 @@ class LLMService(QueuedStage):
             await self.notify(session, said, epoch=epoch)
             index += 1
 
+        async def run_calls(calls: list[ToolCall], quiet: bool) -> None:
+            """Run a round's calls at once, each result stored as it comes; the bot says the
+            filler if they are slow and the round said nothing."""
+            nonlocal filler_said, tool_s
+            started = time.perf_counter()
+            filler = config.tool_filler
+            due = filler is not None and quiet and not filler_said
+            batch = asyncio.ensure_future(
+                asyncio.gather(*(self._call(session, epoch, tools, c) for c in calls))
+            )
+            try:
+                if due and filler is not None:
+                    after_ms = filler.after_ms
+                    if after_ms is None:
+                        after_ms = self.settings.tool_filler_after_ms
+                    done, _ = await asyncio.wait({batch}, timeout=after_ms / 1000)
+                    if not done:
+                        filler_said = True
+                        parts.append(f" {filler.text} ")
+                        await emit(filler.text)
+                outcomes = await batch
+            except asyncio.CancelledError:
+                batch.cancel()  # a barge-in: the calls are abandoned (docs/wire-protocol.md)
+                raise
+            finally:
+                tool_s += time.perf_counter() - started
+            for call, outcome in zip(calls, outcomes, strict=True):
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call.id,
+                        "name": call.name,
+                        "content": outcome.content,
+                    }
+                )
+
         failed: str | None = None
         try:
-            stream = chain.stream(lambda c, done: continue_reply(c, messages, [*prior, *done]))
-            # closed on the way out, a break included: the connector's stream ends with it
-            async with contextlib.aclosing(stream):
-                async for conn, piece in stream:
-                    if ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - t0) * 1000
-                    used = conn.name
-                    if length + len(piece) > limit:
-                        piece = within(piece, limit - length)
-                        truncated = True
-                    length += len(piece)
-                    parts.append(piece)
-                    for sentence in splitter.push(piece):
-                        await emit(sentence)
-                    if truncated:
-                        break  # closes the connector's stream: the engine stops generating
+            if pending:  # calls a redelivered turn had made and not seen answered
+                await run_calls(pending, quiet=False)
+            while True:
+                calls: list[ToolCall] = []
+                offer = tools if tools else None
+                choose = rounds < self.settings.tool_max_rounds
+                start = len(parts)
+                stream = chain.stream(round_of(messages, prior, offer, choose))
+                # closed on the way out, a break included: the connector's stream ends with it
+                async with contextlib.aclosing(stream):
+                    async for conn, piece in stream:
+                        if ttft_ms is None:
+                            ttft_ms = (time.perf_counter() - t0) * 1000
+                        used = conn.name
+                        if isinstance(piece, ToolCall):
+                            calls.append(piece)
+                            continue
+                        if length + len(piece) > limit:
+                            piece = within(piece, limit - length)
+                            truncated = True
+                        length += len(piece)
+                        parts.append(piece)
+                        for sentence in splitter.push(piece):
+                            await emit(sentence)
+                        if truncated:
+                            break  # closes the connector's stream: the engine stops generating
+                if not calls or truncated:
+                    break
+                if not choose:
+                    log.warning("turn %d: tool calls past %d rounds dropped", epoch, rounds)
+                    over = WarningEvent(
+                        code=TOOL_ROUND_LIMIT,
+                        message=f"the LLM asked for tools after {rounds} rounds; "
+                        "the calls were not made",
+                        stage=Stage.LLM,
+                        epoch=epoch,
+                    )
+                    await self.notify(session, over, epoch=epoch)
+                    break
+                if confirmed is not None and not await asyncio.shield(confirmed):
+                    # a speculative reply calls no tool (tools act) before its turn has ended
+                    break
+                rounds += 1
+                prior = []
+                # text the LLM streamed before its calls is spoken now, not after the tools
+                for sentence in splitter.flush():
+                    await emit(sentence)
+                said = "".join(parts[start:]).strip()
+                parts.append(" ")  # the next round's words start a new sentence
+                record = {
+                    "role": TOOL_CALLS,
+                    "epoch": epoch,
+                    "content": said,
+                    "calls": [
+                        {"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls
+                    ],
+                }
+                stored = self.store.append_context(session, record)
+                await best_effort("storing the tool calls", stored, 0)
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": said,
+                        "tool_calls": record["calls"],
+                    }
+                )
+                await run_calls(calls, quiet=not said)
             for sentence in splitter.flush():
                 await emit(sentence)
         except Exception as exc:  # not CancelledError: a newer turn needs no marker for this one
@@ -226,7 +364,10 @@ class LLMService(QueuedStage):
                 epoch=epoch,
             )
             await self.notify(session, cut, epoch=epoch)
-        reply = " ".join([*sent_before, "".join(parts).strip()]).strip()
+        text = "".join(parts).strip()
+        if rounds:  # rounds of words (and a filler) joined: one space between them
+            text = " ".join(text.split())
+        reply = " ".join([*sent_before, text]).strip()
         if confirmed is not None and not await asyncio.shield(confirmed):
             reply = ""  # a speculative reply whose turn never ended there: never stored
         if reply:
@@ -245,6 +386,141 @@ class LLMService(QueuedStage):
             ),
         )
         log.info(
-            "turn %d: %d sentences from %s, first token %.0f ms", epoch, index, used, ttft_ms or -1
+            "turn %d: %d sentences from %s, first token %.0f ms%s",
+            epoch,
+            index,
+            used,
+            ttft_ms or -1,
+            f", {rounds} tool rounds in {tool_s * 1000:.0f} ms" if rounds else "",
         )
         return index
+
+    async def _call(
+        self, session: str, epoch: int, tools: list[ToolSpec], call: ToolCall
+    ) -> Outcome:
+        """One tool call: its event to the caller, the call, its result stored in the context
+        and sent to the caller. A barge-in abandons it: the context says it was cancelled."""
+        cap = self.settings.tool_result_max_chars
+        shown = ToolCallEvent(
+            epoch=epoch, call_id=call.id, name=call.name, arguments=cap_text(call.arguments, cap)
+        )
+        await self.notify(session, shown, epoch=epoch)
+        t0 = time.perf_counter()
+        try:
+            outcome = await self.runner().run(tools, call, session=session, epoch=epoch)
+        except asyncio.CancelledError:
+            ms = round((time.perf_counter() - t0) * 1000, 2)
+            entry = result_entry(epoch, call, "cancelled", '{"error": "cancelled"}', ms)
+            # not awaited: this task is being cancelled; the write is shielded and quick
+            self.bus.spawn(
+                best_effort(
+                    "storing a cancelled call", self.store.append_context(session, entry), 0
+                ),
+                what="storing a cancelled tool call",
+            )
+            raise
+        entry = result_entry(epoch, call, outcome.status, outcome.content, outcome.ms)
+        await best_effort("storing a tool result", self.store.append_context(session, entry), 0)
+        result = ToolResultEvent(
+            epoch=epoch,
+            call_id=call.id,
+            name=call.name,
+            status=outcome.status,
+            duration_ms=outcome.ms,
+            error=outcome.error,
+        )
+        await self.notify(session, result, epoch=epoch)
+        return outcome
+
+
+def round_of(
+    messages: list[Message], prior: list[str], tools: list[ToolSpec] | None, choose: bool
+) -> Callable[[Connector, list[Any]], AsyncIterator[Any]]:
+    """The work of one round for the chain: each connector continues after what the ones
+    before it delivered."""
+
+    def work(conn: Connector, done: list[Any]) -> AsyncIterator[Any]:
+        return continue_reply(conn, messages, [*prior, *done], tools, choose=choose)
+
+    return work
+
+
+def result_entry(
+    epoch: int, call: ToolCall, status: str, content: str, ms: float
+) -> dict[str, Any]:
+    return {
+        "role": TOOL_RESULT,
+        "epoch": epoch,
+        "call_id": call.id,
+        "name": call.name,
+        "status": status,
+        "content": content,
+        "ms": ms,
+    }
+
+
+def has_user_turn(history: list[dict[str, Any]], epoch: int) -> bool:
+    """Whether turn `epoch`'s user message is stored (a redelivered turn stored it already):
+    it is before that turn's tool exchange, if any."""
+    for m in reversed(history):
+        e = m.get("epoch")
+        if m.get("role") == "user" and e == epoch:
+            return True
+        if isinstance(e, int) and e < epoch:
+            return False
+    return False
+
+
+def tool_messages(
+    history: list[dict[str, Any]], epoch: int
+) -> tuple[list[Message], list[ToolCall], int]:
+    """The context as messages with the tool exchange; the calls of turn `epoch` that have no
+    result yet (a redelivered turn makes them again, under the same idempotency keys); and how
+    many rounds of calls turn `epoch` has made.
+
+    Calls of earlier turns without a result (the context was cut to its last messages, or a
+    crash) are left out, since a provider refuses a call with no answer; results whose call is
+    not in view are left out too. An earlier turn's words before its calls are in its stored
+    reply already, so they are not repeated in its call messages."""
+    answered: dict[str, dict[str, Any]] = {}
+    for m in history:
+        if m.get("role") == TOOL_RESULT:
+            answered[f"{m.get('epoch')}:{m.get('call_id')}"] = m
+    messages: list[Message] = []
+    pending: list[ToolCall] = []
+    rounds = 0
+    for m in history:
+        role, e = m.get("role"), m.get("epoch")
+        if role in ("user", "assistant"):
+            if m.get("content"):
+                messages.append({"role": role, "content": m["content"]})
+        elif role == TOOL_CALLS:
+            current = e == epoch
+            rounds += current
+            calls = [c for c in m.get("calls", []) if isinstance(c, dict)]
+            kept = [c for c in calls if current or f"{e}:{c.get('id')}" in answered]
+            pending += [
+                ToolCall(id=str(c["id"]), name=str(c["name"]), arguments=str(c["arguments"]))
+                for c in kept
+                if f"{e}:{c.get('id')}" not in answered
+            ]
+            said = m.get("content", "") if current else ""
+            if kept:
+                messages.append({"role": "assistant", "content": said, "tool_calls": kept})
+                for c in kept:
+                    if (r := answered.get(f"{e}:{c.get('id')}")) is not None:
+                        messages.append(
+                            {
+                                "role": "tool",
+                                "tool_call_id": c["id"],
+                                "name": c["name"],
+                                "content": r["content"],
+                            }
+                        )
+            elif said:
+                messages.append({"role": "assistant", "content": said})
+    return messages, pending, rounds
+
+
+def cap_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else cap(text, limit)

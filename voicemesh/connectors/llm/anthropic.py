@@ -13,13 +13,14 @@ which the SDK raises with the stream's status 200.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import anthropic
+import orjson
 
 from voicemesh.config.connectors import AnthropicOptions
-from voicemesh.connectors.base import LLMConnector, Message, SDKClient
+from voicemesh.connectors.base import LLMConnector, Message, SDKClient, ToolCall
 from voicemesh.connectors.errors import (
     ConnectorError,
     FailureKind,
@@ -48,28 +49,71 @@ ERROR_TYPE_STATUS = {
 }
 
 
-def to_anthropic(messages: list[Message]) -> tuple[str, list[dict[str, str]], bool]:
-    """(system, messages, whether trailing whitespace was cut from the prefill)."""
+if TYPE_CHECKING:
+    from voicemesh.config.tools import ToolSpec
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
+    try:
+        arguments = orjson.loads(call["arguments"] or "{}")
+    except orjson.JSONDecodeError:
+        arguments = {}  # a malformed call was answered with an error result already
+    if not isinstance(arguments, dict):
+        arguments = {}
+    return {"type": "tool_use", "id": call["id"], "name": call["name"], "input": arguments}
+
+
+def to_anthropic(messages: list[Message]) -> tuple[str, list[dict[str, Any]], bool]:
+    """(system, messages, whether trailing whitespace was cut from the prefill). Tool calls
+    become `tool_use` blocks of the assistant turn, results `tool_result` blocks of the user
+    turn after it; a turn of plain text stays a string."""
     system = "\n\n".join(
         str(m.get("content") or "").strip() for m in messages if m.get("role") == "system"
     ).strip()
-    turns: list[dict[str, str]] = []
+    turns: list[dict[str, Any]] = []
     for m in messages:
         if m.get("role") == "system":
             continue
-        role = "assistant" if m.get("role") == "assistant" else "user"
-        text = str(m.get("content") or "")
-        if not text.strip():
-            continue  # the API rejects empty text blocks
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n\n" + text
+        content: str | list[dict[str, Any]]
+        if m.get("role") == "tool":
+            role = "user"
+            content = [
+                {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": m["content"]}
+            ]
+        elif "tool_calls" in m:
+            role = "assistant"
+            said = str(m.get("content") or "")
+            content = _blocks(said) if said.strip() else []
+            content += [_tool_use(c) for c in m["tool_calls"]]
         else:
-            turns.append({"role": role, "content": text})
+            role = "assistant" if m.get("role") == "assistant" else "user"
+            content = str(m.get("content") or "")
+            if not content.strip():
+                continue  # the API rejects empty text blocks
+        if turns and turns[-1]["role"] == role:
+            last = turns[-1]["content"]
+            if isinstance(last, str) and isinstance(content, str):
+                turns[-1]["content"] = last + "\n\n" + content
+            else:
+                turns[-1]["content"] = _blocks(last) + _blocks(content)
+        else:
+            turns.append({"role": role, "content": content})
     # A history cut to its last N messages may open with the assistant: the API wants the user.
     while len(turns) > 1 and turns[0]["role"] == "assistant":
         turns.pop(0)
+    # ...and a tool_result whose tool_use was cut off with it would be refused
+    if turns and isinstance(turns[0]["content"], list):
+        kept = [b for b in turns[0]["content"] if b.get("type") != "tool_result"]
+        if kept:
+            turns[0]["content"] = kept
+        elif len(turns) > 1:
+            turns.pop(0)
     cut = False
-    if turns and turns[-1]["role"] == "assistant":
+    if turns and turns[-1]["role"] == "assistant" and isinstance(turns[-1]["content"], str):
         prefill = turns[-1]["content"].rstrip()
         cut = prefill != turns[-1]["content"]
         turns[-1]["content"] = prefill
@@ -93,8 +137,15 @@ class AnthropicLLM(SDKClient, LLMConnector):
         guard.pin(client.base_url)
         return client
 
+    tools = True
+
     def _request(
-        self, messages: list[Message], *, max_tokens: int | None = None
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int | None = None,
+        tools: Sequence[ToolSpec] | None = None,
+        choose: bool = True,
     ) -> tuple[dict[str, Any], bool]:
         """The SDK call's arguments, and whether the prefill lost trailing whitespace."""
         system, turns, cut = to_anthropic(messages)
@@ -107,10 +158,30 @@ class AnthropicLLM(SDKClient, LLMConnector):
             kwargs["system"] = system
         if self.options.temperature is not None:
             kwargs["temperature"] = self.options.temperature
+        if tools:
+            kwargs["tools"] = [
+                {"name": t.name, "description": t.description, "input_schema": t.parameters}
+                for t in tools
+            ]
+            kwargs["tool_choice"] = {"type": "auto" if choose else "none"}
         return kwargs, cut
 
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
-        request, skip_space = self._request(messages)
+        async for piece in self._run(*self._request(messages)):
+            if isinstance(piece, str):
+                yield piece
+
+    def stream_tools(
+        self, messages: list[Message], tools: Sequence[ToolSpec], *, choose: bool = True
+    ) -> AsyncIterator[str | ToolCall]:
+        return self._run(*self._request(messages, tools=tools, choose=choose))
+
+    async def _run(
+        self, request: dict[str, Any], skip_space: bool
+    ) -> AsyncIterator[str | ToolCall]:
+        """Text as it streams; each `tool_use` block (its input streamed as partial JSON) as a
+        call once the message has stopped."""
+        calls: dict[int, list[str]] = {}  # block index -> [id, name, input JSON]
         try:
             response = await self.client.messages.create(**request, stream=True)
         except Exception as exc:
@@ -119,7 +190,19 @@ class AnthropicLLM(SDKClient, LLMConnector):
         try:
             async with response:
                 async for event in response:
-                    if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    if (
+                        event.type == "content_block_start"
+                        and event.content_block.type == "tool_use"
+                    ):
+                        block = event.content_block
+                        calls[event.index] = [block.id, block.name, ""]
+                    elif (
+                        event.type == "content_block_delta"
+                        and event.delta.type == "input_json_delta"
+                        and event.index in calls
+                    ):
+                        calls[event.index][2] += event.delta.partial_json
+                    elif event.type == "content_block_delta" and event.delta.type == "text_delta":
                         text = event.delta.text
                         if skip_space:
                             text = text.lstrip()
@@ -134,6 +217,9 @@ class AnthropicLLM(SDKClient, LLMConnector):
             raise ConnectorError(
                 FailureKind.STREAM, "anthropic: the stream ended without message_stop"
             )
+        for i in sorted(calls):
+            cid, name, arguments = calls[i]
+            yield ToolCall(id=cid, name=name, arguments=arguments or "{}")
 
     async def probe(self) -> None:
         """A one-token message: proves the key, the model and the API answer."""

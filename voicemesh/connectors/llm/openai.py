@@ -12,13 +12,13 @@ is: compatible servers continue it. OpenAI's own API starts a new reply instead,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import openai
 
 from voicemesh.config.connectors import OpenAILLMOptions
-from voicemesh.connectors.base import NO_KEY, LLMConnector, Message, SDKClient
+from voicemesh.connectors.base import NO_KEY, LLMConnector, Message, SDKClient, ToolCall
 from voicemesh.connectors.errors import (
     ConnectorError,
     FailureKind,
@@ -33,6 +33,30 @@ from voicemesh.connectors.http import EgressGuard, sdk_http_client
 #: Per-operation SDK timeout (connect, each read). The chain's attempt timeout is the real
 #: limit on a turn; this only ends requests nobody waits for any more.
 SDK_TIMEOUT_S = 60.0
+if TYPE_CHECKING:
+    from voicemesh.config.tools import ToolSpec
+
+
+def to_openai(m: Message) -> dict[str, Any]:
+    """One message in the chat completions shape (tool calls as functions)."""
+    if m.get("role") == "tool":
+        return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": m["content"]}
+    if "tool_calls" in m:
+        return {
+            "role": "assistant",
+            "content": m.get("content") or None,
+            "tool_calls": [
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
+                for c in m["tool_calls"]
+            ],
+        }
+    return {"role": m["role"], "content": m["content"]}
+
+
 #: Sent as the key to servers that need none (a local llama.cpp or Ollama): the SDK insists on
 #: one, and must not fall back to this process's OPENAI_API_KEY for a third-party base_url.
 
@@ -55,13 +79,33 @@ class OpenAILLM(SDKClient, LLMConnector):
         guard.pin(client.base_url)
         return client
 
-    def _request(self, messages: list[Message]) -> dict[str, Any]:
+    tools = True
+
+    def _request(
+        self,
+        messages: list[Message],
+        tools: Sequence[ToolSpec] | None = None,
+        choose: bool = True,
+    ) -> dict[str, Any]:
         opts = self.options
         kwargs: dict[str, Any] = {
             "model": opts.model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "messages": [to_openai(m) for m in messages],
             "stream": True,
         }
+        if tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in tools
+            ]
+            kwargs["tool_choice"] = "auto" if choose else "none"
         if opts.temperature is not None:
             kwargs["temperature"] = opts.temperature
         if opts.max_tokens is not None:
@@ -69,11 +113,24 @@ class OpenAILLM(SDKClient, LLMConnector):
         return kwargs
 
     async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+        async for piece in self._run(self._request(messages)):
+            if isinstance(piece, str):
+                yield piece
+
+    def stream_tools(
+        self, messages: list[Message], tools: Sequence[ToolSpec], *, choose: bool = True
+    ) -> AsyncIterator[str | ToolCall]:
+        return self._run(self._request(messages, tools, choose))
+
+    async def _run(self, request: dict[str, Any]) -> AsyncIterator[str | ToolCall]:
+        """Text as it streams; the tool calls (their `tool_calls` deltas put together by index:
+        id and name come first, the arguments in pieces) once the model has finished."""
         try:
-            response = await self.client.chat.completions.create(**self._request(messages))
+            response = await self.client.chat.completions.create(**request)
         except Exception as exc:
             raise self.error(exc) from exc
         finished = False
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
         try:
             async with response:  # closes the HTTP response however the stream ends
                 async for chunk in response:
@@ -82,13 +139,26 @@ class OpenAILLM(SDKClient, LLMConnector):
                             continue
                         if choice.finish_reason:
                             finished = True
-                        if choice.delta is not None and choice.delta.content:
-                            yield choice.delta.content
+                        delta = choice.delta
+                        if delta is None:
+                            continue
+                        if delta.content:
+                            yield delta.content
+                        for part in delta.tool_calls or ():
+                            call = calls.setdefault(part.index, ["", "", ""])
+                            if part.id:
+                                call[0] = part.id
+                            if part.function is not None:
+                                call[1] += part.function.name or ""
+                                call[2] += part.function.arguments or ""
         except Exception as exc:
             raise self.error(exc) from exc
         if not finished:
             # A body that ends cleanly but early (a proxy gave up) would pass for a whole reply.
             raise ConnectorError(FailureKind.STREAM, "openai: the stream ended without finishing")
+        for i in sorted(calls):
+            cid, name, arguments = calls[i]
+            yield ToolCall(id=cid or f"call_{i}", name=name, arguments=arguments)
 
     async def probe(self) -> None:
         """The same streamed request as a turn, closed at its first chunk: it proves the model

@@ -33,8 +33,110 @@ class AnthropicServer(ChatServer):
     name = "anthropic"
     default_reply = "Hello from the Anthropic loopback server."
 
+    def __init__(
+        self,
+        replies: list[str] | None = None,
+        *,
+        tool_rounds: list[list[dict[str, Any]]] | None = None,
+        **kw: Any,
+    ) -> None:
+        """`tool_rounds`: with tools in the request, each turn first makes these rounds of calls
+        ({"name", "arguments": JSON text, "say"?}), streamed as `tool_use` blocks whose input
+        comes as `input_json_delta` pieces, stop_reason "tool_use"; "{result}" in a reply is
+        replaced by the `tool_result` blocks of the last user turn."""
+        self.tool_rounds = tool_rounds or []
+        super().__init__(replies, **kw)
+
     def build(self) -> Starlette:
         return Starlette(routes=[Route("/v1/messages", self.messages, methods=["POST"])])
+
+    def tool_round(self, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+        if not body.get("tools") or (body.get("tool_choice") or {}).get("type") == "none":
+            return None
+        messages = body.get("messages") or []
+
+        def asked(m: dict[str, Any]) -> bool:
+            content = m.get("content")
+            return isinstance(content, list) and any(b.get("type") == "tool_use" for b in content)
+
+        def spoke(m: dict[str, Any]) -> bool:  # a user turn that is not only tool results
+            content = m.get("content")
+            return m.get("role") == "user" and (
+                isinstance(content, str)
+                or any(b.get("type") != "tool_result" for b in content or [])
+            )
+
+        last_user = max((i for i, m in enumerate(messages) if spoke(m)), default=-1)
+        done = sum(1 for m in messages[last_user + 1 :] if asked(m))
+        return self.tool_rounds[done] if done < len(self.tool_rounds) else None
+
+    def answer(self, messages: list[dict[str, Any]]) -> str:
+        text = super().answer(messages)
+        last = messages[-1] if messages else {}
+        content = last.get("content") if isinstance(last, dict) else None
+        results = []
+        if isinstance(content, list):
+            results = [str(b.get("content")) for b in content if b.get("type") == "tool_result"]
+        return text.replace("{result}", " ".join(results))
+
+    def tool_events(self, calls: list[dict[str, Any]], start: dict[str, Any]) -> list[bytes]:
+        """A message of text (the calls' `say`) then one tool_use block per call."""
+        events = [
+            sse({"type": "message_start", "message": start}, "message_start"),
+            sse({"type": "ping"}, "ping"),
+        ]
+        index = 0
+        say = " ".join(str(c["say"]) for c in calls if c.get("say"))
+        if say:
+            text = {"type": "text", "text": ""}
+            events.append(
+                sse(
+                    {"type": "content_block_start", "index": 0, "content_block": text},
+                    "content_block_start",
+                )
+            )
+            for piece in self.pieces(say):
+                delta = {"type": "text_delta", "text": piece}
+                events.append(
+                    sse(
+                        {"type": "content_block_delta", "index": 0, "delta": delta},
+                        "content_block_delta",
+                    )
+                )
+            events.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+            index = 1
+        for c in calls:
+            block: dict[str, Any] = {
+                "type": "tool_use",
+                "id": f"toolu_{uuid.uuid4().hex[:20]}",
+                "name": c["name"],
+                "input": {},
+            }
+            events.append(
+                sse(
+                    {"type": "content_block_start", "index": index, "content_block": block},
+                    "content_block_start",
+                )
+            )
+            args = str(c.get("arguments", "{}"))
+            step = max(1, len(args) // 3)
+            for at in range(0, len(args), step):
+                delta = {"type": "input_json_delta", "partial_json": args[at : at + step]}
+                events.append(
+                    sse(
+                        {"type": "content_block_delta", "index": index, "delta": delta},
+                        "content_block_delta",
+                    )
+                )
+            events.append(sse({"type": "content_block_stop", "index": index}, "content_block_stop"))
+            index += 1
+        stop = {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": 10},
+        }
+        events += [sse(stop, "message_delta"), sse({"type": "message_stop"}, "message_stop")]
+        return events
 
     @staticmethod
     def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None):
@@ -83,7 +185,8 @@ class AnthropicServer(ChatServer):
                 "invalid_request_error",
                 "messages: final assistant content cannot end with trailing whitespace",
             )
-        text = self.answer(messages)
+        calls = self.tool_round(body) if body.get("stream") else None
+        text = self.answer(messages) if calls is None else ""
         model = str(body["model"])
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         input_tokens = sum(len(content_text(m.get("content")).split()) for m in messages)
@@ -111,6 +214,14 @@ class AnthropicServer(ChatServer):
             "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": 1},
         }
+        if calls is not None:
+            events = self.tool_events(calls, start)
+
+            async def replay() -> Any:
+                for event in events:
+                    yield event
+
+            return self.event_stream(replay())
         block = {
             "type": "content_block_start",
             "index": 0,

@@ -36,12 +36,39 @@ class OpenAIChatServer(ChatServer):
     default_reply = "Hello from the OpenAI loopback server."
 
     def __init__(
-        self, replies: list[str] | None = None, *, model: str = "loopback-gpt", **kw: Any
+        self,
+        replies: list[str] | None = None,
+        *,
+        model: str = "loopback-gpt",
+        tool_rounds: list[list[dict[str, Any]]] | None = None,
+        **kw: Any,
     ) -> None:
         """`kw`: ChatServer's (chunk_words, space_after, chunk_delay_s, retry_after_s, die_how,
-        api_key)."""
+        api_key). `tool_rounds`: with tools in the request, each turn first makes these rounds
+        of calls ({"name", "arguments": JSON text, "say"?: text before the calls}), streamed as
+        OpenAI streams `tool_calls` deltas; "{result}" in a reply is replaced by the last
+        round's tool results."""
         self.model = model
+        self.tool_rounds = tool_rounds or []
         super().__init__(replies, **kw)
+
+    def tool_round(self, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The calls to make for this request, or None to answer in words."""
+        if not body.get("tools") or body.get("tool_choice") == "none":
+            return None
+        messages = body.get("messages") or []
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        done = sum(1 for m in messages[last_user + 1 :] if m.get("tool_calls"))
+        return self.tool_rounds[done] if done < len(self.tool_rounds) else None
+
+    def answer(self, messages: list[dict[str, Any]]) -> str:
+        text = super().answer(messages)
+        results: list[str] = []
+        for m in reversed(messages):
+            if m.get("role") != "tool":
+                break
+            results.insert(0, content_text(m.get("content")))
+        return text.replace("{result}", " ".join(results))
 
     def build(self) -> Starlette:
         return Starlette(
@@ -109,7 +136,10 @@ class OpenAIChatServer(ChatServer):
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not body.get("model"):
             return self.error(400, "'model' and 'messages' are required", "invalid_request_error")
-        text = self.answer(messages)
+        calls = self.tool_round(body) if body.get("stream") else None
+        text = self.answer(messages) if calls is None else ""
+        if calls is not None:
+            text = " ".join(str(c["say"]) for c in calls if c.get("say"))
         model = str(body["model"])
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -148,6 +178,8 @@ class OpenAIChatServer(ChatServer):
             )
 
         def tail() -> list[bytes]:
+            if calls is not None:
+                return [*tool_chunks(), chunk({}, "tool_calls"), sse(b"[DONE]")]
             usage = {
                 "id": cid,
                 "object": "chat.completion.chunk",
@@ -157,6 +189,22 @@ class OpenAIChatServer(ChatServer):
                 "usage": _usage(messages, text),
             }
             return [chunk({}, "stop"), *([sse(usage)] if include_usage else []), sse(b"[DONE]")]
+
+        def tool_chunks() -> list[bytes]:
+            """One call after another, by index: id, type and name first, then the arguments
+            in a few pieces (as OpenAI streams them)."""
+            out = []
+            for i, c in enumerate(calls or []):
+                cid = f"call_{uuid.uuid4().hex[:12]}"
+                head = {"index": i, "id": cid, "type": "function"}
+                fn = {"name": c["name"], "arguments": ""}
+                out.append(chunk({"tool_calls": [{**head, "function": fn}]}))
+                args = str(c.get("arguments", "{}"))
+                step = max(1, len(args) // 3)
+                for at in range(0, len(args), step):
+                    piece = {"index": i, "function": {"arguments": args[at : at + step]}}
+                    out.append(chunk({"tool_calls": [piece]}))
+            return out
 
         error = {"message": SERVER_ERROR, "type": "server_error", "param": None, "code": None}
         return self.event_stream(
