@@ -159,7 +159,8 @@ def stack_env(
         "VALKEY_URL": valkey_url,
         "VOICEMESH_SUBJECT_PREFIX": prefix,
         "VOICEMESH_KEY_PREFIX": prefix,
-        "VOICEMESH_LOG_LEVEL": "WARNING",
+        # VOICEMESH_BENCH_LOG_LEVEL=INFO shows each role's log (turns, hops) while it runs
+        "VOICEMESH_LOG_LEVEL": os.environ.get("VOICEMESH_BENCH_LOG_LEVEL", "WARNING"),
         "VOICEMESH_AUTH": "off",
         "VOICEMESH_SESSION_RATE": "off",
         "VOICEMESH_TENANT_MAX_CALLS": "0",

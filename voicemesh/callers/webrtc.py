@@ -120,8 +120,11 @@ async def call_over_webrtc(
 
     @events.on("message")
     def _message(message: Any) -> None:
+        # pings and SmallWebRTC's own signalling messages (renegotiation) are the connection's,
+        # not the call's events
         if isinstance(message, str) and not message.startswith("ping"):
-            script.on_event(message)
+            if '"type":"signalling"' not in message.replace(" ", ""):
+                script.on_event(message)
 
     async def record(track: MediaStreamTrack) -> None:
         resampler: soxr.ResampleStream | None = None
