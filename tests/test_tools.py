@@ -544,3 +544,38 @@ def test_the_tool_subjects_setting_is_checked() -> None:
     assert Settings(tool_subjects=" tools, acme.tools ").tool_subjects == "tools,acme.tools"
     with pytest.raises(ValueError, match="not a subject prefix"):
         Settings(tool_subjects="tools.>")
+
+
+async def test_a_speculative_reply_calls_no_tool_before_its_turn_ends(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+    weather: Weather,
+) -> None:
+    """A reply started on a transcript made at the caller's pause (SPECULATE) may speak, but a
+    tool acts in the world: its call waits until the transport confirms the turn ended there
+    (turn_ended on vm.ctl), and nothing of the turn is stored before then."""
+    from voicemesh.bus import Flag
+    from voicemesh.bus.events import TurnEnded
+
+    config = agent(
+        agent_json, [call(say="Let me check.")], [tool()], replies=["Paris is {result}."]
+    )
+    sid = (await store.create_session(config)).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    await services.start(LLMService)
+    flags = Flag.START | Flag.END | Flag.LAST | Flag.SPECULATE
+    await bus.publish(
+        subjects.data("llm", sid), Frame.text("weather in Paris?", epoch=1, flags=flags)
+    )
+    await tts.wait_for(lambda fs: any(f.as_text == "Let me check." for f in fs))
+    await asyncio.sleep(0.5)
+    assert weather.calls == [] and await store.get_context(sid) == []
+    ended = Frame.event(TurnEnded(epoch=1), epoch=1)
+    await bus.publish(subjects.ctl(sid), ended)
+    await tts.wait_for(has_last)
+    assert weather.calls == [{"city": "Paris"}]
+    context = await store.get_context(sid)
+    assert [m["role"] for m in context] == ["user", "tool_calls", "tool_result", "assistant"]

@@ -320,14 +320,14 @@ class LLMService(QueuedStage):
                     )
                     await self.notify(session, over, epoch=epoch)
                     break
-                if confirmed is not None and not await asyncio.shield(confirmed):
-                    # a speculative reply calls no tool (tools act) before its turn has ended
-                    break
                 rounds += 1
                 prior = []
                 # text the LLM streamed before its calls is spoken now, not after the tools
                 for sentence in splitter.flush():
                     await emit(sentence)
+                if confirmed is not None and not await asyncio.shield(confirmed):
+                    # a speculative reply calls no tool (tools act) before its turn has ended
+                    break
                 said = "".join(parts[start:]).strip()
                 parts.append(" ")  # the next round's words start a new sentence
                 record = {
