@@ -167,6 +167,27 @@ async def test_each_pause_is_marked_and_speech_after_a_mark_clears_it() -> None:
     ]
 
 
+async def test_pause_mark_ms_marks_the_pause_sooner_and_never_after_the_end() -> None:
+    """pause_mark_ms 100 with silence alone (400 ms to the end): the mark comes after 100 ms of
+    silence, not halfway (200 ms); one past the end is clamped to the frame before it."""
+    pcm = silence(200) + tone(500) + silence(600)
+    speech_end = (200 + 500) // 20
+    got = await turn_events(
+        TurnDetector(options(end_of_turn_silence_ms=400, pause_mark_ms=100)), pcm
+    )
+    assert [(n, ev.kind) for n, ev in got][1:] == [
+        (speech_end + 5 - 1, "pause"),
+        (speech_end + 20 - 1, "end"),
+    ]
+    got = await turn_events(
+        TurnDetector(options(end_of_turn_silence_ms=400, pause_mark_ms=900)), pcm
+    )
+    assert [(n, ev.kind) for n, ev in got][1:] == [
+        (speech_end + 19 - 1, "pause"),
+        (speech_end + 20 - 1, "end"),
+    ]
+
+
 async def test_with_smart_turn_the_pause_is_marked_when_the_model_is_asked() -> None:
     det = TurnDetector(options(turn="smart_turn", smart_turn_max_silence_ms=1000))
     pcm = silence(200) + tone(600) + silence(1200)

@@ -97,6 +97,15 @@ class TurnOptions(ConnectorOptions):
         "asked; with silence alone, halfway to end_of_turn_silence_ms) STT transcribes what was "
         "said so far, so a turn that ends in that pause needs no transcription after its end",
     )
+    pause_mark_ms: int | None = Field(
+        None,
+        ge=40,
+        le=5000,
+        description="with speculative_stt: the pause after which STT transcribes what was said "
+        "so far (default: end_of_turn_silence_ms with smart_turn, half of it with silence "
+        "alone). Earlier starts whisper sooner and wastes a transcription on each shorter pause "
+        "the caller then talks through",
+    )
     text_end_of_turn: bool = Field(
         True,
         description="with smart_turn and speculative_stt: the speculative transcript's words "

@@ -260,6 +260,8 @@ class TurnDetector:
         # halfway to the end, so whisper has the other half to run before the turn ends.
         self._speculate = options.speculative_stt
         self._mark_frames = self._end_frames if self._smart else max(1, self._end_frames // 2)
+        if options.pause_mark_ms is not None:  # never later than the turn can end
+            self._mark_frames = max(1, min(_frames(options.pause_mark_ms), self._max_frames - 1))
         self._marked = False  # this pause is marked, and nothing voiced came since
         # The words of the speculative transcript join smart-turn's probability (endpoint.py).
         self._use_text = self._smart and self._speculate and options.text_end_of_turn
