@@ -528,7 +528,10 @@ async def test_healthz(client: httpx.AsyncClient, settings: Settings) -> None:
         "status": "ok",
         "instance": settings.instance_id,
         "checks": {"nats": True, "valkey": True},
+        "ready": True,
+        "calls": {"active": 0, "limit": settings.max_calls, "refused": 0},
     }
+    assert (await client.get("/readyz")).status_code == 200
 
 
 async def test_healthz_reports_a_lost_nats_connection_as_503(

@@ -164,6 +164,7 @@ def stack_env(
         "VOICEMESH_AUTH": "off",
         "VOICEMESH_SESSION_RATE": "off",
         "VOICEMESH_TENANT_MAX_CALLS": "0",
+        "VOICEMESH_MAX_CALLS": "0",
         "HF_HUB_OFFLINE": "1",
         **extra,
     }

@@ -367,6 +367,15 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
     keys_file: str | None = Field(
         None, description="JSON file of tenants, their keys (or SHA-256 digests) and limits"
     )
+    max_calls: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description="transport: calls this process carries at once; past it new calls get 503 "
+        "with Retry-After (WebSocket: close 1013) and /readyz answers 503 (0: no limit). The "
+        "soak held 200 pass-through WebSocket calls on one transport at 0.78 of a core; WebRTC's "
+        "Opus costs more per call",
+    )
     tenant_max_calls: int = Field(
         20,
         ge=0,

@@ -98,23 +98,40 @@ def create_app(service: TransportService) -> FastAPI:
 
 
 def health_router(service: TransportService) -> APIRouter:
-    """`/healthz`: 200 when NATS and Valkey answer, else 503 naming which did not."""
+    """`/healthz`: 200 when NATS and Valkey answer, else 503 naming which did not (liveness: a
+    full transport is alive). `/readyz`: the same, and 503 also while the transport carries
+    VOICEMESH_MAX_CALLS calls (readiness: a load balancer sends new calls elsewhere). Both report
+    the calls it carries."""
     router = APIRouter()
 
-    @router.get("/healthz")
-    async def healthz() -> JSONResponse:
+    async def body() -> dict[str, Any]:
         checks = {"nats": service.bus.nc.is_connected, "valkey": True}
         try:
             await service.store.check()
         except Exception:
             checks["valkey"] = False
-        ok = all(checks.values())
-        body = {
-            "status": "ok" if ok else "degraded",
+        capacity = service.capacity
+        return {
+            "status": "ok" if all(checks.values()) else "degraded",
             "instance": service.settings.instance_id,
             "checks": checks,
+            "ready": all(checks.values()) and capacity.ready,
+            "calls": {
+                "active": capacity.active,
+                "limit": capacity.limit,
+                "refused": capacity.refused,
+            },
         }
-        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @router.get("/healthz")
+    async def healthz() -> JSONResponse:
+        found = await body()
+        return JSONResponse(found, status_code=200 if found["status"] == "ok" else 503)
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        found = await body()
+        return JSONResponse(found, status_code=200 if found["ready"] else 503)
 
     return router
 

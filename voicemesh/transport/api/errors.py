@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from voicemesh.config.models import ConfigIssue, ConfigValidationError
 from voicemesh.errors import VoicemeshError
 from voicemesh.state.store import Conflict, NotFound
+from voicemesh.transport.api.capacity import AtCapacity, on_at_capacity
 from voicemesh.transport.api.security import (
     RateLimited,
     Unauthorized,
@@ -57,6 +58,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorOut,
         "description": "over the tenant's session rate or concurrent calls (see Retry-After)",
     },
+    503: {
+        "model": ErrorOut,
+        "description": "this transport carries VOICEMESH_MAX_CALLS calls (see Retry-After)",
+    },
 }
 
 
@@ -76,6 +81,7 @@ def add_error_handlers(app: FastAPI) -> None:
     # handler that answers both HTTP requests and WebSockets, as these do.
     app.exception_handler(Unauthorized)(on_unauthorized)
     app.exception_handler(RateLimited)(on_rate_limited)
+    app.exception_handler(AtCapacity)(on_at_capacity)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -28,6 +28,7 @@ from voicemesh.role import Role
 from voicemesh.router import publish_config_update
 from voicemesh.router.service_router import CachedConfig
 from voicemesh.state.store import UNREACHABLE, StoredConfig
+from voicemesh.transport.api.capacity import CallCapacity
 from voicemesh.transport.call.host import NoInstance
 from voicemesh.transport.call.turns import preload
 
@@ -44,6 +45,7 @@ class TransportService(Role):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self._owners: dict[str, str] = {}
+        self.capacity = CallCapacity(settings.max_calls)
 
     async def setup(self) -> None:
         # the VAD and turn models (Silero, smart-turn) load once here, not in a caller's turn

@@ -129,9 +129,22 @@ def call_sessions(
     """The CallSession the carriers are given."""
 
     async def call_session(session_id: str | None, agent: str | None, client: Client) -> Admission:
-        """Admit a call: the tenant's call slot first (a refused call makes nothing), then an
+        """Admit a call: this transport's capacity, the tenant's call slot (a refused call makes
+        nothing), then an
         existing session of the client's, or a new one from an agent (the default agent when none
         is named; it counts against the session rate). The slot is given back if that fails."""
+        # this transport's own count first: no Valkey round trip, and a full transport makes
+        # nothing (no slot, no session) for a call it refuses
+        service.capacity.take()
+        try:
+            admitted = await admit(session_id, agent, client)
+        except BaseException:
+            service.capacity.give()
+            raise
+        admitted.slot.also(service.capacity.give)
+        return admitted
+
+    async def admit(session_id: str | None, agent: str | None, client: Client) -> Admission:
         store = service.store
         if session_id:
             await owned(service, session_id, client)  # before a slot: a 404 holds nothing

@@ -292,6 +292,8 @@ class CallSlot:
 
     def __init__(self, slots: CallSlots | None = None, tenant: str = "", member: str = ""):
         self._slots, self.tenant, self.member = slots, tenant, member
+        #: run once when the slot is given back (the transport's own call count)
+        self._then: list[Callable[[], None]] = []
         self._renewer: asyncio.Task[None] | None = None
         if slots is not None:
             self._renewer = asyncio.create_task(self._renew(slots), name=f"call-slot {tenant}")
@@ -304,7 +306,14 @@ class CallSlot:
             except Exception as exc:  # keep trying: the call is live, and a lapsed slot is retaken
                 log.warning("call slot of %s not renewed: %s", self.tenant, exc)
 
+    def also(self, release: Callable[[], None]) -> None:
+        """Run `release` too when this slot is given back."""
+        self._then.append(release)
+
     async def release(self) -> None:
+        then, self._then = self._then, []
+        for fn in then:
+            fn()
         slots, self._slots = self._slots, None
         if self._renewer is not None:
             self._renewer.cancel()

@@ -60,6 +60,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from voicemesh.bus.events import CallerEvent, ErrorEvent
 from voicemesh.state import NotFound
+from voicemesh.transport.api.capacity import WS_AT_CAPACITY, AtCapacity
 from voicemesh.transport.api.security import (
     WS_RATE_LIMITED,
     WS_UNAUTHORIZED,
@@ -563,6 +564,10 @@ def twilio_routes(
         except RateLimited as exc:
             log.warning("Twilio stream %s refused: %s", start.streamSid, exc.detail)
             await _close(ws, WS_RATE_LIMITED)
+            return
+        except AtCapacity as exc:
+            log.warning("Twilio stream %s refused: %s", start.streamSid, exc.detail)
+            await _close(ws, WS_AT_CAPACITY)
             return
         except NotFound as exc:  # also another tenant's session: the same words, the same code
             log.warning(
