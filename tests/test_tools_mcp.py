@@ -234,3 +234,23 @@ async def test_an_mcp_url_is_checked_again_where_the_call_is_made(
     assert (outcome.status, outcome.error) == ("error", "refused")
     assert mcp_server.requests == 0
     await runner.aclose()
+
+
+@pytest.mark.usefixtures("private_egress")
+async def test_the_listing_is_reused_for_the_ttl(
+    bus: Bus, settings: Any, mcp_server: McpServer
+) -> None:
+    """VOICEMESH_TOOL_MCP_LIST_TTL_S: a second turn within it asks the server nothing; with 0,
+    every turn lists again."""
+    from voicemesh.config.tools import ToolSpec
+    from voicemesh.tools.runner import ToolRunner
+
+    spec = ToolSpec.model_validate(mcp_tool(mcp_server.endpoint, ["get_weather"]))
+    for ttl_s, again in ((60.0, False), (0.0, True)):
+        runner = ToolRunner(bus.nc, settings.model_copy(update={"tool_mcp_list_ttl_s": ttl_s}))
+        first, _ = await runner.offered([spec])
+        before = mcp_server.requests
+        second, _ = await runner.offered([spec])
+        assert [t.name for t in first] == [t.name for t in second] == ["get_weather"]
+        assert (mcp_server.requests > before) is again
+        await runner.aclose()
