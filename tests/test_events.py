@@ -24,6 +24,7 @@ from voicemesh.bus.events import (
     ErrorEvent,
     Event,
     EventError,
+    HangUp,
     Hop,
     Interrupt,
     Interrupted,
@@ -189,6 +190,35 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
             "error": "timeout",
         },
     ),
+    (  # llm: end_call was called in turn 3 (issue 15)
+        HangUp(epoch=3),
+        {"type": "hang_up", "epoch": 3},
+    ),
+    (  # a turn with tool time (issue 15): tool_ms only when a tool ran
+        TurnMetrics(
+            epoch=3,
+            trace_id="5c0f54d3a0e1b2c4",
+            eou_ms=301.2,
+            stt_ms=352.4,
+            llm_ttft_ms=1496.2,
+            tts_ttfb_ms=131.0,
+            first_audio_ms=2011.3,
+            v2v_ms=2312.5,
+            tool_ms=1380.2,
+        ),
+        {
+            "type": "turn_metrics",
+            "epoch": 3,
+            "trace_id": "5c0f54d3a0e1b2c4",
+            "eou_ms": 301.2,
+            "stt_ms": 352.4,
+            "llm_ttft_ms": 1496.2,
+            "tts_ttfb_ms": 131.0,
+            "first_audio_ms": 2011.3,
+            "v2v_ms": 2312.5,
+            "tool_ms": 1380.2,
+        },
+    ),
     (Turn(epoch=4), {"type": "turn", "epoch": 4}),
     (Interrupt(epoch=4, interrupted=3), {"type": "interrupt", "epoch": 4, "interrupted": 3}),
     (TurnEnded(epoch=4), {"type": "turn_ended", "epoch": 4}),
@@ -231,10 +261,30 @@ def test_turn_metrics_from_the_trace_keep_their_nulls() -> None:
     trace.voiced()
     body = trace.summary()
     # every phase is sent, null when unknown; speculative STT's two fields only when it was at work
-    optional = {"stt_speculative", "stt_discarded"}
+    optional = {"stt_speculative", "stt_discarded", "tool_ms"}
     assert list(body) == [f for f in TurnMetrics.model_fields if f not in optional]
     assert body["type"] == "turn_metrics" and body["v2v_ms"] is None
     assert trace.metrics().wire_json() == orjson.dumps(body)
+
+
+def test_tool_time_is_a_phase_of_the_trace_with_parallel_calls_counted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each tool_result is a span ending on arrival and lasting its duration_ms: two parallel
+    calls (400 ms and 300 ms, overlapping) and a later one (100 ms) make 500 ms of tool time,
+    not 800; the LLM's time between the rounds is not in it; the histogram gets a tool phase."""
+    import voicemesh.transport.call.trace as trace_mod
+
+    clock = iter([10.4, 10.4, 11.0])
+    monkeypatch.setattr(trace_mod.time, "perf_counter", lambda: next(clock))
+    trace = TurnTrace("abcdefgh12", 5)
+    assert trace.metrics().tool_ms is None and "tool_ms" not in trace.summary()
+    for ms in (400.0, 300.0, 100.0):
+        trace.on_event(ToolResultEvent(epoch=5, call_id="c", name="t", status="ok", duration_ms=ms))
+    assert trace.metrics().tool_ms == 500.0
+    before = trace_mod.TURN_PHASE.labels("tool")._sum.get()
+    trace.record()
+    assert trace_mod.TURN_PHASE.labels("tool")._sum.get() - before == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,115 @@ async def test_an_instance_that_loses_its_claim_stops_its_unit(
         for svc in reversed(list(services.running)):
             await services.stop(svc)
         await chat.stop()
+
+
+async def test_an_llm_instance_killed_mid_tool_turn_resumes_after_its_last_completed_call(
+    fast_leases: Settings,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+) -> None:
+    """Round 1 calls `first`; its result is stored; the instance dies while the model streams
+    round 2. The turn is redelivered to a survivor, which reads the stored call and result back
+    and goes on from there: `first` is not called again, `second` once, and the reply has both
+    results; the context holds each call and result once, in order (issue 15)."""
+    from voicemesh.tools import current_call, serve
+
+    calls: dict[str, list[str]] = {"first": [], "second": []}
+
+    def service(name: str) -> Any:
+        async def answer(city: str) -> dict[str, str]:
+            request = current_call()
+            assert request is not None
+            calls[name].append(request.idempotency_key)
+            return {"tool": name, "city": city}
+
+        return answer
+
+    subs = [
+        await serve(bus.nc, "tools.first", service("first")),
+        await serve(bus.nc, "tools.second", service("second")),
+    ]
+    await bus.settle()
+    rounds = [
+        [{"name": "first", "arguments": '{"city": "Oslo"}'}],
+        # streamed slowly, and no sentence of it ends before the call: the instance dies here
+        [{"name": "second", "arguments": '{"city": "Rome"}', "say": "and now the other one too"}],
+    ]
+    services = Services(fast_leases)
+    chat = OpenAIChatServer(["Both: {result}"], tool_rounds=rounds, chunk_delay_s=0.15)
+    await chat.start()
+    transport = TransportService(fast_leases)
+    await transport.start()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    try:
+        data = {**agent_json}
+        data["connectors"] = {
+            "llm": {
+                "primary": "openai",
+                "config": {"openai": {"base_url": f"{chat.url}/v1", "model": "m"}},
+            },
+            "tts": {"primary": "tone"},
+            "stt": agent_json["connectors"]["stt"],
+        }
+        data["tools"] = [
+            {"name": n, "parameters": schema, "handler": {"type": "nats", "subject": f"tools.{n}"}}
+            for n in ("first", "second")
+        ]
+        data["tool_filler"] = None
+        sid = (await store.create_session(parse_agent_config(data))).session_id
+        doomed: LLMService = await services.start(LLMService)
+        tts_in = await listen(bus, subjects.data("tts", sid))
+
+        supervisor = TurnSupervisor(transport, sid)
+        supervisor.begin(1)
+        supervisor.ended([])
+        await bus.publish(
+            subjects.data("llm", sid),
+            Frame.text("weather twice", epoch=1, flags=Flag.START | Flag.END),
+        )
+        supervisor.on_event(
+            {"type": "transcript", "role": "user", "text": "weather twice", "final": True}, 1
+        )
+
+        async def first_result_stored() -> bool:
+            return any(m["role"] == "tool_result" for m in await store.get_context(sid))
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await first_result_stored():
+            assert asyncio.get_running_loop().time() < deadline, "the first call never ended"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # into round 2's slow words
+        await die(doomed)
+        services.running.remove(doomed)
+        await doomed.store.close()
+        assert calls == {"first": [f"{sid}:1:{calls['first'][0].split(':')[-1]}"], "second": []}
+
+        await services.start(LLMService)  # the survivor
+        deadline = asyncio.get_running_loop().time() + 15
+        while not any(f.has(Flag.LAST) for f in tts_in.frames):
+            assert asyncio.get_running_loop().time() < deadline, "the turn never completed"
+            await supervisor.check(0)
+            await asyncio.sleep(0.1)
+        assert supervisor.redeliveries >= 1
+        assert len(calls["first"]) == 1 and len(calls["second"]) == 1
+        said = " ".join(f.as_text for f in tts_in.frames if f.kind is Kind.TEXT and f.payload)
+        assert '"tool":"second"' in said and said.startswith("and now the other one too")
+        context = await store.get_context(sid)
+        assert [m["role"] for m in context] == [
+            "user",
+            "tool_calls",
+            "tool_result",
+            "tool_calls",
+            "tool_result",
+            "assistant",
+        ]
+        assert [m["name"] for m in context if m["role"] == "tool_result"] == ["first", "second"]
+    finally:
+        for svc in reversed(list(services.running)):
+            await services.stop(svc)
+        await transport.stop()
+        await chat.stop()
+        for sub in subs:
+            await sub.unsubscribe()

@@ -7,12 +7,12 @@ Channels:
 - **caller** (`CallerEvent`, `parse_caller_event`): what the transport sends a caller, as WebSocket
   text frames, WebRTC data-channel messages or Daily app messages: `session`, `turn`,
   `user_stopped`, `transcript`, `hop`, `bot_started`, `turn_metrics`, `bot_done`, `interrupted`,
-  `error`, `warning`, `tool_call`, `tool_result`.
+  `error`, `warning`, `tool_call`, `tool_result`, `hang_up`.
 - **caller control** (`CallerControl`, `parse_caller_control`): what a caller sends the transport
   (`end`: hang up).
 - **side** (`SideEvent`, `parse_side_event`): EVENT frames from the stages straight to
   `vm.transport.<sid>`, beside the flow: `transcript`, `hop`, `error`, `warning`, `tool_call`,
-  `tool_result`. The transport
+  `tool_result`, `hang_up`. The transport
   forwards each one to the caller.
 - **ctl** (`CtlEvent`, `parse_ctl_event`): EVENT frames on `vm.ctl.<sid>`: `turn`, `interrupt`,
   `turn_ended`, `end`, `call_end`.
@@ -171,6 +171,9 @@ class TurnMetrics(Event):
     stt_speculative: bool | None = _optional()
     #: speculative transcripts of the turn thrown away because the caller went on
     stt_discarded: int | None = _optional()
+    #: time spent in tool calls before the first bot audio (parallel calls counted once);
+    #: absent when no tool ran
+    tool_ms: float | None = _optional()
 
 
 class BotDone(Event):
@@ -241,6 +244,15 @@ class ToolResultEvent(Event):
     error: str | None = _optional()
 
 
+class HangUp(Event):
+    """The LLM called the built-in end_call in turn `epoch`: the call hangs up once that turn's
+    reply has been played to its end (at once if it already has; not at all if the caller
+    speaks over it: the barge-in cancels the turn, and the call goes on)."""
+
+    type: Literal["hang_up"] = "hang_up"
+    epoch: int
+
+
 # --- vm.ctl.<sid> -------------------------------------------------------------------------------
 
 
@@ -297,11 +309,12 @@ CallerEvent = Annotated[
     | ErrorEvent
     | WarningEvent
     | ToolCallEvent
-    | ToolResultEvent,
+    | ToolResultEvent
+    | HangUp,
     Field(discriminator="type"),
 ]
 SideEvent = Annotated[
-    Transcript | Hop | ErrorEvent | WarningEvent | ToolCallEvent | ToolResultEvent,
+    Transcript | Hop | ErrorEvent | WarningEvent | ToolCallEvent | ToolResultEvent | HangUp,
     Field(discriminator="type"),
 ]
 CtlEvent = Annotated[Turn | Interrupt | TurnEnded | End | CallEnd, Field(discriminator="type")]
@@ -323,9 +336,10 @@ CHANNELS: dict[str, tuple[type[Event], ...]] = {
         WarningEvent,
         ToolCallEvent,
         ToolResultEvent,
+        HangUp,
     ),
     "caller control": (End,),
-    "side": (Transcript, Hop, ErrorEvent, WarningEvent, ToolCallEvent, ToolResultEvent),
+    "side": (Transcript, Hop, ErrorEvent, WarningEvent, ToolCallEvent, ToolResultEvent, HangUp),
     "ctl": (Turn, Interrupt, TurnEnded, End, CallEnd),
 }
 
@@ -411,6 +425,7 @@ __all__ = [
     "ErrorEvent",
     "Event",
     "EventError",
+    "HangUp",
     "Hop",
     "Interrupt",
     "Interrupted",

@@ -92,15 +92,16 @@ def connectors_declaring(
     """Connector name -> the stages where its options model declares any of `fields` (credential
     or egress fields): what an operator setting keyed by [stage.]connector may name."""
     from voicemesh.config.connectors import CONNECTOR_OPTIONS  # it imports this module
-    from voicemesh.config.tools import HTTP_TOOL, TOOL_STAGE, HttpHandler
+    from voicemesh.config.tools import HTTP_TOOL, MCP_TOOL, TOOL_STAGE, HttpHandler, McpHandler
 
     out: dict[str, set[str]] = {}
-    # http tools are a pseudo-connector of the llm stage: their hosts and header credentials are
-    # allowed by the same settings, keyed `tool_http`
+    # http and mcp tools are pseudo-connectors of the llm stage: their hosts and header
+    # credentials are allowed by the same settings, keyed `tool_http` and `tool_mcp`
     declared: dict[str, dict[str, type[BaseModel]]] = {
         stage: dict(models) for stage, models in CONNECTOR_OPTIONS.items()
     }
     declared[TOOL_STAGE][HTTP_TOOL] = HttpHandler
+    declared[TOOL_STAGE][MCP_TOOL] = McpHandler
     for stage, models in declared.items():
         for name, model in models.items():
             if fields(model):

@@ -296,6 +296,13 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="llm: how long tools run, with nothing said in the turn yet, before the "
         "agent's tool_filler is spoken (an agent may set its own after_ms); 0: at once",
     )
+    tool_mcp_list_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="llm: how long the tool list of an mcp tool's server is reused before it "
+        "is asked again (a turn asks only when it is older); 0: listed on every turn",
+    )
     piper_threads: int = Field(
         0,
         ge=0,

@@ -14,7 +14,14 @@ process to send requests to, so every string in it is checked against what the o
   allows (VOICEMESH_TOOL_SUBJECTS, default `tools`), so a config cannot aim requests at
   voicemesh's own subjects (`vm.config.*`, `vm.ctl.*`), another service's, `$SYS` or `_INBOX`;
 - `parameters` is a JSON Schema (checked as one), capped in size;
-- "${...}" anywhere else in a tool is refused, as in connector options.
+- "${...}" anywhere else in a tool is refused, as in connector options;
+- an `mcp` tool's URL and headers follow the http rules under their own pseudo-connector
+  `tool_mcp` (VOICEMESH_EGRESS_HOSTS=tool_mcp:HOST, VOICEMESH_SECRET_ENV=tool_mcp:NAME); the
+  tools the server lists are offered only if their names are on the tool's optional `tools`
+  allow-list, and each listed schema passes the same checks as a config's `parameters`;
+- the built-in `set_config` may switch a stage's primary connector only to the names, and the
+  prompt only to the named prompts, that its own config lists; the changed config is validated
+  whole, as a pushed one.
 
 This module is the config layer: it validates and describes; voicemesh/tools/ runs the calls.
 """
@@ -31,6 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from voicemesh.config.hosts import EgressPolicy, current_policy, endpoint, url_problem
+from voicemesh.config.limits import NAME_MAX_CHARS, PROMPT_MAX_CHARS
 from voicemesh.config.secrets import (
     CREDENTIAL_KEY,
     SECRET_REF,
@@ -44,6 +52,8 @@ from voicemesh.config.secrets import (
 #: the pseudo-connector (stage llm) that VOICEMESH_EGRESS_HOSTS and VOICEMESH_SECRET_ENV name
 #: for http tools: `tool_http:api.example.com`, `tool_http:WEATHER_API_KEY`
 HTTP_TOOL = "tool_http"
+#: the same for mcp tools: `tool_mcp:mcp.example.com`, `tool_mcp:MCP_TOKEN`
+MCP_TOOL = "tool_mcp"
 TOOL_STAGE = "llm"
 SUBJECTS_SETTING = "VOICEMESH_TOOL_SUBJECTS"
 DEFAULT_TOOL_SUBJECTS = "tools"
@@ -102,7 +112,77 @@ class NatsHandler(BaseModel):
     )
 
 
-Handler = Annotated[HttpHandler | NatsHandler, Field(discriminator="type")]
+#: names on an mcp tool's allow-list; set_config's connector names per stage, and its prompts
+MCP_NAMES_MAX = 64
+SWITCH_NAMES_MAX = 16
+PROMPTS_MAX = 16
+#: the stages whose primary connector set_config may switch
+SWITCHABLE_STAGES = ("stt", "llm", "tts")
+
+
+class McpHandler(BaseModel):
+    """The tools of a Model Context Protocol server (streamable HTTP): listed by the LLM stage
+    and offered to the LLM under their own names, those on `tools` only when it is set. The
+    entry's own `name`, `description` and `parameters` describe the group, not a function."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["mcp"]
+    url: str = endpoint(..., description="https URL on the tool_mcp egress allow-list")
+    headers: dict[Annotated[str, Field(pattern=HEADER_NAME)], str] = Field(
+        default_factory=dict,
+        max_length=HEADERS_MAX,
+        description='header values; credentials only as "${NAME}" or "Bearer ${NAME}", NAME '
+        "allowed for tool_mcp by VOICEMESH_SECRET_ENV",
+        json_schema_extra={CREDENTIAL_KEY: {"env": [], "clear": True}},
+    )
+    tools: list[Annotated[str, Field(pattern=TOOL_NAME)]] | None = Field(
+        None,
+        max_length=MCP_NAMES_MAX,
+        description="the server's tools the LLM may call, by name; null: every tool it lists",
+    )
+
+
+class EndCallHandler(BaseModel):
+    """Built-in: the bot says the rest of its reply, then the call hangs up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["end_call"]
+
+
+class SetConfigHandler(BaseModel):
+    """Built-in: the LLM switches this session's config within what this lists: a stage's
+    primary connector to one of `connectors[stage]`, the system prompt to one of `prompts`
+    (by name: the LLM never writes a prompt). The offered schema is made from these lists."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["set_config"]
+    connectors: dict[
+        Literal["stt", "llm", "tts"],
+        Annotated[
+            list[Annotated[str, Field(max_length=NAME_MAX_CHARS)]],
+            Field(min_length=1, max_length=SWITCH_NAMES_MAX),
+        ],
+    ] = Field(
+        default_factory=dict,
+        description="stage -> connector names its primary may be switched to",
+    )
+    prompts: dict[
+        Annotated[str, Field(pattern=TOOL_NAME)],
+        Annotated[str, Field(max_length=PROMPT_MAX_CHARS)],
+    ] = Field(
+        default_factory=dict,
+        max_length=PROMPTS_MAX,
+        description="name -> system prompt the LLM may switch to by name",
+    )
+
+
+Handler = Annotated[
+    HttpHandler | NatsHandler | McpHandler | EndCallHandler | SetConfigHandler,
+    Field(discriminator="type"),
+]
 
 
 class ToolSpec(BaseModel):
@@ -196,8 +276,8 @@ def subject_problem(
 # --- header credentials ------------------------------------------------------------------------
 
 
-def header_problem(name: str, value: str) -> str | None:
-    """Push-time check of one http tool header."""
+def header_problem(name: str, value: str, connector: str = HTTP_TOOL) -> str | None:
+    """Push-time check of one http (or mcp) tool header."""
     if name.lower() in RESERVED_HEADERS:
         return f"header {name} is set by voicemesh"
     if _HEADER_BAD.search(value):
@@ -211,18 +291,20 @@ def header_problem(name: str, value: str) -> str | None:
         return None
     ref = SECRET_REF.fullmatch(m.group(2))
     assert ref is not None
-    allowed = allowed_env(TOOL_STAGE, HTTP_TOOL, HEADER_CREDENTIAL)
+    allowed = allowed_env(TOOL_STAGE, connector, HEADER_CREDENTIAL)
     if ref.group(1) not in allowed:
-        return not_allowed(ref.group(1), TOOL_STAGE, HTTP_TOOL, allowed)
+        return not_allowed(ref.group(1), TOOL_STAGE, connector, allowed)
     return None
 
 
-def resolve_header(value: str, env: dict[str, str] | None = None) -> str:
+def resolve_header(
+    value: str, env: dict[str, str] | None = None, connector: str = HTTP_TOOL
+) -> str:
     """A header value with its reference resolved (in the stage process, at call time)."""
     m = HEADER_REF.fullmatch(value)
     if m is None:
         return value
-    secret = resolve_credential(TOOL_STAGE, HTTP_TOOL, HEADER_CREDENTIAL, m.group(2), env)
+    secret = resolve_credential(TOOL_STAGE, connector, HEADER_CREDENTIAL, m.group(2), env)
     return f"{m.group(1)} {secret}" if m.group(1) else secret
 
 
@@ -282,17 +364,33 @@ def tool_issues(
         if problem := schema_problem(tool.parameters):
             yield (*loc, "parameters"), problem
         handler = tool.handler
-        if isinstance(handler, HttpHandler):
+        if isinstance(handler, HttpHandler | McpHandler):
+            connector = HTTP_TOOL if isinstance(handler, HttpHandler) else MCP_TOOL
             if SECRET_REF.search(handler.url):
                 yield (*loc, "handler", "url"), '"${...}" is only allowed in http tool headers'
             else:
                 policy = policy if policy is not None else current_policy()
-                if problem := url_problem(handler.url, TOOL_STAGE, HTTP_TOOL, ("https",), policy):
+                if problem := url_problem(handler.url, TOOL_STAGE, connector, ("https",), policy):
                     yield (*loc, "handler", "url"), problem
             for name, value in handler.headers.items():
-                if problem := header_problem(name, value):
+                if problem := header_problem(name, value, connector):
                     yield (*loc, "handler", "headers", name), problem
-        else:
+        elif isinstance(handler, SetConfigHandler):
+            from voicemesh.config.connectors import CONNECTOR_OPTIONS
+
+            for stage, allowed in handler.connectors.items():
+                known = CONNECTOR_OPTIONS.get(stage, {})
+                for j, name in enumerate(allowed):
+                    if name not in known:
+                        yield (
+                            (*loc, "handler", "connectors", stage, j),
+                            f"{name[:64]!r} is not a {stage} connector; known: "
+                            f"{', '.join(sorted(known))}",
+                        )
+            for name, text in handler.prompts.items():
+                for at in _refs(text, ("handler", "prompts", name)):
+                    yield (*loc, *at), '"${...}" is only allowed in http tool headers'
+        elif isinstance(handler, NatsHandler):
             if prefixes is None:
                 prefixes = current_tool_subjects()
             vm = os.environ.get("VOICEMESH_SUBJECT_PREFIX", "vm")
@@ -303,8 +401,12 @@ def tool_issues(
 __all__ = [
     "DEFAULT_TOOL_SUBJECTS",
     "HTTP_TOOL",
+    "MCP_TOOL",
+    "EndCallHandler",
     "HttpHandler",
+    "McpHandler",
     "NatsHandler",
+    "SetConfigHandler",
     "ToolFiller",
     "ToolSpec",
     "current_tool_subjects",

@@ -15,6 +15,7 @@ from typing import Any
 from voicemesh.bus import Flag, Frame
 from voicemesh.bus.events import (
     ErrorEvent,
+    HangUp,
     ToolCallEvent,
     ToolResultEvent,
     Transcript,
@@ -22,7 +23,7 @@ from voicemesh.bus.events import (
 )
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.stages import Stage
-from voicemesh.config.tools import ToolSpec
+from voicemesh.config.tools import EndCallHandler, SetConfigHandler, ToolSpec
 from voicemesh.connectors import metrics
 from voicemesh.connectors.base import Connector, LLMConnector, Message, ToolCall
 from voicemesh.connectors.fallback import caller_error
@@ -30,7 +31,8 @@ from voicemesh.pipeline.base import QueuedStage
 from voicemesh.pipeline.text import SentenceSplitter
 from voicemesh.state.claims import DONE
 from voicemesh.state.store import best_effort
-from voicemesh.tools.runner import Outcome, ToolRunner, cap
+from voicemesh.tools.builtins import set_config
+from voicemesh.tools.runner import MCP_LIST_FAILED, Outcome, ToolRunner, cap
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,11 @@ class LLMService(QueuedStage):
     def runner(self) -> ToolRunner:
         """The process's tool runner, made with the first turn that has tools."""
         if self._runner is None:
-            self._runner = ToolRunner(self.bus.nc, self.settings)
+
+            async def setter(session: str, handler: SetConfigHandler, args: dict[str, Any]) -> Any:
+                return await set_config(self.store, self.bus, self.subjects, session, handler, args)
+
+            self._runner = ToolRunner(self.bus.nc, self.settings, setter)
         return self._runner
 
     async def release(self) -> None:
@@ -183,6 +189,16 @@ class LLMService(QueuedStage):
     ) -> int:
         epoch, tools = frame.epoch, config.tools
         if tools:
+            tools, unlisted = await self.runner().offered(tools)
+            for name in unlisted:
+                warn = WarningEvent(
+                    code=MCP_LIST_FAILED,
+                    message=f"the tools of {name} could not be listed; they are not offered",
+                    stage=Stage.LLM,
+                    epoch=epoch,
+                )
+                await self.notify(session, warn, epoch=epoch)
+        if config.tools:
             messages, pending, rounds = tool_messages(history, epoch)
         else:
             # a reply cut off before the caller heard a word is stored empty: nothing was said
@@ -217,6 +233,15 @@ class LLMService(QueuedStage):
         truncated = False
         tool_s = 0.0
         filler_said = False
+        #: the LLM called end_call (a redelivered turn: before): the transport hangs up once
+        #: this reply has been played
+        hang_up = any(
+            m.get("role") == TOOL_RESULT
+            and m.get("epoch") == epoch
+            and m.get("status") == "ok"
+            and ends_call(tools, ToolCall(id="", name=str(m.get("name")), arguments=""))
+            for m in history
+        )
 
         async def emit(sentence: str) -> None:
             nonlocal index
@@ -246,7 +271,7 @@ class LLMService(QueuedStage):
         async def run_calls(calls: list[ToolCall], quiet: bool) -> None:
             """Run a round's calls at once, each result stored as it comes; the bot says the
             filler if they are slow and the round said nothing."""
-            nonlocal filler_said, tool_s
+            nonlocal filler_said, tool_s, hang_up
             started = time.perf_counter()
             filler = config.tool_filler
             due = filler is not None and quiet and not filler_said
@@ -270,6 +295,8 @@ class LLMService(QueuedStage):
             finally:
                 tool_s += time.perf_counter() - started
             for call, outcome in zip(calls, outcomes, strict=True):
+                if outcome.status == "ok" and ends_call(tools, call):
+                    hang_up = True
                 messages.append(
                     {
                         "role": "tool",
@@ -378,6 +405,9 @@ class LLMService(QueuedStage):
                 entry["truncated"] = True
             stored = self.store.put_reply(session, epoch, entry)
             await best_effort("storing the reply", stored, False)
+        if hang_up:
+            # before the reply's last unit: the transport holds it until that unit has played
+            await self.notify(session, HangUp(epoch=epoch), epoch=epoch)
         # The reply is over (even a failed one): the transport must not wait for more.
         await self.bus.publish(
             next_subject,
@@ -431,6 +461,11 @@ class LLMService(QueuedStage):
         )
         await self.notify(session, result, epoch=epoch)
         return outcome
+
+
+def ends_call(tools: Sequence[ToolSpec], call: ToolCall) -> bool:
+    spec = next((t for t in tools if t.name == call.name), None)
+    return spec is not None and isinstance(spec.handler, EndCallHandler)
 
 
 def round_of(

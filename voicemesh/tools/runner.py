@@ -9,7 +9,15 @@ Handlers:
   scaled as a queue group;
 - http: a request to the tool's URL through a client that follows no redirect and talks to that
   origin only (the same guard as the provider connectors), credentials resolved from this
-  process's environment at call time.
+  process's environment at call time;
+- mcp: `tools/call` on a Model Context Protocol server over streamable HTTP (the official `mcp`
+  package), through the same guard; its tools are listed by `offered` (cached for
+  VOICEMESH_TOOL_MCP_LIST_TTL_S) and offered under their own names. Each call opens its own MCP
+  session: no session outlives the call, so nothing of one tenant's calls is kept open between
+  turns (it costs the session's handshake and its closing DELETE: ~33 ms a call against a
+  loopback MCPServer on 2 shared, busy cores, p50 of 14);
+- end_call and set_config: built-ins; the LLM stage hangs up after an end_call, and set_config
+  is voicemesh/tools/builtins.py, given to the runner by the stage.
 
 The subject and URL were checked when the config was pushed and when this stage loaded it; they
 are checked again here, against this process's own settings, before anything is sent.
@@ -19,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -34,13 +44,21 @@ from nats.errors import TimeoutError as NatsTimeout
 from voicemesh.config.hosts import current_policy, url_problem
 from voicemesh.config.settings import Settings
 from voicemesh.config.tools import (
+    DESCRIPTION_MAX_CHARS,
     HTTP_TOOL,
+    MCP_TOOL,
+    TOOL_NAME,
     TOOL_STAGE,
+    TOOLS_MAX,
+    EndCallHandler,
     HttpHandler,
+    McpHandler,
     NatsHandler,
+    SetConfigHandler,
     ToolSpec,
     parse_tool_subjects,
     resolve_header,
+    schema_problem,
     subject_problem,
 )
 from voicemesh.connectors.base import ToolCall
@@ -57,6 +75,16 @@ TRUNCATED = "…[truncated: {kept} of {total} characters]"
 HTTP_MAX_BYTES = 1 << 20
 #: http clients kept, one per origin
 CLIENTS_MAX = 32
+#: tools offered to the LLM in one turn, mcp servers' included (each server's list is cut)
+OFFERED_MAX = 4 * TOOLS_MAX
+#: mcp listings kept, one per (url, headers)
+LISTINGS_MAX = 64
+MCP_LIST_FAILED = "mcp_list_failed"
+_NAME = re.compile(TOOL_NAME)
+
+#: the built-in set_config, given to the runner by the stage: (session, handler, arguments) ->
+#: the result
+Builtin = Callable[[str, SetConfigHandler, dict[str, Any]], Awaitable[Any]]
 
 
 class ToolFailed(VoicemeshError, RuntimeError):
@@ -113,11 +141,41 @@ def check_arguments(spec: ToolSpec, text: str) -> dict[str, Any]:
 class ToolRunner:
     """Runs tool calls for one stage process (one per LLM stage: its http clients are shared)."""
 
-    def __init__(self, nc: Client, settings: Settings):
+    def __init__(self, nc: Client, settings: Settings, set_config: Builtin | None = None):
         self.nc, self.settings = nc, settings
+        self.set_config = set_config
         self.prefixes = parse_tool_subjects(settings.tool_subjects)
         self._clients: OrderedDict[tuple[str, str, int], httpx.AsyncClient] = OrderedDict()
         self._closing: set[asyncio.Future[None]] = set()
+        #: (url, headers) -> (when listed, the server's tools as specs)
+        self._listings: OrderedDict[tuple[str, bytes], tuple[float, list[ToolSpec]]] = OrderedDict()
+
+    async def offered(self, tools: list[ToolSpec]) -> tuple[list[ToolSpec], list[str]]:
+        """The functions the LLM sees this turn: the config's tools, each mcp entry replaced by
+        the tools its server lists (those on its allow-list), set_config's schema made from its
+        lists. Also the names of the mcp entries whose server could not be listed (their tools
+        are left out; the turn goes on)."""
+        out: list[ToolSpec] = []
+        failed: list[str] = []
+        names = {t.name for t in tools if not isinstance(t.handler, McpHandler)}
+        for spec in tools:
+            handler = spec.handler
+            if isinstance(handler, McpHandler):
+                try:
+                    listed = await self._mcp_list(spec, handler)
+                except Exception as exc:  # the server is down, refused, answers nonsense
+                    log.warning("mcp tool %s: listing failed: %s", spec.name, exc)
+                    failed.append(spec.name)
+                    continue
+                for one in listed:
+                    if one.name not in names:  # a config's own tool wins over a server's
+                        names.add(one.name)
+                        out.append(one)
+            elif isinstance(handler, SetConfigHandler):
+                out.append(spec.model_copy(update={"parameters": set_config_schema(handler)}))
+            else:
+                out.append(spec)
+        return out[:OFFERED_MAX], failed
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), OrderedDict()
@@ -176,7 +234,136 @@ class ToolRunner:
         handler = spec.handler
         if isinstance(handler, NatsHandler):
             return await self._nats(handler, args, call, key, session, epoch, limit_s)
-        return await self._http(handler, args, key)
+        if isinstance(handler, HttpHandler):
+            return await self._http(handler, args, key)
+        if isinstance(handler, McpHandler):
+            return await self._mcp_call(handler, call.name, args, key, limit_s)
+        if isinstance(handler, EndCallHandler):
+            # the stage hangs up after this turn's reply (LLMService._generate)
+            return {"ok": True, "note": "the call ends after the rest of your reply"}
+        if self.set_config is None:
+            raise ToolFailed("refused", "set_config is not available here")
+        return await self.set_config(session, handler, args)
+
+    # --- mcp -----------------------------------------------------------------------------------
+
+    def _mcp_client(self, handler: McpHandler) -> Any:
+        """An httpx2 client (the mcp package's) with the egress guard's hooks: one origin, no
+        redirect, the declared headers resolved now."""
+        if problem := url_problem(handler.url, TOOL_STAGE, MCP_TOOL, ("https",), current_policy()):
+            raise ToolFailed("refused", f"the tool's URL is refused: {problem}")
+        try:
+            headers = {
+                name: resolve_header(value, connector=MCP_TOOL)
+                for name, value in handler.headers.items()
+            }
+        except VoicemeshError as exc:
+            raise ToolFailed("handler error", str(exc)) from None
+        import httpx2
+
+        guard = EgressGuard("mcp tool", handler.url)
+        return httpx2.AsyncClient(
+            follow_redirects=False,
+            event_hooks=guard.hooks(),
+            headers=headers,
+            timeout=httpx2.Timeout(30.0, connect=5.0),
+        )
+
+    async def _mcp_session(self, handler: McpHandler, work: Callable[[Any], Awaitable[Any]]) -> Any:
+        from mcp import Client as McpClient
+        from mcp.client.streamable_http import streamable_http_client
+
+        async with self._mcp_client(handler) as http:
+            transport = streamable_http_client(handler.url, http_client=http)
+            async with McpClient(transport, cache=None) as client:
+                return await work(client)
+
+    async def _mcp_list(self, spec: ToolSpec, handler: McpHandler) -> list[ToolSpec]:
+        key = (handler.url, orjson.dumps(handler.headers, option=orjson.OPT_SORT_KEYS))
+        now = time.monotonic()
+        cached = self._listings.get(key)
+        if cached is not None and now - cached[0] < self.settings.tool_mcp_list_ttl_s:
+            return [t.model_copy(update={"timeout_ms": spec.timeout_ms}) for t in cached[1]]
+
+        async def walk(client: Any) -> list[Any]:
+            found: list[Any] = []
+            cursor: str | None = None
+            for _ in range(10):  # pages: a server that pages forever cannot hold a turn
+                page = await client.list_tools(cursor=cursor)
+                found += page.tools
+                cursor = page.next_cursor
+                if not cursor or len(found) >= OFFERED_MAX:
+                    break
+            return found
+
+        limit_s = min(spec.timeout_ms, self.settings.tool_timeout_max_ms) / 1000
+        async with asyncio.timeout(limit_s):
+            listed = await self._mcp_session(handler, walk)
+        allowed = set(handler.tools) if handler.tools is not None else None
+        specs: list[ToolSpec] = []
+        for tool in listed:
+            name = str(tool.name)
+            if allowed is not None and name not in allowed:
+                continue
+            if not _NAME.fullmatch(name):
+                log.info("mcp tool %s: %r is not a usable function name; left out", spec.name, name)
+                continue
+            schema = dict(tool.input_schema or {"type": "object", "properties": {}})
+            if problem := schema_problem(schema):
+                log.info("mcp tool %s: %s's schema %s; left out", spec.name, name, problem)
+                continue
+            specs.append(
+                ToolSpec(
+                    name=name,
+                    description=(tool.description or "")[:DESCRIPTION_MAX_CHARS],
+                    parameters=schema,
+                    handler=handler,
+                    timeout_ms=spec.timeout_ms,
+                )
+            )
+            if len(specs) >= OFFERED_MAX:
+                break
+        self._listings[key] = (now, specs)
+        self._listings.move_to_end(key)
+        while len(self._listings) > LISTINGS_MAX:
+            self._listings.popitem(last=False)
+        return specs
+
+    async def _mcp_call(
+        self, handler: McpHandler, name: str, args: dict[str, Any], key: str, limit_s: float
+    ) -> Any:
+        if handler.tools is not None and name not in handler.tools:
+            raise ToolFailed("refused", f"{name!r} is not on the mcp tool's allow-list")
+
+        async def call(client: Any) -> Any:
+            return await client.call_tool(
+                name,
+                args,
+                read_timeout_seconds=limit_s,
+                meta={"io.voicemesh/idempotency_key": key},
+            )
+
+        try:
+            result = await self._mcp_session(handler, call)
+        except ToolFailed:
+            raise
+        except VoicemeshError as exc:  # the guard: a redirect, another origin
+            raise ToolFailed("handler error", str(exc)) from None
+        except Exception as exc:  # the transport or the protocol failed
+            raise ToolFailed(
+                "handler error", f"the mcp request failed ({type(exc).__name__})"
+            ) from None
+        texts = [str(getattr(c, "text", "")) for c in result.content if c.type == "text"]
+        if result.is_error:
+            detail = " ".join(texts)[:500] or "no detail"
+            raise ToolFailed("handler error", f"the tool failed: {detail}")
+        if result.structured_content is not None:
+            return result.structured_content
+        text = "\n".join(texts)
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text  # MCP tools answer text: it is the result as it is
 
     # --- nats ----------------------------------------------------------------------------------
 
@@ -274,6 +461,19 @@ class ToolRunner:
             raise ToolFailed(
                 "non-JSON output", "the tool answered something that is not JSON"
             ) from None
+
+
+def set_config_schema(handler: SetConfigHandler) -> dict[str, Any]:
+    """The arguments set_config takes, made from what its config allows: the LLM sees the
+    choices as enums, and a choice outside them fails the schema check before anything runs."""
+    properties: dict[str, Any] = {}
+    if handler.connectors:
+        properties["stage"] = {"type": "string", "enum": sorted(handler.connectors)}
+        names = sorted({n for ns in handler.connectors.values() for n in ns})
+        properties["connector"] = {"type": "string", "enum": names}
+    if handler.prompts:
+        properties["prompt"] = {"type": "string", "enum": sorted(handler.prompts)}
+    return {"type": "object", "properties": properties, "additionalProperties": False}
 
 
 def _error(message: str) -> str:

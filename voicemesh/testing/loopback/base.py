@@ -40,6 +40,8 @@ class LoopbackServer:
     """Subclasses build `self.app` (Starlette) and consult `self.take_failure()` per request."""
 
     name = "loopback"
+    #: "on" for an app that starts work in its lifespan (the MCP server's session manager)
+    lifespan: Literal["on", "off"] = "off"
 
     def __init__(self) -> None:
         self.failure = Failure()
@@ -88,7 +90,7 @@ class LoopbackServer:
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
-            lifespan="off",
+            lifespan=self.lifespan,
             ws="websockets-sansio",
         )
         self._server = uvicorn.Server(config)

@@ -28,6 +28,7 @@ from voicemesh.bus.events import (
     End,
     ErrorEvent,
     EventError,
+    HangUp,
     Interrupt,
     Interrupted,
     Session,
@@ -99,6 +100,8 @@ class Call:
         #: what a speculative reply sent before its turn ended: played (and its events sent)
         #: once the turn ends in that pause, dropped if the caller goes on
         self._held: list[tuple[str, Frame]] = []
+        #: the LLM called end_call in this turn: hang up once its reply has been played
+        self._hang_up_after: int | None = None
 
     @property
     def bot_busy(self) -> bool:
@@ -410,6 +413,8 @@ class Call:
                         ):
                             self.sentences[len(self.sentences) if index is None else index] = text
                 await self.peer.send_event(event)
+                if isinstance(event, HangUp):
+                    self._hang_up_when_played(event.epoch)
             return
         if frame.kind is not Kind.AUDIO:
             return
@@ -477,6 +482,19 @@ class Call:
             self.sentences = {}
         self.playout.forget(epoch)
         await self.peer.send_event(BotDone(epoch=epoch))
+        if epoch == self._hang_up_after:
+            # after the frames the peer holds ahead of the clock have been heard too
+            asyncio.get_running_loop().call_later(
+                self.peer.lead_frames * FRAME_S, self.peer.hang_up
+            )
+
+    def _hang_up_when_played(self, epoch: int) -> None:
+        """end_call (the LLM stage's `hang_up` event): hang up after reply `epoch`, at once if
+        it has been played already; a newer turn (the caller spoke over it) keeps the call."""
+        if epoch == self.replying:
+            self._hang_up_after = epoch
+        elif epoch == self.epoch and self.replying is None:
+            self.peer.hang_up()
 
     async def _supervise(self) -> None:
         """Every fifth of a lease TTL, resend the unit the reply waits for if its worker died:

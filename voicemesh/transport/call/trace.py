@@ -1,7 +1,12 @@
 """One turn's latency, as the transport sees it: each phase from the caller's last voiced frame
 to the first bot audio sent back, built from what the transport observes itself and the hop
 timings the stages report beside the flow (STT's final transcript, the LLM's time to first token
-on its first sentence, TTS's time to first byte of the reply).
+on its first sentence, TTS's time to first byte of the reply, and each tool call's duration).
+
+Tool time is its own phase: each `tool_result` is a span ending when it arrives and lasting its
+`duration_ms`; the phase is the union of the spans (parallel calls count once), so the LLM's
+time between rounds is not in it. A tool turn's `llm_ttft_ms` (from the LLM stage's start to
+its first sentence) contains the tool time when the first words come after the tools.
 
 It is measured in the call because the call is the one place both ends of a turn pass: the
 caller's speech going in and the bot's audio going out.
@@ -16,7 +21,15 @@ from typing import Any
 
 from prometheus_client import Histogram
 
-from voicemesh.bus.events import Event, Hop, SideEvent, Transcript, TurnMetrics, parse_side_event
+from voicemesh.bus.events import (
+    Event,
+    Hop,
+    SideEvent,
+    ToolResultEvent,
+    Transcript,
+    TurnMetrics,
+    parse_side_event,
+)
 from voicemesh.bus.subjects import trace_id
 from voicemesh.config.stages import Stage
 
@@ -24,7 +37,8 @@ TURN_PHASE = Histogram(
     "voicemesh_turn_phase_seconds",
     "Per-turn latency by phase, measured at the transport: eou (last voiced frame → end of turn "
     "decided), stt (end of turn → final transcript), llm_ttft, tts_ttfb, first_audio (end of turn "
-    "→ first bot audio sent), v2v (last voiced frame → first bot audio sent)",
+    "→ first bot audio sent), v2v (last voiced frame → first bot audio sent), tool (time in tool "
+    "calls before the first bot audio, parallel calls once)",
     ["phase"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.2, 1.5, 2, 3, 5, 10),
 )
@@ -48,6 +62,8 @@ class TurnTrace:
     stt_speculative: bool | None = None
     stt_discarded: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: (start, end) of each tool call, on this process's clock
+    tool_spans: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.trace_id = trace_id(self.session, self.epoch)
@@ -75,6 +91,21 @@ class TurnTrace:
                 self.llm_ttft_ms = ttft_ms
             case Hop(stage=Stage.TTS, ttfb_ms=ttfb_ms):
                 self.tts_ttfb_ms = ttfb_ms
+            case ToolResultEvent(duration_ms=ms):
+                end = time.perf_counter()
+                self.tool_spans.append((end - max(ms, 0.0) / 1000, end))
+
+    @property
+    def tool_ms(self) -> float | None:
+        """The union of the tool spans, in ms; None when no tool ran."""
+        if not self.tool_spans:
+            return None
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.tool_spans):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return round(total * 1000, 1)
 
     def metrics(self) -> TurnMetrics:
         """The turn's phases so far: the caller's `turn_metrics` event."""
@@ -89,6 +120,7 @@ class TurnTrace:
             v2v_ms=_ms(self.last_voiced, self.first_audio),
             stt_speculative=self.stt_speculative,
             stt_discarded=self.stt_discarded,
+            tool_ms=self.tool_ms,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -105,6 +137,7 @@ class TurnTrace:
             ("tts_ttfb", m.tts_ttfb_ms),
             ("first_audio", m.first_audio_ms),
             ("v2v", m.v2v_ms),
+            ("tool", m.tool_ms),
         ):
             if ms is not None:
                 TURN_PHASE.labels(phase).observe(ms / 1000)
