@@ -51,6 +51,8 @@ def stack_env(servers: Servers) -> tuple[dict[str, str], str]:
         "VOICEMESH_LEASE_TTL_MS": "2000",
         "VOICEMESH_API_KEYS": API_KEY,
         "VOICEMESH_WEBRTC_LOOPBACK": "1",
+        # the tool tests' http and mcp servers run on loopback in the test process
+        "VOICEMESH_EGRESS_PRIVATE": "1",
         "HF_HUB_OFFLINE": "1",
     }
     return env, prefix
