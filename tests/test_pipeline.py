@@ -333,7 +333,7 @@ async def test_stt_assignment_takes_a_lease_and_end_releases_it(
     b = await services.start(STTService, instance_id="stt-b", lease_ttl_ms=ttl_ms)
     by_name = {"stt-a": a, "stt-b": b}
     key = store.keys.lease("stt", sid)
-    assert key == f"{subjects.prefix}:lease:stt:{sid}"
+    assert key == f"{subjects.prefix}:lease:stt:{{{sid}}}"
 
     async def assign(body: dict[str, Any]) -> dict[str, Any]:
         reply = await bus.nc.request(subjects.assign("stt"), orjson.dumps(body), timeout=2)

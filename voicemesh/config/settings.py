@@ -113,6 +113,11 @@ class ConnectionSettings(BaseSettings):
     valkey_tls_ca: str | None = Field(None, description="needs a valkeys:// or rediss:// URL")
     valkey_tls_cert: str | None = None
     valkey_tls_key: str | None = None
+    valkey_cluster: bool = Field(
+        False,
+        description="VALKEY_URL names a Valkey Cluster seed (same as a valkey+cluster:// URL): "
+        "the client follows the cluster's slot map and its failovers",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ConnectionSettings:

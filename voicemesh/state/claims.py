@@ -10,8 +10,10 @@ twice. A claim held by a live instance makes any duplicate delivery a no-op.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
-import valkey.asyncio as valkey
+from valkey.asyncio.cluster import ValkeyCluster
 
 from voicemesh.state.awaited import awaited
 from voicemesh.state.keys import Keys
@@ -40,7 +42,7 @@ return 0
 class Claims:
     def __init__(
         self,
-        client: valkey.Valkey,
+        client: Any,
         *,
         keys: Keys,
         owner: str,
@@ -93,7 +95,9 @@ class Claims:
 
     async def add_progress(self, session: str, epoch: int, sentence: str) -> None:
         key = self.keys.progress(session, epoch)
-        async with self.client.pipeline(transaction=True) as pipe:
+        # one key: a cluster pipeline (no MULTI) sends both to the node holding it
+        atomic = not isinstance(self.client, ValkeyCluster)
+        async with self.client.pipeline(transaction=atomic) as pipe:
             pipe.rpush(key, orjson.dumps(sentence))
             pipe.pexpire(key, self.keep_ms)
             await pipe.execute()
