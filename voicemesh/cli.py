@@ -504,6 +504,48 @@ def cmd_valkey_acl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Move the keys of the layout before hash tags to today's (voicemesh.state.migrate)."""
+    from voicemesh.config.settings import Settings
+    from voicemesh.state.migrate import migrate
+    from voicemesh.state.store import ConfigStore, StoreError
+
+    settings = Settings()
+    if not settings.valkey_url:
+        print("voicemesh migrate: set VALKEY_URL (the store to upgrade)", file=sys.stderr)
+        return 2
+
+    async def run() -> str:
+        target = ConfigStore.from_url(
+            settings.valkey_url or "", settings=settings, key_prefix=settings.key_prefix
+        )
+        source = (
+            ConfigStore.from_url(args.source, settings=settings, key_prefix=settings.key_prefix)
+            if args.source
+            else target
+        )
+        try:
+            await target.check()
+            await source.check()
+            done = await migrate(
+                source.client, target.client, settings.key_prefix, dry_run=args.dry_run
+            )
+        finally:
+            await target.close()
+            if source is not target:
+                await source.close()
+        for reason in done.skipped:
+            print(f"  left: {reason}")
+        return ("would have " if args.dry_run else "") + done.summary()
+
+    try:
+        print(asyncio.run(run()))
+    except StoreError as exc:
+        print(f"voicemesh migrate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -644,6 +686,21 @@ def build_parser() -> argparse.ArgumentParser:
         "starts valkey-server (docker-compose's deploy/valkey-start.sh)",
     )
     va.set_defaults(fn=cmd_valkey_acl)
+
+    mig = sub.add_parser(
+        "migrate",
+        help="move the keys of the layout before Valkey Cluster support to today's (stop the "
+        "roles first; safe to run twice)",
+    )
+    mig.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="the old store's URL when it is another server (e.g. a single valkey-server whose "
+        "data moves into the cluster of VALKEY_URL); default: VALKEY_URL itself, in place",
+    )
+    mig.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    mig.set_defaults(fn=cmd_migrate)
 
     cfg = sub.add_parser("config", help="validate, push, list and read configs")
     cfg.add_argument("--url", default="http://127.0.0.1:8080", help="transport API")
