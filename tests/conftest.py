@@ -96,17 +96,20 @@ def valkey_cluster(
 @pytest.fixture
 def backend() -> str:
     """Which servers `settings` points at: "single" (one nats-server, one valkey-server) or
-    "cluster" (nats_cluster and valkey_cluster). A module that runs on both overrides this with
-    `clusters_too` below."""
+    "cluster" (nats_cluster and valkey_cluster). A test marked `clusters` runs on both."""
     return "single"
 
 
-def clusters_too(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-#: `backend = pytest.fixture(params=BACKENDS)(clusters_too)` in a module runs its tests on both
-BACKENDS = ["single", pytest.param("cluster", marks=pytest.mark.cluster)]
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`@pytest.mark.clusters` (on a test or a module): run it on the single servers and again on
+    the clusters, the second run marked `cluster` (`-m "not cluster"` skips it)."""
+    marker = metafunc.definition.get_closest_marker("clusters")
+    if marker and "backend" in metafunc.fixturenames:
+        cluster = pytest.param("cluster", marks=pytest.mark.cluster)
+        # only=True: the single-server run exists already (a narrower copy of a broad test)
+        metafunc.parametrize(
+            "backend", [cluster] if marker.kwargs.get("only") else ["single", cluster]
+        )
 
 
 @pytest.fixture

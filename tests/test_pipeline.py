@@ -86,6 +86,7 @@ async def test_llm_turn_sends_numbered_sentences_then_a_last_marker(
     assert context[-1]["content"] == "You said bye now."
 
 
+@pytest.mark.clusters  # the e2e subset run on the clusters too (test_clusters.py)
 async def test_config_update_during_an_llm_turn_does_not_lose_the_turn(
     services: Services,
     bus: Bus,

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from tests.conftest import BACKENDS, clusters_too
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.state.store import (
     ConfigStore,
@@ -20,7 +19,7 @@ from voicemesh.state.store import (
     check_session_id,
 )
 
-backend = pytest.fixture(params=BACKENDS)(clusters_too)
+pytestmark = pytest.mark.clusters
 
 
 @pytest.fixture

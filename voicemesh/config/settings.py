@@ -118,6 +118,13 @@ class ConnectionSettings(BaseSettings):
         description="VALKEY_URL names a Valkey Cluster seed (same as a valkey+cluster:// URL): "
         "the client follows the cluster's slot map and its failovers",
     )
+    valkey_failover_wait_ms: int = Field(
+        5000,
+        ge=0,
+        le=60_000,
+        description="on a Valkey Cluster, how long a command that meets a dead master is retried "
+        "while its replica is promoted (then it fails as an unreachable Valkey does)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ConnectionSettings:

@@ -33,6 +33,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# KEYS[1] claim; ARGV the done note. Only a finished unit is reopened, never a live claim.
+_REOPEN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -55,6 +60,7 @@ class Claims:
         self._renew = client.register_script(_RENEW)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
+        self._reopen = client.register_script(_REOPEN)
 
     def key(self, stage: str, session: str, epoch: int, index: int = 0) -> str:
         return self.keys.claim(stage, session, epoch, index)
@@ -86,6 +92,11 @@ class Claims:
         """Give the unit up unfinished (cancelled by a newer turn)."""
         self.held.discard(key)
         await self._release(keys=[key], args=[self.owner])
+
+    async def reopen(self, key: str) -> bool:
+        """Forget that a unit was finished, so it is done again when sent again: its result was
+        lost on the way (the receiver's NATS node died), though the worker did its part."""
+        return bool(await self._reopen(keys=[key], args=[DONE]))
 
     async def state(self, key: str) -> str | None:
         value = await self.client.get(key)
