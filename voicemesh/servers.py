@@ -272,12 +272,22 @@ def start_valkey_cluster(
     `node_timeout_ms` is how long a silent master stays up in its peers' eyes before its replica
     takes over: 1 s (the default of 15 s would stop a call's writes to that master's slots for
     ~20 s)."""
+    import json
+
     import valkey as valkey_sync
 
     from voicemesh.credentials import write_private
 
     total = masters * (1 + replicas)
-    ports = free_ports(2 * total)
+    # A cluster made in `data_dir` before comes back on the same ports from its nodes.conf files
+    # (its data with it: `voicemesh up --cluster` keeps agents across runs, as `up` does).
+    saved = data_dir / "valkey-cluster.json"
+    formed = saved.exists() and all(
+        (data_dir / f"valkey-{i}" / "nodes.conf").exists() for i in range(total)
+    )
+    ports = json.loads(saved.read_text())["ports"] if formed else free_ports(2 * total)
+    if len(ports) != 2 * total:
+        raise ServerError(f"{saved} is of another cluster shape: remove {data_dir}/valkey-*")
     nodes: list[EmbeddedServer] = []
     try:
         for i in range(total):
@@ -306,6 +316,16 @@ def start_valkey_cluster(
             )
 
         clients = [client(node) for node in nodes]
+        if formed:
+            _wait_valkey(
+                lambda: all(_info(c).get("cluster_state") == "ok" for c in clients),
+                "the cluster made before to come back",
+                nodes,
+            )
+            for c in clients:
+                c.close()
+            seeds = ",".join(f"127.0.0.1:{node.port}" for node in nodes)
+            return ServerCluster("valkey", nodes, f"valkey+cluster://{seeds}")
         for c in clients[1:]:
             c.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port, ports[total])
         per = 16384 // masters
@@ -333,6 +353,7 @@ def start_valkey_cluster(
         )
         for c in clients:
             c.close()
+        saved.write_text(json.dumps({"ports": ports}))
     except BaseException:
         for node in nodes:
             node.stop()
