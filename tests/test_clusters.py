@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -203,12 +204,18 @@ async def restart_nats(cluster: ServerCluster, node: EmbeddedServer) -> None:
 @pytest.mark.parametrize("backend", ["cluster"])
 @pytest.mark.parametrize("moment", ["turn", "reply"])
 async def test_sigkill_of_the_transports_nats_node_mid_call_costs_a_gap_not_the_turn(
-    call: Call, nats_cluster: ServerCluster, backend: str, moment: str
+    call: Call,
+    nats_cluster: ServerCluster,
+    servers: Any,
+    backend: str,
+    moment: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The NATS node the transport is connected to dies (SIGKILL) as a turn crosses the stages,
     or while the bot speaks: every client on it reconnects to another node, the turn in flight
     is answered (sent again if a hop was lost), and the next turn is answered too. The gap the
     caller hears is printed."""
+    caplog.set_level(logging.INFO, logger="voicemesh.bus.bus")
     c = call.caller
     nc = call.app.service.bus.nc
     port = nc.connected_url.port if nc.connected_url else None
@@ -221,6 +228,9 @@ async def test_sigkill_of_the_transports_nats_node_mid_call_costs_a_gap_not_the_
         print(f"\nNATS node SIGKILL at the {moment}: {gap}")
         assert nc.connected_url is not None and nc.connected_url.port != port
         await measured_turn(c)  # the call goes on
+        # the reconnect was logged, without the password its URL carries
+        assert "nats: reconnected to 127.0.0.1:" in caplog.text
+        assert servers.creds.nats["admin"] not in caplog.text
     finally:
         for node in killed:
             await restart_nats(nats_cluster, node)
