@@ -1,5 +1,6 @@
 """Bus overhead and capacity on a 3-node NATS cluster + a Valkey Cluster (3 masters, 3 replicas)
-against one nats-server + one valkey-server, in one run on one machine (issue 18).
+against one nats-server + one valkey-server, and the single nodes again with tracing on (an
+OTLP endpoint set: voicemesh/bus/tracing.py), in one run on one machine (issue 18).
 
 For each backend it starts the servers on loopback, every role as a process (pass-through
 connectors, no engines loaded), and three raw nats-py relays, then measures what
@@ -91,16 +92,47 @@ async def store_turns(store: ConfigStore, turns: int) -> dict[str, Any]:
     return summarize(times)
 
 
+class Collector:
+    """A loopback OTLP/HTTP endpoint that accepts and counts what it gets (for tracing on)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        collector = self
+        self.posts = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                collector.posts += 1
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 async def measure(backend: str, quick: bool) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix=f"vm-bench-{backend}-"))
-    if backend == "single":
+    collector = Collector() if backend == "traced" else None
+    if backend in ("single", "traced"):
         n, v = start_nats(data), start_valkey(data)
         nats_urls, valkey_url, servers = [n.url], v.url, [n, v]
     else:
         nc_, vc = start_nats_cluster(data), start_valkey_cluster(data)
         nats_urls, valkey_url, servers = [x.url for x in nc_.nodes], vc.url, [nc_, vc]
     seeds = ",".join(nats_urls)
-    env_vars = stack_env(seeds, valkey_url, VOICEMESH_PRELOAD="0")
+    extra = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url} if collector else {}
+    env_vars = stack_env(seeds, valkey_url, VOICEMESH_PRELOAD="0", **extra)
     store = ConfigStore.from_url(valkey_url, key_prefix=PREFIX)
     stack = Stack(env_vars, instances=1, http_port=free_port())
     chain: list[subprocess.Popen[bytes]] = []
@@ -140,6 +172,8 @@ async def measure(backend: str, quick: bool) -> dict[str, Any]:
         await store.close()
         for s in servers:
             s.stop()
+        if collector is not None:
+            collector.close()
 
 
 def fmt(x: float | None) -> str:
@@ -150,8 +184,9 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short steps: check that it works")
     args = ap.parse_args()
-    rows = [await measure(b, args.quick) for b in ("single", "cluster")]
-    print(f"\n{'':28} {'single':>18} {'cluster':>18}")
+    names = ("single", "cluster", "traced")
+    rows = [await measure(b, args.quick) for b in names]
+    print(f"\n{'':30}" + "".join(f"{n:>18}" for n in ("single", "cluster", "single+tracing")))
     for label, get in (
         ("raw 4-hop p50 / p99 ms", lambda r: (r["raw"]["p50_ms"], r["raw"]["p99_ms"])),
         (
@@ -164,11 +199,11 @@ async def main() -> None:
         ),
     ):
         cells = [f"{fmt(a)} / {fmt(b)}" for a, b in map(get, rows)]
-        print(f"{label:28} {cells[0]:>18} {cells[1]:>18}")
+        print(f"{label:30}" + "".join(f"{c:>18}" for c in cells))
     lost = [f"{r['raw']['frames_lost']} / {r['voicemesh']['frames_lost']}" for r in rows]
-    print(f"{'frames lost raw / voicemesh':28} {lost[0]:>18} {lost[1]:>18}")
+    print(f"{'frames lost raw / voicemesh':30}" + "".join(f"{c:>18}" for c in lost))
     cap = [str(r["capacity"]["max_sessions"]) for r in rows]
-    print(f"{'capacity (p99 <= 20 ms)':28} {cap[0]:>18} {cap[1]:>18}")
+    print(f"{'capacity (p99 <= 20 ms)':30}" + "".join(f"{c:>18}" for c in cap))
     print(f"({rows[0]['sessions']} sessions at 50 frames/s each for the loop figures)")
 
 

@@ -209,6 +209,30 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="how long a turn waits for an instance of its next stage to take its work "
         "(resent meanwhile) before the caller gets an error naming the stage",
     )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        pattern=r"^https?://[^\s]+$",
+        description="OpenTelemetry collector (OTLP/HTTP): set, every role exports one trace per "
+        "turn to <it>/v1/traces; unset, tracing costs nothing (voicemesh/bus/tracing.py)",
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        pattern=r"^https?://[^\s]+$",
+        description="the full URL for traces, instead of OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces",
+    )
+    otel_exporter_otlp_headers: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_HEADERS"),
+        description="headers of every export, k=v,k2=v2 (a collector's API key: a secret)",
+    )
+    otel_service_name: str = Field(
+        "voicemesh",
+        validation_alias=AliasChoices("OTEL_SERVICE_NAME"),
+        max_length=100,
+        description="service.name of the exported spans (each span also names its role)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
     http_host: str = "127.0.0.1"
@@ -416,3 +440,15 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
 
 def get_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
+
+
+def otel_env(settings: Settings) -> dict[str, str]:
+    """The OTEL_* settings as the environment voicemesh.bus.tracing reads."""
+    env = {"OTEL_SERVICE_NAME": settings.otel_service_name}
+    if settings.otel_exporter_otlp_endpoint:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.otel_exporter_otlp_endpoint
+    if settings.otel_exporter_otlp_traces_endpoint:
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = settings.otel_exporter_otlp_traces_endpoint
+    if settings.otel_exporter_otlp_headers is not None:
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = settings.otel_exporter_otlp_headers.get_secret_value()
+    return env
