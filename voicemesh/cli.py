@@ -257,9 +257,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"(data in {data_dir})"
             )
         if creds.nats or creds.valkey:
+            conf_name = "nats-0.conf" if args.cluster else "nats.conf"
             _say(
                 "the embedded servers want a login: one user per role, with new passwords in "
-                f"each role's environment (NATS permissions in {data_dir / 'nats.conf'})"
+                f"each role's environment (NATS permissions in {data_dir / conf_name})"
             )
         env.update(NATS_URL=nats_url, VALKEY_URL=valkey_url)
         _say(asyncio.run(_seed_agent(settings, valkey_url, Path(args.agent_file), admin)))

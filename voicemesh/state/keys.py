@@ -124,7 +124,7 @@ class Keys:
 
 @dataclass(frozen=True, slots=True)
 class LegacyKeys:
-    """The names before hash tags (up to voicemesh 0.x of issue 18), read by `voicemesh migrate`
+    """The names before hash tags (before Valkey Cluster support), read by `voicemesh migrate`
     only."""
 
     prefix: str = "vm"

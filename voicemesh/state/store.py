@@ -1,8 +1,9 @@
 """Session configs, named agents and conversation context in Valkey.
 
 A session is one hash (config JSON, version, agent, owner, turn epoch) with a TTL; its context is
-a list with the same TTL. The session index is a sorted set scored by expiry time, so a listing
-never returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries. Every
+a list with the same TTL. The session index is sharded sorted sets scored by expiry time, so a
+listing never returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries
+(the layout, and why it runs on a Valkey Cluster too, is in voicemesh.state.keys). Every
 write that depends on a key existing is a Lua script, so nothing is half-written and no key is
 re-created without its TTL.
 
