@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format bench clean
+.PHONY: install run test test-fast test-clusters lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra -m "not slow"
+
+# Only what runs on the NATS cluster and the Valkey Cluster (also part of `make test`).
+test-clusters: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -ra -m "cluster"
 
 # Micro-benchmarks of the per-frame hot path (not in `make test`); see benchmarks/README.md.
 bench: install

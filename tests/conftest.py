@@ -14,10 +14,18 @@ import pytest
 
 from tests.support import Services, TransportApp, heard, running_transport
 from voicemesh.bus import Bus, Subjects
+from voicemesh.bus.permissions import nats_config
 from voicemesh.config.logging import route_loguru
 from voicemesh.config.settings import Settings
 from voicemesh.credentials import ServerCredentials
-from voicemesh.servers import EmbeddedServer, start_nats, start_valkey
+from voicemesh.servers import (
+    EmbeddedServer,
+    ServerCluster,
+    start_nats,
+    start_nats_cluster,
+    start_valkey,
+    start_valkey_cluster,
+)
 from voicemesh.state import ConfigStore
 from voicemesh.state.keys import Keys
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer, Transcript
@@ -54,6 +62,56 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     valkey.stop()
 
 
+@pytest.fixture(scope="session")
+def nats_cluster(
+    servers: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerCluster]:
+    """A 3-node NATS cluster (routes) with the same users and permissions as `servers.nats`;
+    `url` lists every node, each with the admin's credentials. Started by the first test that
+    asks for it."""
+    data = tmp_path_factory.mktemp("nats-cluster")
+    cluster = start_nats_cluster(data, base_config=nats_config(Subjects("*"), servers.creds.nats))
+    cluster.url = servers.creds.url(cluster.url)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(
+    servers: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerCluster]:
+    """A Valkey Cluster of 3 masters with a replica each, the same ACL users as
+    `servers.valkey`; `url` is `valkey+cluster://admin:...@every-node`."""
+    data = tmp_path_factory.mktemp("valkey-cluster")
+    creds = servers.creds
+    acl = creds.write_valkey_acl(data / "users.acl", Keys("*"))
+    cluster = start_valkey_cluster(
+        data, args=["--aclfile", str(acl)], admin=("admin", creds.valkey["admin"])
+    )
+    cluster.url = creds.url(cluster.url)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def backend() -> str:
+    """Which servers `settings` points at: "single" (one nats-server, one valkey-server) or
+    "cluster" (nats_cluster and valkey_cluster). A test marked `clusters` runs on both."""
+    return "single"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`@pytest.mark.clusters` (on a test or a module): run it on the single servers and again on
+    the clusters, the second run marked `cluster` (`-m "not cluster"` skips it)."""
+    marker = metafunc.definition.get_closest_marker("clusters")
+    if marker and "backend" in metafunc.fixturenames:
+        cluster = pytest.param("cluster", marks=pytest.mark.cluster)
+        # only=True: the single-server run exists already (a narrower copy of a broad test)
+        metafunc.parametrize(
+            "backend", [cluster] if marker.kwargs.get("only") else ["single", cluster]
+        )
+
+
 @pytest.fixture
 def private_egress(monkeypatch: pytest.MonkeyPatch) -> None:
     """VOICEMESH_EGRESS_PRIVATE on, for tests whose configs point connectors at loopback fake
@@ -67,10 +125,16 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def settings(servers: Servers, prefix: str) -> Settings:
+def settings(
+    servers: Servers, prefix: str, backend: str, request: pytest.FixtureRequest
+) -> Settings:
+    nats_url, valkey_url = servers.nats.url, servers.valkey.url
+    if backend == "cluster":
+        nats_url = request.getfixturevalue("nats_cluster").url
+        valkey_url = request.getfixturevalue("valkey_cluster").url
     return Settings(
-        nats_url=servers.nats.url,
-        valkey_url=servers.valkey.url,
+        nats_url=nats_url,
+        valkey_url=valkey_url,
         subject_prefix=prefix,
         key_prefix=prefix,
         preload=False,

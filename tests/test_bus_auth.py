@@ -178,17 +178,29 @@ async def test_a_stage_answers_health_as_its_own_user(servers: Servers, prefix: 
         await services.stop(llm)
 
 
+@pytest.mark.parametrize("where", ["single", pytest.param("cluster", marks=pytest.mark.cluster)])
 async def test_a_stages_valkey_user_cannot_flush_configure_or_touch_others_keys(
-    servers: Servers, prefix: str, agent_json: dict
+    servers: Servers, prefix: str, agent_json: dict, where: str, request: pytest.FixtureRequest
 ) -> None:
+    """On a Valkey Cluster too: the role users may read the slot map (what the cluster client
+    needs) but change neither the cluster nor another role's keys."""
     from voicemesh.config.models import parse_agent_config
 
-    url = bare(servers.valkey.url)
+    url = bare(
+        servers.valkey.url if where == "single" else request.getfixturevalue("valkey_cluster").url
+    )
     transport = ConfigStore.from_url(
         url, settings=servers.creds.settings("transport"), key_prefix=prefix
     )
     stt = ConfigStore.from_url(url, settings=servers.creds.settings("stt"), key_prefix=prefix)
     llm = ConfigStore.from_url(url, settings=servers.creds.settings("llm"), key_prefix=prefix)
+    # one node, as the stt user, for the CLUSTER subcommands a cluster client will not route
+    host, port = url.partition("://")[2].split(",")[0].split("/")[0].split(":")
+    node = valkey.Valkey(
+        host=host, port=int(port), username="stt", password=servers.creds.valkey["stt"]
+    )
+    # a cluster client cannot route a raw SHUTDOWN or ACL (no key to pick a node by)
+    raw = stt.client if where == "single" else node
     try:
         sid = (
             await transport.create_session(parse_agent_config(orjson.dumps(agent_json)))
@@ -204,15 +216,19 @@ async def test_a_stages_valkey_user_cannot_flush_configure_or_touch_others_keys(
             lambda: stt.client.flushdb(),
             lambda: stt.client.config_set("requirepass", ""),
             lambda: stt.client.config_get("*"),
-            lambda: stt.client.execute_command("SHUTDOWN", "NOSAVE"),
-            lambda: stt.client.execute_command("MODULE", "LIST"),
-            lambda: stt.client.execute_command("ACL", "LIST"),
+            lambda: raw.execute_command("SHUTDOWN", "NOSAVE"),
+            lambda: raw.execute_command("MODULE", "LIST"),
+            lambda: raw.execute_command("ACL", "LIST"),
             lambda: stt.client.keys("*"),
             lambda: llm.client.script_flush(),
             lambda: stt.client.hset(stt.keys.session(sid), "config", "{}"),  # rewrite a session
             lambda: stt.client.set(f"{prefix}:health:llm:openai:x", "down"),  # forge llm's health
             lambda: stt.append_context(sid, {"role": "user", "content": "injected"}),
             lambda: llm.client.set(stt.keys.lease("stt", sid), "evil"),  # steal a stream
+            # the cluster itself: no role may fail it over, drop a node or move slots
+            lambda: node.execute_command("CLUSTER", "FAILOVER"),
+            lambda: node.execute_command("CLUSTER", "FORGET", "0" * 40),
+            lambda: node.execute_command("CLUSTER", "SETSLOT", 1, "STABLE"),
         ):
             with pytest.raises(NoPermissionError):
                 await attempt()
@@ -229,6 +245,7 @@ async def test_a_stages_valkey_user_cannot_flush_configure_or_touch_others_keys(
     finally:
         for s in (transport, stt, llm):
             await s.close()
+        await node.aclose()
 
 
 def test_generated_files_are_private(tmp_path: Path) -> None:

@@ -311,9 +311,18 @@ async def test_a_failing_primary_loses_no_work(stage: str, mode: str, rig: Rig) 
     await case.check(rig, mode)
 
 
+@pytest.mark.clusters(only=True)  # the e2e subset run on the clusters (test_clusters.py)
+@pytest.mark.parametrize("stage", STAGES)
+async def test_a_primary_dying_mid_stream_loses_no_work_on_the_clusters(
+    stage: str, rig: Rig
+) -> None:
+    await test_a_failing_primary_loses_no_work(stage, "die", rig)
+
+
 # --- recovery ---------------------------------------------------------------------------------
 
 
+@pytest.mark.clusters  # the e2e subset run on the clusters too (test_clusters.py)
 async def test_a_healed_primary_takes_new_work_again_on_every_instance(rig: Rig) -> None:
     config = rig.config()
     sid = await rig.session(config)

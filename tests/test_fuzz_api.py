@@ -101,7 +101,10 @@ class Valkey:
     async def _snapshot(self) -> dict[str, Any]:
         client, keys = self.store.client, self.store.keys
         names = sorted(n.decode() for n in await client.smembers(keys.agents))
-        sessions = [s.decode() for s in await client.zrange(keys.sessions, 0, -1)]
+        sessions = []
+        for shard in keys.sessions_shards:  # the index is sharded (voicemesh.state.keys)
+            sessions += [s.decode() for s in await client.zrange(shard, 0, -1)]
+        sessions.sort()
         return {
             "default": await client.get(keys.default_agent),
             "agents": {n: await client.hgetall(keys.agent(n)) for n in names},

@@ -86,6 +86,7 @@ async def test_llm_turn_sends_numbered_sentences_then_a_last_marker(
     assert context[-1]["content"] == "You said bye now."
 
 
+@pytest.mark.clusters  # the e2e subset run on the clusters too (test_clusters.py)
 async def test_config_update_during_an_llm_turn_does_not_lose_the_turn(
     services: Services,
     bus: Bus,
@@ -333,7 +334,7 @@ async def test_stt_assignment_takes_a_lease_and_end_releases_it(
     b = await services.start(STTService, instance_id="stt-b", lease_ttl_ms=ttl_ms)
     by_name = {"stt-a": a, "stt-b": b}
     key = store.keys.lease("stt", sid)
-    assert key == f"{subjects.prefix}:lease:stt:{sid}"
+    assert key == f"{subjects.prefix}:lease:stt:{{{sid}}}"
 
     async def assign(body: dict[str, Any]) -> dict[str, Any]:
         reply = await bus.nc.request(subjects.assign("stt"), orjson.dumps(body), timeout=2)

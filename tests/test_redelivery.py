@@ -48,6 +48,7 @@ def fast_leases(settings: Settings) -> Settings:
     return settings.model_copy(update={"lease_ttl_ms": 600})
 
 
+@pytest.mark.clusters  # the e2e subset run on the clusters too (test_clusters.py)
 async def test_an_llm_instance_dying_mid_reply_costs_a_gap_not_the_turn(
     fast_leases: Settings,
     bus: Bus,

@@ -85,6 +85,7 @@ async def test_no_route_when_the_flow_has_no_edge(
     assert anywhere.items == [], "a frame without a route was published anyway"
 
 
+@pytest.mark.clusters  # the e2e subset run on the clusters too (test_clusters.py)
 async def test_config_cache_hit_and_invalidation_by_update(
     bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
 ) -> None:

@@ -1,4 +1,6 @@
-"""ConfigStore against a real Valkey: sessions with TTL, the expiry index, context, agents."""
+"""ConfigStore against a real Valkey: sessions with TTL, the expiry index, context, agents. Every
+test runs on one valkey-server and on a Valkey Cluster (3 masters + replicas): the key layout
+must never touch two slots in one script (CROSSSLOT)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from voicemesh.state.store import (
     check_agent_name,
     check_session_id,
 )
+
+pytestmark = pytest.mark.clusters
 
 
 @pytest.fixture
@@ -136,11 +140,12 @@ async def test_ttl_and_extend(store: ConfigStore, config: AgentConfig) -> None:
     ctx_ttl = await store.client.pttl(store.keys.context(sid))
     assert 499_000 < ctx_ttl <= 500_000
     # The index entry follows it too: score = expiry in ms.
-    score = await store.client.zscore(store.keys.sessions, sid)
+    score = await store.client.zscore(store.keys.sessions_of(sid), sid)
     session_pttl = await store.client.pttl(store.keys.session(sid))
     assert abs(score - (time.time() * 1000 + session_pttl)) < 2_000
     assert await store.extend_config_ttl("doesnotexist123", 500) is False
-    assert await store.client.zscore(store.keys.sessions, "doesnotexist123") is None
+    gone = "doesnotexist123"
+    assert await store.client.zscore(store.keys.sessions_of(gone), gone) is None
 
 
 async def test_expired_session_leaves_no_index_entry(
@@ -156,7 +161,7 @@ async def test_expired_session_leaves_no_index_entry(
     assert await store.list_configs() == [long]
     # ...and cleanup leaves no entry behind in the index.
     await store.cleanup_expired_configs()
-    members = [m.decode() for m in await store.client.zrange(store.keys.sessions, 0, -1)]
+    members = [m.decode() for m in await store.client.zrange(store.keys.sessions_of(long), 0, -1)]
     assert members == [long]
 
 
@@ -167,7 +172,7 @@ async def test_cleanup_expired_counts(store: ConfigStore, config: AgentConfig) -
     assert await store.cleanup_expired_configs() == 0
     await asyncio.sleep(1.15)
     assert await store.cleanup_expired_configs() == 3
-    assert await store.client.zcard(store.keys.sessions) == 1
+    assert sum([await store.client.zcard(k) for k in store.keys.sessions_shards]) == 1
     assert await store.cleanup_expired_configs() == 0
     assert await store.list_configs() == [keep]
 
@@ -183,7 +188,7 @@ async def test_index_entry_of_a_vanished_key_is_not_listed(
     await store.client.delete(store.keys.session(gone))
     assert await store.list_configs() == [keep]
     await store.cleanup_expired_configs()
-    assert await store.client.zscore(store.keys.sessions, gone) is None
+    assert await store.client.zscore(store.keys.sessions_of(gone), gone) is None
 
 
 async def test_extend_keeps_session_listed_past_original_ttl(
@@ -204,7 +209,7 @@ async def test_delete_session_deletes_context(store: ConfigStore, config: AgentC
     assert await store.get_config(sid) is None
     assert await store.client.exists(store.keys.context(sid)) == 0
     assert await store.get_context(sid) == []
-    assert await store.client.zscore(store.keys.sessions, sid) is None
+    assert await store.client.zscore(store.keys.sessions_of(sid), sid) is None
     assert await store.list_configs() == []
     assert await store.delete_config(sid) is False
 
@@ -267,9 +272,9 @@ async def test_context_expires_with_session(store: ConfigStore, config: AgentCon
 async def test_keys_are_prefixed(store: ConfigStore, config: AgentConfig, prefix: str) -> None:
     sid = (await store.create_session(config, ttl_s=60)).session_id
     await store.create_agent("a1", config)
-    keys = {k.decode() for k in await store.client.keys(f"{prefix}:*")}
-    assert f"{prefix}:session:{sid}" in keys
-    assert f"{prefix}:agent:a1" in keys
+    keys = {k.decode() async for k in store.client.scan_iter(match=f"{prefix}:*")}
+    assert f"{prefix}:session:{{{sid}}}" in keys
+    assert f"{prefix}:agent:{{agents}}:a1" in keys
     assert all(k.startswith(f"{prefix}:") for k in keys)
 
 
@@ -427,3 +432,42 @@ async def test_claims_use_the_store_key_layout(store: ConfigStore) -> None:
     assert not await store.claims(owner="llm-b", ttl_ms=5_000).take(key)
     await claims.finish(key)
     assert await claims.state(key) == "done"
+
+
+# --- cluster layout (issue 18) -----------------------------------------------------------------
+
+
+async def test_every_key_of_a_session_shares_its_slot(
+    store: ConfigStore, config: AgentConfig
+) -> None:
+    """A Valkey Cluster refuses a script or DEL whose keys span slots (CROSSSLOT): the session's
+    hash, context, leases, claims and progress lists carry its id as their hash tag."""
+    from valkey.crc import key_slot
+
+    sid = (await store.create_session(config, ttl_s=60)).session_id
+    k = store.keys
+    names = [
+        k.session(sid),
+        k.context(sid),
+        k.lease("stt", sid),
+        k.claim("llm", sid, 3, 0),
+        k.claim("tts", sid, 3, 2),
+        k.progress(sid, 3),
+    ]
+    assert len({key_slot(n.encode()) for n in names}) == 1
+    for tenant in (None, "acme"):
+        scope = [k.agent("a1", tenant), k.agent_names(tenant), k.default_of(tenant)]
+        assert len({key_slot(n.encode()) for n in scope}) == 1
+
+
+async def test_session_index_is_sharded(store: ConfigStore, config: AgentConfig) -> None:
+    """No single index key is every create's hot spot: 40 sessions land in many shards, spread
+    over the slots (and so the masters) of a cluster; listing still finds every one."""
+    from valkey.crc import key_slot
+
+    sids = [(await store.create_session(config, ttl_s=60)).session_id for _ in range(40)]
+    used = {store.keys.sessions_of(s) for s in sids}
+    assert len(used) >= 8
+    assert len({key_slot(u.encode()) for u in used}) == len(used)
+    assert sorted(await store.list_configs()) == sorted(sids)
+    assert not await store.client.exists(f"{store.keys.prefix}:sessions")  # the old global key

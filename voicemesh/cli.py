@@ -170,12 +170,18 @@ def _up_auth(env: dict[str, str], settings: Any, host: str, port: int) -> list[s
 
 def cmd_up(args: argparse.Namespace) -> int:
     from voicemesh.bus import BusError, Subjects
-    from voicemesh.bus.permissions import ADMIN
+    from voicemesh.bus.permissions import ADMIN, nats_config
     from voicemesh.config.connections import redact_url
     from voicemesh.config.settings import Settings
     from voicemesh.credentials import ServerCredentials
     from voicemesh.launcher import ROLES, Stack, StartupError
-    from voicemesh.servers import ServerError, start_nats, start_valkey
+    from voicemesh.servers import (
+        ServerError,
+        start_nats,
+        start_nats_cluster,
+        start_valkey,
+        start_valkey_cluster,
+    )
     from voicemesh.state import StoreError
     from voicemesh.state.keys import Keys
 
@@ -184,7 +190,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     args.port = settings.http_port if args.port is None else args.port
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    servers = []
+    servers: list[Any] = []  # EmbeddedServer or ServerCluster: both stop()
     stack: Stack | None = None
     env = dict(os.environ)
     stop = False
@@ -213,30 +219,48 @@ def cmd_up(args: argparse.Namespace) -> int:
             nats_url = settings.nats_url
         else:
             t0 = time.monotonic()
-            conf = creds.write_nats_config(
-                data_dir / "nats.conf", Subjects(settings.subject_prefix)
-            )
-            nats = start_nats(data_dir, args=["-c", str(conf)])
-            servers.append(nats)
-            nats_url = nats.url
-            _say(f"started nats-server at {nats_url} in {time.monotonic() - t0:.2f} s")
+            if args.cluster:
+                authorization = nats_config(Subjects(settings.subject_prefix), creds.nats)
+                nats_cluster = start_nats_cluster(data_dir, base_config=authorization)
+                servers.append(nats_cluster)
+                nats_url = nats_cluster.url
+                what = "a 3-node NATS cluster"
+            else:
+                conf = creds.write_nats_config(
+                    data_dir / "nats.conf", Subjects(settings.subject_prefix)
+                )
+                nats = start_nats(data_dir, args=["-c", str(conf)])
+                servers.append(nats)
+                nats_url = nats.url
+                what = "nats-server"
+            _say(f"started {what} at {nats_url} in {time.monotonic() - t0:.2f} s")
         if settings.valkey_url:
             _say(f"using Valkey at {redact_url(settings.valkey_url)}")
             valkey_url = settings.valkey_url
         else:
             t0 = time.monotonic()
             acl = creds.write_valkey_acl(data_dir / "valkey-users.acl", Keys(settings.key_prefix))
-            vk = start_valkey(data_dir, args=["--aclfile", str(acl)])
-            servers.append(vk)
-            valkey_url = vk.url
+            if args.cluster:
+                vk_cluster = start_valkey_cluster(
+                    data_dir, args=["--aclfile", str(acl)], admin=(ADMIN, creds.valkey[ADMIN])
+                )
+                servers.append(vk_cluster)
+                valkey_url = vk_cluster.url
+                what = "a Valkey Cluster (3 masters, 3 replicas)"
+            else:
+                vk = start_valkey(data_dir, args=["--aclfile", str(acl)])
+                servers.append(vk)
+                valkey_url = vk.url
+                what = "valkey-server"
             _say(
-                f"started valkey-server at {valkey_url} in {time.monotonic() - t0:.2f} s "
-                f"(data in {data_dir / 'valkey'})"
+                f"started {what} at {valkey_url} in {time.monotonic() - t0:.2f} s "
+                f"(data in {data_dir})"
             )
         if creds.nats or creds.valkey:
+            conf_name = "nats-0.conf" if args.cluster else "nats.conf"
             _say(
                 "the embedded servers want a login: one user per role, with new passwords in "
-                f"each role's environment (NATS permissions in {data_dir / 'nats.conf'})"
+                f"each role's environment (NATS permissions in {data_dir / conf_name})"
             )
         env.update(NATS_URL=nats_url, VALKEY_URL=valkey_url)
         _say(asyncio.run(_seed_agent(settings, valkey_url, Path(args.agent_file), admin)))
@@ -504,6 +528,48 @@ def cmd_valkey_acl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Move the keys of the layout before hash tags to today's (voicemesh.state.migrate)."""
+    from voicemesh.config.settings import Settings
+    from voicemesh.state.migrate import migrate
+    from voicemesh.state.store import ConfigStore, StoreError
+
+    settings = Settings()
+    if not settings.valkey_url:
+        print("voicemesh migrate: set VALKEY_URL (the store to upgrade)", file=sys.stderr)
+        return 2
+
+    async def run() -> str:
+        target = ConfigStore.from_url(
+            settings.valkey_url or "", settings=settings, key_prefix=settings.key_prefix
+        )
+        source = (
+            ConfigStore.from_url(args.source, settings=settings, key_prefix=settings.key_prefix)
+            if args.source
+            else target
+        )
+        try:
+            await target.check()
+            await source.check()
+            done = await migrate(
+                source.client, target.client, settings.key_prefix, dry_run=args.dry_run
+            )
+        finally:
+            await target.close()
+            if source is not target:
+                await source.close()
+        for reason in done.skipped:
+            print(f"  left: {reason}")
+        return ("would have " if args.dry_run else "") + done.summary()
+
+    try:
+        print(asyncio.run(run()))
+    except StoreError as exc:
+        print(f"voicemesh migrate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 
@@ -547,6 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="config of the default agent, stored when Valkey has none",
     )
     up.add_argument("--startup-timeout", type=float, default=600.0)
+    up.add_argument(
+        "--cluster",
+        action="store_true",
+        help="embedded servers as clusters on loopback: 3 nats-server nodes joined by routes, a "
+        "Valkey Cluster of 3 masters with a replica each (for trying failover; see "
+        "docs/operations.md)",
+    )
     up.set_defaults(fn=cmd_up)
 
     serve = sub.add_parser("serve", help="run one role against external NATS_URL and VALKEY_URL")
@@ -644,6 +717,21 @@ def build_parser() -> argparse.ArgumentParser:
         "starts valkey-server (docker-compose's deploy/valkey-start.sh)",
     )
     va.set_defaults(fn=cmd_valkey_acl)
+
+    mig = sub.add_parser(
+        "migrate",
+        help="move the keys of the layout before Valkey Cluster support to today's (stop the "
+        "roles first; safe to run twice)",
+    )
+    mig.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        help="the old store's URL when it is another server (e.g. a single valkey-server whose "
+        "data moves into the cluster of VALKEY_URL); default: VALKEY_URL itself, in place",
+    )
+    mig.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    mig.set_defaults(fn=cmd_migrate)
 
     cfg = sub.add_parser("config", help="validate, push, list and read configs")
     cfg.add_argument("--url", default="http://127.0.0.1:8080", help="transport API")

@@ -96,7 +96,10 @@ class ServerCredentials:
     def url(self, url: str, user: str = ADMIN) -> str:
         """`url` with `user`'s credentials in it (for tools that take only a URL)."""
         passwords = self.nats if url.startswith("nats") else self.valkey
-        return url.replace("://", f"://{user}:{passwords[user]}@", 1)
+        # a list of seeds: each full URL gets them (nats-py logs in to each with its own)
+        return ",".join(
+            part.replace("://", f"://{user}:{passwords[user]}@", 1) for part in url.split(",")
+        )
 
     def write_nats_config(self, path: Path, subjects: Subjects) -> Path:
         return write_private(path, nats_config(subjects, self.nats))

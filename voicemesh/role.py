@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import orjson
 from nats.aio.msg import Msg
 
-from voicemesh.bus import Bus, Subjects
+from voicemesh.bus import Bus, Subjects, tracing
 from voicemesh.config.logging import bind
-from voicemesh.config.settings import Settings
+from voicemesh.config.settings import Settings, otel_env
 from voicemesh.router import ServiceRouter
 from voicemesh.state import ConfigStore
 
@@ -66,6 +66,7 @@ class Role:
 
     async def start(self) -> None:
         bind(role=self.role, instance=self.instance)
+        self.tracing = await tracing.start(otel_env(self.settings))
         await self.connect()
         if self.serves_metrics and self.settings.metrics_port is not None:
             self.serve_metrics(self.settings.metrics_port)
@@ -130,6 +131,8 @@ class Role:
         await self.bus.drain()
         await self.release()
         await self.store.close()
+        if self.tracing:
+            await tracing.stop()  # the last role of the process posts the spans left
 
     async def release(self) -> None:
         """After the drain: let go of what in-flight work used (claims, engines)."""

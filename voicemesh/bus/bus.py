@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -62,6 +63,11 @@ class Bus:
         self.dropped = 0
         self._warned: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: how often the connection came back after a drop (a cluster node died, a network
+        #: blip), and when last: what was sent to this client meanwhile is gone (core NATS keeps
+        #: nothing), which the transport's turn supervisor takes as a reason to resend
+        self.reconnects = 0
+        self.reconnected_at = 0.0
 
     @classmethod
     async def connect(
@@ -96,13 +102,38 @@ class Bus:
             else:
                 log.warning("nats: disconnected")
 
+        made: list[Bus] = []
+
         async def on_reconnect() -> None:
-            log.info("nats: reconnected")
+            at = nc.connected_url  # a parsed URL that may hold a password: host and port only
+            log.info("nats: reconnected to %s", f"{at.hostname}:{at.port}" if at else "?")
+            for bus in made:
+                bus.reconnects += 1
+                bus.reconnected_at = time.monotonic()
 
         nc = Client()
+        # NATS_URL may list a cluster's seeds, comma-separated: the client tries each in turn
+        # and, after a node dies, reconnects to another (it also learns the rest from the
+        # cluster, but a seed list still works when the first seed is the dead one)
+        seeds = [u.strip() for u in url.split(",") if u.strip()]
+        # Credentials inside the URL hold for that URL only: a node the client learns from the
+        # cluster (not in NATS_URL) would be tried without them and refuse it.
+        first = urlsplit(seeds[0]) if seeds else None
+        if (
+            first is not None
+            and first.username
+            and not any(k in options for k in ("user", "token", "user_credentials"))
+        ):
+            if first.password is not None:
+                options["user"], options["password"] = (
+                    unquote(first.username),
+                    unquote(first.password),
+                )
+            else:
+                options["token"] = unquote(first.username)
         connecting = asyncio.ensure_future(
             nc.connect(
-                url,
+                seeds,
                 name=name,
                 max_reconnect_attempts=-1,
                 # nats-py annotates this int but only uses it as seconds (asyncio.wait_for,
@@ -122,7 +153,9 @@ class Bus:
             if fatal and isinstance(exc, asyncio.CancelledError):
                 raise BusError(_explain(where, fatal[0])) from None
             raise
-        return cls(nc, name=name)
+        bus = cls(nc, name=name)
+        made.append(bus)
+        return bus
 
     async def settle(self) -> None:
         """Make sure the server has every subscription made so far. nats-py 2.16's flush() can

@@ -20,9 +20,12 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # one NATS subject token, no wildcard
 
 
 def redact_url(url: str | None) -> str:
-    """The URL with any password (or token given as the user part) replaced by '***'."""
+    """The URL with any password (or token given as the user part) replaced by '***'. A list of
+    seeds (`nats://a:4222,nats://b:4222`, `valkey+cluster://u:p@a:1,b:2`) is redacted per seed."""
     if not url:
         return str(url)
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
     try:
         parts = urlsplit(url)
         if parts.username is None and parts.password is None:

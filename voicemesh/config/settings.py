@@ -114,6 +114,18 @@ class ConnectionSettings(BaseSettings):
     valkey_tls_ca: str | None = Field(None, description="needs a valkeys:// or rediss:// URL")
     valkey_tls_cert: str | None = None
     valkey_tls_key: str | None = None
+    valkey_cluster: bool = Field(
+        False,
+        description="VALKEY_URL names a Valkey Cluster seed (same as a valkey+cluster:// URL): "
+        "the client follows the cluster's slot map and its failovers",
+    )
+    valkey_failover_wait_ms: int = Field(
+        5000,
+        ge=0,
+        le=60_000,
+        description="on a Valkey Cluster, how long a command that meets a dead master is retried "
+        "while its replica is promoted (then it fails as an unreachable Valkey does)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ConnectionSettings:
@@ -197,6 +209,30 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         le=120_000,
         description="how long a turn waits for an instance of its next stage to take its work "
         "(resent meanwhile) before the caller gets an error naming the stage",
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        pattern=r"^https?://[^\s]+$",
+        description="OpenTelemetry collector (OTLP/HTTP): set, every role exports one trace per "
+        "turn to <it>/v1/traces; unset, tracing costs nothing (voicemesh/bus/tracing.py)",
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        pattern=r"^https?://[^\s]+$",
+        description="the full URL for traces, instead of OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces",
+    )
+    otel_exporter_otlp_headers: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_HEADERS"),
+        description="headers of every export, k=v,k2=v2 (a collector's API key: a secret)",
+    )
+    otel_service_name: str = Field(
+        "voicemesh",
+        validation_alias=AliasChoices("OTEL_SERVICE_NAME"),
+        max_length=100,
+        description="service.name of the exported spans (each span also names its role)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "text"
@@ -461,3 +497,15 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
 
 def get_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
+
+
+def otel_env(settings: Settings) -> dict[str, str]:
+    """The OTEL_* settings as the environment voicemesh.bus.tracing reads."""
+    env = {"OTEL_SERVICE_NAME": settings.otel_service_name}
+    if settings.otel_exporter_otlp_endpoint:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = settings.otel_exporter_otlp_endpoint
+    if settings.otel_exporter_otlp_traces_endpoint:
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = settings.otel_exporter_otlp_traces_endpoint
+    if settings.otel_exporter_otlp_headers is not None:
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = settings.otel_exporter_otlp_headers.get_secret_value()
+    return env

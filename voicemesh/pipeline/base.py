@@ -9,12 +9,14 @@ the queue group, and a claim in Valkey makes a redelivered unit run once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from types import MappingProxyType
 from typing import Any
 
-from voicemesh.bus import Frame, Kind, Subjects
+from voicemesh.bus import Frame, Kind, Subjects, tracing
 from voicemesh.bus.events import (
     CallEnd,
     End,
@@ -40,6 +42,16 @@ from voicemesh.router import NoRoute
 from voicemesh.state.store import best_effort
 
 log = logging.getLogger(__name__)
+#: the name of the span of one unit of work, per stage
+UNIT_SPANS: dict[str, str] = {
+    Stage.STT: "stt.transcribe",
+    Stage.LLM: "llm.reply",
+    Stage.TTS: "tts.sentence",
+}
+#: the attributes of the span of the unit the current task works on (None: no span)
+_SPAN: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "span", default=MappingProxyType({})
+)
 
 
 class StageService(Role):
@@ -187,7 +199,34 @@ class StageService(Role):
         async def in_context() -> Any:
             # the task's own copy of the log context
             bind(session=session, turn=epoch, trace_id=trace_id(session, epoch))
-            return await coro
+            if not tracing.enabled():
+                return await coro
+            # one span per unit of work, under the turn's root (ids derived: nothing on the wire)
+            start, error = time.time_ns(), None
+            try:
+                return await coro
+            except asyncio.CancelledError:
+                error = "cancelled"
+                raise
+            except Exception as exc:
+                error = type(exc).__name__
+                raise
+            finally:
+                attrs = _SPAN.get()
+                if attrs is not None:  # None: a duplicate whose claim another instance holds
+                    tracing.span(
+                        UNIT_SPANS.get(self.role, str(self.role)),
+                        session,
+                        epoch,
+                        start,
+                        time.time_ns(),
+                        attrs={
+                            "voicemesh.role": str(self.role),
+                            "voicemesh.instance": self.instance,
+                            **attrs,
+                        },
+                        error=error,
+                    )
 
         task = self.bus.spawn(in_context(), what=f"{self.role} work of turn {epoch}")
         entry = (epoch, task)
@@ -275,7 +314,9 @@ class QueuedStage(StageService):
     async def _take(self, session: str, frame: Frame) -> None:
         claim = await self.claimed(self.role, session, frame)
         if claim is None:
+            _SPAN.set(None)  # nothing done here: no span
             return
+        _SPAN.set({"voicemesh.index": frame.index})
         if (task := asyncio.current_task()) is not None:
             self._holders[claim] = task
         try:

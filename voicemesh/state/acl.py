@@ -42,6 +42,19 @@ COMMANDS: tuple[str, ...] = (
     # the server's clock, which scripts read so every transport instance agrees on when a call
     # slot lapses (transport/api/tenants.py); TIME is in no category above
     "+time",
+    # What a cluster client needs (voicemesh.state.client): the slot map at start and after a
+    # failover (read-only CLUSTER subcommands, taken away above with @admin/@dangerous),
+    # COMMAND for key positions, ASKING during a resharding and READONLY/READWRITE for replicas.
+    # None of them changes the cluster or any key; on a single server they are simply unused.
+    "+cluster|slots",
+    "+cluster|shards",
+    "+cluster|nodes",
+    "+cluster|info",
+    "+cluster|myid",
+    "+command",
+    "+asking",
+    "+readonly",
+    "+readwrite",
 )
 
 

@@ -10,8 +10,10 @@ twice. A claim held by a live instance makes any duplicate delivery a no-op.
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
-import valkey.asyncio as valkey
+from valkey.asyncio.cluster import ValkeyCluster
 
 from voicemesh.state.awaited import awaited
 from voicemesh.state.keys import Keys
@@ -31,6 +33,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# KEYS[1] claim; ARGV the done note. Only a finished unit is reopened, never a live claim.
+_REOPEN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -40,7 +47,7 @@ return 0
 class Claims:
     def __init__(
         self,
-        client: valkey.Valkey,
+        client: Any,
         *,
         keys: Keys,
         owner: str,
@@ -53,6 +60,7 @@ class Claims:
         self._renew = client.register_script(_RENEW)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
+        self._reopen = client.register_script(_REOPEN)
 
     def key(self, stage: str, session: str, epoch: int, index: int = 0) -> str:
         return self.keys.claim(stage, session, epoch, index)
@@ -85,6 +93,11 @@ class Claims:
         self.held.discard(key)
         await self._release(keys=[key], args=[self.owner])
 
+    async def reopen(self, key: str) -> bool:
+        """Forget that a unit was finished, so it is done again when sent again: its result was
+        lost on the way (the receiver's NATS node died), though the worker did its part."""
+        return bool(await self._reopen(keys=[key], args=[DONE]))
+
     async def state(self, key: str) -> str | None:
         value = await self.client.get(key)
         return value.decode() if value is not None else None
@@ -93,7 +106,9 @@ class Claims:
 
     async def add_progress(self, session: str, epoch: int, sentence: str) -> None:
         key = self.keys.progress(session, epoch)
-        async with self.client.pipeline(transaction=True) as pipe:
+        # one key: a cluster pipeline (no MULTI) sends both to the node holding it
+        atomic = not isinstance(self.client, ValkeyCluster)
+        async with self.client.pipeline(transaction=atomic) as pipe:
             pipe.rpush(key, orjson.dumps(sentence))
             pipe.pexpire(key, self.keep_ms)
             await pipe.execute()

@@ -6,7 +6,7 @@ its holder dies, so the upstream sender can hand the stream to another instance.
 
 from __future__ import annotations
 
-import valkey.asyncio as valkey
+from typing import Any
 
 # KEYS[1] lease; ARGV owner, ttl_ms. Take the lease if free, or renew it if it is already ours.
 _ACQUIRE = """
@@ -31,7 +31,7 @@ return 0
 
 
 class Leases:
-    def __init__(self, client: valkey.Valkey, *, owner: str, ttl_ms: int):
+    def __init__(self, client: Any, *, owner: str, ttl_ms: int):
         self.client, self.owner, self.ttl_ms = client, owner, ttl_ms
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)

@@ -1,8 +1,9 @@
 """Session configs, named agents and conversation context in Valkey.
 
 A session is one hash (config JSON, version, agent, owner, turn epoch) with a TTL; its context is
-a list with the same TTL. The session index is a sorted set scored by expiry time, so a listing
-never returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries. Every
+a list with the same TTL. The session index is sharded sorted sets scored by expiry time, so a
+listing never returns an id whose key has lapsed, and cleanup removes exactly the lapsed entries
+(the layout, and why it runs on a Valkey Cluster too, is in voicemesh.state.keys). Every
 write that depends on a key existing is a Lua script, so nothing is half-written and no key is
 re-created without its TTL.
 
@@ -19,19 +20,20 @@ import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import valkey.asyncio as valkey
 from valkey.exceptions import ConnectionError as ValkeyConnectionError
 from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 
-from voicemesh.config.connections import redact_url, valkey_options
+from voicemesh.config.connections import redact_url
 from voicemesh.config.models import AgentConfig, parse_agent_config
 from voicemesh.config.settings import ConnectionSettings
 from voicemesh.errors import VoicemeshError
 from voicemesh.state.awaited import awaited
 from voicemesh.state.claims import Claims
+from voicemesh.state.client import Client, connect, is_cluster, is_cluster_url, redact_cluster_url
 from voicemesh.state.keys import ADMIN_TENANT, AGENT_NAME, SESSION_ID, Keys
 from voicemesh.state.lease import Leases
 
@@ -86,13 +88,15 @@ class AgentRecord:
         }
 
 
-# KEYS[1] session hash, KEYS[2] index zset; ARGV config, ttl_ms, agent, now_ms, id, owner
+# The session index shard is another slot than the session (voicemesh.state.keys), so no script
+# writes it: its ZADD goes first, so an index entry never says a session lapses before it does.
+
+# KEYS[1] session hash; ARGV config, ttl_ms, agent, now_ms, id, owner
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'config', ARGV[1], 'version', 1, 'agent', ARGV[3],
            'created_ms', ARGV[4], 'epoch', 0, 'owner', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[4] + ARGV[2], ARGV[5])
 return 1
 """
 
@@ -105,8 +109,8 @@ redis.call('HSET', KEYS[1], 'config', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 
-# Create or replace with a fresh TTL (store_config). KEYS[1] hash, KEYS[2] index,
-# KEYS[3] context; ARGV config, ttl_ms, now_ms, id, owner (of a new session; an existing one
+# Create or replace with a fresh TTL (store_config). KEYS[1] hash, KEYS[2] context; ARGV config,
+# ttl_ms, now_ms, id, owner (of a new session; an existing one
 # keeps its own)
 _STORE = """
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -116,17 +120,15 @@ redis.call('HSETNX', KEYS[1], 'epoch', 0)
 redis.call('HSETNX', KEYS[1], 'agent', '')
 redis.call('HSETNX', KEYS[1], 'owner', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-redis.call('ZADD', KEYS[2], ARGV[3] + ARGV[2], ARGV[4])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return v
 """
 
-# KEYS[1] hash, KEYS[2] index, KEYS[3] context; ARGV ttl_ms, now_ms, id
+# KEYS[1] hash, KEYS[2] context; ARGV ttl_ms
 _EXTEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[1]) end
-redis.call('ZADD', KEYS[2], ARGV[2] + ARGV[1], ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
 return 1
 """
 
@@ -186,8 +188,8 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 2
 """
 
-# Agents: KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key, KEYS[4] set of tenants with
-# agents; ARGV name, config, now_ms, mode ('create'|'update'), description or '' ,
+# Agents: KEYS[1] agent hash, KEYS[2] name set, KEYS[3] default key (one scope: one slot); ARGV
+# name, config, now_ms, mode ('create'|'update'), description or '' ,
 # keep-description flag, tenant ('' for a global agent: the first one becomes the default)
 _PUT_AGENT = """
 local exists = redis.call('EXISTS', KEYS[1]) == 1
@@ -199,10 +201,8 @@ if ARGV[6] == '1' then redis.call('HSETNX', KEYS[1], 'description', ARGV[5])
 else redis.call('HSET', KEYS[1], 'description', ARGV[5]) end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('SADD', KEYS[2], ARGV[1])
-if ARGV[7] == '' then
-  if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('SET', KEYS[3], ARGV[1]) end
-else
-  redis.call('SADD', KEYS[4], ARGV[7])
+if ARGV[7] == '' and redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('SET', KEYS[3], ARGV[1])
 end
 return v
 """
@@ -267,11 +267,16 @@ def check_agent_name(name: str) -> str:
 class ConfigStore:
     """Per-session configs with a TTL, plus agents and each session's conversation context."""
 
-    def __init__(self, client: valkey.Valkey, *, key_prefix: str = "vm", default_ttl_s: int = 3600):
-        self.client = client
+    def __init__(self, client: Client, *, key_prefix: str = "vm", default_ttl_s: int = 3600):
+        # Typed as the single-server client: the cluster client answers the same commands and
+        # scripts (routed by key), and callers should not need to know which one they hold.
+        self.client = cast(valkey.Valkey, client)
+        #: a Valkey Cluster client: no MULTI/EXEC (a cluster pipeline is not a transaction)
+        self.cluster = is_cluster(client)
         self.where = "valkey"  # the redacted URL, for messages (set by from_url)
         self.keys = Keys(key_prefix)
         self.default_ttl_s = default_ttl_s
+        client = self.client
         self._create = client.register_script(_CREATE)
         self._update = client.register_script(_UPDATE)
         self._store = client.register_script(_STORE)
@@ -289,10 +294,18 @@ class ConfigStore:
     ) -> ConfigStore:
         """A store on `url` with the credentials and TLS of `settings` (read from the environment
         when not given; credentials in the URL win). Connects lazily: `check()` proves it."""
-        options = valkey_options(settings if settings is not None else ConnectionSettings(), url)
-        store = cls(valkey.Valkey.from_url(url, **options), **kw)
-        store.where = redact_url(url)
+        settings = settings if settings is not None else ConnectionSettings()
+        cluster = settings.valkey_cluster or is_cluster_url(url)
+        store = cls(connect(url, settings, cluster=cluster), **kw)
+        store.where = redact_cluster_url(url) if cluster else redact_url(url)
         return store
+
+    def _pipeline(self, *, atomic: bool) -> Any:
+        """A pipeline; MULTI/EXEC on a single server when `atomic`. A cluster has no
+        transactions across a pipeline: the callers' atomic pipelines touch one session's keys,
+        which the ordering of their commands keeps consistent enough (an HGETALL and PTTL of one
+        key)."""
+        return self.client.pipeline(transaction=atomic and not self.cluster)
 
     async def check(self) -> None:
         """One round trip; a refused login, TLS failure or unreachable server is a StoreError
@@ -358,8 +371,9 @@ class ConfigStore:
         ttl_ms, now = self._ttl_ms(ttl_s), _now_ms()
         while True:
             sid = new_session_id()
+            await self._index(sid, now + ttl_ms)
             created = await self._create(
-                keys=[self.keys.session(sid), self.keys.sessions],
+                keys=[self.keys.session(sid)],
                 args=[config.to_json(), ttl_ms, agent or "", now, sid, owner],
             )
             if created:
@@ -375,16 +389,19 @@ class ConfigStore:
     ) -> int:
         """Create or replace a session's config with a fresh TTL; returns the new version."""
         check_session_id(session_id)
+        ttl_ms, now = self._ttl_ms(ttl_s), _now_ms()
+        await self._index(session_id, now + ttl_ms)
         return int(
             await self._store(
-                keys=[
-                    self.keys.session(session_id),
-                    self.keys.sessions,
-                    self.keys.context(session_id),
-                ],
-                args=[config.to_json(), self._ttl_ms(ttl_s), _now_ms(), session_id, owner],
+                keys=[self.keys.session(session_id), self.keys.context(session_id)],
+                args=[config.to_json(), ttl_ms, now, session_id, owner],
             )
         )
+
+    async def _index(self, session_id: str, expires_ms: int) -> None:
+        """List the session in its index shard until `expires_ms` (before the session itself is
+        written or extended: see voicemesh.state.keys)."""
+        await self.client.zadd(self.keys.sessions_of(session_id), {session_id: expires_ms})
 
     async def update_config(
         self, session_id: str, config: AgentConfig, *, expect_version: int | None = None
@@ -403,7 +420,7 @@ class ConfigStore:
 
     async def get_config(self, session_id: str) -> StoredConfig | None:
         key = self.keys.session(session_id)
-        async with self.client.pipeline(transaction=True) as pipe:
+        async with self._pipeline(atomic=True) as pipe:
             pipe.hgetall(key)
             pipe.pttl(key)
             raw, ttl = await pipe.execute()
@@ -435,13 +452,15 @@ class ConfigStore:
     async def list_configs(self, *, owner: str | None = None) -> list[str]:
         """Live session ids, all or `owner`'s (lapsed index entries are removed on the way)."""
         await self.cleanup_expired_configs()
-        ids = [
-            i.decode()
-            for i in await self.client.zrangebyscore(self.keys.sessions, _now_ms(), "+inf")
-        ]
+        now = _now_ms()
+        async with self._pipeline(atomic=False) as pipe:
+            for shard in self.keys.sessions_shards:
+                pipe.zrangebyscore(shard, now, "+inf")
+            shards = await pipe.execute()
+        ids = [i.decode() for rows in shards for i in rows]
         if owner is None or not ids:
             return ids
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self._pipeline(atomic=False) as pipe:
             for i in ids:
                 pipe.hmget(self.keys.session(i), ["version", "owner"])
             rows = await pipe.execute()
@@ -457,36 +476,48 @@ class ConfigStore:
         return None if ttl < 0 else max(1, round(ttl / 1000))
 
     async def extend_config_ttl(self, session_id: str, ttl_s: int) -> bool:
+        ttl_ms = self._ttl_ms(ttl_s)
+        if not await self.client.exists(self.keys.session(session_id)):
+            return False  # no index entry for a session that is gone
+        await self._index(session_id, _now_ms() + ttl_ms)
         return bool(
             await self._extend(
-                keys=[
-                    self.keys.session(session_id),
-                    self.keys.sessions,
-                    self.keys.context(session_id),
-                ],
-                args=[self._ttl_ms(ttl_s), _now_ms(), session_id],
+                keys=[self.keys.session(session_id), self.keys.context(session_id)],
+                args=[ttl_ms],
             )
         )
 
     async def cleanup_expired_configs(self) -> int:
-        """Drop index entries whose session lapsed (by score, and any whose key was deleted)."""
-        removed = await self.client.zremrangebyscore(self.keys.sessions, "-inf", _now_ms() - 1)
-        ids = await self.client.zrange(self.keys.sessions, 0, -1)
-        if ids:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for i in ids:
+        """Drop index entries whose session lapsed (by score, and any whose key was deleted),
+        shard by shard: each shard's commands go to the node holding it."""
+        now = _now_ms()
+        shards = self.keys.sessions_shards
+        async with self._pipeline(atomic=False) as pipe:
+            for shard in shards:
+                pipe.zremrangebyscore(shard, "-inf", now - 1)
+                pipe.zrange(shard, 0, -1)
+            replies = await pipe.execute()
+        removed = sum(int(n) for n in replies[0::2])
+        listed = [(shard, i) for shard, ids in zip(shards, replies[1::2], strict=True) for i in ids]
+        if listed:
+            async with self._pipeline(atomic=False) as pipe:
+                for _, i in listed:
                     pipe.exists(self.keys.session(i.decode()))
                 alive = await pipe.execute()
-            gone = [i for i, a in zip(ids, alive, strict=True) if not a]
+            gone = [(shard, i) for (shard, i), a in zip(listed, alive, strict=True) if not a]
             if gone:
-                removed += await self.client.zrem(self.keys.sessions, *gone)
+                async with self._pipeline(atomic=False) as pipe:
+                    for shard, i in gone:
+                        pipe.zrem(shard, i)
+                    removed += sum(int(n) for n in await pipe.execute())
         return int(removed)
 
     async def delete_config(self, session_id: str) -> bool:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.session(session_id), self.keys.context(session_id))
-            pipe.zrem(self.keys.sessions, session_id)
-            deleted, _ = await pipe.execute()
+        # hash and context share the session's slot: one DEL, atomic on a cluster too
+        deleted = await self.client.delete(
+            self.keys.session(session_id), self.keys.context(session_id)
+        )
+        await self.client.zrem(self.keys.sessions_of(session_id), session_id)
         return bool(deleted)
 
     async def next_epoch(self, session_id: str, *, at_least: int = 0) -> int:
@@ -547,13 +578,12 @@ class ConfigStore:
     ) -> AgentRecord:
         check_agent_name(name)
         keys = self.keys
+        if tenant is not None:
+            # another slot than the tenant's scope, so not in the script; first, so a tenant
+            # with agents is always listed (the set says "has or had" anyway)
+            await awaited(self.client.sadd(keys.agent_tenants, tenant))
         result = await self._put_agent(
-            keys=[
-                keys.agent(name, tenant),
-                keys.agent_names(tenant),
-                keys.default_of(tenant),
-                keys.agent_tenants,
-            ],
+            keys=[keys.agent(name, tenant), keys.agent_names(tenant), keys.default_of(tenant)],
             args=[
                 name,
                 config.to_json(),
@@ -602,7 +632,7 @@ class ConfigStore:
         names = sorted(
             n.decode() for n in await awaited(self.client.smembers(self.keys.agent_names(tenant)))
         )
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self._pipeline(atomic=False) as pipe:
             for n in names:
                 pipe.hgetall(self.keys.agent(n, tenant))
             rows = await pipe.execute()

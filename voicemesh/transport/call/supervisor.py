@@ -48,6 +48,10 @@ class TurnWork:
     #: Valkey was unreachable during the turn, so its units may have been taken without a claim:
     #: a missing claim proves nothing, and resending could say the reply twice
     unsupervised: bool = False
+    #: the transport's bus reconnects seen so far (Bus.reconnects) and, after a newer one, when
+    #: its lost frames were last resent (see TurnSupervisor._recover)
+    reconnects: int = 0
+    lossy_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class TurnSupervisor:
         self.redeliveries = 0
 
     def begin(self, epoch: int) -> None:
-        self.turn = TurnWork(epoch)
+        self.turn = TurnWork(epoch, reconnects=self.svc.bus.reconnects)
 
     def ended(self, utterance: list[Frame]) -> None:
         if self.turn is not None:
@@ -166,6 +170,8 @@ class TurnSupervisor:
         ):
             return None  # supervision knows the standard flow only
         now = time.monotonic()
+        if await self._recover(t, now, next_index):
+            return None
         if t.user_text is None:  # waiting for STT: its lease tells whether its owner lives
             holder = await self.svc.store.lease_holder(Stage.STT, self.session)
             if holder is not None:
@@ -226,6 +232,53 @@ class TurnSupervisor:
         await self._send(Stage.TTS, frame)
         t.sent_at[f"tts{next_index}"] = now
         return None
+
+    async def _recover(self, t: TurnWork, now: float, next_index: int) -> bool:
+        """The transport's NATS connection dropped and came back during the turn (its cluster
+        node died): what the stages sent it meanwhile is gone, though their claims say done, so
+        claims prove nothing. Half a lease TTL after the reconnect (or after the last resend)
+        with the reply still waiting, resend what it waits for: the utterance to the STT owner
+        (it starts the stream over), or each sentence from the next one on whose TTS claim says
+        done (reopened first, so a TTS instance takes it again; the reorderer drops what was
+        heard already). True if something was resent."""
+        bus = self.svc.bus
+        if bus.reconnects != t.reconnects:
+            t.reconnects, t.lossy_since = bus.reconnects, bus.reconnected_at
+        if t.lossy_since is None or now - t.lossy_since < self.ttl_s / 2:
+            return False
+        t.lossy_since = now
+        if t.user_text is None:
+            if not t.utterance:
+                return False
+            self._resending(Stage.STT, "NATS reconnected: replaying the utterance to STT")
+            subject = self.svc.subjects.data(Stage.STT, self.session)
+            for frame in t.utterance:
+                # hop: -> voicemesh.pipeline.stt.STTService._on_audio (vm.stt.<sid>, the replay)
+                await bus.publish(subject, frame)
+            self.redeliveries += 1
+            return True
+        llm = await self.claims.state(self.claims.key(Stage.LLM, self.session, t.epoch))
+        if llm is None:
+            return False  # no claim: the LLM turn is resent by the usual rule
+        sentences = int(llm.split(":", 1)[1]) if llm.startswith(f"{DONE}:") else None
+        progress = await self.claims.progress(self.session, t.epoch)
+        last = sentences if sentences is not None else len(progress) - 1
+        resent = False
+        for index in range(next_index, last + 1):
+            key = self.claims.key(Stage.TTS, self.session, t.epoch, index)
+            if not await self.claims.reopen(key):
+                continue  # not finished: a live worker holds it, or nobody took it yet
+            if index < len(progress):
+                frame = Frame.text(
+                    progress[index], epoch=t.epoch, index=index, flags=Flag.START | Flag.END
+                )
+            else:
+                frame = Frame.text("", epoch=t.epoch, index=index, flags=Flag.END | Flag.LAST)
+            self._resending(f"tts{index}", "NATS reconnected: sending finished sentences again")
+            await self._send(Stage.TTS, frame)
+            t.sent_at[f"tts{index}"] = now
+            resent = True
+        return resent
 
     async def _send(self, stage: str, frame: Frame) -> None:
         self.redeliveries += 1

@@ -21,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Histogram
 
+from voicemesh.bus import tracing
 from voicemesh.bus.events import (
     Event,
     Hop,
@@ -123,13 +124,40 @@ class TurnTrace:
             tool_ms=self.tool_ms,
         )
 
+    def _spans(self) -> None:
+        """The turn's root span and the phases the transport saw (voicemesh/bus/tracing.py)."""
+        at = {
+            k: tracing.perf_to_unix_ns(v) if v is not None else None
+            for k, v in (
+                ("voiced", self.last_voiced),
+                ("end", self.end_sent),
+                ("transcript", self.transcript_at),
+                ("audio", self.first_audio),
+            )
+        }
+        start = at["voiced"] or at["end"]
+        if start is None or at["audio"] is None:
+            return
+        attrs = {"voicemesh.role": str(Stage.TRANSPORT)}
+        tracing.span("turn", self.session, self.epoch, start, at["audio"], root=True, attrs=attrs)
+        for name, a, b in (
+            ("eou", at["voiced"], at["end"]),
+            ("stt", at["end"], at["transcript"]),  # as the transport waited for it
+            ("first_audio", at["end"], at["audio"]),
+        ):
+            if a is not None and b is not None:
+                tracing.span(name, self.session, self.epoch, a, b, attrs=attrs)
+
     def summary(self) -> dict[str, Any]:
         """`metrics()` as its JSON object."""
         return self.metrics().wire()
 
     def record(self) -> TurnMetrics:
-        """Record the turn in the Prometheus histograms; returns its metrics."""
+        """Record the turn in the Prometheus histograms (and, with tracing on, its spans);
+        returns its metrics."""
         m = self.metrics()
+        if tracing.enabled():
+            self._spans()
         for phase, ms in (
             ("eou", m.eou_ms),
             ("stt", m.stt_ms),
