@@ -25,6 +25,7 @@ from voicemesh.bus.events import (
     BotDone,
     BotStarted,
     CallEnd,
+    CallerEvent,
     End,
     ErrorEvent,
     EventError,
@@ -99,6 +100,17 @@ class Call:
         #: what a speculative reply sent before its turn ended: played (and its events sent)
         #: once the turn ends in that pause, dropped if the caller goes on
         self._held: list[tuple[str, Frame]] = []
+        peer.tap = self._watched
+
+    async def _watched(self, event: CallerEvent) -> None:
+        """A copy of a caller event for the console (voicemesh.transport.api.watch), with the
+        carrier's name: best effort, a lost copy costs a watcher one line, never the call."""
+        body = b'{"transport":"%s","event":%s}' % (self.peer.name.encode(), event.wire_json())
+        try:
+            # hop: -> voicemesh.transport.api.console.Watch.on_msg (vm.watch.<sid>)
+            await self.svc.bus.nc.publish(self.subjects.watch(self.session), body)
+        except Exception as exc:  # a closed or slow connection: drop the copy
+            log.debug("watch copy dropped: %s", exc)
 
     @property
     def bot_busy(self) -> bool:
