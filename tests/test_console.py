@@ -455,3 +455,49 @@ async def test_browser_second_tenant_sees_nothing_of_the_first(console: tuple[st
         calls = await beta.evaluate("() => window.__console.calls")
         assert not beta.errors
     assert calls.get("health", 0) <= 2, calls
+
+
+async def test_a_call_copies_each_caller_event_to_its_watch_subject(
+    console: tuple[str, Any],
+) -> None:
+    """The copy the streams read: every event a call's peer delivers goes out on vm.watch.<sid>
+    with the carrier's name, after the caller has it."""
+    from voicemesh.bus.events import CallerEvent, Session
+    from voicemesh.transport.call.call import Call
+    from voicemesh.transport.call.peer import Peer
+
+    _, svc = console
+    delivered: list[str] = []
+
+    class Fake(Peer):
+        name = "websocket"
+
+        async def receive(self) -> bytes | None:
+            return None
+
+        async def send_audio(self, pcm: bytes) -> None:
+            pass
+
+        async def deliver(self, event: CallerEvent) -> None:
+            delivered.append(event.type)
+
+        def hang_up(self) -> None:
+            pass
+
+    peer = Fake()
+    Call(svc, "S" * 22, peer)
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on(msg: Any) -> None:
+        await got.put(msg.data)
+
+    sub = await svc.bus.nc.subscribe(svc.subjects.watch("S" * 22), cb=on)
+    await svc.bus.nc.flush()
+    await peer.send_event(Session(session_id="S" * 22, version=3))
+    body = orjson.loads(await asyncio.wait_for(got.get(), 5))
+    await sub.unsubscribe()
+    assert delivered == ["session"]
+    assert body == {
+        "transport": "websocket",
+        "event": {"type": "session", "session_id": "S" * 22, "version": 3},
+    }
