@@ -2,7 +2,7 @@
 allowed ${ENV} names, connector health, the live event streams and their tenant rule) against a
 real transport on uvicorn, real NATS and Valkey; then the page itself in headless Chromium (slow),
 each test asserting on what the page shows. Screenshots of each view go to docs/console/ when
-VOICEMESH_CONSOLE_SHOTS=1 (scripts/console_screenshots.sh)."""
+VOICEMESH_CONSOLE_SHOTS=1."""
 
 from __future__ import annotations
 
@@ -501,3 +501,23 @@ async def test_a_call_copies_each_caller_event_to_its_watch_subject(
         "transport": "websocket",
         "event": {"type": "session", "session_id": "S" * 22, "version": 3},
     }
+
+
+async def test_one_stream_more_than_console_max_streams_is_a_429(
+    settings: Settings,
+) -> None:
+    svc = TransportService(
+        settings.model_copy(
+            update={"auth": "required", "api_keys": (SecretStr(ADMIN),), "console_max_streams": 1}
+        )
+    )
+    await svc.start()
+    try:
+        async with serving(svc) as url, client(url, ADMIN) as c:
+            async with c.stream("GET", "/api/events") as first:
+                assert first.status_code == 200
+                second = await c.get("/api/events")
+                assert second.status_code == 429 and "at most 1" in second.json()["detail"]
+                assert second.headers["Retry-After"]
+    finally:
+        await svc.stop()
