@@ -59,6 +59,7 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
                 subjects.config_update,
                 subjects.assign("*"),  # handing a session's stream to a streaming stage
                 subjects.health("*"),  # is any instance of a stage running at all?
+                subjects.watch_all,  # a copy of each call's caller events, for the console
             ),
             subscribe=(
                 subjects.data_all(role),
@@ -66,6 +67,7 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
                 subjects.config_get_all,  # stages ask for a config while Valkey is down
                 subjects.config_update,
                 subjects.health(role),
+                subjects.watch_all,  # the console's live views, from any transport's calls
                 inbox(user),
             ),
         )

@@ -54,6 +54,15 @@ class Subjects:
         only its own connectors' health (voicemesh.bus.permissions)."""
         return f"{self.prefix}.connector.health.{stage}"
 
+    def watch(self, session: str) -> str:
+        """A copy of every event a call sends its caller, for watchers (the console's live view,
+        voicemesh.transport.api.watch): the call's own client is not the only one who may look."""
+        return f"{self.prefix}.watch.{session}"
+
+    @property
+    def watch_all(self) -> str:
+        return f"{self.prefix}.watch.*"
+
     def health(self, role: str) -> str:
         return f"{self.prefix}.health.{role}"
 

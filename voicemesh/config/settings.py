@@ -433,6 +433,21 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="a call's slot in its tenant's count lapses this long after its transport "
         "last renewed it (renewed every third of it), so a crashed transport frees its slots",
     )
+    # --- the console's live streams (voicemesh/transport/api/console.py) ---
+    console_max_streams: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="live console streams (SSE: /api/events, /api/sessions/{id}/events) one "
+        "transport serves at once; one more is refused with 429",
+    )
+    console_refresh_s: float = Field(
+        2.0,
+        ge=1.0,
+        le=60.0,
+        description="how often a console stream resends its snapshot (sessions, health marks; "
+        "a session's version and TTL): nothing refreshes faster than once a second",
+    )
     # --- Twilio Media Streams (voicemesh/transport/carriers/twilio.py) ---
     twilio_auth_token: SecretStr | None = Field(
         None,

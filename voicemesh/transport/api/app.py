@@ -28,6 +28,7 @@ from voicemesh.bus.bus import BusError
 from voicemesh.config.logging import redact_logger
 from voicemesh.state.store import StoreError
 from voicemesh.transport.api.agents import agents_router
+from voicemesh.transport.api.console import console_router
 from voicemesh.transport.api.errors import ERRORS, add_error_handlers
 from voicemesh.transport.api.limits import BodyLimit
 from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
@@ -77,6 +78,7 @@ def create_app(service: TransportService) -> FastAPI:
     api = APIRouter(prefix="/api", dependencies=[Depends(auth)], responses=ERRORS)
     api.include_router(agents_router(service, auth))
     api.include_router(sessions_router(service, auth, limit))
+    api.include_router(console_router(service, auth))
     app.include_router(api)
     app.mount("/metrics", make_asgi_app())
     app.include_router(health_router(service))
@@ -94,6 +96,7 @@ def create_app(service: TransportService) -> FastAPI:
     app.include_router(websocket_routes(service, call_session, auth))
 
     app.include_router(page_router())
+    app.include_router(console_page_router())
     return app
 
 
@@ -146,5 +149,28 @@ def page_router() -> APIRouter:
         if page.exists():
             return FileResponse(page)
         return {"service": "voicemesh transport", "docs": "/docs", "call": "/ws/call"}
+
+    return router
+
+
+def console_page_router() -> APIRouter:
+    """`/console`: the admin page (static/console/), plain ES modules; it uses only /api."""
+    router = APIRouter()
+    root = (STATIC / "console").resolve()
+    types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+
+    @router.get("/console", include_in_schema=False)
+    async def console() -> Any:
+        return FileResponse(root / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @router.get("/console/{name}", include_in_schema=False)
+    async def console_file(name: str) -> Any:
+        # one flat directory of named files: no path reaches outside it
+        path = (root / name).resolve()
+        if path.parent != root or path.suffix not in types or not path.is_file():
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return FileResponse(
+            path, media_type=types[path.suffix], headers={"Cache-Control": "no-cache"}
+        )
 
     return router

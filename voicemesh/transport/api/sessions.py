@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Header, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from voicemesh.config.models import (
@@ -80,6 +80,26 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 def _config_json(config: AgentConfig) -> Any:
     return orjson.loads(config.to_json())
+
+
+def expected_version(if_match: str | None) -> int | None:
+    """The version an `If-Match` header names (`"7"`, `7` or `W/"7"`), None without one; a
+    header that names no version is a 422 at `If-Match`."""
+    if if_match is None:
+        return None
+    tag = if_match.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 18:
+        raise ConfigValidationError(
+            [ConfigIssue(loc=["If-Match"], msg='If-Match names a session version, e.g. "7"')]
+        )
+    return int(tag)
+
+
+def stale(session_id: str, had: int, now: int) -> Conflict:
+    return Conflict(
+        f"session {session_id} was changed by someone else: you edited version {had}, it is now "
+        f"version {now}. Reload it and apply your change again."
+    )
 
 
 def not_found(session_id: str) -> NotFound:
@@ -206,14 +226,31 @@ def sessions_router(
         return {"sessions": await store().list_configs(owner=owner)}
 
     @router.get("/sessions/{session_id}")
-    async def get_session(session_id: str, client: Client = Depends(auth)) -> dict[str, Any]:
-        return session_json(await owned_config(service, session_id, client))
+    async def get_session(
+        session_id: str, response: Response, client: Client = Depends(auth)
+    ) -> dict[str, Any]:
+        stored = await owned_config(service, session_id, client)
+        response.headers["ETag"] = f'"{stored.version}"'  # for If-Match on PUT and PATCH
+        return session_json(stored)
 
     @router.put("/sessions/{session_id}/config")
     async def replace_config(
-        session_id: str, config: AgentConfig, client: Client = Depends(auth)
+        session_id: str,
+        config: AgentConfig,
+        client: Client = Depends(auth),
+        if_match: str | None = Header(None),
     ) -> dict[str, Any]:
-        version = await store().update_config(await owned(service, session_id, client), config)
+        """With `If-Match: "<version>"` the write happens only if the session is still at that
+        version (else 409, naming both versions)."""
+        had = expected_version(if_match)
+        stored = await owned_config(service, session_id, client)
+        if had is not None and had != stored.version:
+            raise stale(session_id, had, stored.version)
+        try:
+            version = await store().update_config(session_id, config, expect_version=had)
+        except Conflict:
+            current = await owned_config(service, session_id, client)
+            raise stale(session_id, had or 0, current.version) from None
         await service.config_changed(session_id, version, ["*"])
         return {"session_id": session_id, "version": version}
 
@@ -222,9 +259,16 @@ def sessions_router(
         session_id: str,
         patch: dict[str, Any] = Body(..., media_type="application/merge-patch+json"),
         client: Client = Depends(auth),
+        if_match: str | None = Header(None),
     ) -> dict[str, Any]:
+        """Without If-Match a concurrent writer makes us re-merge (the patch applies to whatever
+        is current); with `If-Match: "<version>"` the patch applies to that version only, and a
+        session changed since answers 409: an editor never overwrites a change it did not see."""
+        had = expected_version(if_match)
         for attempt in range(10):  # compare-and-set: a concurrent writer makes us re-merge
             stored = await owned_config(service, session_id, client)
+            if had is not None and had != stored.version:
+                raise stale(session_id, had, stored.version)
             config = parse_agent_config(merge_patch(_config_json(stored.config), patch))
             try:
                 version = await store().update_config(

@@ -25,6 +25,7 @@ from voicemesh.bus.events import (
     BotDone,
     BotStarted,
     CallEnd,
+    CallerEvent,
     End,
     ErrorEvent,
     EventError,
@@ -102,6 +103,17 @@ class Call:
         self._held: list[tuple[str, Frame]] = []
         #: the LLM called end_call in this turn: hang up once its reply has been played
         self._hang_up_after: int | None = None
+        peer.tap = self._watched
+
+    async def _watched(self, event: CallerEvent) -> None:
+        """A copy of a caller event for the console (voicemesh.transport.api.watch), with the
+        carrier's name: best effort, a lost copy costs a watcher one line, never the call."""
+        body = b'{"transport":"%s","event":%s}' % (self.peer.name.encode(), event.wire_json())
+        try:
+            # hop: -> voicemesh.transport.api.console.Watch.on_msg (vm.watch.<sid>)
+            await self.svc.bus.nc.publish(self.subjects.watch(self.session), body)
+        except Exception as exc:  # a closed or slow connection: drop the copy
+            log.debug("watch copy dropped: %s", exc)
 
     @property
     def bot_busy(self) -> bool:

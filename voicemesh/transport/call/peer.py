@@ -10,7 +10,7 @@ pacing, barge-in. A peer only converts: its codec and rate to 16 kHz PCM16 mono 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 from voicemesh.bus.events import CallerEvent, Event, parse_caller_event
@@ -27,6 +27,9 @@ class Peer(ABC):
     #: frames the call may send ahead of real time: a peer with its own playout buffer (a WebSocket
     #: client) absorbs network jitter with it; 0 for a peer that paces by itself
     lead_frames: int = 0
+    #: called with every event once it is delivered (the call sets it: watchers get a copy on
+    #: `vm.watch.<sid>`); it must not raise, a watcher never breaks a call
+    tap: Callable[[CallerEvent], Awaitable[None]] | None = None
 
     @abstractmethod
     async def receive(self) -> bytes | None:
@@ -40,7 +43,10 @@ class Peer(ABC):
         """A JSON event for the caller's client (transcripts, turns, latency, errors): one of
         voicemesh/bus/events.py's caller events. A plain mapping is checked against them first
         (EventError if it is not one)."""
-        await self.deliver(event if isinstance(event, Event) else parse_caller_event(event))
+        typed = event if isinstance(event, Event) else parse_caller_event(event)
+        await self.deliver(typed)
+        if self.tap is not None:
+            await self.tap(typed)
 
     @abstractmethod
     async def deliver(self, event: CallerEvent) -> None:
