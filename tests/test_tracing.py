@@ -191,3 +191,37 @@ def test_an_endpoint_that_is_not_http_is_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "file:///etc/passwd")
     with pytest.raises(ValueError):
         Settings()
+
+
+async def test_a_tool_call_is_a_span_of_the_turn(
+    services: Any, bus: Any, store: ConfigStore, subjects: Any, agent_json: dict, otlp: Receiver
+) -> None:
+    """Each tool call is its own span under the turn's root, named after the tool, with its
+    status; its arguments (what the caller asked) stay out of it."""
+    from tests.support import has_last, listen
+    from tests.test_tools import Weather, agent, call, tool
+    from voicemesh.bus import Frame
+    from voicemesh.pipeline import LLMService
+    from voicemesh.tools import serve
+
+    weather = Weather()
+    sub = await serve(bus.nc, "tools.weather", weather)
+    try:
+        config = agent(agent_json, [call(arguments={"city": "Reykjavik"})], [tool()])
+        sid = (await store.create_session(config)).session_id
+        tts = await listen(bus, subjects.data("tts", sid))
+        await services.start(LLMService)
+        assert tracing.enabled()
+        await bus.publish(subjects.data("llm", sid), Frame.text("weather?", epoch=1))
+        await tts.wait_for(has_last)
+        trace = tracing.otel_trace_id(sid, 1)
+        deadline = asyncio.get_running_loop().time() + 10
+        while "tool.get_weather" not in {s["name"] for s in otlp.of(trace)}:
+            assert asyncio.get_running_loop().time() < deadline, otlp.spans
+            await asyncio.sleep(0.1)
+        (span,) = [s for s in otlp.of(trace) if s["name"] == "tool.get_weather"]
+        assert span["parentSpanId"] == tracing.root_span_id(sid, 1)
+        assert attr(span, "voicemesh.tool.status") == "ok"
+        assert not any(b"Reykjavik" in b for b in otlp.bodies)
+    finally:
+        await sub.unsubscribe()

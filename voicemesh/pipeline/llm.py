@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from voicemesh.bus import Flag, Frame
+from voicemesh.bus import Flag, Frame, tracing
 from voicemesh.bus.events import (
     ErrorEvent,
     HangUp,
@@ -449,6 +449,17 @@ class LLMService(QueuedStage):
                 what="storing a cancelled tool call",
             )
             raise
+        if tracing.enabled():  # a span per call, child of the turn's (no arguments: they may
+            # carry what the caller said)
+            tracing.span(
+                f"tool.{call.name}",
+                session,
+                epoch,
+                tracing.perf_to_unix_ns(t0),
+                time.time_ns(),
+                attrs={"voicemesh.tool.status": outcome.status},
+                error=outcome.error,
+            )
         entry = result_entry(epoch, call, outcome.status, outcome.content, outcome.ms)
         await best_effort("storing a tool result", self.store.append_context(session, entry), 0)
         result = ToolResultEvent(
