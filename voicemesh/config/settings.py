@@ -362,6 +362,20 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="transport: a WebRTC peer not connected (ICE and DTLS) this long after "
         "its offer was answered is closed and its call ended",
     )
+    rtvi_max_text_chars: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="transport: characters one RTVI send-text or append-to-context message may "
+        "carry; a longer one is refused with an RTVI error-response and the call goes on",
+    )
+    rtvi_message_rate: float = Field(
+        20.0,
+        gt=0,
+        le=10_000,
+        description="transport: RTVI messages a call's client may send per second (bursts of as "
+        "many); past it each message is refused with an RTVI error-response",
+    )
     session_rate: str | None = Field(
         "60/60",
         description="new sessions allowed per tenant (per address with auth off), 'N/SECONDS' "

@@ -33,6 +33,7 @@ from voicemesh.transport.api.limits import BodyLimit
 from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import call_sessions, sessions_router
+from voicemesh.transport.api.start import start_router
 from voicemesh.transport.api.tenants import CallSlots
 from voicemesh.transport.carriers.daily import daily_routes
 from voicemesh.transport.carriers.twilio import twilio_routes
@@ -92,6 +93,8 @@ def create_app(service: TransportService) -> FastAPI:
     for routes in (webrtc_routes, twilio_routes, daily_routes):
         app.include_router(routes(service, call_session, auth), responses=ERRORS)
     app.include_router(websocket_routes(service, call_session, auth))
+    # pipecat's clients: POST /start, then /sessions/{id}/api/offer (webrtc_routes)
+    app.include_router(start_router(service, auth, limit), responses=ERRORS)
 
     app.include_router(page_router())
     return app
