@@ -381,7 +381,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "stt_ms": ("processing", "stt"),
     "llm_ttft_ms": ("ttfb", "llm"),
     "tts_ttfb_ms": ("ttfb", "tts"),
-    "first_audio_ms": ("ttfb", "transport"),
+    "first_audio_ms": ("ttfb", "first-audio"),
     "v2v_ms": ("processing", "voice-to-voice"),
 }
 
