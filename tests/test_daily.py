@@ -25,6 +25,7 @@ from loguru import logger as loguru_logger
 from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
+    InputTransportMessageFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     OutputTransportMessageUrgentFrame,
@@ -433,6 +434,50 @@ async def test_a_call_runs_through_the_bridge(
         bot.peer.hang_up()  # the caller left the room
         await asyncio.wait_for(call, 5)
     await ctl.wait_for(ended)
+
+
+async def test_rtvi_goes_out_and_comes_in_as_daily_app_messages(
+    service: TransportService, stages: Services, store: ConfigStore, config: dict
+) -> None:
+    """pipecat's client-js on @pipecat-ai/daily-transport speaks RTVI in app messages: our JSON
+    until client-ready, then bot-ready and RTVI only; a typed turn (send-text) goes through the
+    LLM and TTS and comes back as RTVI text and audio; disconnect-bot ends the call."""
+    sid = (await store.create_session(parse_agent_config(config))).session_id
+
+    def rtvi(type_: str, data: Any = None, id_: str = "m1") -> InputTransportMessageFrame:
+        message = {"label": "rtvi-ai", "type": type_, "id": id_, "data": data}
+        return InputTransportMessageFrame(message=message)
+
+    def types(after: int = 0) -> list[str]:
+        return [e.get("type", "") for e in collector.events()[after:]]
+
+    async with bridged() as (bot, feeder, collector):
+        call_ = Call(service, sid, bot.peer)
+        bot.peer.rtvi.bind(call_)
+        call = asyncio.create_task(call_.run())
+        await until(lambda: "session" in types(), 5)
+        assert "label" not in collector.events()[0]  # before client-ready: our own JSON
+        await feeder.push_frame(rtvi("client-ready", {"version": "2.0.0"}, "r1"))
+        await until(lambda: "bot-ready" in types(), 5)
+        ready = next(e for e in collector.events() if e["type"] == "bot-ready")
+        assert ready["id"] == "r1" and ready["data"]["about"]["session_id"] == sid
+        mark, audio_mark = len(collector.events()), time.monotonic()
+        await feeder.push_frame(rtvi("send-text", {"content": "hello there"}, "s1"))
+        await until(lambda: "bot-stopped-speaking" in types(mark), 10)
+        after = collector.events()[mark:]
+        assert all(e.get("label") == "rtvi-ai" for e in after), after
+        texts = [e["data"]["text"] for e in after if e["type"] == "bot-llm-text"]
+        assert texts == ["You said hello there."]
+        assert [e["data"]["text"] for e in after if e["type"] == "user-transcription"] == [
+            "hello there"
+        ]
+        assert "metrics" in types(mark) and "bot-started-speaking" in types(mark)
+        reply = b"".join(f.audio for f in collector.audio(audio_mark))
+        assert abs(dominant_hz(reply, 24000, window=True) - BOT_HZ) < 10  # spoken, not just text
+        await feeder.push_frame(rtvi("what-is-this", {}, "u1"))
+        await until(lambda: "error-response" in types(mark), 5)
+        await feeder.push_frame(rtvi("disconnect-bot", None, "d1"))
+        await asyncio.wait_for(call, 5)  # the call ended
 
 
 async def test_post_joins_and_delete_leaves(

@@ -12,8 +12,10 @@ and join errors are scrubbed of it.
 A tiny pipecat pipeline carries the audio: DailyTransport.input() → DailyBridge → .output(). The
 bridge hands the caller's audio (whatever rate and channels Daily delivers) to the call as 16 kHz
 mono PCM16, and pushes the call's paced 20 ms frames downstream as OutputAudioRawFrames; JSON events
-go out as app messages, which Daily's client SDKs receive as `app-message`. Barge-in pushes an
-InterruptionFrame, which makes pipecat's output transport drop the audio it has buffered.
+go out as app messages, which Daily's client SDKs receive as `app-message`; a client that sends
+RTVI's `client-ready` (pipecat's client-js with @pipecat-ai/daily-transport) gets RTVI messages
+instead, and its RTVI app messages are answered (voicemesh/transport/call/rtvi.py). Barge-in
+pushes an InterruptionFrame, which makes pipecat's output transport drop the audio it has buffered.
 
 A join is bounded (`join_timeout_s` in the request, else the setting `daily_join_timeout_s` where
 the settings have it, else 10 s): an unreachable room is a 502 naming the room URL and what to
@@ -42,6 +44,7 @@ from pipecat.frames.frames import (
     EndFrame,
     Frame,
     InputAudioRawFrame,
+    InputTransportMessageFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     OutputTransportMessageUrgentFrame,
@@ -69,6 +72,7 @@ from voicemesh.transport.api.tenants import CallSlot
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
+from voicemesh.transport.call.rtvi import Rtvi
 
 if TYPE_CHECKING:
     from pipecat.transports.daily.transport import DailyTransport
@@ -117,6 +121,9 @@ class DailyBridge(FrameProcessor):
         if isinstance(frame, InputAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
             await self.peer.caller_audio(frame)
             return  # the call owns the caller's audio from here
+        if isinstance(frame, InputTransportMessageFrame) and Rtvi.is_rtvi(frame.message):
+            self.peer.app_message(frame.message)
+            return  # an RTVI client's message (a Daily app message): the call answers it
         await self.push_frame(frame, direction)
         if isinstance(frame, StartFrame):
             self.peer.started.set()
@@ -130,8 +137,11 @@ class DailyPeer(Peer):
     continuous = False  # Daily's custom audio track inserts silence by itself
     lead_frames = 2  # pipecat's output transport writes 40 ms chunks: keep one ready
 
-    def __init__(self) -> None:
+    def __init__(self, *, rtvi_text_chars: int = 2000, rtvi_rate: float = 20.0) -> None:
         self.bridge = DailyBridge(self)
+        self.rtvi = Rtvi(
+            self._send_json, self.hang_up, max_text_chars=rtvi_text_chars, message_rate=rtvi_rate
+        )
         self.started = asyncio.Event()  # the pipeline runs: frames may be pushed
         self._in: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._resamplers: dict[int, Any] = {}
@@ -176,9 +186,19 @@ class DailyPeer(Peer):
             )
 
     async def deliver(self, event: CallerEvent) -> None:
+        if self.started.is_set() and not self._gone and not await self.rtvi.deliver(event):
+            await self._send_json(event.wire())  # not an RTVI client: our own JSON events
+
+    async def _send_json(self, message: dict[str, Any]) -> None:
         if self.started.is_set() and not self._gone:
-            message = event.wire()
             await self.bridge.push_frame(OutputTransportMessageUrgentFrame(message=message))
+
+    def app_message(self, message: Any) -> None:
+        """An RTVI message from the room, handled beside the pipeline (a typed turn waits on
+        Valkey and NATS, which must not hold up the room's audio)."""
+        task = asyncio.create_task(self.rtvi.on_message(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def interrupted(self) -> None:
         if self.started.is_set() and not self._gone:
@@ -430,7 +450,10 @@ def daily_routes(
         token = _resolve("token", token) if token else ""
         timeout = body.join_timeout_s or default_timeout
 
-        peer = DailyPeer()
+        peer = DailyPeer(
+            rtvi_text_chars=service.settings.rtvi_max_text_chars,
+            rtvi_rate=service.settings.rtvi_message_rate,
+        )
         try:
             transport = daily_transport(room_url, token, options, peer)
         except ImportError as exc:
@@ -460,7 +483,9 @@ def daily_routes(
         async def run() -> None:
             try:
                 async with slot:
-                    await Call(service, sid, peer).run()
+                    call = Call(service, sid, peer)
+                    peer.rtvi.bind(call)
+                    await call.run()
             finally:
                 tenants.pop(sid, None)
                 bots.pop(sid, None)
