@@ -229,6 +229,11 @@ async def test_client_ready_then_a_spoken_turn_in_rtvi(client: Client, store: Co
     assert bot_text(client, mark) == "You said apple."
     tts = [m["data"]["text"] for m in after if m["type"] == "bot-tts-text"]
     assert tts == ["You said apple."]
+    # bot-output (2.x): the sentence when it is generated, and again once it has been played
+    outputs = [
+        (m["data"]["spoken_status"], m["data"]["text"]) for m in after if m["type"] == "bot-output"
+    ]
+    assert outputs == [("new", "You said apple."), ("completed", "You said apple.")]
     data = next(m["data"] for m in after if m["type"] == "metrics")
     ttfb = {x["processor"]: x["value"] for x in data["ttfb"]}
     processing = {x["processor"]: x["value"] for x in data["processing"]}

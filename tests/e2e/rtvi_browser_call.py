@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser_call import CHROMIUM, ROOT, Up, chromium_args
 
 EXAMPLE = ROOT / "examples" / "pipecat-client"
+CALL_MACHINE = Path(__file__).with_name("daily_call_machine.js")
 
 STATE = "() => JSON.parse(JSON.stringify(window.__rtvi || null))"
 
@@ -90,10 +91,25 @@ def prebuilt_call(args: argparse.Namespace, up: Up, page: Any, report: dict[str,
             rtvi.append(text[:300])
 
     page.on("console", on_ws_or_dc)
+    # offline, daily-js' call machine (fetched from Daily's CDN) is answered by a stand-in
+    page.route(
+        "https://c.daily.co/call-machine/**",
+        lambda route: route.fulfill(
+            status=200, body=CALL_MACHINE.read_text(), headers={"content-type": "text/javascript"}
+        ),
+    )
     page.goto(f"http://127.0.0.1:{up.port}/client/", timeout=15_000)
     t0 = time.monotonic()
     try:
-        page.get_by_role("button", name=re.compile("connect", re.I)).first.click(timeout=20_000)
+        # the UI sets its devices up first (the client reads INITIALIZED), then Connect works
+        page.wait_for_function(
+            "() => /INITIALIZED/.test(document.body.innerText)", timeout=30_000, polling=250
+        )
+        page.get_by_role("button", name="Connect", exact=True).click(timeout=10_000)
+        page.wait_for_function(
+            "() => /READY/.test(document.body.innerText)", timeout=30_000, polling=250
+        )
+        report["connected_s"] = round(time.monotonic() - t0, 1)
         page.wait_for_function(
             "(want) => new RegExp(want, 'i').test(document.body.innerText)",
             arg=args.want,

@@ -104,7 +104,6 @@ def test_pipecat_client_js_calls_the_default_agent(
     importlib.util.find_spec("pipecat_ai_prebuilt") is None,
     reason="pipecat-ai-prebuilt is not installed (pip install 'voicemesh[prebuilt]')",
 )
-@pytest.mark.xfail(reason="WIP: the prebuilt UI's Daily call machine comes from Daily's CDN")
 def test_the_prebuilt_ui_at_client_calls_the_default_agent(
     tmp_path: Path, say: Callable[[str], Path]
 ) -> None:
@@ -112,6 +111,12 @@ def test_the_prebuilt_ui_at_client_calls_the_default_agent(
     report = run(tmp_path, mic, "--client", "prebuilt", "--screenshot", str(tmp_path / "ui.png"))
     why = explain(report)
     assert report["error"] is None, why
-    assert re.search(r"capital|france", report["body_text"], re.I), why
-    assert any("bot-ready" in line or "RTVI client ready" in line for line in report["stack_log"])
+    text = report["body_text"]
+    # the conversation panel: the question as transcribed, then the bot's answer
+    assert re.search(r"user\s+What is the capital of France", text, re.I), why
+    assert re.search(r"assistant\s+[^\n]*(paris|france|capital)", text, re.I), why
+    # the UI's status panel: connected, with our protocol version from bot-ready
+    assert re.search(r"RTVI Server\s+v2\.2\.0", text), why
+    assert re.search(r"Agent\s+READY", text), why
+    assert any("RTVI client ready" in line for line in report["stack_log"]), why
     assert report["up_exit"] == 0, why

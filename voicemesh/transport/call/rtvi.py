@@ -166,6 +166,7 @@ class Rtvi:
         self.call: CallActions | None = None
         self.session: Session | None = None
         self._speaking = False  # bot-started-speaking sent, its stop not yet
+        self._unspoken: list[tuple[int | None, str]] = []  # bot-output segments not yet played
 
     def bind(self, call: CallActions) -> None:
         self.call = call
@@ -338,12 +339,20 @@ class Rtvi:
                     out.append(RTVI.BotLLMTextMessage(data=RTVI.TextMessageData(text=text)))
                     out.append(RTVI.BotTTSTextMessage(data=RTVI.TextMessageData(text=text)))
                     out.append(RTVI.BotOutputMessage(data=self._output(text, index)))
+                    self._unspoken.append((index, text))
             case BotStarted():
                 self._speaking = True
                 out.append(RTVI.BotStartedSpeakingMessage())
             case BotDone():
+                if not self.legacy:  # the reply was played to its end: every sentence spoken
+                    out.extend(
+                        RTVI.BotOutputMessage(data=self._output(t, i, spoken=True))
+                        for i, t in self._unspoken
+                    )
+                self._unspoken = []
                 out.extend(self._stopped())
             case Interrupted():
+                self._unspoken = []
                 out.append(RTVI.BotInterruptedMessage())
                 out.extend(self._stopped())
                 out.append(RTVI.ServerMessage(data=event.wire()))
@@ -361,7 +370,9 @@ class Rtvi:
         self._speaking = False
         return [RTVI.BotStoppedSpeakingMessage()]
 
-    def _output(self, text: str, index: int | None) -> RTVI.BotOutputMessageData:
+    def _output(
+        self, text: str, index: int | None, *, spoken: bool = False
+    ) -> RTVI.BotOutputMessageData:
         if self.legacy:
             return RTVI.BotOutputMessageData(
                 text=text, output_type="sentence", segment_id=index, spoken=True
@@ -371,7 +382,7 @@ class Rtvi:
             output_type="sentence",
             segment_id=index,
             will_be_spoken=True,
-            spoken_status="new",
+            spoken_status="completed" if spoken else "new",
         )
 
 
