@@ -86,7 +86,7 @@ async function connect() {
   const agent = params.get("agent");
   try {
     const ready = await client.startBotAndConnect({
-      endpoint: new URL("/start", params.get("server") ?? location.origin).href,
+      endpoint: new URL("/start", location.origin).href,
       headers,
       requestData: agent ? { agent } : {},
     });
