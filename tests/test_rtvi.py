@@ -455,3 +455,57 @@ def test_settings_have_rtvi_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert (s.rtvi_max_text_chars, s.rtvi_message_rate) == (50, 2.5)
     assert (Settings.model_fields["rtvi_max_text_chars"].default, 20.0) == (2000, 20.0)
+
+
+def test_each_caller_event_maps_to_its_rtvi_message() -> None:
+    """The mapping table of docs/wire-protocol.md#rtvi, event by event."""
+    from voicemesh.bus.events import (
+        BotDone,
+        BotStarted,
+        ErrorEvent,
+        Hop,
+        Interrupted,
+        Session,
+        TurnStarted,
+        UserStopped,
+        WarningEvent,
+    )
+
+    async def send(_: dict[str, Any]) -> None:
+        return None
+
+    r = Rtvi(send, lambda: None)
+
+    def out(event: Any) -> list[tuple[str, Any]]:
+        return [(m["type"], m.get("data")) for m in r.to_rtvi(event)]
+
+    assert all(m["label"] == "rtvi-ai" for m in r.to_rtvi(TurnStarted(epoch=1)))
+    assert out(TurnStarted(epoch=1)) == [("user-started-speaking", None)]
+    assert out(UserStopped(epoch=1)) == [("user-stopped-speaking", None)]
+    interim = out(Transcript(role="user", text="what is", epoch=1, final=False))
+    assert interim[0][0] == "user-transcription" and interim[0][1]["final"] is False
+    assert interim[0][1]["text"] == "what is" and interim[0][1]["timestamp"]
+    assert out(Transcript(role="user", text="", epoch=1, final=True)) == []  # nothing heard
+    assert [t for t, _ in out(Transcript(role="assistant", text="Hi.", epoch=1, index=0))] == [
+        "bot-llm-text",
+        "bot-tts-text",
+        "bot-output",
+    ]
+    assert out(BotStarted(epoch=1, latency_ms=900.0)) == [("bot-started-speaking", None)]
+    done = out(BotDone(epoch=1))
+    assert [t for t, _ in done] == ["bot-output", "bot-stopped-speaking"]
+    assert done[0][1]["spoken_status"] == "completed"
+    assert out(BotDone(epoch=1)) == []  # not speaking: no second stop
+    out(BotStarted(epoch=2, latency_ms=None))
+    cut = out(Interrupted(epoch=2, heard="The"))
+    assert [t for t, _ in cut] == ["bot-interrupted", "bot-stopped-speaking", "server-message"]
+    assert cut[2][1] == {"type": "interrupted", "epoch": 2, "heard": "The"}
+    assert out(ErrorEvent(error="no llm instance is running", stage="llm", epoch=3)) == [
+        ("error", {"error": "no llm instance is running", "fatal": False})
+    ]
+    for event in (
+        Session(session_id="s" * 22, version=1),
+        Hop(stage="tts", epoch=1, ttfb_ms=120.0),
+        WarningEvent(code="reply_truncated", message="cut", stage="llm", epoch=1),
+    ):
+        assert out(event) == [("server-message", event.wire())]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.config.connectors import WebRTCTransportOptions
@@ -65,11 +65,12 @@ def start_router(service: TransportService, auth: ApiKeyAuth, limit: SessionRate
     async def start(body: StartIn | None = None, client: Client = Depends(auth)) -> dict[str, Any]:
         body = body or StartIn()
         if body.create_daily_room or body.transport == "daily":
-            raise HTTPException(
-                422,
+            field = "createDailyRoom" if body.create_daily_room else "transport"
+            msg = (
                 "voicemesh creates no Daily rooms: start a bot in your room with "
-                "POST /api/daily/calls {room_url, agent | session_id}",
+                "POST /api/daily/calls {room_url, agent | session_id}"
             )
+            raise ConfigValidationError([ConfigIssue(loc=[field], msg=msg)])
         wanted = body.body or StartBody()
         store = service.store
         if wanted.agent and wanted.config:
