@@ -373,9 +373,7 @@ async def test_start_and_session_offer_keep_the_tenant_rules(url: str, store: Co
         assert r.status_code == 404, r.text  # another tenant's session does not exist
         r = await http.post("/sessions/no-such/api/offer", json=offer, headers=acme)
         assert r.status_code == 404, r.text
-        r = await http.post(
-            "/start", json={"createDailyRoom": True, "transport": "daily"}, headers=acme
-        )
+        r = await http.post("/start", json={"transport": "daily"}, headers=acme)
         assert r.status_code == 422 and "/api/daily/calls" in r.text
         # the pipecat clients' fields we do not use are ignored; a default agent answers
         r = await http.post("/start", json={"dailyRoomProperties": {}}, headers=acme)
@@ -449,12 +447,21 @@ async def test_messages_past_the_rate_are_refused() -> None:
     assert sum("too many" in e for e in errors) == 2, errors
 
 
-def test_settings_have_rtvi_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_of_rtvi_and_daily_rooms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOICEMESH_RTVI_MAX_TEXT_CHARS", "50")
     monkeypatch.setenv("VOICEMESH_RTVI_MESSAGE_RATE", "2.5")
     s = Settings()
     assert (s.rtvi_max_text_chars, s.rtvi_message_rate) == (50, 2.5)
     assert (Settings.model_fields["rtvi_max_text_chars"].default, 20.0) == (2000, 20.0)
+    monkeypatch.delenv("DAILY_API_KEY", raising=False)
+    monkeypatch.delenv("VOICEMESH_DAILY_API_KEY", raising=False)
+    assert Settings().daily_api_key is None
+    monkeypatch.setenv("DAILY_API_KEY", "dk-1")
+    monkeypatch.setenv("VOICEMESH_DAILY_API_URL", "http://127.0.0.1:9/v1")
+    s = Settings()
+    assert s.daily_api_key is not None and s.daily_api_key.get_secret_value() == "dk-1"
+    assert s.daily_api_url == "http://127.0.0.1:9/v1"
+    assert "dk-1" not in repr(s)
 
 
 def test_each_caller_event_maps_to_its_rtvi_message() -> None:

@@ -411,6 +411,18 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="a call's slot in its tenant's count lapses this long after its transport "
         "last renewed it (renewed every third of it), so a crashed transport frees its slots",
     )
+    # --- Daily rooms made for POST /start {createDailyRoom} (voicemesh/transport/carriers/daily.py)
+    daily_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("DAILY_API_KEY", "VOICEMESH_DAILY_API_KEY"),
+        description="Daily REST API key: POST /start with createDailyRoom makes a room and its "
+        "tokens with it; unset: such a /start is refused (501)",
+    )
+    daily_api_url: str = Field(
+        "https://api.daily.co/v1",
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Daily's REST API base URL (operator only: no config or caller names it)",
+    )
     # --- Twilio Media Streams (voicemesh/transport/carriers/twilio.py) ---
     twilio_auth_token: SecretStr | None = Field(
         None,

@@ -37,7 +37,7 @@ from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import call_sessions, sessions_router
 from voicemesh.transport.api.start import start_router
 from voicemesh.transport.api.tenants import CallSlots
-from voicemesh.transport.carriers.daily import daily_routes
+from voicemesh.transport.carriers.daily import DailyRooms, daily_routes
 from voicemesh.transport.carriers.twilio import twilio_routes
 from voicemesh.transport.carriers.webrtc import webrtc_routes
 from voicemesh.transport.carriers.websocket import websocket_routes
@@ -92,11 +92,13 @@ def create_app(service: TransportService) -> FastAPI:
     app.state.call_slots = slots
     call_session = call_sessions(service, limit, slots)
     app.state.call_session = call_session
-    for routes in (webrtc_routes, twilio_routes, daily_routes):
+    for routes in (webrtc_routes, twilio_routes):
         app.include_router(routes(service, call_session, auth), responses=ERRORS)
+    rooms = DailyRooms()
+    app.include_router(daily_routes(service, call_session, auth, rooms), responses=ERRORS)
     app.include_router(websocket_routes(service, call_session, auth))
-    # pipecat's clients: POST /start, then /sessions/{id}/api/offer (webrtc_routes)
-    app.include_router(start_router(service, auth, limit), responses=ERRORS)
+    # pipecat's clients: POST /start, then /sessions/{id}/api/offer (webrtc_routes) or a room
+    app.include_router(start_router(service, auth, limit, call_session, rooms), responses=ERRORS)
 
     app.include_router(page_router())
     mount_prebuilt(app)

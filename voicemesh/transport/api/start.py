@@ -10,15 +10,21 @@ default agent), under the same rules: the API key (Authorization: Bearer, or X-A
 client's `startBotParams.headers`) names the tenant that owns the session, another tenant's agent
 does not exist, and each new session counts against the tenant's session rate. `iceConfig` lists
 the session's STUN servers only: a TURN credential is resolved in the transport's environment and
-never leaves it. Daily rooms are not made here (voicemesh creates no rooms): a bot joins a room
-through `POST /api/daily/calls`.
+never leaves it.
+
+    POST /start {createDailyRoom: true, body?} → {dailyRoom, dailyToken, sessionId}
+
+makes a Daily room and its tokens with Daily's REST API (DAILY_API_KEY in the transport's
+environment; 501 without it), puts the bot in it through the Daily carrier's own join (the call
+holds one of the tenant's call slots), and answers the room and a non-owner token for the caller,
+which `@pipecat-ai/daily-transport` joins with. A failure leaves no session behind.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, HTTPException
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.config.connectors import WebRTCTransportOptions
@@ -26,6 +32,8 @@ from voicemesh.config.models import AgentConfig, ConfigIssue, ConfigValidationEr
 from voicemesh.transport.api.agents import agent_for
 from voicemesh.transport.api.security import ApiKeyAuth, Client, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
+from voicemesh.transport.api.sessions import CallSession
+from voicemesh.transport.carriers.daily import DailyRooms
 
 
 class StartBody(BaseModel):
@@ -58,19 +66,25 @@ def stun_servers(options: WebRTCTransportOptions) -> list[dict[str, Any]]:
     return [{"urls": urls}] if urls else []
 
 
-def start_router(service: TransportService, auth: ApiKeyAuth, limit: SessionRateLimit) -> APIRouter:
+def start_router(
+    service: TransportService,
+    auth: ApiKeyAuth,
+    limit: SessionRateLimit,
+    call_session: CallSession,
+    rooms: DailyRooms,
+) -> APIRouter:
     router = APIRouter()
 
     @router.post("/start")
     async def start(body: StartIn | None = None, client: Client = Depends(auth)) -> dict[str, Any]:
         body = body or StartIn()
-        if body.create_daily_room or body.transport == "daily":
-            field = "createDailyRoom" if body.create_daily_room else "transport"
+        daily = body.create_daily_room or body.transport == "daily"
+        if daily and not body.create_daily_room:
             msg = (
-                "voicemesh creates no Daily rooms: start a bot in your room with "
-                "POST /api/daily/calls {room_url, agent | session_id}"
+                "a Daily call from /start needs createDailyRoom: true; to use a room of your "
+                "own, start a bot in it with POST /api/daily/calls {room_url, agent | session_id}"
             )
-            raise ConfigValidationError([ConfigIssue(loc=[field], msg=msg)])
+            raise ConfigValidationError([ConfigIssue(loc=["createDailyRoom"], msg=msg)])
         wanted = body.body or StartBody()
         store = service.store
         if wanted.agent and wanted.config:
@@ -85,11 +99,27 @@ def start_router(service: TransportService, auth: ApiKeyAuth, limit: SessionRate
             config, agent_name = record.config, record.name
         await limit.hit(store, client)
         stored = await store.create_session(config, agent=agent_name, owner=client.tenant.name)
+        if daily:
+            return await in_new_room(stored.session_id, client)
         answer: dict[str, Any] = {"sessionId": stored.session_id}
         if body.enable_default_ice_servers:
             options = config.transport_options("webrtc")
             assert isinstance(options, WebRTCTransportOptions)
             answer["iceConfig"] = {"iceServers": stun_servers(options)}
         return answer
+
+    async def in_new_room(sid: str, client: Client) -> dict[str, Any]:
+        try:
+            if rooms.start is None:  # no Daily carrier in this app
+                raise HTTPException(501, "this transport runs no Daily calls")
+            admitted = await call_session(sid, None, client)
+            try:
+                return await rooms.start(sid, admitted.slot, client)
+            except BaseException:
+                await admitted.slot.release()
+                raise
+        except BaseException:
+            await service.store.delete_config(sid)  # made for this call: nothing left behind
+            raise
 
     return router

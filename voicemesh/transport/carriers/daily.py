@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -387,8 +389,26 @@ def room_url_problem(url: str) -> str | None:
     return url_problem(url, "transport", "daily", ("https",), current_policy(), show=False)
 
 
+#: how long a room made for POST /start, and its tokens, last
+ROOM_TTL_S = 3600
+
+#: (session, its call slot, client) → {dailyRoom, dailyToken, sessionId}: a new room, bot in it
+NewRoom = Callable[[str, CallSlot, Client], Awaitable[dict[str, str]]]
+
+
+@dataclass
+class DailyRooms:
+    """How `POST /start {createDailyRoom: true}` (api/start.py) gets a room with the bot in it;
+    `daily_routes` fills `start` in, since the bots it starts are its own."""
+
+    start: NewRoom | None = None
+
+
 def daily_routes(
-    service: TransportService, call_session: CallSession, auth: ApiKeyAuth
+    service: TransportService,
+    call_session: CallSession,
+    auth: ApiKeyAuth,
+    rooms: DailyRooms | None = None,
 ) -> APIRouter:
     router = APIRouter(prefix="/api/daily")
     bots: dict[str, DailyBot] = {}
@@ -493,6 +513,52 @@ def daily_routes(
 
         calls[sid] = asyncio.create_task(run(), name=f"daily-call {sid}")
         return DailyCallOut(session_id=sid, room_url=shown)
+
+    async def new_room(sid: str, slot: CallSlot, client: Client) -> dict[str, str]:
+        """Make a room and two tokens with Daily's REST API (pipecat's DailyRESTHelper), put the
+        bot in with the owner token, and answer what pipecat's clients expect: the room and the
+        caller's (non-owner) token."""
+        key = service.settings.daily_api_key
+        if key is None:
+            raise HTTPException(
+                501,
+                "POST /start with createDailyRoom needs DAILY_API_KEY in the transport's "
+                "environment; or start a bot in your room with POST /api/daily/calls",
+            )
+        import aiohttp
+        from pipecat.transports.daily.utils import (
+            DailyRESTHelper,
+            DailyRoomParams,
+            DailyRoomProperties,
+        )
+
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+                rest = DailyRESTHelper(
+                    daily_api_key=key.get_secret_value(),
+                    daily_api_url=service.settings.daily_api_url,
+                    aiohttp_session=http,
+                )
+                properties = DailyRoomProperties(exp=time.time() + ROOM_TTL_S)
+                room = await rest.create_room(DailyRoomParams(properties=properties))
+                caller = await rest.get_token(room.url, ROOM_TTL_S, owner=False)
+                bot_token = await rest.get_token(room.url, ROOM_TTL_S, owner=True)
+        except Exception as exc:  # Daily's words (its response body) stay in the log
+            log.warning("Daily REST API could not make a room: %s", exc)
+            raise HTTPException(
+                502, "Daily's REST API did not make the room (the transport's log says why)"
+            ) from None
+        joining.add(sid)
+        try:
+            await join(
+                sid, DailyCallIn(room_url=room.url, token=SecretStr(bot_token)), slot, client
+            )
+        finally:
+            joining.discard(sid)
+        return {"dailyRoom": room.url, "dailyToken": caller, "sessionId": sid}
+
+    if rooms is not None:
+        rooms.start = new_room
 
     async def leave(bot: DailyBot) -> None:
         """Bounded: a room that does not answer the leave is left in the background."""
