@@ -473,6 +473,8 @@ def test_each_caller_event_maps_to_its_rtvi_message() -> None:
         Hop,
         Interrupted,
         Session,
+        ToolCallEvent,
+        ToolResultEvent,
         TurnStarted,
         UserStopped,
         WarningEvent,
@@ -509,6 +511,26 @@ def test_each_caller_event_maps_to_its_rtvi_message() -> None:
     assert cut[2][1] == {"type": "interrupted", "epoch": 2, "heard": "The"}
     assert out(ErrorEvent(error="no llm instance is running", stage="llm", epoch=3)) == [
         ("error", {"error": "no llm instance is running", "fatal": False})
+    ]
+    call = ToolCallEvent(epoch=3, call_id="c9", name="weather", arguments='{"city": "Paris"}')
+    assert out(call) == [
+        ("llm-function-call-started", {"function_name": "weather"}),
+        (
+            "llm-function-call-in-progress",
+            {"tool_call_id": "c9", "function_name": "weather", "arguments": {"city": "Paris"}},
+        ),
+    ]
+    cut_args = ToolCallEvent(epoch=3, call_id="c10", name="weather", arguments='{"city": "Par')
+    assert out(cut_args)[1][1]["arguments"] == {"arguments": '{"city": "Par'}
+    done = ToolResultEvent(
+        epoch=3, call_id="c9", name="weather", status="cancelled", duration_ms=12.0
+    )
+    assert out(done) == [
+        (
+            "llm-function-call-stopped",
+            {"tool_call_id": "c9", "cancelled": True, "function_name": "weather"},
+        ),
+        ("server-message", done.wire()),
     ]
     for event in (
         Session(session_id="s" * 22, version=1),

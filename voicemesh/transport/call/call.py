@@ -56,6 +56,7 @@ from voicemesh.transport.call.limits import (
 )
 from voicemesh.transport.call.peer import Peer
 from voicemesh.transport.call.playout import Playout, truncate
+from voicemesh.transport.call.rtvi import Refused
 from voicemesh.transport.call.supervisor import Stalled, TurnSupervisor
 from voicemesh.transport.call.trace import TurnTrace
 from voicemesh.transport.call.turns import TurnDetector
@@ -346,6 +347,8 @@ class Call:
         one, a barge-in if the bot is busy, and its text sent to the stage after STT in the flow
         exactly as STT sends a final transcript, so the reply takes the same LLM → TTS path and
         is supervised the same way. Returns the turn's epoch."""
+        if self._turn_open:  # its audio would go on under the typed turn's epoch
+            raise Refused("the caller is speaking: send the text once the turn has ended")
         if self.bot_busy:
             await self._interrupt()
         try:
@@ -355,6 +358,7 @@ class Call:
             log.warning("Valkey unreachable, typed turn %d numbered here: %s", self.epoch, exc)
         epoch = self.epoch
         self.reorder.reset(epoch)
+        self._mark_seq, self._held = None, []  # a typed turn is over as it starts: nothing held
         self.trace, self.seq, self.utterance = TurnTrace(self.session, epoch), 0, []
         self.trace.ended()  # a typed turn has no speech: its latency counts from its arrival
         self.supervisor.begin(epoch)

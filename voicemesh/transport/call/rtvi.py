@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+import orjson
 import pipecat.processors.frameworks.rtvi.models as RTVI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -40,6 +41,8 @@ from voicemesh.bus.events import (
     ErrorEvent,
     Interrupted,
     Session,
+    ToolCallEvent,
+    ToolResultEvent,
     Transcript,
     TurnMetrics,
     TurnStarted,
@@ -360,6 +363,23 @@ class Rtvi:
                 out.append(RTVI.MetricsMessage(data=metrics(event)))
             case ErrorEvent(error=error):
                 out.append(RTVI.Error(data=RTVI.ErrorData(error=error, fatal=False)))
+            case ToolCallEvent(call_id=call_id, name=name, arguments=arguments):
+                args = _arguments(arguments)
+                started = RTVI.LLMFunctionCallStartMessageData(function_name=name)
+                going = RTVI.LLMFunctionCallInProgressMessageData(
+                    tool_call_id=call_id, function_name=name, arguments=args
+                )
+                out.append(RTVI.LLMFunctionCallStartMessage(data=started))
+                out.append(RTVI.LLMFunctionCallInProgressMessage(data=going))
+                if self.legacy:  # 1.x clients know the call as llm-function-call
+                    legacy = {"function_name": name, "tool_call_id": call_id, "args": args}
+                    out.append(RTVI.Message(type="llm-function-call", id=call_id, data=legacy))
+            case ToolResultEvent(call_id=call_id, name=name, status=status):
+                stopped = RTVI.LLMFunctionCallStoppedMessageData(
+                    tool_call_id=call_id, function_name=name, cancelled=status == "cancelled"
+                )  # no result: a tool's output goes to the LLM only
+                out.append(RTVI.LLMFunctionCallStoppedMessage(data=stopped))
+                out.append(RTVI.ServerMessage(data=event.wire()))  # status, duration, error
             case _:  # session, hop, warning: no RTVI type of their own
                 out.append(RTVI.ServerMessage(data=event.wire()))
         return [_dump(m) for m in out]
@@ -384,6 +404,16 @@ class Rtvi:
             will_be_spoken=True,
             spoken_status="completed" if spoken else "new",
         )
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    """A tool call's arguments as RTVI carries them (an object): the model's JSON when it is
+    one, else the text as written (it may be cut, or not JSON at all)."""
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {"arguments": text}
+    return parsed if isinstance(parsed, dict) else {"arguments": parsed}
 
 
 #: our turn_metrics fields → (RTVI metric kind, processor name)
