@@ -583,7 +583,7 @@ async def test_start_with_create_daily_room_puts_the_bot_in_a_new_room(
         async with httpx.AsyncClient(transport=app, base_url="http://t") as api:
             before = set(await store.list_configs())
             r = await api.post("/start", json=start)
-            assert r.status_code == 501 and "DAILY_API_KEY" in r.text, r.text
+            assert r.status_code == 422 and "DAILY_API_KEY" in r.text, r.text
             assert set(await store.list_configs()) == before
             r = await api.post("/start", json={"transport": "daily"})
             assert r.status_code == 422 and "createDailyRoom" in r.text, r.text

@@ -416,7 +416,7 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         None,
         validation_alias=AliasChoices("DAILY_API_KEY", "VOICEMESH_DAILY_API_KEY"),
         description="Daily REST API key: POST /start with createDailyRoom makes a room and its "
-        "tokens with it; unset: such a /start is refused (501)",
+        "tokens with it; unset: such a /start is refused (422)",
     )
     daily_api_url: str = Field(
         "https://api.daily.co/v1",

@@ -15,16 +15,17 @@ never leaves it.
     POST /start {createDailyRoom: true, body?} → {dailyRoom, dailyToken, sessionId}
 
 makes a Daily room and its tokens with Daily's REST API (DAILY_API_KEY in the transport's
-environment; 501 without it), puts the bot in it through the Daily carrier's own join (the call
-holds one of the tenant's call slots), and answers the room and a non-owner token for the caller,
-which `@pipecat-ai/daily-transport` joins with. A failure leaves no session behind.
+environment; without it a 422 naming `createDailyRoom`, and no session is made), puts the bot in
+it through the Daily carrier's own join (the call holds one of the tenant's call slots), and
+answers the room and a non-owner token for the caller, which `@pipecat-ai/daily-transport` joins
+with. A failure leaves no session behind.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from voicemesh.config.connectors import WebRTCTransportOptions
@@ -85,6 +86,13 @@ def start_router(
                 "own, start a bot in it with POST /api/daily/calls {room_url, agent | session_id}"
             )
             raise ConfigValidationError([ConfigIssue(loc=["createDailyRoom"], msg=msg)])
+        if body.create_daily_room and (rooms.start is None or not service.settings.daily_api_key):
+            # before a session is made: a request this deployment cannot serve leaves nothing
+            msg = (
+                "this transport makes no Daily rooms: it needs DAILY_API_KEY in its environment; "
+                "or start a bot in your room with POST /api/daily/calls"
+            )
+            raise ConfigValidationError([ConfigIssue(loc=["createDailyRoom"], msg=msg)])
         wanted = body.body or StartBody()
         store = service.store
         if wanted.agent and wanted.config:
@@ -110,8 +118,7 @@ def start_router(
 
     async def in_new_room(sid: str, client: Client) -> dict[str, Any]:
         try:
-            if rooms.start is None:  # no Daily carrier in this app
-                raise HTTPException(501, "this transport runs no Daily calls")
+            assert rooms.start is not None  # checked before the session was made
             admitted = await call_session(sid, None, client)
             try:
                 return await rooms.start(sid, admitted.slot, client)

@@ -519,12 +519,7 @@ def daily_routes(
         bot in with the owner token, and answer what pipecat's clients expect: the room and the
         caller's (non-owner) token."""
         key = service.settings.daily_api_key
-        if key is None:
-            raise HTTPException(
-                501,
-                "POST /start with createDailyRoom needs DAILY_API_KEY in the transport's "
-                "environment; or start a bot in your room with POST /api/daily/calls",
-            )
+        assert key is not None  # /start checks it before it makes the session
         import aiohttp
         from pipecat.transports.daily.utils import (
             DailyRESTHelper,
