@@ -538,3 +538,19 @@ def test_each_caller_event_maps_to_its_rtvi_message() -> None:
         WarningEvent(code="reply_truncated", message="cut", stage="llm", epoch=1),
     ):
         assert out(event) == [("server-message", event.wire())]
+
+
+async def test_send_text_while_the_caller_speaks_is_refused(client: Client) -> None:
+    """Its audio would run on under the typed turn's epoch: refused, and the spoken turn is
+    answered as usual."""
+    await client.start({"agent": "rtvi-test"})
+    await client.ready()
+    mark = len(client.messages)
+    speaking = asyncio.create_task(client.say(tone(700, 1500)))
+    await client.wait_for(lambda m: m["type"] == "user-started-speaking", mark)
+    client.send(rtvi("send-text", {"content": "banana"}, "s1"))
+    refused = await client.wait_for(lambda m: m.get("id") == "s1", mark)
+    assert refused["type"] == "error-response" and "speaking" in refused["data"]["error"]
+    await speaking
+    await client.wait_for(lambda m: m["type"] == "bot-stopped-speaking", mark)
+    assert bot_text(client, mark) == "You said cherry."
