@@ -554,3 +554,23 @@ async def test_send_text_while_the_caller_speaks_is_refused(client: Client) -> N
     await speaking
     await client.wait_for(lambda m: m["type"] == "bot-stopped-speaking", mark)
     assert bot_text(client, mark) == "You said cherry."
+
+
+async def test_start_at_capacity_makes_no_session(
+    url: str, transport_app: Any, store: ConfigStore
+) -> None:
+    """A full transport (VOICEMESH_MAX_CALLS) would refuse the offer that follows /start: /start
+    is refused first (503, Retry-After), and no session is left for the call that never comes."""
+    capacity = transport_app.service.capacity
+    limit, active = capacity.limit, capacity.active
+    capacity.limit, capacity.active = 1, 1  # as if one call ran
+    try:
+        before = sorted(await store.list_configs())
+        async with httpx.AsyncClient(base_url=url) as http:
+            r = await http.post(
+                "/start", json={"body": {"agent": "rtvi-test"}}, headers={"X-API-Key": ACME}
+            )
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert sorted(await store.list_configs()) == before
+    finally:
+        capacity.limit, capacity.active = limit, active

@@ -93,6 +93,8 @@ def start_router(
                 "or start a bot in your room with POST /api/daily/calls"
             )
             raise ConfigValidationError([ConfigIssue(loc=["createDailyRoom"], msg=msg)])
+        if not service.capacity.ready:  # its call would be refused: make no session for it
+            service.capacity.take()  # raises AtCapacity (503 with Retry-After), counted
         wanted = body.body or StartBody()
         store = service.store
         if wanted.agent and wanted.config:
