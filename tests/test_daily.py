@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,12 +26,14 @@ from loguru import logger as loguru_logger
 from pipecat.frames.frames import (
     Frame,
     InputAudioRawFrame,
+    InputTransportMessageFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     OutputTransportMessageUrgentFrame,
     StartFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pydantic import SecretStr
 
 from tests.support import Services, dominant_hz, listen, loopback_agent, until
 from voicemesh.bus import Bus, Kind
@@ -433,6 +436,159 @@ async def test_a_call_runs_through_the_bridge(
         bot.peer.hang_up()  # the caller left the room
         await asyncio.wait_for(call, 5)
     await ctl.wait_for(ended)
+
+
+async def test_rtvi_goes_out_and_comes_in_as_daily_app_messages(
+    service: TransportService, stages: Services, store: ConfigStore, config: dict
+) -> None:
+    """pipecat's client-js on @pipecat-ai/daily-transport speaks RTVI in app messages: our JSON
+    until client-ready, then bot-ready and RTVI only; a typed turn (send-text) goes through the
+    LLM and TTS and comes back as RTVI text and audio; disconnect-bot ends the call."""
+    sid = (await store.create_session(parse_agent_config(config))).session_id
+
+    def rtvi(type_: str, data: Any = None, id_: str = "m1") -> InputTransportMessageFrame:
+        message = {"label": "rtvi-ai", "type": type_, "id": id_, "data": data}
+        return InputTransportMessageFrame(message=message)
+
+    def types(after: int = 0) -> list[str]:
+        return [e.get("type", "") for e in collector.events()[after:]]
+
+    async with bridged() as (bot, feeder, collector):
+        call_ = Call(service, sid, bot.peer)
+        bot.peer.rtvi.bind(call_)
+        call = asyncio.create_task(call_.run())
+        await until(lambda: "session" in types(), 5)
+        assert "label" not in collector.events()[0]  # before client-ready: our own JSON
+        await feeder.push_frame(rtvi("client-ready", {"version": "2.0.0"}, "r1"))
+        await until(lambda: "bot-ready" in types(), 5)
+        ready = next(e for e in collector.events() if e["type"] == "bot-ready")
+        assert ready["id"] == "r1" and ready["data"]["about"]["session_id"] == sid
+        mark, audio_mark = len(collector.events()), time.monotonic()
+        await feeder.push_frame(rtvi("send-text", {"content": "hello there"}, "s1"))
+        await until(lambda: "bot-stopped-speaking" in types(mark), 10)
+        after = collector.events()[mark:]
+        assert all(e.get("label") == "rtvi-ai" for e in after), after
+        texts = [e["data"]["text"] for e in after if e["type"] == "bot-llm-text"]
+        assert texts == ["You said hello there."]
+        assert [e["data"]["text"] for e in after if e["type"] == "user-transcription"] == [
+            "hello there"
+        ]
+        assert "metrics" in types(mark) and "bot-started-speaking" in types(mark)
+        reply = b"".join(f.audio for f in collector.audio(audio_mark))
+        assert abs(dominant_hz(reply, 24000, window=True) - BOT_HZ) < 10  # spoken, not just text
+        await feeder.push_frame(rtvi("what-is-this", {}, "u1"))
+        await until(lambda: "error-response" in types(mark), 5)
+        await feeder.push_frame(rtvi("disconnect-bot", None, "d1"))
+        await asyncio.wait_for(call, 5)  # the call ended
+
+
+@contextlib.asynccontextmanager
+async def daily_rest(status: int = 200) -> AsyncIterator[tuple[str, list[tuple[str, Any]]]]:
+    """Daily's REST API on loopback: POST /rooms and /meeting-tokens as api.daily.co answers."""
+    from aiohttp import web
+
+    seen: list[tuple[str, Any]] = []
+
+    async def rooms(request: web.Request) -> web.Response:
+        seen.append((request.headers["Authorization"], await request.json()))
+        if status != 200:
+            return web.json_response({"info": "daily-says-NO-4f2"}, status=status)
+        room = {
+            "id": "r1",
+            "name": "vm-room",
+            "api_created": True,
+            "privacy": "public",
+            "url": "https://voicemesh-test.invalid/vm-room",
+            "created_at": "2026-12-06T00:00:00.000Z",
+            "config": {},
+        }
+        return web.json_response(room)
+
+    async def tokens(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append((request.headers["Authorization"], body))
+        owner = body["properties"]["is_owner"]
+        return web.json_response({"token": "owner-tok" if owner else "caller-tok"})
+
+    app = web.Application()
+    app.router.add_post("/v1/rooms", rooms)
+    app.router.add_post("/v1/meeting-tokens", tokens)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_start_with_create_daily_room_puts_the_bot_in_a_new_room(
+    settings: Settings,
+    stages: Services,
+    store: ConfigStore,
+    config: dict,
+    env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pipecat's /start for Daily: a room and two tokens from Daily's REST API, the bot in with
+    the owner token, the caller answered the room and a non-owner token; RTVI in the room. Daily
+    failing (its words stay in the log) or no API key leaves no session behind."""
+    monkeypatch.setattr(daily, "daily_transport", FakeDaily)
+    FakeDaily.made.clear()
+    await store.create_agent("room", parse_agent_config(config))
+    start = {"createDailyRoom": True, "transport": "daily", "body": {"agent": "room"}}
+
+    def bot_ready(fake: FakeDaily) -> list[dict[str, Any]]:
+        return [e for e in fake.sink.events() if e["type"] == "bot-ready"]
+
+    for status in (200, 400):
+        async with daily_rest(status) as (url, seen):
+            key = SecretStr("dk-SECRET-91")
+            update = {"auth": "off", "daily_api_key": key, "daily_api_url": url}
+            svc = TransportService(settings.model_copy(update=update))
+            await svc.start()
+            try:
+                app = httpx.ASGITransport(app=create_app(svc))
+                async with httpx.AsyncClient(transport=app, base_url="http://t") as api:
+                    before = set(await store.list_configs())
+                    r = await api.post("/start", json=start)
+                    if status != 200:
+                        assert r.status_code == 502 and "daily-says" not in r.text, r.text
+                        assert set(await store.list_configs()) == before
+                        continue
+                    assert r.status_code == 200, r.text
+                    out = r.json()
+                    room = "https://voicemesh-test.invalid/vm-room"
+                    assert (out["dailyRoom"], out["dailyToken"]) == (room, "caller-tok")
+                    assert {a for a, _ in seen} == {"Bearer dk-SECRET-91"}
+                    owners = [b["properties"]["is_owner"] for _, b in seen[1:]]
+                    assert owners == [False, True]
+                    fake = FakeDaily.made[-1]
+                    assert (fake.room_url, fake.token) == (room, "owner-tok")
+                    assert (await store.get_config(out["sessionId"])) is not None
+                    client_ready = {"label": "rtvi-ai", "type": "client-ready", "id": "r1"}
+                    await fake.source.push_frame(InputTransportMessageFrame(message=client_ready))
+                    await until(functools.partial(bot_ready, fake), 5)
+                    assert bot_ready(fake)[0]["data"]["about"]["session_id"] == out["sessionId"]
+                    r = await api.delete(f"/api/daily/calls/{out['sessionId']}")
+                    assert r.status_code == 200, r.text
+            finally:
+                await svc.stop()
+    svc = TransportService(settings.model_copy(update={"auth": "off"}))  # no DAILY_API_KEY
+    await svc.start()
+    try:
+        app = httpx.ASGITransport(app=create_app(svc))
+        async with httpx.AsyncClient(transport=app, base_url="http://t") as api:
+            before = set(await store.list_configs())
+            r = await api.post("/start", json=start)
+            assert r.status_code == 422 and "DAILY_API_KEY" in r.text, r.text
+            assert set(await store.list_configs()) == before
+            r = await api.post("/start", json={"transport": "daily"})
+            assert r.status_code == 422 and "createDailyRoom" in r.text, r.text
+    finally:
+        await svc.stop()
 
 
 async def test_post_joins_and_delete_leaves(

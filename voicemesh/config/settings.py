@@ -398,6 +398,20 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         description="transport: a WebRTC peer not connected (ICE and DTLS) this long after "
         "its offer was answered is closed and its call ended",
     )
+    rtvi_max_text_chars: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="transport: characters one RTVI send-text or append-to-context message may "
+        "carry; a longer one is refused with an RTVI error-response and the call goes on",
+    )
+    rtvi_message_rate: float = Field(
+        20.0,
+        gt=0,
+        le=10_000,
+        description="transport: RTVI messages a call's client may send per second (bursts of as "
+        "many); past it each message is refused with an RTVI error-response",
+    )
     session_rate: str | None = Field(
         "60/60",
         description="new sessions allowed per tenant (per address with auth off), 'N/SECONDS' "
@@ -447,6 +461,18 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         le=60.0,
         description="how often a console stream resends its snapshot (sessions, health marks; "
         "a session's version and TTL): nothing refreshes faster than once a second",
+    )
+    # --- Daily rooms made for POST /start {createDailyRoom} (voicemesh/transport/carriers/daily.py)
+    daily_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("DAILY_API_KEY", "VOICEMESH_DAILY_API_KEY"),
+        description="Daily REST API key: POST /start with createDailyRoom makes a room and its "
+        "tokens with it; unset: such a /start is refused (422)",
+    )
+    daily_api_url: str = Field(
+        "https://api.daily.co/v1",
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="Daily's REST API base URL (operator only: no config or caller names it)",
     )
     # --- Twilio Media Streams (voicemesh/transport/carriers/twilio.py) ---
     twilio_auth_token: SecretStr | None = Field(

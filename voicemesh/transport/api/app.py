@@ -14,6 +14,7 @@ limits.py.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import make_asgi_app
 
 from voicemesh.bus.bus import BusError
@@ -34,8 +36,9 @@ from voicemesh.transport.api.limits import BodyLimit
 from voicemesh.transport.api.security import ApiKeyAuth, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
 from voicemesh.transport.api.sessions import call_sessions, sessions_router
+from voicemesh.transport.api.start import start_router
 from voicemesh.transport.api.tenants import CallSlots
-from voicemesh.transport.carriers.daily import daily_routes
+from voicemesh.transport.carriers.daily import DailyRooms, daily_routes
 from voicemesh.transport.carriers.twilio import twilio_routes
 from voicemesh.transport.carriers.webrtc import webrtc_routes
 from voicemesh.transport.carriers.websocket import websocket_routes
@@ -91,13 +94,52 @@ def create_app(service: TransportService) -> FastAPI:
     app.state.call_slots = slots
     call_session = call_sessions(service, limit, slots)
     app.state.call_session = call_session
-    for routes in (webrtc_routes, twilio_routes, daily_routes):
+    for routes in (webrtc_routes, twilio_routes):
         app.include_router(routes(service, call_session, auth), responses=ERRORS)
+    rooms = DailyRooms()
+    app.include_router(daily_routes(service, call_session, auth, rooms), responses=ERRORS)
     app.include_router(websocket_routes(service, call_session, auth))
+    # pipecat's clients: POST /start, then /sessions/{id}/api/offer (webrtc_routes) or a room
+    app.include_router(start_router(service, auth, limit, call_session, rooms), responses=ERRORS)
 
     app.include_router(page_router())
     app.include_router(console_page_router())
+    mount_prebuilt(app)
     return app
+
+
+#: pipecat's prebuilt UIs, by preference: the one pipecat's own runner mounts (RTVI 2.x), then
+#: the SmallWebRTC-only one (RTVI 1.2); each ships its built page in client/dist
+PREBUILT = ("pipecat_ai_prebuilt", "pipecat_ai_small_webrtc_prebuilt")
+
+
+def prebuilt_dist() -> Path | None:
+    """The installed prebuilt UI's static files. Found without importing its package: its
+    frontend module prints and logs on import, and needs fastapi[all] for nothing we use."""
+    for name in PREBUILT:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        dist = Path(spec.submodule_search_locations[0]) / "client" / "dist"
+        if (dist / "index.html").is_file():
+            return dist
+    return None
+
+
+def mount_prebuilt(app: FastAPI) -> None:
+    """`/client`: pipecat's prebuilt UI, when installed (`make install` installs it); it starts
+    calls with POST /start and offers to /sessions/{id}/api/offer, as against pipecat's runner.
+    Static files only, open like the page at / (its calls need a key when auth is on)."""
+    dist = prebuilt_dist()
+    if dist is None:
+        log.info("pipecat's prebuilt UI is not installed: nothing at /client")
+        return
+
+    @app.get("/client", include_in_schema=False)
+    async def client_slash() -> RedirectResponse:
+        return RedirectResponse("/client/")
+
+    app.mount("/client", StaticFiles(directory=dist, html=True), name="prebuilt-ui")
 
 
 def health_router(service: TransportService) -> APIRouter:

@@ -57,6 +57,7 @@ from voicemesh.transport.call.limits import (
 )
 from voicemesh.transport.call.peer import Peer
 from voicemesh.transport.call.playout import Playout, truncate
+from voicemesh.transport.call.rtvi import Refused
 from voicemesh.transport.call.supervisor import Stalled, TurnSupervisor
 from voicemesh.transport.call.trace import TurnTrace
 from voicemesh.transport.call.turns import TurnDetector
@@ -352,6 +353,52 @@ class Call:
                 await self.svc.bus.publish(self._ingress_subject, end)
         except NoInstance as exc:
             await self._abandon(Stalled(self.ingress, epoch, str(exc)))
+
+    async def text_turn(self, text: str) -> int:
+        """A typed user turn (RTVI `send-text`): numbered and announced on `vm.ctl` like a spoken
+        one, a barge-in if the bot is busy, and its text sent to the stage after STT in the flow
+        exactly as STT sends a final transcript, so the reply takes the same LLM → TTS path and
+        is supervised the same way. Returns the turn's epoch."""
+        if self._turn_open:  # its audio would go on under the typed turn's epoch
+            raise Refused("the caller is speaking: send the text once the turn has ended")
+        if self.bot_busy:
+            await self._interrupt()
+        try:
+            self.epoch = await self.svc.store.next_epoch(self.session, at_least=self.epoch + 1)
+        except UNREACHABLE as exc:
+            self.epoch += 1
+            log.warning("Valkey unreachable, typed turn %d numbered here: %s", self.epoch, exc)
+        epoch = self.epoch
+        self.reorder.reset(epoch)
+        self._mark_seq, self._held = None, []  # a typed turn is over as it starts: nothing held
+        self.trace, self.seq, self.utterance = TurnTrace(self.session, epoch), 0, []
+        self.trace.ended()  # a typed turn has no speech: its latency counts from its arrival
+        self.supervisor.begin(epoch)
+        self.supervisor.ended([])
+        self.replying, self.sentences = epoch, {}
+        bind(turn=epoch, trace_id=self.trace.trace_id)
+        # hop: -> voicemesh.pipeline.base.StageService._on_ctl (vm.ctl.<sid>)
+        await self.svc.bus.publish(
+            self.subjects.ctl(self.session), Frame.event(Turn(epoch=epoch), epoch=epoch)
+        )
+        said = Transcript(role="user", text=text, epoch=epoch, final=True, connector="text")
+        self.supervisor.on_event(said, epoch)
+        await self.peer.send_event(said)
+        config = (await self.svc.router.load(self.session)).config
+        target = config.next_hop(Stage.STT, "text") or config.next_hop(Stage.TRANSPORT, "text")
+        if target is None:
+            raise NoInstance(f"the flow of session {self.session} has no stage that takes text")
+        # hop: -> voicemesh.pipeline.llm.LLMService._on_text (vm.llm.<sid>, default flow)
+        await self.svc.bus.publish(
+            self.subjects.data(target, self.session),
+            Frame.text(text, epoch=epoch, flags=Flag.START | Flag.END | Flag.LAST),
+        )
+        log.info("typed turn %d sent to %s", epoch, target)
+        return epoch
+
+    async def append_context(self, messages: list[dict[str, Any]]) -> None:
+        """Store messages in the session's conversation context (RTVI `append-to-context`)."""
+        await self.svc.store.append_context(self.session, *messages)
 
     async def _abandon(self, stalled: Stalled) -> None:
         """No instance took the turn's work in time: tell the caller which stage is missing, say

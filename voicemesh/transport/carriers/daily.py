@@ -12,8 +12,10 @@ and join errors are scrubbed of it.
 A tiny pipecat pipeline carries the audio: DailyTransport.input() → DailyBridge → .output(). The
 bridge hands the caller's audio (whatever rate and channels Daily delivers) to the call as 16 kHz
 mono PCM16, and pushes the call's paced 20 ms frames downstream as OutputAudioRawFrames; JSON events
-go out as app messages, which Daily's client SDKs receive as `app-message`. Barge-in pushes an
-InterruptionFrame, which makes pipecat's output transport drop the audio it has buffered.
+go out as app messages, which Daily's client SDKs receive as `app-message`; a client that sends
+RTVI's `client-ready` (pipecat's client-js with @pipecat-ai/daily-transport) gets RTVI messages
+instead, and its RTVI app messages are answered (voicemesh/transport/call/rtvi.py). Barge-in
+pushes an InterruptionFrame, which makes pipecat's output transport drop the audio it has buffered.
 
 A join is bounded (`join_timeout_s` in the request, else the setting `daily_join_timeout_s` where
 the settings have it, else 10 s): an unreachable room is a 502 naming the room URL and what to
@@ -30,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -42,6 +46,7 @@ from pipecat.frames.frames import (
     EndFrame,
     Frame,
     InputAudioRawFrame,
+    InputTransportMessageFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     OutputTransportMessageUrgentFrame,
@@ -69,6 +74,7 @@ from voicemesh.transport.api.tenants import CallSlot
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
+from voicemesh.transport.call.rtvi import Rtvi
 
 if TYPE_CHECKING:
     from pipecat.transports.daily.transport import DailyTransport
@@ -117,6 +123,9 @@ class DailyBridge(FrameProcessor):
         if isinstance(frame, InputAudioRawFrame) and direction is FrameDirection.DOWNSTREAM:
             await self.peer.caller_audio(frame)
             return  # the call owns the caller's audio from here
+        if isinstance(frame, InputTransportMessageFrame) and Rtvi.is_rtvi(frame.message):
+            self.peer.app_message(frame.message)
+            return  # an RTVI client's message (a Daily app message): the call answers it
         await self.push_frame(frame, direction)
         if isinstance(frame, StartFrame):
             self.peer.started.set()
@@ -130,8 +139,11 @@ class DailyPeer(Peer):
     continuous = False  # Daily's custom audio track inserts silence by itself
     lead_frames = 2  # pipecat's output transport writes 40 ms chunks: keep one ready
 
-    def __init__(self) -> None:
+    def __init__(self, *, rtvi_text_chars: int = 2000, rtvi_rate: float = 20.0) -> None:
         self.bridge = DailyBridge(self)
+        self.rtvi = Rtvi(
+            self._send_json, self.hang_up, max_text_chars=rtvi_text_chars, message_rate=rtvi_rate
+        )
         self.started = asyncio.Event()  # the pipeline runs: frames may be pushed
         self._in: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._resamplers: dict[int, Any] = {}
@@ -176,9 +188,19 @@ class DailyPeer(Peer):
             )
 
     async def deliver(self, event: CallerEvent) -> None:
+        if self.started.is_set() and not self._gone and not await self.rtvi.deliver(event):
+            await self._send_json(event.wire())  # not an RTVI client: our own JSON events
+
+    async def _send_json(self, message: dict[str, Any]) -> None:
         if self.started.is_set() and not self._gone:
-            message = event.wire()
             await self.bridge.push_frame(OutputTransportMessageUrgentFrame(message=message))
+
+    def app_message(self, message: Any) -> None:
+        """An RTVI message from the room, handled beside the pipeline (a typed turn waits on
+        Valkey and NATS, which must not hold up the room's audio)."""
+        task = asyncio.create_task(self.rtvi.on_message(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def interrupted(self) -> None:
         if self.started.is_set() and not self._gone:
@@ -367,8 +389,26 @@ def room_url_problem(url: str) -> str | None:
     return url_problem(url, "transport", "daily", ("https",), current_policy(), show=False)
 
 
+#: how long a room made for POST /start, and its tokens, last
+ROOM_TTL_S = 3600
+
+#: (session, its call slot, client) → {dailyRoom, dailyToken, sessionId}: a new room, bot in it
+NewRoom = Callable[[str, CallSlot, Client], Awaitable[dict[str, str]]]
+
+
+@dataclass
+class DailyRooms:
+    """How `POST /start {createDailyRoom: true}` (api/start.py) gets a room with the bot in it;
+    `daily_routes` fills `start` in, since the bots it starts are its own."""
+
+    start: NewRoom | None = None
+
+
 def daily_routes(
-    service: TransportService, call_session: CallSession, auth: ApiKeyAuth
+    service: TransportService,
+    call_session: CallSession,
+    auth: ApiKeyAuth,
+    rooms: DailyRooms | None = None,
 ) -> APIRouter:
     router = APIRouter(prefix="/api/daily")
     bots: dict[str, DailyBot] = {}
@@ -430,7 +470,10 @@ def daily_routes(
         token = _resolve("token", token) if token else ""
         timeout = body.join_timeout_s or default_timeout
 
-        peer = DailyPeer()
+        peer = DailyPeer(
+            rtvi_text_chars=service.settings.rtvi_max_text_chars,
+            rtvi_rate=service.settings.rtvi_message_rate,
+        )
         try:
             transport = daily_transport(room_url, token, options, peer)
         except ImportError as exc:
@@ -460,7 +503,9 @@ def daily_routes(
         async def run() -> None:
             try:
                 async with slot:
-                    await Call(service, sid, peer).run()
+                    call = Call(service, sid, peer)
+                    peer.rtvi.bind(call)
+                    await call.run()
             finally:
                 tenants.pop(sid, None)
                 bots.pop(sid, None)
@@ -468,6 +513,47 @@ def daily_routes(
 
         calls[sid] = asyncio.create_task(run(), name=f"daily-call {sid}")
         return DailyCallOut(session_id=sid, room_url=shown)
+
+    async def new_room(sid: str, slot: CallSlot, client: Client) -> dict[str, str]:
+        """Make a room and two tokens with Daily's REST API (pipecat's DailyRESTHelper), put the
+        bot in with the owner token, and answer what pipecat's clients expect: the room and the
+        caller's (non-owner) token."""
+        key = service.settings.daily_api_key
+        assert key is not None  # /start checks it before it makes the session
+        import aiohttp
+        from pipecat.transports.daily.utils import (
+            DailyRESTHelper,
+            DailyRoomParams,
+            DailyRoomProperties,
+        )
+
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+                rest = DailyRESTHelper(
+                    daily_api_key=key.get_secret_value(),
+                    daily_api_url=service.settings.daily_api_url,
+                    aiohttp_session=http,
+                )
+                properties = DailyRoomProperties(exp=time.time() + ROOM_TTL_S)
+                room = await rest.create_room(DailyRoomParams(properties=properties))
+                caller = await rest.get_token(room.url, ROOM_TTL_S, owner=False)
+                bot_token = await rest.get_token(room.url, ROOM_TTL_S, owner=True)
+        except Exception as exc:  # Daily's words (its response body) stay in the log
+            log.warning("Daily REST API could not make a room: %s", exc)
+            raise HTTPException(
+                502, "Daily's REST API did not make the room (the transport's log says why)"
+            ) from None
+        joining.add(sid)
+        try:
+            await join(
+                sid, DailyCallIn(room_url=room.url, token=SecretStr(bot_token)), slot, client
+            )
+        finally:
+            joining.discard(sid)
+        return {"dailyRoom": room.url, "dailyToken": caller, "sessionId": sid}
+
+    if rooms is not None:
+        rooms.start = new_room
 
     async def leave(bot: DailyBot) -> None:
         """Bounded: a room that does not answer the leave is left in the background."""

@@ -12,6 +12,7 @@ playing it (a jitter buffer with prefetch 4); a session sets its own with `jitte
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ from voicemesh.transport.api.tenants import CallSlot
 from voicemesh.transport.call.audio import RATE
 from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
+from voicemesh.transport.call.rtvi import Rtvi
 from voicemesh.transport.carriers.rtc import (
     audio_frame,
     offer_loopback_candidates,
@@ -88,9 +90,20 @@ class WebRTCPeer(Peer):
     out_rate = OPUS_RATE
     continuous = True
 
-    def __init__(self, connection: SmallWebRTCConnection, options: WebRTCTransportOptions):
+    def __init__(
+        self,
+        connection: SmallWebRTCConnection,
+        options: WebRTCTransportOptions,
+        *,
+        rtvi_text_chars: int = 2000,
+        rtvi_rate: float = 20.0,
+    ):
         self.connection = connection
         self.options = options
+        self.rtvi = Rtvi(
+            self._send_json, self.hang_up, max_text_chars=rtvi_text_chars, message_rate=rtvi_rate
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
         self.track = BotAudioTrack()
         self._input: Any = None
         self._resampler: soxr.ResampleStream | None = None
@@ -111,6 +124,20 @@ class WebRTCPeer(Peer):
         set_jitter_buffer(transceivers[0].receiver, self.options.jitter_buffer_ms)
         self.connection.replace_audio_track(self.track)
         self._input = self.connection.audio_input_track()
+        self.connection.pc.on("datachannel", self._watch_channel)
+
+    def _watch_channel(self, channel: Any) -> None:
+        """pipecat's connection drops (and logs) a data-channel message that is not a JSON
+        object with a type; an RTVI client is told, with an RTVI error, that it was refused."""
+
+        def on_message(message: Any) -> None:
+            problem = malformed(message)
+            if problem is not None:
+                task = asyncio.create_task(self.rtvi.malformed(problem))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        channel.on("message", on_message)
 
     async def _on_connected(self, _conn: Any) -> None:
         self._connected.set()
@@ -137,6 +164,9 @@ class WebRTCPeer(Peer):
 
     async def _on_message(self, _conn: Any, message: Any) -> None:
         if not isinstance(message, dict):
+            return
+        if Rtvi.is_rtvi(message):
+            await self.rtvi.on_message(message)
             return
         try:
             parse_caller_control(message)
@@ -171,7 +201,11 @@ class WebRTCPeer(Peer):
         self.track.put(pcm)
 
     async def deliver(self, event: CallerEvent) -> None:
-        self.connection.send_app_message(event.wire())
+        if not await self.rtvi.deliver(event):  # not an RTVI client: our own JSON events
+            self.connection.send_app_message(event.wire())
+
+    async def _send_json(self, message: dict[str, Any]) -> None:
+        self.connection.send_app_message(message)
 
     def interrupted(self) -> None:
         self.track.flush()
@@ -182,6 +216,22 @@ class WebRTCPeer(Peer):
     async def close(self) -> None:
         self.track.stop()
         await self.connection.disconnect()
+
+
+def malformed(message: Any) -> str | None:
+    """Why a data-channel message is no JSON object with a `type` (None: it is one, or it is
+    the client transport's "ping" keep-alive)."""
+    if isinstance(message, str) and message.startswith("ping"):
+        return None
+    try:
+        parsed = json.loads(message)
+    except (ValueError, TypeError):
+        return "not JSON"
+    if not isinstance(parsed, dict):
+        return "not a JSON object"
+    if "type" not in parsed:
+        return "no type"
+    return None
 
 
 def offer_problem(text: str) -> None:
@@ -249,7 +299,7 @@ def webrtc_routes(
 ) -> APIRouter:
     if service.settings.webrtc_loopback:
         offer_loopback_candidates()
-    router = APIRouter(prefix="/api")
+    router = APIRouter()
     handlers: dict[tuple[str, ...], SmallWebRTCRequestHandler] = {}
     calls: dict[str, asyncio.Task[None]] = {}
 
@@ -285,8 +335,22 @@ def webrtc_routes(
         found = sessions_of.get(pc_id)
         return found is not None and client.may_see(found[2])
 
-    @router.post("/offer")
+    @router.post("/api/offer")
     async def offer(body: OfferIn, client: Client = Depends(auth)) -> dict[str, Any]:
+        return await offer_for(body, client)
+
+    @router.post("/sessions/{session_id}/api/offer")
+    async def session_offer(
+        session_id: str, body: OfferIn, client: Client = Depends(auth)
+    ) -> dict[str, Any]:
+        """pipecat's clients after `POST /start`: the offer for the session /start made."""
+        if body.pc_id and owns(body.pc_id, client) and sessions_of[body.pc_id][0] != session_id:
+            raise NotFound(f"peer connection {body.pc_id} not found")
+        return await offer_for(body, client, session_id)
+
+    async def offer_for(
+        body: OfferIn, client: Client, session_id: str | None = None
+    ) -> dict[str, Any]:
         request = SmallWebRTCRequest(
             sdp=body.sdp, type=body.type, pc_id=body.pc_id, restart_pc=body.restart_pc
         )
@@ -299,6 +363,8 @@ def webrtc_routes(
             raise NotFound(f"peer connection {body.pc_id} not found (the call has ended)")
         offer_problem(body.sdp)  # before a session is made for it
         wanted = body.request_data or CallRequest()
+        if session_id is not None:  # the path names the session: request_data cannot override it
+            wanted = CallRequest(session_id=session_id)
         admitted = await call_session(wanted.session_id, wanted.agent, client)
         sid = admitted.session_id
         try:
@@ -337,7 +403,12 @@ def webrtc_routes(
         refused: list[SmallWebRTCConnection] = []
 
         async def start_call(connection: SmallWebRTCConnection) -> None:
-            peer = WebRTCPeer(connection, options)
+            peer = WebRTCPeer(
+                connection,
+                options,
+                rtvi_text_chars=service.settings.rtvi_max_text_chars,
+                rtvi_rate=service.settings.rtvi_message_rate,
+            )
             try:
                 peer.attach()
             except ValueError as exc:
@@ -372,7 +443,9 @@ def webrtc_routes(
             )
             try:
                 async with slot:
-                    await Call(service, sid, peer).run()
+                    call = Call(service, sid, peer)
+                    peer.rtvi.bind(call)
+                    await call.run()
             finally:
                 watchdog.cancel()
                 sessions_of.pop(pc_id, None)
@@ -383,9 +456,22 @@ def webrtc_routes(
         log.info("WebRTC call %s on session %s", pc_id, sid)
         return {**answer, "session_id": sid}
 
-    @router.patch("/offer")
+    @router.patch("/api/offer")
     async def ice_candidates(body: PatchIn, client: Client = Depends(auth)) -> dict[str, str]:
-        if not owns(body.pc_id, client):
+        return await candidates_for(body, client)
+
+    @router.patch("/sessions/{session_id}/api/offer")
+    async def session_ice_candidates(
+        session_id: str, body: PatchIn, client: Client = Depends(auth)
+    ) -> dict[str, str]:
+        return await candidates_for(body, client, session_id)
+
+    async def candidates_for(
+        body: PatchIn, client: Client, session_id: str | None = None
+    ) -> dict[str, str]:
+        if not owns(body.pc_id, client) or (
+            session_id is not None and sessions_of[body.pc_id][0] != session_id
+        ):
             raise NotFound(f"peer connection {body.pc_id} not found")
         _, key, _ = sessions_of[body.pc_id]
         patch = SmallWebRTCPatchRequest(
