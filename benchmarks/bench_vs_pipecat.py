@@ -579,9 +579,12 @@ def _x(x: float | None) -> str:
 
 PHASE_NOTES = {
     VOICEMESH: (
-        "end of turn: last voiced frame → end of turn decided (transport); STT: end of turn → "
-        "final transcript (whisper starts at end of turn); LLM first token and TTS first audio: "
-        "as the stages report them; v2v at the server: last voiced frame → first bot audio sent."
+        "end of turn: last voiced frame → end of turn decided (transport; with the default "
+        "agent's text end of turn it waits for the speculative transcript, made from the "
+        "caller's pause on, and ends with it); STT: end of turn → final transcript (what the "
+        "end still waited for: whisper ran during the pause); LLM first token and TTS first "
+        "audio: as the stages report them (with speculative replies they ran during the pause "
+        "too); v2v at the server: last voiced frame → first bot audio sent."
     ),
     PIPECAT: (
         "end of turn: UserBotLatencyObserver's user turn (VAD stop − stop_secs → "
@@ -594,7 +597,7 @@ PHASE_NOTES = {
     ),
     BEFORE: (
         "as voicemesh's, from the old tree's own transport trace and stages (what its "
-        "turn_metrics reported at that revision)."
+        "turn_metrics reported at that revision: there whisper starts at the end of turn)."
     ),
 }
 
