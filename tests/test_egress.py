@@ -151,3 +151,26 @@ def test_resampler_rates() -> None:
     spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
     peak_hz = np.argmax(spectrum) * 16000 / samples.size
     assert peak_hz == pytest.approx(440, abs=3)
+
+
+def test_a_reply_s_tail_comes_out_with_it_not_at_the_head_of_the_next() -> None:
+    """The filter holds ~26 ms of every reply; flushed at the reply's end, the reply comes out
+    whole (its length exactly at the new rate) and the next reply starts with its own audio,
+    not the last one's tail (which is what delayed its first sound before)."""
+    rs = Resampler(48000)
+    loud = (np.ones(22050 // 10) * 8000).astype(np.int16).tobytes()  # 100 ms at 22 050 Hz
+    first = rs(loud, 22050)
+    tail = rs.flush()
+    assert len(first) < 9600 and len(first) + len(tail) == 9600  # 100 ms at 48 kHz, in all
+    assert np.abs(np.frombuffer(tail, np.int16)).max() > 4000  # the reply's own end
+    quiet = rs(bytes(len(loud)), 22050)
+    assert np.abs(np.frombuffer(quiet, np.int16)).max() <= 2  # nothing of the last reply
+    assert rs.flush() and Resampler(48000).flush() == b""
+
+
+def test_a_barge_in_drops_what_the_filter_holds() -> None:
+    rs = Resampler(48000)
+    rs((np.ones(2205) * 8000).astype(np.int16).tobytes(), 22050)
+    rs.reset()
+    after = rs(bytes(4410), 22050)
+    assert np.abs(np.frombuffer(after, np.int16)).max() <= 2

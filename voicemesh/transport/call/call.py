@@ -423,6 +423,7 @@ class Call:
         old = self.replying if self.replying is not None else self.epoch
         self.reorder.done = True  # late frames of the old reply are not queued any more
         heard = self.playout.clear(old)
+        self.resample.reset()
         self.peer.interrupted()
         self.replying = None
         said = truncate(self.sentences, heard)
@@ -501,6 +502,8 @@ class Call:
             if f.has(Flag.END):
                 self.playout.end_sentence(epoch=f.epoch, index=f.index)
             if f.has(Flag.LAST):
+                if tail := self.resample.flush():
+                    self.playout.push(tail, epoch=f.epoch, index=f.index)
                 self.supervisor.reply_done(f.epoch)
                 self.playout.end_reply(f.epoch)
             self._audio_ready.set()

@@ -162,3 +162,19 @@ class Resampler:
                 rate, self.out_rate, 1, dtype="int16"
             )
         return stream.resample_chunk(np.frombuffer(pcm, dtype=np.int16)).tobytes()
+
+    def flush(self) -> bytes:
+        """The end of a reply: what the filters still hold of it (~26 ms at soxr's HQ), and
+        clean streams for the next reply. Unflushed, that tail came out at the head of the next
+        reply, before its first sound. (The reply's end marker names no rate of its audio, so
+        every stream is flushed; a reply comes at one rate.)"""
+        tails = []
+        for stream in self._streams.values():
+            tails.append(stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True).tobytes())
+            stream.clear()
+        return b"".join(tails)
+
+    def reset(self) -> None:
+        """Drop what every stream holds (a reply cut off by a barge-in is not played on)."""
+        for stream in self._streams.values():
+            stream.clear()
