@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from fastapi.requests import HTTPConnection
 from fastapi.responses import JSONResponse
-from starlette.websockets import WebSocket
 
-from voicemesh.bus.events import ErrorEvent
 from voicemesh.errors import VoicemeshError
-from voicemesh.transport.api.security import reject_websocket
+from voicemesh.transport.api.security import retry_later
 
 #: WebSocket close code 1013, "Try Again Later" (RFC 6455 registry)
 WS_AT_CAPACITY = 1013
@@ -61,12 +59,6 @@ class CallCapacity:
 
 async def on_at_capacity(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
     assert isinstance(exc, AtCapacity)
-    if isinstance(conn, WebSocket):
-        event = ErrorEvent(error=exc.detail, retry_after_s=exc.retry_after_s)
-        await reject_websocket(conn, WS_AT_CAPACITY, event)
-        return None
-    return JSONResponse(
-        {"detail": exc.detail},
-        status_code=503,
-        headers={"Retry-After": str(exc.retry_after_s)},
+    return await retry_later(
+        conn, exc.detail, exc.retry_after_s, status=503, ws_code=WS_AT_CAPACITY
     )

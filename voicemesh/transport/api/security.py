@@ -248,14 +248,22 @@ async def on_unauthorized(conn: HTTPConnection, exc: Exception) -> JSONResponse 
     return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
 
-async def on_rate_limited(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
-    assert isinstance(exc, RateLimited)
+async def retry_later(
+    conn: HTTPConnection, detail: str, retry_after_s: int, *, status: int, ws_code: int
+) -> JSONResponse | None:
+    """A refusal the client may retry, in the shape of its connection: HTTP `status` with
+    Retry-After, or an `error` event (with `retry_after_s`) and WebSocket close `ws_code`."""
     if isinstance(conn, WebSocket):
-        event = ErrorEvent(error=exc.detail, retry_after_s=exc.retry_after_s)
-        await reject_websocket(conn, WS_RATE_LIMITED, event)
+        event = ErrorEvent(error=detail, retry_after_s=retry_after_s)
+        await reject_websocket(conn, ws_code, event)
         return None
     return JSONResponse(
-        {"detail": exc.detail},
-        status_code=429,
-        headers={"Retry-After": str(exc.retry_after_s)},
+        {"detail": detail}, status_code=status, headers={"Retry-After": str(retry_after_s)}
+    )
+
+
+async def on_rate_limited(conn: HTTPConnection, exc: Exception) -> JSONResponse | None:
+    assert isinstance(exc, RateLimited)
+    return await retry_later(
+        conn, exc.detail, exc.retry_after_s, status=429, ws_code=WS_RATE_LIMITED
     )
