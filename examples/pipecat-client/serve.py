@@ -27,9 +27,7 @@ class Handler(SimpleHTTPRequestHandler):
     def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        request = urllib.request.Request(
-            self.transport + self.path, data=body, method=self.command
-        )
+        request = urllib.request.Request(self.transport + self.path, data=body, method=self.command)
         for name in HEADERS:
             if self.headers.get(name):
                 request.add_header(name, self.headers[name])
