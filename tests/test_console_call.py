@@ -1,0 +1,223 @@
+"""The console's live provider swap, heard (issue 17): headless Chromium with a fake microphone
+opens the console, calls an agent with "Test this agent" (the call page at /?agent=NAME, over
+WebRTC), and while that call runs swaps the session's TTS from `tone` to `piper` in the session
+view. The next turn must be heard in Piper's voice (measured on the bot's track in the page: a
+tone has one dominant frequency, speech does not) and the session view must show the new
+connector and version.
+
+The stages run in-process (real NATS and Valkey, the transport on uvicorn); the STT is the
+loopback OpenAI transcriber, which "hears" the pitch of the microphone's tone, and the LLM is the
+scripted one, so nothing but Piper loads a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from pydantic import SecretStr
+
+from tests.e2e.browser_call import chromium_args
+from tests.support import TransportApp, loopback_agent
+from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_egress")]
+
+CHROMIUM = Path("/usr/bin/chromium")
+HAVE_CHROMIUM = CHROMIUM.exists()
+ADMIN = "k-admin-console-call-1"
+A_KEY = "k-acme-console-call-a"
+MIC_RATE = 48000
+MIC_HZ = 300.0  # what the caller "says": the loopback STT hears "tone 300"
+TONE_HZ = 880.0  # the tone TTS's voice, far from the microphone's pitch and from a male voice
+NEAR_HZ = 40.0  # FFT bins are 11.7 Hz at 48 kHz/4096; Opus keeps the pitch
+AGENT = "swap-agent"
+
+
+@pytest.fixture
+def transport_settings() -> dict[str, Any]:
+    return {
+        "auth": "required",
+        "api_keys": (SecretStr(ADMIN),),
+        "tenant_keys": (("acme", SecretStr(A_KEY)),),
+        "console_refresh_s": 1.0,
+        "webrtc_loopback": True,
+    }
+
+
+def mic_wav(out: Path) -> Path:
+    """1 s of the caller's tone, then 5 s of silence: Chromium loops the file, so a turn comes
+    every 6 s and each short reply ends before the caller speaks again (no barge-in)."""
+    t = np.arange(MIC_RATE) / MIC_RATE
+    voice = 0.3 * np.sin(2 * np.pi * MIC_HZ * t)
+    audio = np.concatenate([np.zeros(MIC_RATE // 2), voice, np.zeros(5 * MIC_RATE)])
+    sf.write(str(out), (audio * 32767).astype(np.int16), MIC_RATE, subtype="PCM_16")
+    return out
+
+
+#: A probe on the call page's bot track: every 50 ms, while the bot is audible, the strongest
+#: frequency, labelled with the turn (the last bot_started's epoch) it belongs to.
+PROBE = """() => {
+  window.__heard = [];
+  const timer = setInterval(() => {
+    const stream = document.querySelector('#bot-audio').srcObject;
+    if (!stream) return;
+    clearInterval(timer);
+    const ctx = new AudioContext();
+    const an = ctx.createAnalyser();
+    an.fftSize = 4096;
+    an.smoothingTimeConstant = 0;
+    ctx.createMediaStreamSource(stream).connect(an);
+    const wave = new Float32Array(an.fftSize), spec = new Float32Array(an.frequencyBinCount);
+    setInterval(() => {
+      an.getFloatTimeDomainData(wave);
+      let sum = 0;
+      for (const s of wave) sum += s * s;
+      if (Math.sqrt(sum / wave.length) < 0.01) return;
+      const started = window.__voicemesh.events.filter((e) => e.type === 'bot_started');
+      if (!started.length) return;
+      an.getFloatFrequencyData(spec);
+      let best = 1;
+      for (let i = 2; i < spec.length; i++) if (spec[i] > spec[best]) best = i;
+      window.__heard.push({epoch: started[started.length - 1].epoch,
+                           hz: best * ctx.sampleRate / an.fftSize});
+    }, 50);
+  }, 50);
+}"""
+
+
+async def heard_turns(call: Any) -> dict[int, list[float]]:
+    """Per finished turn (bot_done seen), the dominant frequencies heard while it played."""
+    got = await call.evaluate(
+        "() => ({heard: window.__heard || [], done: window.__voicemesh.events"
+        ".filter((e) => e.type === 'bot_done').map((e) => e.epoch)})"
+    )
+    turns: dict[int, list[float]] = {}
+    for h in got["heard"]:
+        if h["epoch"] in got["done"]:
+            turns.setdefault(int(h["epoch"]), []).append(float(h["hz"]))
+    return turns
+
+
+def tone_share(freqs: list[float]) -> float:
+    """How much of a turn's audible time the tone's frequency dominates."""
+    return sum(abs(f - TONE_HZ) < NEAR_HZ for f in freqs) / len(freqs)
+
+
+async def wait_turn(call: Any, after: int, limit_s: float, what: str) -> tuple[int, list[float]]:
+    """The first finished turn with epoch > `after` that was heard for at least 0.4 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while loop.time() < deadline:
+        for epoch, freqs in sorted((await heard_turns(call)).items()):
+            if epoch > after and len(freqs) >= 8:
+                return epoch, freqs
+        await asyncio.sleep(0.3)
+    events = await call.evaluate("() => window.__voicemesh.events.map((e) => e.type)")
+    raise AssertionError(f"no {what} turn after epoch {after} within {limit_s} s: {events}")
+
+
+async def test_browser_console_calls_an_agent_and_swaps_its_tts_mid_call(
+    transport_app: TransportApp,
+    agent_json: dict,
+    transcriber: OpenAITranscribeServer,
+    tmp_path: Path,
+) -> None:
+    from playwright.async_api import async_playwright
+
+    if not HAVE_CHROMIUM:
+        pytest.skip("Debian's chromium is not installed")
+    url = transport_app.url
+    data = loopback_agent(
+        agent_json,
+        transport="webrtc",
+        stt_url=transcriber.base_url,
+        replies=["You said {user}, thank you."],
+        ms_per_word=150,
+        jitter_buffer_ms=20,
+    )
+    data["connectors"]["tts"]["config"]["tone"]["frequency_hz"] = TONE_HZ
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {A_KEY}"}, timeout=10
+    ) as c:
+        r = await c.post("/api/agents", json={"name": AGENT, "config": data})
+        assert r.status_code == 201, r.text
+
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=chromium_args(mic_wav(tmp_path / "mic.wav")),
+        )
+        try:
+            context = await b.new_context(viewport={"width": 1280, "height": 860})
+            errors: list[str] = []
+            console = await context.new_page()
+            console.on("pageerror", lambda e: errors.append(f"console: {e}"))
+            # ?raw_audio=1 passes on to the call page: no echo cancellation on a fake microphone
+            await console.goto(f"{url}/console?raw_audio=1#agents")
+            await console.wait_for_selector("#keybox:visible", timeout=10_000)
+            await console.fill("#key", A_KEY)
+            await console.press("#key", "Enter")
+            row = console.locator(f"#agents tr[data-agent={AGENT}]")
+            await row.wait_for(timeout=10_000)
+            assert "tts: tone" in await row.text_content()
+
+            async with context.expect_page() as opened:
+                await row.locator("button[data-act=test]").click()
+            call = await opened.value
+            call.on("pageerror", lambda e: errors.append(f"call: {e}"))
+            await call.wait_for_selector("#call:enabled", timeout=15_000)  # the key carried over
+            assert "agent=swap-agent" in call.url
+            assert await call.input_value("#agent") == AGENT
+            await call.evaluate(PROBE)
+            await call.click("#call")
+
+            first, freqs = await wait_turn(call, 0, 45, "tone")
+            assert tone_share(freqs) >= 0.8, (first, freqs)  # one frequency: the tone
+            sid = await call.evaluate("() => window.__voicemesh.sessionId")
+            assert sid
+
+            await console.goto(f"{url}/console?raw_audio=1#session={sid}")
+            await console.wait_for_function(
+                "() => /editing version 1/.test("
+                "document.querySelector('#swap-version')?.textContent || '')",
+                timeout=10_000,
+            )
+            stage = console.locator("#session-stages [data-stage=tts]")
+            assert "tts: tone" in await stage.text_content()
+            await console.select_option("#swap-stage", "tts")
+            await console.select_option("#swap-connector", "piper")
+            await console.click("#swap-save")
+            await console.wait_for_function(
+                "() => /saved: tts is now piper \\(version 2\\)/.test("
+                "document.querySelector('#swap-status').textContent)",
+                timeout=10_000,
+            )
+            swapped_at = await call.evaluate(
+                "() => Math.max(0, ...window.__voicemesh.events.map((e) => e.epoch || 0))"
+            )
+            # the view shows it: the session's stream brings version 2 with tts: piper
+            await console.wait_for_function(
+                "() => /version 2/.test(document.querySelector('#session-version').textContent)"
+                " && /tts: piper/.test(document.querySelector("
+                "'#session-stages [data-stage=tts]').textContent)",
+                timeout=10_000,
+            )
+
+            # ... and the next turn is heard in Piper's voice: speech, not the tone
+            later, voiced = await wait_turn(call, swapped_at, 60, "piper")
+            assert tone_share(voiced) <= 0.3, (later, voiced)
+            assert len({round(f / 50) for f in voiced}) >= 3, voiced  # many pitches: a voice
+            # the console's transcript followed the same call, both turns
+            transcript = await console.text_content("#transcript")
+            assert "You said tone 300" in transcript, transcript
+            await call.click("#hangup")
+            assert not errors, errors
+        finally:
+            await b.close()
