@@ -217,6 +217,45 @@ async def test_browser_console_calls_an_agent_and_swaps_its_tts_mid_call(
             # the console's transcript followed the same call, both turns
             transcript = await console.text_content("#transcript")
             assert "You said tone 300" in transcript, transcript
+            assert await call.get_attribute("#switch", "hidden") is None
+            # the call page's own switch read the session when the call began (version 1): the
+            # console's save since makes its first try a conflict, its second (re-read) goes in
+            await call.select_option("#switch-stage", "tts")
+            assert await call.input_value("#switch-connector") == "tone"  # as read at version 1
+            await call.select_option("#switch-connector", "tone")
+            await call.click("#switch-save")
+            await call.wait_for_function(
+                "() => document.querySelector('#switch-status').dataset.state === 'error'",
+                timeout=10_000,
+            )
+            refused = await call.text_content("#switch-status")
+            assert refused.startswith("Conflict:") and "changed by someone else" in refused
+            assert await call.input_value("#switch-connector") == "piper"  # read again
+            await call.select_option("#switch-connector", "tone")
+            await call.click("#switch-save")
+            await call.wait_for_function(
+                "() => /switched: tts is now tone \\(version 3\\)/.test("
+                "document.querySelector('#switch-status').textContent)",
+                timeout=10_000,
+            )
+            switched_at = await call.evaluate(
+                "() => Math.max(0, ...window.__voicemesh.events.map((e) => e.epoch || 0))"
+            )
+            back, toned = await wait_turn(call, switched_at, 60, "tone again")
+            assert tone_share(toned) >= 0.8, (back, toned)
+            # the call page's waterfall: one per turn_metrics, each phase and the total in ms
+            metrics = await call.evaluate(
+                "() => window.__voicemesh.events.filter((e) => e.type === 'turn_metrics')"
+            )
+            shown = call.locator("#waterfall .wf")
+            assert await shown.count() == len(metrics) >= 3
+            m = metrics[0]
+            bars = call.locator(f"#waterfall .wf[data-epoch='{m['epoch']}']")
+            text = await bars.text_content()
+            for phase in ("eou", "stt", "llm", "tts", "audio"):
+                assert f"turn {m['epoch']} {phase}" in text, text
+            assert f"{round(m['v2v_ms'])} ms" in await bars.locator(".v2v").text_content()
+            assert await bars.locator(".seg.llm").count() == 1
             await call.click("#hangup")
             assert not errors, errors
         finally:
