@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from voicemesh.bench.harness import QUESTIONS as HARNESS_QUESTIONS  # noqa: E402
 from voicemesh.bench.harness import _speak, cpu_seconds, environment, machine  # noqa: E402
 from voicemesh.bench.report import percentile  # noqa: E402
 from voicemesh.callers.script import CallResult  # noqa: E402
@@ -69,11 +70,7 @@ SETUPS = (VOICEMESH, PIPECAT)
 SETUPS_BEFORE = (BEFORE, VOICEMESH, PIPECAT)
 #: varied questions, spoken by the harness's Piper voice when no `--wavs` is given
 QUESTIONS = [
-    "What is the capital of France?",
-    "Tell me a fun fact about cats.",
-    "How far away is the moon?",
-    "What should I cook for dinner tonight?",
-    "Why is the sky blue?",
+    *HARNESS_QUESTIONS,
     "Can you recommend a good book to read?",
     "How many legs does a spider have?",
     "What is the tallest mountain in the world?",

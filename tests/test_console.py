@@ -239,8 +239,8 @@ async def test_console_page_is_served_and_closed_to_paths(console: tuple[str, An
 async def browser() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright
 
-    if not HAVE_CHROMIUM:
-        pytest.skip("Debian's chromium is not installed")
+    # CI installs it (.ci/run): a missing browser is a broken setup, not a test to skip
+    assert HAVE_CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run)"
     async with async_playwright() as pw:
         b = await pw.chromium.launch(
             executable_path=str(CHROMIUM),

@@ -269,7 +269,9 @@ class TurnDetector:
         self._text_wait_frames = self._mark_frames + _frames(TEXT_WAIT_MS)
         self._text: TextJudgement | None = None  # of this pause's transcript, once it came
         self._p: float | None = None  # smart-turn's probability for this pause, once it came
-        self.last_reason = ""  # why the last turn ended, for the log
+        # the silence (ms) after which the words and the probability end this pause: worked out
+        # when one of them changes, not on every silent frame
+        self._end_after_ms: int | None = None
         self._turn_audio: deque[bytes] = deque(maxlen=SMART_TURN_SECONDS * 1000 // FRAME_MS)
         self._decision: asyncio.Future[float] | None = None
         self._asked = False
@@ -348,14 +350,12 @@ class TurnDetector:
             if self._marked:  # before this frame's audio: it belongs after the resumption
                 events.insert(0, TurnEvent("resume"))
             self._silence, self._asked, self._marked = 0, False, False
-            self._text = self._p = None
+            self._text = self._p = self._end_after_ms = None
             self._drop_decision()  # the speaker went on: whatever the model says is moot
             return events
         self._silence += 1
         if self._silence >= self._max_frames or (self._smart and self._complete()):
             paused = self._marked
-            if self._silence >= self._max_frames:
-                self.last_reason = "silence cap"
             self._close()
             events.append(TurnEvent("end", paused=paused))
             return events
@@ -375,6 +375,7 @@ class TurnDetector:
         words join smart-turn's probability from the next frame on."""
         if self._marked:
             self._text = judge_text(text)
+            self._reconsider()
 
     def _complete(self) -> bool:
         decision = self._decision
@@ -384,22 +385,20 @@ class TurnDetector:
                 self._p = self.last_decision = decision.result()
             except Exception:  # a broken model must not end a turn early; the timer still will
                 log.exception("smart-turn decision failed")
+            if self._use_text:
+                self._reconsider()
         if not self._use_text:
-            if self._p is not None and self._p > 0.5:
-                self.last_reason = f"smart-turn {self._p:.2f}"
-                return True
-            return False
+            return self._p is not None and self._p > 0.5
+        if self._silence == self._text_wait_frames:  # the words are late: the audio alone
+            self._reconsider()
+        return self._end_after_ms is not None and self._silence * FRAME_MS >= self._end_after_ms
+
+    def _reconsider(self) -> None:
+        """The words, the probability or the wait for the words changed: when this pause ends."""
         awaiting = self._marked and self._text is None and self._silence < self._text_wait_frames
-        verdict = combine(
-            self._p,
-            self._text,
-            self._policy,
-            silence_ms=self._silence * FRAME_MS,
-            awaiting_text=awaiting,
-        )
-        if verdict.end_now:
-            self.last_reason = verdict.reason
-        return verdict.end_now
+        self._end_after_ms = combine(
+            self._p, self._text, self._policy, awaiting_text=awaiting
+        ).end_after_ms
 
     def _drop_decision(self) -> None:
         if self._decision is not None:
@@ -410,7 +409,7 @@ class TurnDetector:
         self._drop_decision()
         self.speaking, self._silence, self._run, self._asked = False, 0, 0, False
         self._marked = False
-        self._text = self._p = None
+        self._text = self._p = self._end_after_ms = None
         self._turn_audio.clear()
 
     def reset(self) -> None:
