@@ -260,10 +260,32 @@ async def bus_loop(
         out = env.subjects.data_all(Stage.TRANSPORT)
         pids = env.stage_pids()
     else:
-        sids = [f"s{i:05d}" for i in range(sessions)]
-        subjects_in = [f"{RAW}.stt.{s}" for s in sids]
+        subjects_in = [f"{RAW}.stt.s{i:05d}" for i in range(sessions)]
         out = f"{RAW}.transport.*"
         pids = env.relay_pids()
+    result = await measure_loop(env.nc, subjects_in, out, pids, fps=fps, seconds=seconds)
+    if mode == "voicemesh":
+        await end_sessions(env.nc, env.store, env.subjects, sids)
+    return {"mode": mode, "sessions": sessions, **result}
+
+
+async def end_sessions(nc: Client, store: ConfigStore, subjects: Subjects, sids: list[str]) -> None:
+    for sid in sids:
+        await store.delete_config(sid)
+        await nc.publish(subjects.ctl(sid), encode(Frame.event(End())))
+
+
+async def measure_loop(
+    nc: Client,
+    subjects_in: list[str],
+    out: str,
+    pids: list[int],
+    *,
+    fps: int = 50,
+    seconds: float = 10.0,
+) -> dict[str, Any]:
+    """Pace frames into `subjects_in`, time each one back on `out` from its origin stamp, and
+    count the CPU the loop's processes (`pids`) used meanwhile."""
     latencies: list[float] = []
     received = 0
     # Frames of the first second warm up each session's config cache in each stage; their
@@ -277,24 +299,19 @@ async def bus_loop(
         if origin >= measure_from:
             latencies.append((time.time_ns() - origin) / 1e6)
 
-    sub = await env.nc.subscribe(out, cb=arrived, pending_msgs_limit=2_000_000)
-    await env.nc.flush()
-    cpu0 = cpu_seconds(pids)
-    sent = await paced(env.nc, subjects_in, fps=fps, seconds=seconds + WARMUP_S)
+    sub = await nc.subscribe(out, cb=arrived, pending_msgs_limit=2_000_000)
+    await nc.flush()
+    cpu0 = [cpu_seconds([pid]) for pid in pids]
+    sent = await paced(nc, subjects_in, fps=fps, seconds=seconds + WARMUP_S)
     deadline = time.monotonic() + 3
     while received < sent and time.monotonic() < deadline:  # noqa: ASYNC110 (bounded poll)
         await asyncio.sleep(0.05)
-    cpu = cpu_seconds(pids) - cpu0
+    per_process = [cpu_seconds([pid]) - c for pid, c in zip(pids, cpu0, strict=True)]
+    cpu = sum(per_process)
     await sub.unsubscribe()
-    if mode == "voicemesh":
-        for sid in sids:
-            await env.store.delete_config(sid)
-            await env.nc.publish(env.subjects.ctl(sid), encode(Frame.event(End())))
     stats = summarize(latencies)
     step = max(1, len(latencies) // 5000)
     return {
-        "mode": mode,
-        "sessions": sessions,
         "fps": fps,
         "seconds": seconds,
         "frames_sent": sent,
@@ -304,6 +321,9 @@ async def bus_loop(
         "p95_ms": stats["p95"],
         "p99_ms": stats["p99"],
         "cpu_s": round(cpu, 2),
+        "cpu_s_per_process": [round(c, 2) for c in per_process],
+        # CPU of the loop's processes per frame that entered it (every hop of it)
+        "cpu_us_per_frame": round(cpu / sent * 1e6, 1) if sent else None,
         "samples_ms": [round(x, 3) for x in sorted(latencies)[::step]],
     }
 
