@@ -48,6 +48,8 @@ UNIT_SPANS: dict[str, str] = {
     Stage.LLM: "llm.reply",
     Stage.TTS: "tts.sentence",
 }
+#: sessions whose relay answer a stage keeps (StageService.relay)
+RELAY_MEMORY = 10_000
 #: the attributes of the span of the unit the current task works on (None: no span)
 _SPAN: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "span", default=MappingProxyType({})
@@ -69,6 +71,8 @@ class StageService(Role):
         self.ended_turns: dict[str, int] = {}
         self._turn_end = asyncio.Event()
         self._work: dict[str, set[tuple[int, asyncio.Task[Any]]]] = {}
+        #: per session: the config last seen, and where `relay` sends its frames under it
+        self._relay_to: dict[str, tuple[AgentConfig, str | None]] = {}
         self._intake: list[Any] = []
         self.closers.append(self._end_intake)
 
@@ -172,16 +176,31 @@ class StageService(Role):
         """With a `passthrough` primary, forward the frame unchanged to the next hop; True if it
         was relayed (or dropped as stale), False if the stage should do its own work."""
         config = self.router.peek(session) or await self.router.load_config(session)
-        if config.stage(self.role).primary not in RELAYS:
+        # Every frame of every session asks this: the answer is kept per session until its
+        # config changes (a new version is a new object), not worked out 50 times a second.
+        known = self._relay_to.get(session)
+        if known is None or known[0] is not config:
+            if known is None and len(self._relay_to) >= RELAY_MEMORY:
+                # a session whose end we never heard of: forget the oldest, as the router does
+                del self._relay_to[next(iter(self._relay_to))]
+            known = self._relay_to[session] = (config, self._relay_subject(config, session))
+        subject = known[1]
+        if subject is None:
             return False
-        if self.current(session, frame.epoch):
-            try:
-                subject = self.router.next_subject_of(config, session)
-            except NoRoute:  # in flight while the flow changed and left this stage out: drop it
-                return True
+        if subject and self.current(session, frame.epoch):
             # hop: -> next stage's _on_text, or transport.call.call.Call._egress (vm.<next>.<sid>)
             await self.bus.publish(subject, frame)
         return True
+
+    def _relay_subject(self, config: AgentConfig, session: str) -> str | None:
+        """Where this stage relays the session's frames: None if it does its own work, "" if
+        the flow leaves this stage out (frames in flight while it changed are dropped)."""
+        if config.stage(self.role).primary not in RELAYS:
+            return None
+        try:
+            return self.router.next_subject_of(config, session)
+        except NoRoute:
+            return ""
 
     # --- turns -------------------------------------------------------------------------------
 
@@ -271,6 +290,7 @@ class StageService(Role):
         self._cancel_older(session, 1 << 32)
         self.epochs.pop(session, None)
         self.ended_turns.pop(session, None)
+        self._relay_to.pop(session, None)
         self.router.forget(session)
 
     async def turn_ends(self, session: str, epoch: int) -> None:
