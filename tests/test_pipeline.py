@@ -276,6 +276,49 @@ async def test_frames_of_an_older_epoch_are_dropped(
         assert context[0]["content"] == "new words"
 
 
+async def test_a_relaying_stage_follows_each_config_change_of_its_session(
+    services: Services, bus: Bus, store: ConfigStore, subjects: Subjects, agent_json: dict
+) -> None:
+    """The relay decision is kept per session (not worked out per frame), so it must follow the
+    session's config: a flow without the stage drops its frames, and a real primary makes the
+    stage do its own work again."""
+    relay = {"primary": "passthrough"}
+
+    def config(flow: list[dict[str, str]], llm: Any = relay) -> Any:
+        data = copy.deepcopy(agent_json)
+        data["pipeline"]["flow"] = flow
+        data["connectors"]["llm"] = llm
+        return parse_agent_config(data)
+
+    through_tts = [
+        {"from": "transport", "to": "stt", "stream": "audio"},
+        {"from": "stt", "to": "llm", "stream": "text"},
+        {"from": "llm", "to": "tts", "stream": "text"},
+        {"from": "tts", "to": "transport", "stream": "audio"},
+    ]
+    without_llm = [through_tts[0], {"from": "stt", "to": "tts", "stream": "text"}, through_tts[3]]
+    sid = (await store.create_session(config(through_tts))).session_id
+    tts = await listen(bus, subjects.data("tts", sid))
+    llm = await services.start(LLMService)
+
+    async def change(new: Any) -> None:
+        version = await store.update_config(sid, new)
+        await publish_config_update(bus, subjects, sid, version, ["pipeline", "connectors"])
+        await until(lambda: sid not in llm.router._cache, what="the cache to drop the session")
+
+    await bus.publish(subjects.data("llm", sid), Frame.text("one", epoch=1))
+    assert [f.as_text for f in await tts.wait_for(lambda fs: len(fs) == 1)] == ["one"]
+    await change(config(without_llm))
+    await bus.publish(subjects.data("llm", sid), Frame.text("two", epoch=1))
+    # the stage loads the new config for "two" (and drops it): only then change again
+    await until(lambda: sid in llm.router._cache, what="the frame to be taken")
+    await change(scripted(agent_json, ["Its own reply."]))
+    await bus.publish(subjects.data("llm", sid), Frame.text("three", epoch=1))
+    frames = await tts.wait_for(lambda fs: has_last(fs), limit_s=5)
+    # "two" was dropped: the flow had no llm; "three" got the scripted connector's reply
+    assert [f.as_text for f in frames] == ["one", "Its own reply.", ""]
+
+
 @pytest.mark.parametrize("kind", ["turn", "interrupt"])
 async def test_in_flight_turn_of_an_older_epoch_is_cancelled(
     kind: str,
