@@ -449,7 +449,7 @@ async function sessionView(id) {
         h("span", {id: "session-agent"}, session.agent ?? "(raw config)"), " · ",
         h("span", {id: "session-version"}, `version ${session.version}`), ` · TTL ${session.ttl_s} s · `,
         h("span", {id: "session-transport"}, live[id]?.transport ? `transport ${live[id].transport}` : "no call seen yet")),
-      h("div", {id: "session-stages"}, STAGES.map((s) => {
+      h("div", {id: "session-stages"}, STAGES.flatMap((s) => {
         const served = live[id]?.serving?.[s];
         const fallback = served && served !== c[s]?.primary;
         return [h("span", {class: `badge${fallback ? " fallback" : ""}`, dataset: {stage: s, serving: served ?? ""}},
