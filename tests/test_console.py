@@ -521,8 +521,9 @@ async def test_browser_two_editors_second_save_is_refused(console: tuple[str, An
     async with client(url, A_KEY) as c:
         stored = (await c.get(f"/api/sessions/{sid}")).json()
     assert stored["version"] == 2 and stored["config"]["connectors"]["tts"]["primary"] == "tone"
-    # the detail view: the session, the schema, its stream, one PATCH and one GET after it
-    assert calls["session"] <= 6, calls
+    # the detail view: the 401 probe, the session, the schema, the agents (for the agent
+    # switch), its stream, one PATCH and one GET after it
+    assert calls["session"] <= 7, calls
 
 
 @pytest.mark.slow
