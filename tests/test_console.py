@@ -134,6 +134,48 @@ async def test_patch_with_a_stale_if_match_is_refused(console: tuple[str, Any]) 
         assert ok.status_code == 200 and ok.json()["version"] == 3
 
 
+async def test_switching_a_sessions_agent_names_only_the_callers_own(
+    console: tuple[str, Any], agent_json: dict
+) -> None:
+    """PUT /api/sessions/{id}/agent: the session's whole config becomes the named agent's, under
+    If-Match; the name is looked up as the caller's tenant sees agents (its own, then global), so
+    another tenant's agent answers the same 404 as a name nobody has (attack: a tenant names
+    another tenant's agent to read its config or run on its prompt and keys)."""
+    url, _ = console
+    mine = {**agent_json, "system_prompt": "acme's bot"}
+    theirs = {**agent_json, "system_prompt": "beta's secret prompt"}
+    async with client(url, A_KEY) as a, client(url, B_KEY) as b:
+        assert (
+            await a.post("/api/agents", json={"name": "acme-bot", "config": mine})
+        ).status_code == 201
+        assert (
+            await b.post("/api/agents", json={"name": "beta-bot", "config": theirs})
+        ).status_code == 201
+        sid = (await a.post("/api/sessions", json={"agent": "local"})).json()["session_id"]
+        path = f"/api/sessions/{sid}/agent"
+        foreign = await a.put(path, json={"agent": "beta-bot"})
+        nobody = await a.put(path, json={"agent": "nobody-bot"})
+        assert foreign.status_code == nobody.status_code == 404
+        assert foreign.json()["detail"] == "agent 'beta-bot' not found"
+        assert nobody.json()["detail"] == "agent 'nobody-bot' not found"
+        bad = await a.put(path, json={"agent": "../beta-bot"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["path"].endswith("agent")
+        # another tenant cannot switch (or learn of) this session at all
+        assert (await b.put(path, json={"agent": "beta-bot"})).status_code == 404
+        unchanged = (await a.get(f"/api/sessions/{sid}")).json()
+        assert unchanged["version"] == 1 and unchanged["agent"] == "local"
+        ok = await a.put(path, json={"agent": "acme-bot"}, headers={"If-Match": '"1"'})
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {"session_id": sid, "version": 2, "agent": "acme-bot"}
+        now = (await a.get(f"/api/sessions/{sid}")).json()
+        assert now["agent"] == "acme-bot" and now["config"]["system_prompt"] == "acme's bot"
+        stale = await a.put(path, json={"agent": "local"}, headers={"If-Match": '"1"'})
+        assert stale.status_code == 409 and "changed by someone else" in stale.json()["detail"]
+        # a global agent is the tenant's to name, as when a session starts
+        back = await a.put(path, json={"agent": "local"}, headers={"If-Match": '"2"'})
+        assert back.status_code == 200 and back.json()["version"] == 3
+
+
 async def test_schema_names_allowed_env_never_values(
     console: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,6 +360,74 @@ async def test_browser_agent_form_error_at_its_field_then_saved_and_default(
 
 
 @pytest.mark.slow
+async def test_browser_editor_completes_keys_and_values_from_the_schema(
+    console: tuple[str, Any],
+) -> None:
+    """The agent JSON editor completes from the agent JSON Schema at the cursor's path: inside
+    connectors.tts.config.tone it offers the tone connector's options not yet written (with type
+    and default), for connectors.tts.primary the TTS connectors; what it inserts is JSON the API
+    accepts."""
+    url, _ = console
+    async with browser() as b:
+        page = await open_console(b, url, A_KEY)
+        await page.click("#new-agent")
+        await page.wait_for_selector("#agent-json")
+        await page.fill("#agent-name", "completed")
+        cfg = orjson.loads(await page.input_value("#agent-json"))
+        cfg["connectors"]["tts"] = {"primary": "tone", "config": {"tone": {"ms_per_word": 150}}}
+        text = orjson.dumps(cfg, option=orjson.OPT_INDENT_2).decode()
+        await page.fill("#agent-json", text)
+        caret = "(at) => { const t = document.querySelector('#agent-json'); t.focus(); t.setSelectionRange(at[0], at[1]); }"  # noqa: E501
+        at = text.index('"tone": {') + len('"tone": {')
+        await page.evaluate(caret, [at, at])
+        await page.keyboard.press("Enter")
+        await page.keyboard.type('"')
+        box = page.locator("#agent-json-complete")
+        await box.wait_for(state="visible", timeout=5_000)
+        labels = "els => els.map((e) => e.dataset.label)"
+        offered = await box.locator("li").evaluate_all(labels)
+        # the tone options not written yet; nothing of another level (primary, system_prompt)
+        assert sorted(offered) == ["frequency_hz", "sample_rate"], offered
+        hint = await box.locator("li[data-label=frequency_hz]").text_content()
+        assert "number" in hint and "440" in hint, hint
+        await shoot(page, "agent-editor-complete")
+        await page.keyboard.type("fre")
+        assert await box.locator("li").evaluate_all(labels) == ["frequency_hz"]
+        await page.keyboard.press("Enter")
+        await box.wait_for(state="hidden", timeout=5_000)
+        edited = orjson.loads(await page.input_value("#agent-json"))  # still JSON
+        assert edited["connectors"]["tts"]["config"]["tone"] == {
+            "frequency_hz": 440.0,
+            "ms_per_word": 150,
+        }
+        # a value: the TTS stage's primary offers the TTS connectors; Esc closes, typing narrows
+        text = await page.input_value("#agent-json")
+        at = text.index('"primary": "tone"', text.index('"tts"')) + len('"primary": ')
+        await page.evaluate(caret, [at, at + len('"tone"')])
+        await page.keyboard.type('"')
+        await box.wait_for(state="visible", timeout=5_000)
+        async with client(url, A_KEY) as c:
+            schema = (await c.get("/api/schema")).json()
+        tts = sorted(schema["schema"]["x-connector-options"]["tts"])
+        assert await box.locator("li").evaluate_all(labels) == [f'"{n}"' for n in tts]
+        await page.keyboard.press("Escape")
+        await box.wait_for(state="hidden", timeout=5_000)
+        await page.keyboard.type("pi")
+        await box.wait_for(state="visible", timeout=5_000)
+        assert await box.locator("li").evaluate_all(labels) == ['"piper"']
+        await page.keyboard.press("Tab")
+        await box.wait_for(state="hidden", timeout=5_000)
+        assert await page.input_value("#tts-primary") == "piper"  # the form follows the JSON
+        await page.click("#save-agent")
+        await page.locator("#agents tr[data-agent=completed]").wait_for(timeout=10_000)
+        assert not page.errors, page.errors
+    async with client(url, A_KEY) as c:  # what the editor made is what the API took
+        saved = (await c.get("/api/agents/completed")).json()["config"]["connectors"]["tts"]
+    assert saved["primary"] == "piper"
+    assert saved["config"]["tone"] == {"frequency_hz": 440.0, "ms_per_word": 150}
+
+
+@pytest.mark.slow
 async def test_browser_two_editors_second_save_is_refused(console: tuple[str, Any]) -> None:
     url, svc = console
     sid = (await new_session(url, A_KEY))["session_id"]
@@ -411,8 +521,9 @@ async def test_browser_two_editors_second_save_is_refused(console: tuple[str, An
     async with client(url, A_KEY) as c:
         stored = (await c.get(f"/api/sessions/{sid}")).json()
     assert stored["version"] == 2 and stored["config"]["connectors"]["tts"]["primary"] == "tone"
-    # the detail view: the session, the schema, its stream, one PATCH and one GET after it
-    assert calls["session"] <= 6, calls
+    # the detail view: the 401 probe, the session, the schema, the agents (for the agent
+    # switch), its stream, one PATCH and one GET after it
+    assert calls["session"] <= 7, calls
 
 
 @pytest.mark.slow

@@ -13,6 +13,8 @@ scripted one, so nothing but Piper loads a model.
 from __future__ import annotations
 
 import asyncio
+import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,14 @@ MIC_HZ = 300.0  # what the caller "says": the loopback STT hears "tone 300"
 TONE_HZ = 880.0  # the tone TTS's voice, far from the microphone's pitch and from a male voice
 NEAR_HZ = 40.0  # FFT bins are 11.7 Hz at 48 kHz/4096; Opus keeps the pitch
 AGENT = "swap-agent"
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+
+
+async def shoot(page: Any, name: str) -> None:
+    """A screenshot for docs/console/ when VOICEMESH_CONSOLE_SHOTS=1 (as tests/test_console.py)."""
+    if os.environ.get("VOICEMESH_CONSOLE_SHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 @pytest.fixture
@@ -260,3 +270,239 @@ async def test_browser_console_calls_an_agent_and_swaps_its_tts_mid_call(
             assert not errors, errors
         finally:
             await b.close()
+
+
+async def open_console_and_call(b: Any, url: str, agent: str, errors: list[str]) -> tuple[Any, Any]:
+    """The console with acme's key, then "Test this agent" on `agent`: (console page, call page)
+    with the call page's probe on and the call started."""
+    context = await b.new_context(viewport={"width": 1280, "height": 860})
+    console = await context.new_page()
+    console.on("pageerror", lambda e: errors.append(f"console: {e}"))
+    await console.goto(f"{url}/console?raw_audio=1#agents")
+    await console.wait_for_selector("#keybox:visible", timeout=10_000)
+    await console.fill("#key", A_KEY)
+    await console.press("#key", "Enter")
+    row = console.locator(f"#agents tr[data-agent={agent}]")
+    await row.wait_for(timeout=10_000)
+    async with context.expect_page() as opened:
+        await row.locator("button[data-act=test]").click()
+    call = await opened.value
+    call.on("pageerror", lambda e: errors.append(f"call: {e}"))
+    await call.wait_for_selector("#call:enabled", timeout=15_000)
+    assert await call.input_value("#agent") == agent
+    await call.evaluate(PROBE)
+    return console, call
+
+
+async def last_epoch(call: Any) -> int:
+    return int(
+        await call.evaluate(
+            "() => Math.max(0, ...window.__voicemesh.events.map((e) => e.epoch || 0))"
+        )
+    )
+
+
+async def test_browser_switching_a_live_calls_agent_is_heard_and_shown(
+    transport_app: TransportApp,
+    agent_json: dict,
+    transcriber: OpenAITranscribeServer,
+    tmp_path: Path,
+) -> None:
+    """During a call, the console's session view switches the session to another agent (one
+    that speaks with Piper): the next turn is heard in Piper's voice and the view names the new
+    agent and the TTS connector that served it; the call page's own control switches back (its
+    first try is a conflict: the console changed the session since it read it), and the next
+    turn is the tone again."""
+    from playwright.async_api import async_playwright
+
+    assert HAVE_CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run)"
+    url = transport_app.url
+    toned = loopback_agent(
+        agent_json,
+        transport="webrtc",
+        stt_url=transcriber.base_url,
+        replies=["You said {user}, thank you."],
+        ms_per_word=150,
+        jitter_buffer_ms=20,
+    )
+    toned["connectors"]["tts"]["config"]["tone"]["frequency_hz"] = TONE_HZ
+    voiced = copy.deepcopy(toned)
+    voiced["connectors"]["tts"] = {"primary": "piper", "config": {"piper": {}}}
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {A_KEY}"}, timeout=10
+    ) as c:
+        for name, data in (("tone-agent", toned), ("piper-agent", voiced)):
+            r = await c.post("/api/agents", json={"name": name, "config": data})
+            assert r.status_code == 201, r.text
+
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=chromium_args(mic_wav(tmp_path / "mic.wav")),
+        )
+        try:
+            errors: list[str] = []
+            console, call = await open_console_and_call(b, url, "tone-agent", errors)
+            await call.click("#call")
+            first, freqs = await wait_turn(call, 0, 45, "tone")
+            assert tone_share(freqs) >= 0.8, (first, freqs)
+            sid = await call.evaluate("() => window.__voicemesh.sessionId")
+
+            await console.goto(f"{url}/console?raw_audio=1#session={sid}")
+            await console.wait_for_function(
+                "() => /editing version 1/.test("
+                "document.querySelector('#swap-version')?.textContent || '')"
+                " && document.querySelector('#switch-agent option[value=piper-agent]')",
+                timeout=10_000,
+            )
+            assert await console.text_content("#session-agent") == "tone-agent"
+            await console.select_option("#switch-agent", "piper-agent")
+            await console.click("#agent-switch-save")
+            await console.wait_for_function(
+                "() => /switched: the session is now agent piper-agent \\(version 2\\)/.test("
+                "document.querySelector('#agent-switch-status').textContent)",
+                timeout=10_000,
+            )
+            switched_at = await last_epoch(call)
+            later, heard = await wait_turn(call, switched_at, 60, "piper")
+            assert tone_share(heard) <= 0.3, (later, heard)
+            assert len({round(f / 50) for f in heard}) >= 3, heard  # many pitches: a voice
+            # the view names the new agent, and the TTS connector that served the turn
+            await console.wait_for_function(
+                "() => document.querySelector('#session-agent').textContent === 'piper-agent'"
+                " && document.querySelector('#session-stages [data-stage=tts]')"
+                ".dataset.serving === 'piper'",
+                timeout=10_000,
+            )
+            tts = await console.text_content("#session-stages [data-stage=tts]")
+            assert tts.startswith("tts: piper") and "(serving: piper)" in tts, tts
+            assert "fallback" not in tts
+            await call.wait_for_function(
+                "() => /tts: piper/.test(document.querySelector('#serving [data-stage=tts]')"
+                "?.textContent || '')",
+                timeout=10_000,
+            )
+            await shoot(console, "session-agent-switch")
+
+            # the call page's control: it read the session at version 1, so its first try is
+            # refused as a conflict (and it reads again); the second goes in
+            await call.select_option("#switch-agent", "tone-agent")
+            await call.click("#switch-agent-save")
+            await call.wait_for_function(
+                "() => document.querySelector('#switch-status').dataset.state === 'error'",
+                timeout=10_000,
+            )
+            refused = await call.text_content("#switch-status")
+            assert refused.startswith("Conflict:") and "changed by someone else" in refused
+            assert await call.input_value("#switch-agent") == "piper-agent"  # read again
+            await call.select_option("#switch-agent", "tone-agent")
+            await call.click("#switch-agent-save")
+            await call.wait_for_function(
+                "() => /switched: the agent is now tone-agent \\(version 3\\)/.test("
+                "document.querySelector('#switch-status').textContent)",
+                timeout=10_000,
+            )
+            back_at = await last_epoch(call)
+            back, toned_again = await wait_turn(call, back_at, 60, "tone again")
+            assert tone_share(toned_again) >= 0.8, (back, toned_again)
+            await console.wait_for_function(
+                "() => document.querySelector('#session-agent').textContent === 'tone-agent'"
+                " && document.querySelector('#session-stages [data-stage=tts]')"
+                ".dataset.serving === 'tone'",
+                timeout=10_000,
+            )
+            await call.click("#hangup")
+            assert not errors, errors
+        finally:
+            await b.close()
+
+
+async def test_browser_a_fallback_after_a_primary_failure_is_shown_as_serving(
+    transport_app: TransportApp,
+    agent_json: dict,
+    transcriber: OpenAITranscribeServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent whose TTS primary (a loopback ElevenLabs) is made to fail every request, with the
+    tone as its fallback: the turn is heard as the tone, and the console's sessions list, its
+    session view and the call page all name the tone as the connector serving TTS, marked as a
+    fallback, not the configured primary."""
+    from playwright.async_api import async_playwright
+
+    from voicemesh.testing.loopback.elevenlabs import ElevenLabsServer
+
+    assert HAVE_CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run)"
+    monkeypatch.setenv("VOICEMESH_SECRET_ENV", "elevenlabs:VM_TEST_KEY")
+    monkeypatch.setenv("VM_TEST_KEY", "sk-loopback-secret")
+    url = transport_app.url
+    data = loopback_agent(
+        agent_json,
+        transport="webrtc",
+        stt_url=transcriber.base_url,
+        replies=["You said {user}, thank you."],
+        ms_per_word=150,
+        jitter_buffer_ms=20,
+    )
+    eleven = ElevenLabsServer(frequency_hz=300.0)
+    await eleven.start()
+    try:
+        eleven.fail("500")  # forced: every request of the primary fails
+        data["connectors"]["tts"] = {
+            "primary": "elevenlabs",
+            "fallback": ["tone"],
+            "attempt_timeout_ms": 1000,
+            "config": {
+                "elevenlabs": {
+                    "api_key": "${VM_TEST_KEY}",
+                    "base_url": eleven.url,
+                    "voice_id": "v1",
+                },
+                "tone": {"ms_per_word": 150, "frequency_hz": TONE_HZ},
+            },
+        }
+        async with httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {A_KEY}"}, timeout=10
+        ) as c:
+            r = await c.post("/api/agents", json={"name": "eleven-agent", "config": data})
+            assert r.status_code == 201, r.text
+
+        async with async_playwright() as pw:
+            b = await pw.chromium.launch(
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=chromium_args(mic_wav(tmp_path / "mic.wav")),
+            )
+            try:
+                errors: list[str] = []
+                console, call = await open_console_and_call(b, url, "eleven-agent", errors)
+                await console.goto(f"{url}/console?raw_audio=1#sessions")  # the list, live
+                await call.click("#call")
+                first, freqs = await wait_turn(call, 0, 45, "tone (the fallback)")
+                assert tone_share(freqs) >= 0.8, (first, freqs)  # the fallback spoke
+                assert eleven.failed >= 1  # ... because the primary was tried and failed
+                sid = await call.evaluate("() => window.__voicemesh.sessionId")
+                cell = console.locator(f"#sessions tr[data-session='{sid}'] [data-stage=tts]")
+                await cell.wait_for(timeout=10_000)
+                await console.wait_for_function(
+                    f"() => document.querySelector(\"#sessions tr[data-session='{sid}'] "
+                    "[data-stage=tts]\").dataset.serving === 'tone'",
+                    timeout=10_000,
+                )
+                assert await cell.text_content() == "tts: tone (fallback)"
+                assert "fallback" in (await cell.get_attribute("class") or "")
+                await shoot(console, "sessions-fallback")
+                await console.goto(f"{url}/console?raw_audio=1#session={sid}")
+                stage = console.locator("#session-stages [data-stage=tts]")
+                await stage.wait_for(timeout=10_000)
+                shown = await stage.text_content()
+                assert shown == "tts: elevenlabs → tone (serving: tone, fallback)", shown
+                served = await call.text_content("#serving [data-stage=tts]")
+                assert "tts: tone (fallback)" in served, served
+                await call.click("#hangup")
+                assert not errors, errors
+            finally:
+                await b.close()
+    finally:
+        await eleven.stop()

@@ -261,10 +261,25 @@ def test_turn_metrics_from_the_trace_keep_their_nulls() -> None:
     trace.voiced()
     body = trace.summary()
     # every phase is sent, null when unknown; speculative STT's two fields only when it was at work
-    optional = {"stt_speculative", "stt_discarded", "tool_ms"}
+    optional = {"stt_speculative", "stt_discarded", "tool_ms", "connectors"}
     assert list(body) == [f for f in TurnMetrics.model_fields if f not in optional]
     assert body["type"] == "turn_metrics" and body["v2v_ms"] is None
     assert trace.metrics().wire_json() == orjson.dumps(body)
+
+
+def test_turn_metrics_name_the_connector_that_served_each_stage() -> None:
+    """The console's "serving" column: the final user transcript's, the first reply sentence's
+    and the TTS hop's connector, a fallback included; interim transcripts do not count."""
+    trace = TurnTrace("abcdefgh12", 5)
+    trace.on_event({"type": "transcript", "role": "user", "text": "hi", "final": False,
+                    "connector": "deepgram"})  # fmt: skip
+    assert "connectors" not in trace.summary()  # none served yet: the field is left out
+    trace.on_event({"type": "transcript", "role": "user", "text": "hi", "final": True,
+                    "connector": "whisper"})  # fmt: skip
+    trace.on_event({"type": "transcript", "role": "assistant", "text": "Hello.", "index": 0,
+                    "connector": "scripted", "ttft_ms": 3.0})  # fmt: skip
+    trace.on_event({"type": "hop", "stage": "tts", "ttfb_ms": 9.0, "connector": "tone"})
+    assert trace.summary()["connectors"] == {"stt": "whisper", "llm": "scripted", "tts": "tone"}
 
 
 def test_tool_time_is_a_phase_of_the_trace_with_parallel_calls_counted_once(

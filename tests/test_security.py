@@ -103,6 +103,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/sessions/{sid}", None),
     ("PUT", "/api/sessions/{sid}/config", "config"),
     ("PATCH", "/api/sessions/{sid}/config", {"system_prompt": "x"}),
+    ("PUT", "/api/sessions/{sid}/agent", {"agent": "local"}),
     ("POST", "/api/sessions/{sid}/ttl", {"ttl_s": 60}),
     ("DELETE", "/api/sessions/{sid}", None),
     ("GET", "/api/sessions/{sid}/context", None),

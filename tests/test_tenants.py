@@ -122,6 +122,7 @@ SESSION_ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/sessions/{sid}", None),
     ("PUT", "/api/sessions/{sid}/config", "config"),
     ("PATCH", "/api/sessions/{sid}/config", {"system_prompt": "owned by beta now"}),
+    ("PUT", "/api/sessions/{sid}/agent", {"agent": "local"}),
     ("POST", "/api/sessions/{sid}/ttl", {"ttl_s": 30}),
     ("GET", "/api/sessions/{sid}/context", None),
     ("DELETE", "/api/sessions/{sid}", None),

@@ -139,12 +139,14 @@ class Transcript(Event):
 
 
 class Hop(Event):
-    """A stage's timing for the turn's trace (TTS: time to the reply's first audio byte)."""
+    """A stage's timing for the turn's trace (TTS: time to the reply's first audio byte), and
+    the connector that served it (the primary, or a fallback after a failover)."""
 
     type: Literal["hop"] = "hop"
     stage: Stage
     epoch: int | None = _optional()
     ttfb_ms: float
+    connector: str | None = _optional()
 
 
 class BotStarted(Event):
@@ -174,6 +176,9 @@ class TurnMetrics(Event):
     #: time spent in tool calls before the first bot audio (parallel calls counted once);
     #: absent when no tool ran
     tool_ms: float | None = _optional()
+    #: stage → the connector that served the turn there (the primary, or a fallback after a
+    #: failover), as the stages reported it; a stage that reported none is left out
+    connectors: dict[str, str] | None = _optional()
 
 
 class BotDone(Event):

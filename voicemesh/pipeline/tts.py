@@ -66,7 +66,7 @@ class TTSService(QueuedStage):
         # Later units keep their onsets, which are the pauses between phrases.
         trimming, trimmed = frame.index == 0, 0
         try:
-            async for _, (pcm, rate) in chain.stream(
+            async for conn, (pcm, rate) in chain.stream(
                 lambda c, done: resume_sentence(c, frame.as_text, done)
             ):
                 if trimming:
@@ -81,7 +81,7 @@ class TTSService(QueuedStage):
                     # the turn's first audio: report this hop ahead of it (same subject, same
                     # connection: the transport has the figure before it sends the audio on)
                     ttfb = round((time.perf_counter() - t0) * 1000, 1)
-                    hop = Hop(stage=Stage.TTS, epoch=frame.epoch, ttfb_ms=ttfb)
+                    hop = Hop(stage=Stage.TTS, epoch=frame.epoch, ttfb_ms=ttfb, connector=conn.name)
                     await self.notify(session, hop, epoch=frame.epoch)
                 flags = Flag.START if seq == 0 else Flag.NONE
                 await self.bus.publish(

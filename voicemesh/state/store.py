@@ -101,11 +101,13 @@ return 1
 """
 
 # Replace the config of a live session, keep its TTL, bump the version. KEYS[1] hash;
-# ARGV config, expected current version or '' (compare-and-set for read-modify-write callers)
+# ARGV config, expected current version or '' (compare-and-set for read-modify-write callers),
+# and optionally the agent the config now comes from (a switch of the session's agent)
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'version') ~= ARGV[2] then return -1 end
 redis.call('HSET', KEYS[1], 'config', ARGV[1])
+if ARGV[3] then redis.call('HSET', KEYS[1], 'agent', ARGV[3]) end
 return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 
@@ -404,14 +406,20 @@ class ConfigStore:
         await self.client.zadd(self.keys.sessions_of(session_id), {session_id: expires_ms})
 
     async def update_config(
-        self, session_id: str, config: AgentConfig, *, expect_version: int | None = None
+        self,
+        session_id: str,
+        config: AgentConfig,
+        *,
+        expect_version: int | None = None,
+        agent: str | None = None,
     ) -> int:
         """Replace a live session's config, keeping its TTL; returns the new version. With
-        `expect_version`, raises Conflict if another writer got there first."""
-        version = await self._update(
-            keys=[self.keys.session(session_id)],
-            args=[config.to_json(), "" if expect_version is None else str(expect_version)],
-        )
+        `expect_version`, raises Conflict if another writer got there first. With `agent`, the
+        session now names that agent as where its config came from (in the same write)."""
+        args: list[Any] = [config.to_json(), "" if expect_version is None else str(expect_version)]
+        if agent is not None:
+            args.append(agent)
+        version = await self._update(keys=[self.keys.session(session_id)], args=args)
         if version == -1:
             raise Conflict(f"session {session_id} changed meanwhile")
         if not version:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voicemesh.config.models import (
     AgentConfig,
@@ -25,7 +25,13 @@ from voicemesh.config.models import (
     ConfigValidationError,
     parse_agent_config,
 )
-from voicemesh.state.store import Conflict, NotFound, StoredConfig, check_session_id
+from voicemesh.state.store import (
+    Conflict,
+    NotFound,
+    StoredConfig,
+    check_agent_name,
+    check_session_id,
+)
 from voicemesh.transport.api.agents import agent_for
 from voicemesh.transport.api.security import ApiKeyAuth, Client, SessionRateLimit
 from voicemesh.transport.api.service import TransportService
@@ -57,6 +63,19 @@ class SessionIn(BaseModel):
     agent: str | None = Field(None, max_length=64)
     config: AgentConfig | None = None
     ttl_s: int | None = Field(None, ge=10, le=30 * 86400)
+
+
+class AgentSwitch(BaseModel):
+    """Switch a live session to another agent: its config is replaced by that agent's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str = Field(min_length=1, max_length=64)
+
+    @field_validator("agent")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return check_agent_name(name)  # a name no agent can have is refused at `agent` (422)
 
 
 class TtlIn(BaseModel):
@@ -280,6 +299,33 @@ def sessions_router(
                     raise
         await service.config_changed(session_id, version, sorted(patch))
         return {"session_id": session_id, "version": version}
+
+    @router.put("/sessions/{session_id}/agent")
+    async def switch_agent(
+        session_id: str,
+        body: AgentSwitch,
+        client: Client = Depends(auth),
+        if_match: str | None = Header(None),
+    ) -> dict[str, Any]:
+        """Replace the session's config by agent `body.agent`'s, as the caller's tenant sees it
+        (its own agents, then the global ones: another tenant's agent is "not found", the same
+        404 as a name nobody has), under the same If-Match rule as PUT .../config. The session
+        keeps its id, TTL and conversation; the stages take the new config on their next unit
+        of work, so the next turn is the new agent's."""
+        had = expected_version(if_match)
+        stored = await owned_config(service, session_id, client)
+        if had is not None and had != stored.version:
+            raise stale(session_id, had, stored.version)
+        record = await agent_for(store(), body.agent, client)
+        try:
+            version = await store().update_config(
+                session_id, record.config, expect_version=had, agent=record.name
+            )
+        except Conflict:
+            current = await owned_config(service, session_id, client)
+            raise stale(session_id, had or 0, current.version) from None
+        await service.config_changed(session_id, version, ["*"])
+        return {"session_id": session_id, "version": version, "agent": record.name}
 
     @router.post("/sessions/{session_id}/ttl")
     async def extend_ttl(

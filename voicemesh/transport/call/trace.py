@@ -65,6 +65,8 @@ class TurnTrace:
     extra: dict[str, Any] = field(default_factory=dict)
     #: (start, end) of each tool call, on this process's clock
     tool_spans: list[tuple[float, float]] = field(default_factory=list)
+    #: stage → the connector that served this turn there (from the stages' reports)
+    connectors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.trace_id = trace_id(self.session, self.epoch)
@@ -88,13 +90,20 @@ class TurnTrace:
             case Transcript(role="user", final=final) as said if final is not False:
                 self.transcript_at = self.transcript_at or time.perf_counter()
                 self.stt_speculative, self.stt_discarded = said.speculative, said.discarded
-            case Transcript(role="assistant", ttft_ms=ttft_ms) if ttft_ms is not None:
+                self._served(Stage.STT, said.connector)
+            case Transcript(role="assistant", ttft_ms=ttft_ms) as said if ttft_ms is not None:
                 self.llm_ttft_ms = ttft_ms
-            case Hop(stage=Stage.TTS, ttfb_ms=ttfb_ms):
+                self._served(Stage.LLM, said.connector)
+            case Hop(stage=Stage.TTS, ttfb_ms=ttfb_ms, connector=connector):
                 self.tts_ttfb_ms = ttfb_ms
+                self._served(Stage.TTS, connector)
             case ToolResultEvent(duration_ms=ms):
                 end = time.perf_counter()
                 self.tool_spans.append((end - max(ms, 0.0) / 1000, end))
+
+    def _served(self, stage: Stage, connector: str | None) -> None:
+        if connector:
+            self.connectors[str(stage)] = connector
 
     @property
     def tool_ms(self) -> float | None:
@@ -122,6 +131,7 @@ class TurnTrace:
             stt_speculative=self.stt_speculative,
             stt_discarded=self.stt_discarded,
             tool_ms=self.tool_ms,
+            connectors=dict(self.connectors) or None,
         )
 
     def _spans(self) -> None:

@@ -2,6 +2,8 @@
 // and nothing but the public API under /api with the key the user enters (sessionStorage: this
 // tab only). Live data comes over one Server-Sent Events stream per view (read with fetch, since
 // EventSource cannot send an Authorization header); nothing polls.
+import {attachCompletion} from "/console/complete.js";
+
 const $ = (sel, root = document) => root.querySelector(sel);
 const KEY_STORE = "voicemesh-api-key";  // the call page's too: "test this agent" needs no second entry
 const view = $("#view");
@@ -245,6 +247,9 @@ async function agentEditor(name) {
     json.value = JSON.stringify(cfg, null, 2);
   }
   json.value = JSON.stringify(record.config, null, 2);
+  const jsonField = field("json", "Agent JSON (validated by the API against the schema; Ctrl+Space completes from it)", json,
+    "Secrets only as ${ENV} references; the console never sees resolved values.");
+  attachCompletion(json, () => schema?.schema);
   json.addEventListener("change", () => {
     const cfg = current();
     if (cfg) { jsonToForm(cfg); showErrors(view, []); }
@@ -271,8 +276,7 @@ async function agentEditor(name) {
       h("button", {id: "save-agent", onclick: save}, "Save"),
       h("button", {class: "quiet", onclick: () => { location.hash = "#agents"; }}, "Back")),
     h("div", {class: "cols"}, form,
-      h("div", {class: "card"}, field("json", "Agent JSON (validated by the API against the schema)", json,
-        "Secrets only as ${ENV} references; the console never sees resolved values."))));
+      h("div", {class: "card"}, jsonField)));
   status(isNew ? "a new agent, starting from the default agent's config" : `editing ${record.name}`, "info");
 }
 
@@ -288,9 +292,23 @@ function noteCall(ev) {
   const l = live[ev.session_id] ??= {serving: {}, errors: 0};
   l.transport = ev.transport;
   const e = ev.event;
-  if (e.type === "transcript" && e.connector) l.serving[e.role === "user" ? "stt" : "llm"] = e.connector;
+  // Which connector served each stage: the transcripts name STT's and the LLM's, the TTS hop
+  // (once per turn, at its first audio) names TTS's, a fallback after a failover included.
+  if (e.type === "transcript" && e.connector && (e.role === "assistant" || e.final)) l.serving[e.role === "user" ? "stt" : "llm"] = e.connector;
+  if (e.type === "hop" && e.connector) l.serving[e.stage] = e.connector;
+  if (e.type === "turn_metrics" && e.connectors) Object.assign(l.serving, e.connectors);
   if (e.type === "error") l.errors += 1;
   l.last = e.type;
+}
+
+// One stage's serving connector: the one a turn was last served by (a fallback is marked), else
+// the configured primary until a turn shows otherwise.
+function servingBadge(stage, primary, served) {
+  const fallback = served && primary && served !== primary;
+  return h("span", {class: `badge${fallback ? " fallback" : ""}`, dataset: {stage, serving: served ?? ""},
+    title: served ? (fallback ? `a fallback is serving: the primary ${primary} failed or is marked down` : "served the last turn")
+                  : "configured primary; no turn seen yet"},
+    `${stage}: ${served ?? primary ?? "—"}${fallback ? " (fallback)" : ""}`);
 }
 
 function sessionsView() {
@@ -303,13 +321,13 @@ function sessionsView() {
     const down = new Set(last.health.map((m) => `${m.stage}:${m.connector}`));
     $("tbody", table).replaceChildren(...last.sessions.map((s) => {
       const l = live[s.session_id] || {serving: {}};
-      const serving = STAGES.map((st) => `${st}: ${l.serving[st] ?? s.stages[st]?.primary ?? "—"}`).join(", ");
+      const serving = STAGES.map((st) => servingBadge(st, s.stages[st]?.primary, l.serving[st]));
       const bad = STAGES.filter((st) => down.has(`${st}:${s.stages[st]?.primary}`));
       return h("tr", {dataset: {session: s.session_id}},
         h("td", {}, h("a", {href: `#session=${s.session_id}`}, s.session_id.slice(0, 12))),
         h("td", {}, s.agent ?? "(raw config)"), h("td", {}, age(s.created_ms, last.now_ms)),
         h("td", {}, `${s.ttl_s} s`), h("td", {}, String(s.version)), h("td", {}, l.transport ?? "no call seen"),
-        h("td", {}, serving),
+        h("td", {class: "serving"}, serving),
         h("td", {}, bad.length ? h("span", {class: "badge down"}, `down: ${bad.join(", ")}`) : h("span", {class: "badge ok"}, "ok")));
     }));
     status(`${last.sessions.length} live sessions`, "ok");
@@ -374,6 +392,28 @@ async function sessionView(id) {
   const fillOptions = () => {
     opts.value = JSON.stringify(editing?.config.connectors?.[stageSel.value]?.config?.[connSel.value] ?? {}, null, 2);
   };
+  const agentSel = h("select", {id: "switch-agent"});
+  const agentMsg = h("p", {id: "agent-switch-status", role: "status"});
+  api("GET", "/api/agents").then((data) => {
+    agentSel.replaceChildren(...data.agents.map((a) => h("option", {value: a.name}, a.name)));
+    agentSel.value = session.agent ?? "";
+  }).catch((e) => { agentMsg.textContent = `cannot list agents: ${e.message}`; });
+  async function switchAgent() {
+    // the whole config becomes the named agent's (PUT .../agent), compare-and-set like the swap
+    const name = agentSel.value;
+    try {
+      const out = await api("PUT", `/api/sessions/${encodeURIComponent(id)}/agent`, {agent: name},
+        {"If-Match": `"${editing.version}"`});
+      agentMsg.textContent = `switched: the session is now agent ${out.agent} (version ${out.version}); the next turn uses it`;
+      agentMsg.dataset.state = "ok";
+      session = await api("GET", `/api/sessions/${encodeURIComponent(id)}`);
+      if (live[id]) live[id].serving = {};  // the last turn's connectors were the old agent's
+      loadEditor(); renderHead();
+    } catch (e) {
+      agentMsg.dataset.state = "error";
+      agentMsg.textContent = e.status === 409 ? `Conflict: ${e.message}` : `not switched: ${e.message}`;
+    }
+  }
   stageSel.addEventListener("change", fillConnectors);
   connSel.addEventListener("change", fillOptions);
   const loadEditor = () => { editing = structuredClone(session); $("#swap-version").textContent = `editing version ${editing.version}`; fillConnectors(); };
@@ -405,11 +445,17 @@ async function sessionView(id) {
   function renderHead() {
     const c = session.config.connectors || {};
     head.replaceChildren(
-      h("div", {}, h("b", {}, `Session ${session.session_id}`), ` · agent ${session.agent ?? "(raw config)"} · `,
+      h("div", {}, h("b", {}, `Session ${session.session_id}`), " · agent ",
+        h("span", {id: "session-agent"}, session.agent ?? "(raw config)"), " · ",
         h("span", {id: "session-version"}, `version ${session.version}`), ` · TTL ${session.ttl_s} s · `,
         h("span", {id: "session-transport"}, live[id]?.transport ? `transport ${live[id].transport}` : "no call seen yet")),
-      h("div", {id: "session-stages"}, STAGES.map((s) => h("span", {class: "badge", dataset: {stage: s}},
-        `${s}: ${c[s]?.primary ?? "—"}${(c[s]?.fallback || []).length ? " → " + c[s].fallback.join(", ") : ""}${live[id]?.serving?.[s] ? ` (serving: ${live[id].serving[s]})` : ""}`), " ")));
+      h("div", {id: "session-stages"}, STAGES.flatMap((s) => {
+        const served = live[id]?.serving?.[s];
+        const fallback = served && served !== c[s]?.primary;
+        return [h("span", {class: `badge${fallback ? " fallback" : ""}`, dataset: {stage: s, serving: served ?? ""}},
+          `${s}: ${c[s]?.primary ?? "—"}${(c[s]?.fallback || []).length ? " → " + c[s].fallback.join(", ") : ""}` +
+          (served ? ` (serving: ${served}${fallback ? ", fallback" : ""})` : "")), " "];
+      })));
   }
   view.replaceChildren(
     h("div", {class: "bar"}, h("h2", {}, "Session"), h("a", {href: "#sessions"}, "all sessions")),
@@ -417,6 +463,10 @@ async function sessionView(id) {
     h("div", {class: "cols"},
       h("div", {}, h("h3", {}, "Transcript"), transcript, turns),
       h("div", {},
+        h("div", {class: "card", id: "agent-switch"}, h("h3", {}, "Switch the agent"),
+          h("div", {class: "bar"}, h("label", {}, "agent ", agentSel),
+            h("button", {id: "agent-switch-save", onclick: switchAgent}, "Switch (compare-and-set)")),
+          h("p", {class: "meta"}, "the session's whole config becomes the agent's; the call, its transcript and TTL stay"), agentMsg),
         h("div", {class: "card", id: "swap"}, h("h3", {}, "Swap a provider"), h("span", {id: "swap-version", class: "meta"}),
           h("div", {class: "bar"}, h("label", {}, "stage ", stageSel), h("label", {}, "connector ", connSel)),
           field("options", "Options (JSON; secrets only as ${ENV} references)", opts),
@@ -431,7 +481,10 @@ async function sessionView(id) {
   status(`session ${id}: live`, "ok");
   const lines = {};
   stream(`/api/sessions/${encodeURIComponent(id)}/events`, (type, data) => {
-    if (type === "session") { session = {...session, ...data}; renderHead(); return; }
+    if (type === "session") {
+      if (data.agent !== session.agent && live[id]) live[id].serving = {};  // switched elsewhere
+      session = {...session, ...data}; renderHead(); return;
+    }
     if (type === "ended") { status(`session ${id} has ended`, "error"); return; }
     if (type !== "call") return;
     noteCall(data); stats.events.push(data);
