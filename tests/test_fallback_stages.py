@@ -350,6 +350,32 @@ async def test_a_healed_primary_takes_new_work_again_on_every_instance(rig: Rig)
         assert svc.chain(config).order() == ["openai", "anthropic"]
 
 
+async def test_a_failover_is_told_to_the_caller_as_it_happens_once(rig: Rig) -> None:
+    """The caller (and the console's session view) learns of a failover when it happens, by the
+    failure's code: never the provider's words. The next turn starts on the healthy connector
+    (the primary is marked down), which is no failover, so nothing more is told."""
+    sid = await rig.session(rig.config())
+    await rig.start_llm_and_tts()
+    out = await listen(rig.bus, rig.subjects.data("transport", sid))
+
+    def warnings() -> list[dict[str, Any]]:
+        events = [f.as_event for f in out.frames if f.kind is Kind.EVENT]
+        return [e for e in events if e["type"] == "warning"]
+
+    rig.providers.chat.fail("500")
+    await rig.say(sid, "first", 1)
+    assert set((await reply_of(out, 1)).connectors) == {"anthropic"}
+    told = warnings()
+    assert len(told) == 1, told
+    assert told[0]["code"] == "fallback" and told[0]["stage"] == "llm" and told[0]["epoch"] == 1
+    assert told[0]["message"].startswith("openai failed (CONNECTOR_SERVER_")
+    assert told[0]["message"].endswith("); anthropic took over")
+    assert "processing your request" not in str(out.frames)  # the provider's own words
+    await rig.say(sid, "second", 2)
+    await reply_of(out, 2)
+    assert len(warnings()) == 1
+
+
 async def test_a_down_mark_lapses_when_nobody_probes_it(rig: Rig) -> None:
     """If the instance probing a failed connector dies, the mark expires by itself."""
     config = rig.config()

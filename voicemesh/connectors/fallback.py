@@ -93,14 +93,18 @@ class Chain:
         stage: str,
         *,
         health: HealthBoard | None = None,
+        on_fallback: Callable[[str, str, ConnectorError], None] | None = None,
     ):
         self.pool, self.config, self.stage, self.health = pool, config, stage, health
+        #: told (failed connector, the one taking over, why) once per failover
+        self.on_fallback = on_fallback
         sc = config.stage(stage)
         self.names = sc.chain
         timeout_ms = sc.attempt_timeout_ms or DEFAULT_ATTEMPT_TIMEOUT_MS.get(stage, 5000)
         self.timeout_s = timeout_ms / 1000
         self.probe_interval_ms = sc.probe_interval_ms
         self.failures: list[tuple[str, ConnectorError]] = []
+        self._moves_told = 0
 
     def limit_s(self, name: str, order: list[str]) -> float:
         """The attempt timeout is a reason to fail over: with nowhere left to go (the last
@@ -158,9 +162,13 @@ class Chain:
         return err
 
     def _moved(self, to: str) -> None:
-        if self.failures:
+        # once per failure: a chain used again (the LLM's next tool round) has moved already
+        if len(self.failures) > self._moves_told:
+            self._moves_told = len(self.failures)
             name, err = self.failures[-1]
             metrics.FALLBACKS.labels(self.stage, name, to, err.kind).inc()
+            if self.on_fallback is not None:
+                self.on_fallback(name, to, err)
 
     async def call_first(self, work: Callable[[Connector], Awaitable[T]]) -> tuple[Connector, T]:
         """One-shot work (an STT utterance): the result must come within the attempt timeout."""

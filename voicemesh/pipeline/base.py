@@ -25,6 +25,7 @@ from voicemesh.bus.events import (
     SideEvent,
     Turn,
     TurnEnded,
+    WarningEvent,
     parse_ctl_event,
 )
 from voicemesh.bus.subjects import trace_id
@@ -33,6 +34,7 @@ from voicemesh.config.logging import bind
 from voicemesh.config.models import AgentConfig
 from voicemesh.config.settings import Settings
 from voicemesh.config.stages import Stage
+from voicemesh.connectors.errors import ConnectorError
 from voicemesh.connectors.fallback import Chain
 from voicemesh.connectors.health import HealthBoard, fingerprint
 from voicemesh.connectors.proof import prove, prove_isolated
@@ -128,8 +130,19 @@ class StageService(Role):
         if self.health is not None:
             self.health.stop_probe((stage, name, fingerprint(options)))
 
-    def chain(self, config: AgentConfig) -> Chain:
-        return Chain(self.pool, config, self.role, health=self.health)
+    def chain(self, config: AgentConfig, *, session: str = "", epoch: int = 0) -> Chain:
+        """The session's connectors for this stage; with `session`, each failover is told to its
+        caller as it happens (a `warning` with code `fallback`, once per failover)."""
+
+        def told(failed: str, to: str, err: ConnectorError) -> None:
+            # the failure's code, never the provider's words (they stay in the logs)
+            why = f"{failed} failed ({err.code}); {to} took over"
+            event = WarningEvent(code="fallback", message=why, stage=Stage(self.role), epoch=epoch)
+            self.bus.spawn(self.notify(session, event, epoch=epoch), what="a fallback warning")
+
+        return Chain(
+            self.pool, config, self.role, health=self.health, on_fallback=told if session else None
+        )
 
     async def intake(self, subject: str, handler: Any, *, queue: str = "") -> None:
         """Subscribe to work; these subscriptions end first on shutdown, so nothing new starts

@@ -210,7 +210,7 @@ class LLMService(QueuedStage):
             pending, rounds = [], 0
         if config.system_prompt:
             messages.insert(0, {"role": "system", "content": config.system_prompt})
-        chain = self.chain(config)
+        chain = self.chain(config, session=session, epoch=epoch)
         # hop: -> voicemesh.pipeline.tts.TTSService._on_text (vm.tts.<sid>, default flow)
         next_subject = self.router.next_subject_of(config, session)
         # the reply's first unit is cut short (a clause, a few words) for an early first audio; a

@@ -217,7 +217,8 @@ class STTService(StageService):
         if frame.has(Flag.START) or frame.epoch != stream.epoch:
             await self._close_live(stream)
             stream.begin(frame)
-            stream.chain = self.chain((await self.router.load(session)).config)
+            config = (await self.router.load(session)).config
+            stream.chain = self.chain(config, session=session, epoch=frame.epoch)
             await self._open_live(stream)
         if stream.capped:
             return  # the turn's first max_utterance_s are being transcribed: the rest is dropped
@@ -387,7 +388,9 @@ class STTService(StageService):
 
     async def _transcribe_now(self, stream: Stream, utterance: Utterance, t0: float) -> None:
         session, epoch, live = stream.session, utterance.epoch, utterance.live
-        chain = utterance.chain or self.chain((await self.router.load(session)).config)
+        chain = utterance.chain or self.chain(
+            (await self.router.load(session)).config, session=session, epoch=epoch
+        )
         text: str | None = None
         name = utterance.live_name
         if live is not None:

@@ -59,7 +59,7 @@ class TTSService(QueuedStage):
                 out, Frame.audio(b"", sample_rate=MARKER_RATE, flags=frame.flags, **common)
             )
             return
-        chain = self.chain(cached.config)
+        chain = self.chain(cached.config, session=session, epoch=frame.epoch)
         seq, rate = 0, MARKER_RATE
         t0 = time.perf_counter()
         # The reply's first unit starts at its first sound: the caller waits for nothing else.
