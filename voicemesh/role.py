@@ -17,6 +17,7 @@ subscriptions. `run_role` runs a role until SIGINT/SIGTERM, then drains it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -138,6 +139,15 @@ class Role:
         """After the drain: let go of what in-flight work used (claims, engines)."""
 
 
+def freeze_startup_heap() -> None:
+    """Once a role's process is up: what startup made (modules, engines, the app, ~90 000
+    objects with the offline engines) lives as long as the process, yet each full collection
+    walked it, stalling the loop ~25 ms mid-call. Frozen out of the collector, it is not walked
+    again (refcounting still frees it); what was garbage by then is collected first."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_role(role: Role) -> None:
     """Run until SIGINT/SIGTERM, then drain in-flight work and exit."""
     stop = asyncio.Event()
@@ -145,6 +155,7 @@ async def run_role(role: Role) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await role.start()
+    freeze_startup_heap()
     await stop.wait()
     log.info("%s draining", role.title)
     await role.stop()
