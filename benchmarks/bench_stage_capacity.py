@@ -79,7 +79,10 @@ WHAT = {
     "llm": "turn sent → first unit",
     "tts": "first unit sent → first audio",
 }
-FRACTIONS = (0.15, 0.3, 0.5, 0.7, 0.85, 1.0, 1.2)
+#: steps: a few calls (a p95 within 2 × solo is passed at a low load already: a turn that waits
+#: behind one other waits a whole turn), then fractions of the bound
+FIRST_STEPS = (2, 3, 4)
+FRACTIONS = (0.3, 0.5, 0.7, 0.85, 1.0, 1.2)
 #: seconds the solo run watches the idle process, to take its idle cost off each turn's CPU
 IDLE_S = 3.0
 FRAME_S = 0.02
@@ -137,6 +140,8 @@ class Turns:
     #: the whole turn's work done (STT: the transcript; LLM, TTS: the reply's end marker)
     done: dict[tuple[str, int], float] = field(default_factory=dict)
     texts: dict[tuple[str, int], str] = field(default_factory=dict)
+    #: TTS: the reply's units still to be closed (END) before the turn's work is done
+    units_left: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def answered(self, key: tuple[str, int], now: float, text: str = "") -> None:
         if key in self.sent and key not in self.first:
@@ -152,8 +157,14 @@ class Turns:
 class Driver:
     """Plays the rest of the pipeline for one stage: sends turns, hears answers."""
 
-    def __init__(self, nc: Client, store: ConfigStore, stage: str, inputs: Inputs):
+    def __init__(
+        self, nc: Client, store: ConfigStore, stage: str, inputs: Inputs, history: int = 0
+    ):
         self.nc, self.store, self.stage, self.inputs = nc, store, stage, inputs
+        #: exchanges already in each LLM session's context when its first turn comes
+        self.history = history
+        self.made = 0  # sessions made so far: each LLM call gets a history of its own
+        self.scripted: list[str] = []
         self.subjects = Subjects(PREFIX)
         self.turns = Turns()
         self.epochs: dict[str, int] = {}
@@ -181,17 +192,42 @@ class Driver:
             return
         if frame.payload and frame.index == 0:
             self.turns.answered(key, now, frame.as_text if kind is Kind.TEXT else "")
-        elif frame.has(Flag.LAST):
-            self.turns.finished(key, now)
+        elif kind is Kind.TEXT and frame.has(Flag.LAST):
+            self.turns.finished(key, now)  # the LLM sends its marker after the last sentence
+        elif kind is Kind.AUDIO and frame.has(Flag.END) and not frame.has(Flag.LAST):
+            # TTS passes the reply's marker on at once, its units as each is synthesized
+            left = self.turns.units_left[key] = self.turns.units_left.get(key, 1) - 1
+            if left <= 0:
+                self.turns.finished(key, now)
 
     async def sessions(self, n: int, agent_file: Path) -> list[str]:
         config = parse_agent_config(await asyncio.to_thread(agent_file.read_bytes))
         sids = [(await self.store.create_session(config, ttl_s=3600)).session_id for _ in range(n)]
+        if self.stage == "llm" and self.history:
+            for sid in sids:
+                # a history of its own, as calls have: llama.cpp reuses the evaluated prompt
+                # when the next one starts the same way, which calls served in turn never do
+                self.made += 1
+                await self.store.append_context(sid, *self.past(self.made))
+                self.epochs[sid] = self.history
         if self.stage == "stt":  # the STT stage owns each session's stream through its lease
             for sid in sids:
                 body = json.dumps({"session_id": sid}).encode()
                 await self.nc.request(self.subjects.assign("stt"), body, timeout=10)
         return sids
+
+    def past(self, offset: int) -> list[dict[str, Any]]:
+        """`history` exchanges of a call so far: the shipped questions, replies of SmolLM2's
+        kind."""
+        q, r = self.inputs.questions, REPLIES
+        return [
+            m
+            for e in range(1, self.history + 1)
+            for m in (
+                {"role": "user", "content": q[(offset + e) % len(q)], "epoch": e},
+                {"role": "assistant", "content": r[(offset + e) % len(r)], "epoch": e},
+            )
+        ]
 
     async def end(self, sids: list[str]) -> None:
         for sid in sids:
@@ -230,6 +266,7 @@ class Driver:
             await self.nc.publish(out, encode(frame))
         else:
             units = inputs.replies[n % len(inputs.replies)]
+            self.turns.units_left[key] = len(units)
             self.turns.sent[key] = time.perf_counter()
             for index, unit in enumerate(units):
                 frame = Frame.text(unit, epoch=epoch, index=index, flags=Flag.START | Flag.END)
@@ -240,6 +277,12 @@ class Driver:
     def results(self, keys: list[tuple[str, int]]) -> tuple[list[float], int]:
         got = [self.turns.first[k] for k in keys if k in self.turns.first]
         return got, len(keys) - len(got)
+
+    def fell_back(self, keys: list[tuple[str, int]]) -> int:
+        """LLM turns the agent's scripted fallback answered: SmolLM2 gave no first token within
+        its attempt timeout (the reply came, but not the engine's)."""
+        said = [self.turns.texts.get(k, "").strip() for k in keys]
+        return sum(bool(t) and any(r.startswith(t) for r in self.scripted) for t in said)
 
 
 async def wait_answered(
@@ -257,32 +300,36 @@ def sent_keys(driver: Driver, sids: list[str], before: dict[str, int]) -> list[t
 
 
 async def solo(driver: Driver, pid: int, agent: Path, turns: int) -> dict[str, Any]:
-    """Turns one at a time, each after the last was answered (and, for LLM and TTS, after the
-    whole reply had time to finish): the stage's own latency and CPU per turn."""
-    (sid,) = await driver.sessions(1, agent)
-    await driver.turn(sid, 0)  # a warm-up turn, not counted
-    await wait_answered(driver, sent_keys(driver, [sid], {}), 30, whole=True)
+    """Turns one at a time, each in a session of its own (so each LLM turn has the same history
+    before it) and after the last turn's whole work was done: the stage's own latency and CPU
+    per turn."""
+    (warm,) = await driver.sessions(1, agent)
+    await driver.turn(warm, 0)  # a warm-up turn, not counted
+    await wait_answered(driver, sent_keys(driver, [warm], {}), 30, whole=True)
+    await driver.end([warm])
     await asyncio.sleep(0.5)
     idle0, t_idle = cpu_seconds([pid]), time.monotonic()
     await asyncio.sleep(IDLE_S)
     idle = (cpu_seconds([pid]) - idle0) / (time.monotonic() - t_idle)
-    before = dict(driver.epochs)
-    cpu = 0.0
+    cpu, keys = 0.0, []
     for n in range(1, turns + 1):
+        (sid,) = await driver.sessions(1, agent)
+        before = dict(driver.epochs)
         await asyncio.sleep(0.3)
         cpu0, t0 = cpu_seconds([pid]), time.monotonic()
         await driver.turn(sid, n)
-        keys = sent_keys(driver, [sid], {sid: driver.epochs[sid] - 1})
-        await wait_answered(driver, keys, 30, whole=True)
+        mine = sent_keys(driver, [sid], before)
+        await wait_answered(driver, mine, 30, whole=True)
         # the turn's work only: the process's idle cost over the same time is taken off
         cpu += cpu_seconds([pid]) - cpu0 - idle * (time.monotonic() - t0)
-    keys = sent_keys(driver, [sid], before)
+        keys += mine
+        await driver.end([sid])
     latencies, lost = driver.results(keys)
     whole = [driver.turns.done[k] for k in keys if k in driver.turns.done]
-    await driver.end([sid])
     return {
         "turns": turns,
         "lost": lost,
+        "fallback": driver.fell_back(keys),
         "p50_ms": _r(percentile(latencies, 50)),
         "p95_ms": _r(percentile(latencies, 95)),
         "whole_p50_ms": _r(percentile(whole, 50)),
@@ -338,6 +385,7 @@ async def step(
         "calls": calls,
         "turns": len(keys),
         "lost": lost,
+        "fallback": driver.fell_back(keys),
         "p50_ms": _r(percentile(latencies, 50)),
         "p95_ms": _r(percentile(latencies, 95)),
         "p99_ms": _r(percentile(latencies, 99)),
@@ -354,7 +402,7 @@ def _r(x: float | None) -> float | None:
 def plan_steps(bound: float, fixed: list[int] | None) -> list[int]:
     if fixed:
         return fixed
-    return sorted({max(2, round(bound * f)) for f in FRACTIONS})
+    return sorted({*FIRST_STEPS, *(max(2, round(bound * f)) for f in FRACTIONS)})
 
 
 async def measure_stage(
@@ -381,7 +429,10 @@ async def measure_stage(
                 raise RuntimeError(f"{stage} not ready after 600 s")
             await asyncio.sleep(0.2)
         log(f"{stage}: ready in {time.monotonic() - t0:.1f} s; affinity {_affinity(proc.pid)}")
-        driver = Driver(nc, store, stage, inputs)
+        driver = Driver(nc, store, stage, inputs, args.history)
+        agent_data = json.loads(args.agent.read_bytes())
+        scripted = agent_data["connectors"]["llm"].get("config", {}).get("scripted", {})
+        driver.scripted = list(scripted.get("replies", []))
         await driver.listen()
         log(f"{stage}: {args.solo_turns} turns one at a time...")
         alone = await solo(driver, proc.pid, args.agent, args.solo_turns)
@@ -399,12 +450,17 @@ async def measure_stage(
             r = await step(
                 driver, proc.pid, args.agent, n, args.interval, args.duration, args.min_turns
             )
-            r["held"] = bool(r["p95_ms"] is not None and r["p95_ms"] <= budget and not r["lost"])
+            r["held"] = bool(
+                r["p95_ms"] is not None
+                and r["p95_ms"] <= budget
+                and not r["lost"]
+                and not r["fallback"]
+            )
             steps.append(r)
             log(
                 f"{stage}:   {n} calls: p50 {r['p50_ms']} / p95 {r['p95_ms']} ms over "
-                f"{r['turns']} turns, {r['lost']} lost, core {r['core_busy']:.0%} busy -> "
-                + ("held" if r["held"] else "over budget")
+                f"{r['turns']} turns, {r['lost']} lost, {r['fallback']} by the fallback, "
+                f"core {r['core_busy']:.0%} busy -> " + ("held" if r["held"] else "over budget")
             )
             if not r["held"]:
                 break
@@ -445,6 +501,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "interval_s": args.interval,
         "duration_s": args.duration,
         "core": args.core,
+        "history": args.history,
         "stages": [],
     }
     for stage in args.stages:
@@ -472,7 +529,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"`taskset -c {report['core']}`; each call a turn every {interval:g} s from a random "
         f"phase, open loop; {report['duration_s']:g} s per step",
         "- Capacity: the most calls whose turn latency p95 stayed within the budget with no turn "
-        "lost; the bound is interval ÷ CPU s per turn (the core 100 % busy, no queueing)",
+        "lost (and, for the LLM, none answered by the agent's scripted fallback); the bound is "
+        "interval ÷ CPU s per turn (the core 100 % busy, no queueing)",
+        f"- LLM turns: {report['history']} exchanges of the call already in the context",
         "",
         "| stage | engine | latency measured | solo p50 | CPU s / turn | budget (p95) "
         f"| calls per core at {interval:g} s | bound {interval:g} s ÷ CPU s |",
@@ -490,20 +549,22 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "## Steps", ""]
     lines += [
-        "| stage | calls | turns | lost | p50 | p95 | p99 | whole turn p50 | CPU s / turn "
-        "| core busy | held |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stage | calls | turns | lost | by the fallback | p50 | p95 | p99 | whole turn p50 "
+        "| CPU s / turn | core busy | held |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["stages"]:
         solo = s["solo"]
         lines.append(
             f"| {s['stage']} | 1 (solo, one at a time) | {solo['turns']} | {solo['lost']} "
+            f"| {solo['fallback']} "
             f"| {_ms(solo['p50_ms'])} | {_ms(solo['p95_ms'])} | | {_ms(solo['whole_p50_ms'])} "
             f"| {solo['cpu_s_per_turn']:.3f} | | |"
         )
         for r in s["steps"]:
             lines.append(
-                f"| {s['stage']} | {r['calls']} | {r['turns']} | {r['lost']} | {_ms(r['p50_ms'])} "
+                f"| {s['stage']} | {r['calls']} | {r['turns']} | {r['lost']} | {r['fallback']} "
+                f"| {_ms(r['p50_ms'])} "
                 f"| {_ms(r['p95_ms'])} | {_ms(r['p99_ms'])} | {_ms(r['whole_p50_ms'])} "
                 f"| {r['cpu_s_per_turn']:.3f} "
                 f"| {r['core_busy']:.0%} | {'yes' if r['held'] else 'no'} |"
@@ -558,10 +619,16 @@ def main() -> None:
     parser.add_argument("--solo-turns", type=int, default=8)
     parser.add_argument("--min-turns", type=int, default=12, help="turns per step at least")
     parser.add_argument(
+        "--history",
+        type=int,
+        default=8,
+        help="exchanges in each LLM call's context before its first turn (a call's middle)",
+    )
+    parser.add_argument(
         "--steps",
         type=lambda s: [int(x) for x in s.split(",")],
         default=None,
-        help="call counts to try (default: 0.25-1.25 × the bound)",
+        help="call counts to try (default: 2, 3, 4, then 0.3-1.2 × the bound)",
     )
     parser.add_argument("--budget-factor", type=float, default=2.0, help="p95 ≤ this × solo p50")
     parser.add_argument(
