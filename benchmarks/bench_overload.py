@@ -348,7 +348,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"- One transport with `VOICEMESH_MAX_CALLS={r['calls']}`, passthrough stages; "
         f"{r['calls']} aiortc callers (in the benchmark's process) talking the whole run; "
         f"{r['phase_s']:g} s per phase; during the flood {r['flood_rate']:g} new call attempts a "
-        "second, WebRTC offers (a real aiortc offer"
+        "second from a process of its own, WebRTC offers (a real aiortc offer"
         + (f" padded with {r['offer_candidates']} host candidates" if r["offer_candidates"] else "")
         + ") and WebSocket connects alternating",
         "",
