@@ -26,11 +26,14 @@ First `--solo-turns` turns one at a time give the solo p50 and the CPU seconds p
 stage process's user + system time from /proc over the turns). The theoretical bound is
 interval ÷ CPU s per turn. Then N concurrent calls for `--duration` seconds per step, N from
 `--steps` or, by default, fractions of that bound, stopping at the first step whose p95 passes
-the budget (`--budget-factor` × solo p50, or `--budget-ms stage=ms`) or loses a turn. Calls per
+the budget or loses a turn. The budget, by default, is what a turn takes that waits behind exactly
+one other: solo p50 + solo whole-turn p50 (the engine is one lock per process, so a turn that
+comes while another runs waits for all of it; for TTS that is the whole reply, for the LLM the
+whole generation); or `--budget-factor F` × solo p50, or `--budget-ms stage=ms`. Calls per
 core is the last N that held.
 
     .venv/bin/python benchmarks/bench_stage_capacity.py [--stages stt,llm,tts] [--interval 8]
-        [--duration 20] [--solo-turns 8] [--steps 2,4,8] [--budget-factor 2] [--core 1]
+        [--duration 20] [--solo-turns 8] [--steps 2,4,8] [--budget-factor F] [--core 1]
 """
 
 from __future__ import annotations
@@ -439,7 +442,12 @@ async def measure_stage(
         if alone["p50_ms"] is None:
             raise RuntimeError(f"{stage}: no solo turn was answered")
         bound = args.interval / max(alone["cpu_s_per_turn"], 1e-3)
-        budget = args.budget_ms.get(stage) or args.budget_factor * alone["p50_ms"]
+        if stage in args.budget_ms:
+            budget = args.budget_ms[stage]
+        elif args.budget_factor:
+            budget = args.budget_factor * alone["p50_ms"]
+        else:  # a turn that waits behind one other
+            budget = alone["p50_ms"] + (alone["whole_p50_ms"] or alone["p50_ms"])
         log(
             f"{stage}: solo p50 {alone['p50_ms']:.0f} ms, {alone['cpu_s_per_turn']:.3f} CPU s/turn,"
             f" bound {bound:.1f} calls at {args.interval:g} s; budget p95 ≤ {budget:.0f} ms"
@@ -502,6 +510,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": args.duration,
         "core": args.core,
         "history": args.history,
+        "budget_rule": (
+            f"{args.budget_factor:g} × solo p50"
+            if args.budget_factor
+            else "solo p50 + solo whole-turn p50 (a turn that waits behind one other)"
+        )
+        + (f"; set: {args.budget_ms}" if args.budget_ms else ""),
         "stages": [],
     }
     for stage in args.stages:
@@ -531,6 +545,7 @@ def markdown(report: dict[str, Any]) -> str:
         "- Capacity: the most calls whose turn latency p95 stayed within the budget with no turn "
         "lost (and, for the LLM, none answered by the agent's scripted fallback); the bound is "
         "interval ÷ CPU s per turn (the core 100 % busy, no queueing)",
+        f"- Budget (p95 of the latency measured): {report['budget_rule']}",
         f"- LLM turns: {report['history']} exchanges of the call already in the context",
         "",
         "| stage | engine | latency measured | solo p50 | CPU s / turn | budget (p95) "
@@ -630,7 +645,12 @@ def main() -> None:
         default=None,
         help="call counts to try (default: 2, 3, 4, then 0.3-1.2 × the bound)",
     )
-    parser.add_argument("--budget-factor", type=float, default=2.0, help="p95 ≤ this × solo p50")
+    parser.add_argument(
+        "--budget-factor",
+        type=float,
+        default=None,
+        help="p95 ≤ this × solo p50 (default: solo p50 + solo whole-turn p50)",
+    )
     parser.add_argument(
         "--budget-ms", type=parse_budgets, default={}, help="absolute p95 budgets: stt=800,tts=300"
     )
