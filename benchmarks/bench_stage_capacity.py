@@ -167,7 +167,8 @@ class Driver:
         #: exchanges already in each LLM session's context when its first turn comes
         self.history = history
         self.made = 0  # sessions made so far: each LLM call gets a history of its own
-        self.scripted: list[str] = []
+        self.primary = ""  # the LLM's primary connector
+        self.connector: dict[tuple[str, int], str] = {}
         self.subjects = Subjects(PREFIX)
         self.turns = Turns()
         self.epochs: dict[str, int] = {}
@@ -178,6 +179,8 @@ class Driver:
             cb=self._heard,
             pending_msgs_limit=1_000_000,
         )
+        if self.stage == "llm":
+            await self.nc.subscribe(self.subjects.data_all("transport"), cb=self._llm_event)
 
     async def _heard(self, msg: Msg) -> None:
         now = time.perf_counter()
@@ -282,10 +285,19 @@ class Driver:
         return got, len(keys) - len(got)
 
     def fell_back(self, keys: list[tuple[str, int]]) -> int:
-        """LLM turns the agent's scripted fallback answered: SmolLM2 gave no first token within
-        its attempt timeout (the reply came, but not the engine's)."""
-        said = [self.turns.texts.get(k, "").strip() for k in keys]
-        return sum(bool(t) and any(r.startswith(t) for r in self.scripted) for t in said)
+        """LLM turns another connector than the primary answered (the agent's scripted
+        fallback, once SmolLM2 gave no first token within its attempt timeout, or while it is
+        marked down after that): the reply came, but not the engine's."""
+        return sum(k in self.connector and self.connector[k] != self.primary for k in keys)
+
+    async def _llm_event(self, msg: Msg) -> None:
+        """The LLM's transcript events name the connector that made each sentence."""
+        frame = decode(msg.data)
+        if frame.kind is Kind.EVENT:
+            body = frame.as_event
+            if body.get("type") == "transcript" and body.get("index") == 0:
+                key = (Subjects.session_of(msg.subject), frame.epoch)
+                self.connector[key] = str(body.get("connector"))
 
 
 async def wait_answered(
@@ -433,9 +445,7 @@ async def measure_stage(
             await asyncio.sleep(0.2)
         log(f"{stage}: ready in {time.monotonic() - t0:.1f} s; affinity {_affinity(proc.pid)}")
         driver = Driver(nc, store, stage, inputs, args.history)
-        agent_data = json.loads(args.agent.read_bytes())
-        scripted = agent_data["connectors"]["llm"].get("config", {}).get("scripted", {})
-        driver.scripted = list(scripted.get("replies", []))
+        driver.primary = parse_agent_config(args.agent.read_bytes()).connectors["llm"].primary
         await driver.listen()
         log(f"{stage}: {args.solo_turns} turns one at a time...")
         alone = await solo(driver, proc.pid, args.agent, args.solo_turns)
