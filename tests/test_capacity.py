@@ -21,6 +21,7 @@ from voicemesh.config.models import parse_agent_config
 from voicemesh.state import ConfigStore
 from voicemesh.testing.loopback.openai_transcribe import OpenAITranscribeServer
 from voicemesh.transport.api.capacity import WS_AT_CAPACITY, AtCapacity, CallCapacity
+from voicemesh.transport.carriers import webrtc as webrtc_carrier
 
 RATE = 16000
 
@@ -118,3 +119,36 @@ async def test_a_full_transport_refuses_new_calls_and_keeps_its_own(
     sf.write(str(wav), np.concatenate([pcm, np.zeros(RATE, "<i2")]), RATE, subtype="PCM_16")
     result = await call_over_websocket(transport_app.url, [wav], None, agent="cap")
     assert [t.bot_text for t in result.turns] == ["You said tone 220."]
+
+
+async def test_a_full_transport_refuses_an_offer_before_parsing_its_sdp(
+    transport_app: TransportApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At capacity, a new call's offer gets its 503 before anything parses the SDP (a 100 KB
+    offer takes milliseconds of the loop the admitted calls share: a flood of them would slow
+    the calls the limit protects, bench_overload.py). Both offer routes are covered; an offer
+    naming a peer connection (a live call renegotiating) still reaches its route."""
+    parsed: list[str] = []
+    real_parse = webrtc_carrier.sdp.SessionDescription.parse
+
+    def counting(text: str) -> Any:
+        parsed.append(text)
+        return real_parse(text)
+
+    monkeypatch.setattr(webrtc_carrier.sdp.SessionDescription, "parse", counting)
+    capacity = transport_app.service.capacity
+    capacity.active = capacity.limit  # full, as if its calls were up
+    no_audio = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n" + "a=x\r\n" * 10_000
+    async with httpx.AsyncClient(base_url=transport_app.url, timeout=10) as http:
+        for path in ("/api/offer", "/sessions/s0000000000000000000000/api/offer"):
+            r = await http.post(path, json={"sdp": no_audio, "type": "offer"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", (path, r.text)
+            assert "at capacity (1 calls" in r.json()["detail"]
+        assert parsed == [] and capacity.refused == 2
+        renegotiation = {"sdp": no_audio, "type": "offer", "pc_id": "pc-of-no-call"}
+        r = await http.post("/api/offer", json=renegotiation)
+        assert r.status_code == 404 and "pc-of-no-call" in r.text, r.text
+        capacity.active = 0  # room again: the offer is the route's to judge (no audio: 400)
+        r = await http.post("/api/offer", json={"sdp": no_audio, "type": "offer"})
+        assert r.status_code == 400 and "no audio" in r.text, r.text
+        assert len(parsed) == 1 and capacity.refused == 2

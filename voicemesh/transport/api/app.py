@@ -30,6 +30,7 @@ from voicemesh.bus.bus import BusError
 from voicemesh.config.logging import redact_logger
 from voicemesh.state.store import StoreError
 from voicemesh.transport.api.agents import agents_router
+from voicemesh.transport.api.capacity import RefuseOffersWhenFull
 from voicemesh.transport.api.console import console_router
 from voicemesh.transport.api.errors import ERRORS, add_error_handlers
 from voicemesh.transport.api.limits import BodyLimit
@@ -75,6 +76,8 @@ def create_app(service: TransportService) -> FastAPI:
     app = FastAPI(title="voicemesh transport", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     add_error_handlers(app)
+    # inside BodyLimit (middleware added later wraps what was added before)
+    app.add_middleware(RefuseOffersWhenFull, capacity=service.capacity)
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
 
     # One dependency on the /api router: every route below it needs a key.
