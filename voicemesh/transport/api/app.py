@@ -28,6 +28,7 @@ from prometheus_client import make_asgi_app
 
 from voicemesh.bus.bus import BusError
 from voicemesh.config.logging import redact_logger
+from voicemesh.role import freeze_startup_heap
 from voicemesh.state.store import StoreError
 from voicemesh.transport.api.agents import agents_router
 from voicemesh.transport.api.capacity import RefuseOffersWhenFull
@@ -70,6 +71,7 @@ def create_app(service: TransportService) -> FastAPI:
         except (BusError, StoreError) as exc:
             log.error("transport cannot start: %s", exc)
             raise
+        freeze_startup_heap()  # as a stage's run_role does, for the same stalls mid-call
         yield
         await service.stop()
 
