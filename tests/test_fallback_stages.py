@@ -9,6 +9,7 @@ Stage services run in-process on the real NATS and Valkey; providers are loopbac
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -481,3 +482,47 @@ async def test_the_last_connector_left_is_waited_for_past_the_attempt_timeout(ri
     await rig.say(sid, "slowly please", 1)
     reply = await reply_of(out, 1, limit_s=60)
     assert reply.text == REPLY and set(reply.connectors) == {"openai"}
+
+
+async def test_a_busy_local_engine_fails_the_unit_over_but_is_not_marked_down(
+    services: Services,
+    bus: Bus,
+    store: ConfigStore,
+    subjects: Subjects,
+    agent_json: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A local engine (SmolLM2, whisper, Piper) serves one request at a time, so past the attempt
+    timeout it is most likely busy with another session's turn. That turn fails over; the
+    engine is not marked down, or every session would get the fallback while it is free."""
+    from voicemesh.connectors.llm.scripted import ScriptedLLM
+
+    slow = ScriptedLLM.stream
+
+    async def busy_then_answer(self: ScriptedLLM, messages: list[Any]) -> AsyncIterator[str]:
+        await asyncio.sleep(0.5)  # longer than the attempt timeout: queued behind another turn
+        async for piece in slow(self, messages):
+            yield piece
+
+    monkeypatch.setattr(ScriptedLLM, "engine", "a local engine (test)")
+    monkeypatch.setattr(ScriptedLLM, "stream", busy_then_answer)
+    data = copy.deepcopy(agent_json)
+    data["connectors"]["llm"] = {
+        "primary": "scripted",
+        "fallback": ["echo"],
+        "attempt_timeout_ms": 200,
+        "config": {"scripted": {"replies": ["From the engine."]}},
+    }
+    data["connectors"]["tts"] = {"primary": "tone"}
+    config = parse_agent_config(data)
+    sid = (await store.create_session(config)).session_id
+    out = await listen(bus, subjects.data("tts", sid))
+    llm = await services.start(LLMService)
+    cid = ("llm", "scripted", fingerprint(config.options("llm", "scripted")))
+    for epoch in (1, 2):
+        await bus.publish(subjects.data("llm", sid), Frame.text(f"turn {epoch}", epoch=epoch))
+        frames = await out.wait_for(lambda fs, e=epoch: has_last(fs, e), limit_s=5)
+        said = " ".join(f.as_text for f in frames if f.epoch == epoch and f.payload)
+        assert said.startswith("You said"), said  # the fallback (echo) answered the turn ...
+        assert not llm.health.is_down(cid)  # ... and the engine is still first for the next
+        assert llm.chain(config).order() == ["scripted", "echo"]

@@ -150,7 +150,15 @@ class Chain:
         self.failures.append((name, err))
         metrics.ERRORS.labels(self.stage, name, err.kind).inc()
         log.warning("%s connector %s failed (%s): %s", self.stage, name, err.code, err)
-        if self.health is not None:
+        # A local engine serves one request at a time: one that timed out was most likely busy
+        # with other sessions' work, not broken. This unit fails over, but marking the engine
+        # down would send every session to the fallback while it is free again a moment later.
+        busy = err.kind is FailureKind.TIMEOUT and conn is not None and conn.engine is not None
+        if busy:
+            log.info(
+                "%s connector %s is a local engine: not marked down for a timeout", self.stage, name
+            )
+        elif self.health is not None:
             hold_ms = max(3 * self.probe_interval_ms, int((err.retry_after_s or 0) * 1000))
             await self.health.mark_down(
                 self.cid(name),
