@@ -98,10 +98,13 @@ async def call_over_webrtc(
     loopback: bool = True,
     on_audio: Callable[[float, bytes], None] | None = None,
     barge_in_after_s: float | None = None,
+    on_stats: Callable[[Any], None] | None = None,
 ) -> CallResult:
     """Say each WAV as one turn over WebRTC, wait for the reply to be played, record the bot.
     `loopback` also offers 127.0.0.1 as a candidate (aioice skips it), for a server on this host.
-    `on_audio(t, pcm16k)` sees every received frame as it arrives (tests time barge-ins with it)."""
+    `on_audio(t, pcm16k)` sees every received frame as it arrives (tests time barge-ins with it).
+    `on_stats(report)` gets aiortc's RTCStatsReport as the call ends (RTCP's packets lost, both
+    ways: the load generator counts drops with it)."""
     if loopback:
         offer_loopback_candidates()
     utterances = [load_pcm16(w) for w in wavs]
@@ -174,6 +177,8 @@ async def call_over_webrtc(
             alive=lambda: pc.connectionState not in ("failed", "closed"),
             barge_in_after_s=barge_in_after_s,
         )
+        if on_stats is not None:
+            on_stats(await pc.getStats())
         events.send(End().wire_json().decode())
         closed = asyncio.Event()
 
