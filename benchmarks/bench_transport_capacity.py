@@ -346,6 +346,66 @@ def profile_markdown(p: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def run_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The transport's CPU per call-second under the same `--ab-calls` calls, with the stack's
+    code from `--ab` (another worktree, e.g. of the previous commit) and from this tree, in turns
+    within one run, so the comparison shares the machine's load of the moment. The callers are
+    this tree's in both."""
+    wavs, cores, vad = finished_voices(), Cores(), args.vads[0]
+    trees = [args.ab.resolve(), ROOT]
+    rows: list[dict[str, Any]] = []
+    here = Path.cwd()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(agent(vad), f)
+        agent_file = Path(f.name)
+    try:
+        for r in range(args.ab_rounds):
+            for tree in trees if r % 2 == 0 else trees[::-1]:
+                # `python -m voicemesh` puts its working directory first on sys.path
+                os.environ["PYTHONPATH"] = str(tree)
+                os.chdir(tree)
+                async with environment(agent_file, log) as env:
+                    if cores.others is not None:
+                        for pid in [
+                            env.nats.proc.pid,
+                            env.valkey.proc.pid,
+                            *env.stage_pids(),
+                            *env.relay_pids(),
+                            os.getpid(),
+                        ]:
+                            pin(pid, cores.others)
+                    await env.store.create_agent(f"cap-{vad}", parse_agent_config(agent(vad)))
+                    await one_step(env, vad, 1, _warm(args), wavs, cores)
+                    row = await one_step(env, vad, args.ab_calls, args, wavs, cores)
+                row["tree"] = str(tree)
+                rows.append(row)
+                log(
+                    f"round {r + 1}, {tree}: {row['transport_cpu_s_per_call_s']} CPU s per "
+                    f"call-s, jitter p99 {row['jitter_p99_ms']} ms, dropped {row['dropped']}"
+                )
+    finally:
+        os.chdir(here)
+        await asyncio.to_thread(agent_file.unlink, missing_ok=True)
+    means = {
+        str(t): round(
+            sum(r["transport_cpu_s_per_call_s"] or 0 for r in rows if r["tree"] == str(t))
+            / max(1, sum(1 for r in rows if r["tree"] == str(t))),
+            5,
+        )
+        for t in trees
+    }
+    before, after = means[str(trees[0])], means[str(trees[1])]
+    return {
+        "calls": args.ab_calls,
+        "vad": vad,
+        "pinning": cores.describe(),
+        "load": os.getloadavg(),
+        "rows": rows,
+        "cpu_s_per_call_s": means,
+        "after_over_before": round(after / before, 3) if before else None,
+    }
+
+
 def _warm(args: argparse.Namespace) -> argparse.Namespace:
     warm = argparse.Namespace(**vars(args))
     warm.turns = 1
@@ -455,6 +515,11 @@ def main() -> None:
     )
     parser.add_argument("--profile-s", type=float, default=10.0, help="py-spy's duration")
     parser.add_argument(
+        "--ab", type=Path, help="instead: transport CPU with this other tree's code against ours"
+    )
+    parser.add_argument("--ab-calls", type=int, default=10, help="calls in each --ab step")
+    parser.add_argument("--ab-rounds", type=int, default=2, help="--ab steps per tree")
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "transport-capacity.md"
     )
     args = parser.parse_args()
@@ -464,6 +529,16 @@ def main() -> None:
         parser.error(f"--vad takes {', '.join(VADS)}")
     if args.quick:
         args.steps, args.vads, args.turns = [2, 4], ["webrtc"], 2
+    if args.ab:
+        ab = asyncio.run(run_ab(args))
+        print(json.dumps({k: v for k, v in ab.items() if k != "rows"}, indent=1))
+        for row in ab["rows"]:
+            print(
+                f"{row['tree']}: {row['transport_cpu_s_per_call_s']} s/call-s, jitter p99 "
+                f"{row['jitter_p99_ms']} ms, dropped {row['dropped']}, transport "
+                f"{row['transport_core_used']} core, callers {row['callers_cores_used']}"
+            )
+        return
     if args.profile:
         prof = asyncio.run(run_profile(args))
         md = args.out.with_name("transport-profile.md")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import soxr
 from aiortc import sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from av import Packet
 from fastapi import APIRouter, Depends, HTTPException
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -44,7 +44,8 @@ from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
 from voicemesh.transport.call.rtvi import Rtvi
 from voicemesh.transport.carriers.rtc import (
-    audio_frame,
+    OPUS_RATE,
+    OpusPackets,
     offer_loopback_candidates,
     set_jitter_buffer,
     to_16k_mono,
@@ -52,13 +53,13 @@ from voicemesh.transport.carriers.rtc import (
 
 log = logging.getLogger(__name__)
 
-OPUS_RATE = 48000
 FRAME_SAMPLES = OPUS_RATE // 50  # 20 ms
 AIORTC_PREFETCH = 4  # what aiortc's RTCRtpReceiver holds by default: 80 ms
 
 
 class BotAudioTrack(MediaStreamTrack):
-    """The bot's voice: frames the call's pacer hands over every 20 ms, 48 kHz mono s16."""
+    """The bot's voice: frames the call's pacer hands over every 20 ms, 48 kHz mono s16, given
+    to aiortc already Opus-encoded (rtc.OpusPackets says why)."""
 
     kind = "audio"
 
@@ -66,6 +67,7 @@ class BotAudioTrack(MediaStreamTrack):
         super().__init__()
         self._frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=8)
         self._pts = 0
+        self._opus = OpusPackets()
 
     def put(self, pcm: bytes) -> None:
         if self._frames.full():  # the sender stalled: keep the newest audio, not a backlog
@@ -76,13 +78,16 @@ class BotAudioTrack(MediaStreamTrack):
         while not self._frames.empty():
             self._frames.get_nowait()
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> Packet:  # aiortc takes a Frame or an encoded Packet
         if self.readyState != "live":
             raise MediaStreamError
-        pcm = await self._frames.get()
-        frame = audio_frame(pcm, OPUS_RATE, self._pts)
-        self._pts += frame.samples
-        return frame
+        while True:
+            pcm = await self._frames.get()
+            pts = self._pts
+            self._pts += len(pcm) // 2
+            packet = self._opus.encode(pcm, pts)
+            if packet is not None:
+                return packet
 
 
 class WebRTCPeer(Peer):
