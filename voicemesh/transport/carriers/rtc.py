@@ -9,14 +9,22 @@ jitter buffer (aiortc has no option for it), and the loopback host candidate aio
 
 from __future__ import annotations
 
+import asyncio
 import fractions
+import logging
+import queue
+import threading
 from typing import Any
 
 import aioice.ice
+import av
 import numpy as np
 import soxr
+from aiortc.codecs import get_decoder
 from aiortc.jitterbuffer import JitterBuffer
 from av import AudioFrame, CodecContext, Packet
+
+log = logging.getLogger(__name__)
 
 #: Opus runs at 48 kHz whatever the audio; one 20 ms frame is this many samples
 OPUS_RATE = 48000
@@ -37,6 +45,53 @@ def jitter_buffer(ms: int) -> JitterBuffer:
 def set_jitter_buffer(receiver: Any, ms: int) -> None:
     """Replace aiortc's audio jitter buffer (it has no option for it) before packets arrive."""
     receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms)
+
+
+class InlineDecoding:
+    """Stands in for an RTCRtpReceiver's decoder queue so that each packet is decoded where it
+    arrives, on the event loop, rather than handed to the receiver's decoder thread and its
+    frames handed back (a Queue.put that wakes the thread, run_coroutine_threadsafe with its
+    future and callback for every frame). An Opus frame decodes in tens of microseconds; the
+    two hops cost more than that, and on one core a thread per call only adds GIL switches.
+
+    aiortc still starts its decoder thread, with this object as its queue: the thread waits in
+    get() until the receiver stops (put(None)), then ends the track as it always did."""
+
+    def __init__(self, output: asyncio.Queue[Any], error: threading.Event) -> None:
+        self._output, self._error = output, error
+        self._idle: queue.Queue[Any] = queue.Queue()
+        self._decoder: Any = None
+        self._codec_name: str | None = None
+
+    def get(self) -> Any:
+        return self._idle.get()
+
+    def put(self, task: Any) -> None:
+        if task is None:  # the receiver stops: the thread ends the track
+            self._idle.put(None)
+            return
+        codec, encoded = task
+        if codec.name != self._codec_name:
+            self._decoder, self._codec_name = get_decoder(codec), codec.name
+        try:
+            frames = self._decoder.decode(encoded)
+        except av.FFmpegError as exc:  # as aiortc's thread: keep the decoder state, go on
+            log.warning("failed to decode %s frame: %s", codec.name, exc)
+            self._error.set()
+            return
+        for frame in frames:
+            self._output.put_nowait(frame)
+
+
+def decode_inline(receiver: Any) -> None:
+    """Decode this receiver's packets on the event loop (InlineDecoding says why). Only before
+    its decoder thread starts (receive(), once connected): a thread already waiting on the old
+    queue would never see the end."""
+    if receiver._RTCRtpReceiver__decoder_thread is not None or receiver._track is None:
+        return
+    receiver._RTCRtpReceiver__decoder_queue = InlineDecoding(
+        receiver._track._queue, receiver._RTCRtpReceiver__decoder_error
+    )
 
 
 _original_host_addresses = aioice.ice.get_host_addresses

@@ -46,6 +46,7 @@ from voicemesh.transport.call.rtvi import Rtvi
 from voicemesh.transport.carriers.rtc import (
     OPUS_RATE,
     OpusPackets,
+    decode_inline,
     offer_loopback_candidates,
     set_jitter_buffer,
     to_16k_mono,
@@ -127,6 +128,7 @@ class WebRTCPeer(Peer):
         if not transceivers or transceivers[0].kind != "audio":
             raise ValueError("the offer has no audio transceiver first: add one (sendrecv)")
         set_jitter_buffer(transceivers[0].receiver, self.options.jitter_buffer_ms)
+        decode_inline(transceivers[0].receiver)
         self.connection.replace_audio_track(self.track)
         self._input = self.connection.audio_input_track()
         self.connection.pc.on("datachannel", self._watch_channel)
