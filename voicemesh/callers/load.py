@@ -94,6 +94,7 @@ async def one_call(
             pause_s=pause_s,
             on_audio=on_audio,
             on_stats=on_stats,
+            inline_codec=True,
         )
         stats.v2v_ms = [t.latency_ms for t in result.turns if t.latency_ms is not None]
         stats.answered = len(stats.v2v_ms)

@@ -33,18 +33,18 @@ OPUS_FRAME_SAMPLES = OPUS_RATE // 50
 OPUS_BIT_RATE = 96000
 
 
-def jitter_buffer(ms: int) -> JitterBuffer:
-    """An audio jitter buffer that starts playing after `ms` of packets (20 ms each)."""
+def jitter_buffer(ms: int, capacity: int = 16) -> JitterBuffer:
+    """An audio jitter buffer that starts playing after `ms` of packets (20 ms each), holding up
+    to `capacity` packets (a power of 2; aiortc drops what a burst brings beyond it)."""
     prefetch = round(ms / 20)
-    capacity = 16
     while capacity < 2 * prefetch:
         capacity *= 2
     return JitterBuffer(capacity=capacity, prefetch=prefetch)
 
 
-def set_jitter_buffer(receiver: Any, ms: int) -> None:
+def set_jitter_buffer(receiver: Any, ms: int, capacity: int = 16) -> None:
     """Replace aiortc's audio jitter buffer (it has no option for it) before packets arrive."""
-    receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms)
+    receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms, capacity)
 
 
 class InlineDecoding:
@@ -125,20 +125,21 @@ class OpusPackets:
     stereo (which also lowered the level by 3 dB) before a stereo encode. libopus encodes a
     20 ms mono frame in tens of microseconds: less than the thread hop alone cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate: int = OPUS_RATE) -> None:
+        self.rate = rate  # libopus takes 8, 12, 16, 24 or 48 kHz as they are
         self.codec = CodecContext.create("libopus", "w")
         self.codec.bit_rate = OPUS_BIT_RATE
         self.codec.format = "s16"
         self.codec.layout = "mono"
-        self.codec.sample_rate = OPUS_RATE
-        self.codec.time_base = fractions.Fraction(1, OPUS_RATE)
+        self.codec.sample_rate = rate
+        self.codec.time_base = fractions.Fraction(1, rate)
         self.codec.options = {"application": "voip"}
-        self._time_base = fractions.Fraction(1, OPUS_RATE)
+        self._time_base = fractions.Fraction(1, rate)
 
     def encode(self, pcm: bytes, pts: int) -> Packet | None:
-        """One 20 ms frame (OPUS_FRAME_SAMPLES samples) stamped `pts` (in samples) as its packet;
-        None while the encoder holds it back (never, for whole frames)."""
-        packets = self.codec.encode(audio_frame(pcm, OPUS_RATE, pts))
+        """One 20 ms frame stamped `pts` (in samples at `rate`) as its packet; None while the
+        encoder holds it back (never, for whole frames)."""
+        packets = self.codec.encode(audio_frame(pcm, self.rate, pts))
         if not packets:
             return None
         packet = packets[0]
