@@ -24,6 +24,8 @@ _IDLE_LEAVES = re.compile(
 RULES: tuple[tuple[str, str, str], ...] = (
     ("Opus decode (aiortc/PyAV)", r"(^|\.)decode$", r"aiortc/codecs/opus\.py"),
     ("Opus encode (aiortc/PyAV)", r"(^|\.)encode$", r"aiortc/codecs/opus\.py"),
+    ("Opus encode (voicemesh, on the loop)", r"OpusPackets\.encode$", r"carriers/rtc\.py"),
+    ("Opus decode (aiortc/PyAV)", r"InlineDecoding\.put$", r"carriers/rtc\.py"),
     ("resample in (48k stereo → 16k mono)", r"(^|\.)to_16k_mono$", r"carriers/rtc\.py"),
     ("PCM → AudioFrame (out)", r"(^|\.)audio_frame$", r"carriers/rtc\.py"),
     ("resample out (egress)", r".*", r"transport/call/egress\.py"),

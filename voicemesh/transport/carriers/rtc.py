@@ -135,14 +135,38 @@ class OpusPackets:
         self.codec.time_base = fractions.Fraction(1, rate)
         self.codec.options = {"application": "voip"}
         self._time_base = fractions.Fraction(1, rate)
+        self._zeros = b""
+        self._silent: bytes | None = None  # the packet the settled encoder makes of silence
+        self._last = b""
 
     def encode(self, pcm: bytes, pts: int) -> Packet | None:
         """One 20 ms frame stamped `pts` (in samples at `rate`) as its packet; None while the
-        encoder holds it back (never, for whole frames)."""
-        packets = self.codec.encode(audio_frame(pcm, self.rate, pts))
-        if not packets:
-            return None
-        packet = packets[0]
+        encoder holds it back (never, for whole frames).
+
+        Digital silence (what the call sends between replies, half of a call or more) is not
+        encoded again once the encoder has settled on it: after a frame or two of zeros libopus
+        makes the same 3-byte packet for each, so that packet is sent as it is until sound comes
+        back, and the encoder takes up from where the silence settled. What the caller then
+        hears differs from encoding every zero frame by about -65 dB for the first ~20 frames
+        (at most 29 LSB on a 10 000 LSB tone): libopus keeps some history across frames."""
+        if len(pcm) != len(self._zeros):
+            self._zeros = bytes(len(pcm))
+        if self._silent is not None and pcm == self._zeros:
+            packet = Packet(self._silent)
+        else:
+            packets = self.codec.encode(audio_frame(pcm, self.rate, pts))
+            if not packets:
+                return None
+            packet = packets[0]
+            data = bytes(packet)
+            if pcm != self._zeros:
+                self._last = b""
+            elif data == self._last:  # two alike in a row: settled
+                self._silent = data
+            else:
+                self._last = data
+        if pcm != self._zeros:
+            self._silent = None
         # libopus stamps its packets early by its look-ahead; RTP wants our clock
         packet.pts, packet.time_base = pts, self._time_base
         return packet
