@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import soxr
 from aiortc.codecs.opus import OpusDecoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
@@ -20,7 +21,9 @@ from voicemesh.transport.carriers.rtc import (
     OPUS_FRAME_SAMPLES,
     OPUS_RATE,
     InlineDecoding,
+    MonoOpusDecoder,
     OpusPackets,
+    to_16k_mono,
 )
 from voicemesh.transport.carriers.webrtc import BotAudioTrack
 
@@ -52,9 +55,7 @@ def test_opus_packets_are_stamped_on_our_clock_and_keep_the_level() -> None:
     frames = tone(50)
     packets = [opus.encode(f, i * OPUS_FRAME_SAMPLES) for i, f in enumerate(frames)]
     assert all(isinstance(p, Packet) for p in packets)
-    assert [p.pts for p in packets if p is not None] == [
-        i * OPUS_FRAME_SAMPLES for i in range(50)
-    ]
+    assert [p.pts for p in packets if p is not None] == [i * OPUS_FRAME_SAMPLES for i in range(50)]
     heard = decode([bytes(p) for p in packets if p is not None])
     level = np.abs(heard[OPUS_RATE // 2 :]).max()
     assert 9_000 < level < 11_000
@@ -178,3 +179,26 @@ def test_profile_breakdown_by_leaf_upwards() -> None:
     assert counts["Opus decode (aiortc/PyAV)"] == 4
     assert counts["VAD (webrtcvad / Silero)"] == 3
     assert counts["NATS publish / frame encode"] == 2
+
+
+def test_mono_decoding_hears_the_same_samples_as_aiortcs_stereo() -> None:
+    """A mono stream (what browsers and our callers send) decoded to mono gives the transport
+    the 16 kHz samples aiortc's stereo decode and the float average gave, within 2 LSB (libopus
+    renders mono and stereo output apart)."""
+    opus = OpusPackets(16_000)
+    t = np.arange(320 * 100)
+    pcm = (np.sin(t * 2 * np.pi * 300 / 16_000) * 8_000).astype(np.int16).tobytes()
+    packets = [bytes(opus.encode(pcm[i : i + 640], i // 2) or b"") for i in range(0, len(pcm), 640)]
+
+    def heard(decoder: object) -> np.ndarray:
+        resampler = soxr.ResampleStream(OPUS_RATE, 16_000, 1, dtype="int16")
+        pcm16 = b"".join(
+            to_16k_mono(f, resampler)
+            for i, p in enumerate(packets)
+            for f in decoder.decode(JitterFrame(p, i * OPUS_FRAME_SAMPLES))  # type: ignore[attr-defined]
+        )
+        return np.frombuffer(pcm16, dtype=np.int16).astype(np.int32)
+
+    mono, stereo = heard(MonoOpusDecoder()), heard(OpusDecoder())
+    assert mono.size == stereo.size > 30_000
+    assert np.abs(mono - stereo).max() <= 2

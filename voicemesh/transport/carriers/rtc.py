@@ -47,12 +47,33 @@ def set_jitter_buffer(receiver: Any, ms: int, capacity: int = 16) -> None:
     receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms, capacity)
 
 
+class MonoOpusDecoder:
+    """aiortc's OpusDecoder, but mono (InlineDecoding says why)."""
+
+    def __init__(self) -> None:
+        self.codec = CodecContext.create("libopus", "r")
+        self.codec.format = "s16"
+        self.codec.layout = "mono"
+        self.codec.sample_rate = OPUS_RATE
+        self._time_base = fractions.Fraction(1, OPUS_RATE)
+
+    def decode(self, encoded: Any) -> list[AudioFrame]:
+        packet = Packet(encoded.data)
+        packet.pts, packet.time_base = encoded.timestamp, self._time_base
+        return self.codec.decode(packet)
+
+
 class InlineDecoding:
     """Stands in for an RTCRtpReceiver's decoder queue so that each packet is decoded where it
     arrives, on the event loop, rather than handed to the receiver's decoder thread and its
     frames handed back (a Queue.put that wakes the thread, run_coroutine_threadsafe with its
     future and callback for every frame). An Opus frame decodes in tens of microseconds; the
     two hops cost more than that, and on one core a thread per call only adds GIL switches.
+
+    Opus is decoded to mono (aiortc's decoder makes stereo, which to_16k_mono then averaged in
+    float): a mono stream, what browsers and our callers send, comes out as the same samples
+    within 2 LSB (libopus renders mono and stereo output apart), and libopus downmixes a stereo
+    one itself; either way for about half the work.
 
     aiortc still starts its decoder thread, with this object as its queue: the thread waits in
     get() until the receiver stops (put(None)), then ends the track as it always did."""
@@ -72,7 +93,8 @@ class InlineDecoding:
             return
         codec, encoded = task
         if codec.name != self._codec_name:
-            self._decoder, self._codec_name = get_decoder(codec), codec.name
+            self._codec_name = codec.name
+            self._decoder = MonoOpusDecoder() if codec.name == "opus" else get_decoder(codec)
         try:
             frames = self._decoder.decode(encoded)
         except av.FFmpegError as exc:  # as aiortc's thread: keep the decoder state, go on
@@ -173,8 +195,11 @@ class OpusPackets:
 
 
 def to_16k_mono(frame: AudioFrame, resampler: soxr.ResampleStream) -> bytes:
-    """aiortc's decoded Opus (s16, packed, usually stereo 48 kHz) as 16 kHz mono PCM16."""
+    """Decoded Opus (s16, packed, 48 kHz: stereo from aiortc's decoder, mono from
+    InlineDecoding) as 16 kHz mono PCM16."""
     data = frame.to_ndarray()  # packed: shape (1, samples * channels)
     channels = len(frame.layout.channels)
+    if channels == 1:  # as InlineDecoding decodes: the samples as they are, no float round trip
+        return resampler.resample_chunk(data.reshape(-1)).tobytes()
     samples = data.reshape(-1, channels).astype(np.float32).mean(axis=1)
     return resampler.resample_chunk(samples.astype(np.int16)).tobytes()
