@@ -130,12 +130,22 @@ async def test_inline_decoding_puts_frames_and_ends_through_the_thread() -> None
     assert not thread.is_alive() and got == [None]
 
 
-def test_inline_decoding_survives_a_bad_packet() -> None:
+def test_inline_decoding_survives_bad_packets_without_flooding_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A caller is untrusted: a stream of undecodable packets is logged once, not 50 times a
+    second, and the good packets after it still decode."""
     error = threading.Event()
     output: asyncio.Queue[object] = asyncio.Queue()
     inline = InlineDecoding(output, error)
-    inline.put((OPUS, JitterFrame(b"\xff" * 3, 0)))  # a code-3 packet with no frame count
-    assert error.is_set() and output.empty()
+    for i in range(100):  # code-3 packets with no frame count: 2 s of garbage
+        inline.put((OPUS, JitterFrame(b"\xff" * 3, i * OPUS_FRAME_SAMPLES)))
+    assert error.is_set() and output.empty() and inline.failed == 100
+    assert len([r for r in caplog.records if "failed to decode" in r.message]) == 1
+    packet = OpusPackets().encode(tone(1)[0], 0)
+    assert packet is not None
+    inline.put((OPUS, JitterFrame(bytes(packet), 100 * OPUS_FRAME_SAMPLES)))
+    assert output.qsize() == 1
 
 
 def test_heard_counts_drops_and_jitter_inside_the_window() -> None:

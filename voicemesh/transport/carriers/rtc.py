@@ -47,6 +47,10 @@ def set_jitter_buffer(receiver: Any, ms: int, capacity: int = 16) -> None:
     receiver._RTCRtpReceiver__jitter_buffer = jitter_buffer(ms, capacity)
 
 
+#: a call's undecodable packets are logged the first time and then once in this many
+LOG_EVERY = 500
+
+
 class MonoOpusDecoder:
     """aiortc's OpusDecoder, but mono (InlineDecoding says why)."""
 
@@ -83,6 +87,7 @@ class InlineDecoding:
         self._idle: queue.Queue[Any] = queue.Queue()
         self._decoder: Any = None
         self._codec_name: str | None = None
+        self.failed = 0  # packets that did not decode
 
     def get(self) -> Any:
         return self._idle.get()
@@ -98,7 +103,13 @@ class InlineDecoding:
         try:
             frames = self._decoder.decode(encoded)
         except av.FFmpegError as exc:  # as aiortc's thread: keep the decoder state, go on
-            log.warning("failed to decode %s frame: %s", codec.name, exc)
+            # the caller is untrusted: a stream of bad packets must not flood the log at 50 a
+            # second, as aiortc's thread would (the first, then one in LOG_EVERY)
+            if self.failed % LOG_EVERY == 0:
+                log.warning(
+                    "failed to decode %s frame (%d so far): %s", codec.name, self.failed + 1, exc
+                )
+            self.failed += 1
             self._error.set()
             return
         for frame in frames:
