@@ -14,8 +14,9 @@ picks them), `--ramp-s` apart, each for `--turns` turns. Inside the window in wh
 bot frames heard against the window's length (drops), the gap between consecutive frames against
 20 ms (inter-arrival jitter, out of the caller's 20 ms jitter buffer), and over whole calls the
 RTP packets RTCP reports lost each way; then the transport's CPU seconds per call-second
-and the callers' own CPU. A VAD stops stepping at its first step that drops a frame, loses a
-packet or has p99 jitter >= `--limit-ms` (20): its capacity is the step before.
+and the callers' own CPU and event-loop lag (what of the jitter is theirs). A VAD stops
+stepping at its first step that drops a frame, loses a packet or has p99 jitter >= `--limit-ms`
+(20): its capacity is the step before.
 
     python benchmarks/bench_transport_capacity.py                 # webrtcvad and Silero, ~8 min
     python benchmarks/bench_transport_capacity.py --quick         # 2 and 4 calls, webrtcvad only
@@ -43,7 +44,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from voicemesh.bench.harness import FLOW, cpu_seconds, environment, machine  # noqa: E402
-from voicemesh.callers.load import CallerPool, CallSpec, heard_in, window  # noqa: E402
+from voicemesh.callers.load import (  # noqa: E402
+    CallerPool,
+    CallSpec,
+    heard_in,
+    lag_p99,
+    window,
+)
 from voicemesh.config.models import parse_agent_config  # noqa: E402
 from voicemesh.config.stages import Stage  # noqa: E402
 
@@ -159,7 +166,7 @@ async def one_step(
             spy = asyncio.create_task(record_profile(transport, at, args.profile_s, profile))
         with Sampler({"transport": [transport], "callers": pool.pids}) as sampler:
             pool.dial(env.http_url, f"cap-{vad}", specs, args.turn_timeout, args.pause_s)
-            stats = await asyncio.to_thread(
+            stats, lags = await asyncio.to_thread(
                 pool.results, calls * args.ramp_s + args.turns * args.turn_timeout + 60
             )
         if spy is not None:
@@ -177,6 +184,7 @@ async def one_step(
         "transport_core_used": round(cpu["transport"], 3) if cpu else None,
         "transport_cpu_s_per_call_s": round(cpu["transport"] / calls, 5) if cpu else None,
         "callers_cores_used": round(cpu["callers"], 3) if cpu else None,
+        "callers_loop_lag_p99_ms": lag_p99(lags, w0, w1),
         "caller_procs": procs,
     }
     row["ok"] = (
@@ -255,7 +263,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"v2v p50 {row['v2v_p50_ms']} ms, "
                         f"transport {row['transport_core_used']} core "
                         f"({row['transport_cpu_s_per_call_s']} s/call-s), callers "
-                        f"{row['callers_cores_used']} core, window {row['window_s']} s"
+                        f"{row['callers_cores_used']} core (their loop lag p99 "
+                        f"{row['callers_loop_lag_p99_ms']} ms), window {row['window_s']} s"
                         + (f", errors: {row['errors'][:2]}" if row["errors"] else "")
                     )
                     if not row["ok"]:
@@ -435,13 +444,14 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
         "reported lost over whole calls, caller → transport / transport → caller; jitter: "
         "|gap between consecutive frames "
         f"− 20 ms| at the callers; capacity: the most calls with nothing dropped and p99 jitter "
-        f"< {report['limit_ms']:.0f} ms",
+        f"< {report['limit_ms']:.0f} ms; callers' loop lag: p99 of how late a 10 ms sleep "
+        "woke in the caller processes, the part of the jitter that is theirs, not the transport's",
         "",
         "| VAD | calls | frames heard / expected | dropped | RTP lost in / out "
         "| jitter p50 / p99 / max "
         "| v2v p50 / p95 | transport core used | transport CPU s per call-s "
-        "| callers' cores used | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| callers' cores used | callers' loop lag p99 | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["steps"]:
         lines.append(
@@ -450,7 +460,8 @@ def markdown(report: dict[str, Any], png: Path | None) -> str:
             f"| {_v(s['jitter_p50_ms'])} / {_v(s['jitter_p99_ms'])} / "
             f"{_v(s['jitter_max_ms'])} ms | {_v(s['v2v_p50_ms'])} / {_v(s['v2v_p95_ms'])} ms "
             f"| {_v(s['transport_core_used'])} | {_v(s['transport_cpu_s_per_call_s'])} "
-            f"| {_v(s['callers_cores_used'])} | {'yes' if s['ok'] else 'no'} |"
+            f"| {_v(s['callers_cores_used'])} | {_v(s.get('callers_loop_lag_p99_ms'))} ms "
+            f"| {'yes' if s['ok'] else 'no'} |"
         )
     cap = report["capacity"]
     lines += [
@@ -531,6 +542,9 @@ def main() -> None:
         args.steps, args.vads, args.turns = [2, 4], ["webrtc"], 2
     if args.ab:
         ab = asyncio.run(run_ab(args))
+        ab["command"] = " ".join(sys.argv)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name(args.out.stem + "-ab.json").write_text(json.dumps(ab, indent=1))
         print(json.dumps({k: v for k, v in ab.items() if k != "rows"}, indent=1))
         for row in ab["rows"]:
             print(

@@ -85,16 +85,20 @@ async def one_call(
         await asyncio.sleep(delay)
     stats.started = time.monotonic()
     try:
-        result = await call_over_webrtc(
-            url,
-            wavs,
-            None,
-            agent=agent,
-            turn_timeout=turn_timeout,
-            pause_s=pause_s,
-            on_audio=on_audio,
-            on_stats=on_stats,
-            inline_codec=True,
+        # a call that hangs (a peer that never closes) is one failed call, not a lost step
+        result = await asyncio.wait_for(
+            call_over_webrtc(
+                url,
+                wavs,
+                None,
+                agent=agent,
+                turn_timeout=turn_timeout,
+                pause_s=pause_s,
+                on_audio=on_audio,
+                on_stats=on_stats,
+                inline_codec=True,
+            ),
+            len(wavs) * turn_timeout + 30,
         )
         stats.v2v_ms = [t.latency_ms for t in result.turns if t.latency_ms is not None]
         stats.answered = len(stats.v2v_ms)
@@ -104,14 +108,30 @@ async def one_call(
     return stats
 
 
+#: how often a caller process checks how late its own event loop runs
+LAG_PERIOD_S = 0.01
+
+
+async def _watch_lag(lags: list[tuple[float, float]]) -> None:
+    """(when, ms late) of a 10 ms sleep, all along: a caller process whose loop runs late hears
+    the bot's frames late, and that is its own jitter, not the transport's."""
+    while True:
+        t0 = time.monotonic()
+        await asyncio.sleep(LAG_PERIOD_S)
+        t1 = time.monotonic()
+        lags.append((t1, (t1 - t0 - LAG_PERIOD_S) * 1000))
+
+
 async def _calls(
     url: str, agent: str, specs: list[CallSpec], turn_timeout: float, pause_s: float
-) -> list[CallStats]:
-    return list(
-        await asyncio.gather(
-            *(one_call(url, agent, s, turn_timeout=turn_timeout, pause_s=pause_s) for s in specs)
-        )
+) -> tuple[list[CallStats], list[tuple[float, float]]]:
+    lags: list[tuple[float, float]] = []
+    watcher = asyncio.create_task(_watch_lag(lags))
+    stats = await asyncio.gather(
+        *(one_call(url, agent, s, turn_timeout=turn_timeout, pause_s=pause_s) for s in specs)
     )
+    watcher.cancel()
+    return list(stats), lags
 
 
 def worker(conn: Connection, cpus: list[int] | None) -> None:
@@ -128,8 +148,12 @@ def worker(conn: Connection, cpus: list[int] | None) -> None:
 
     conn.send("ready")
     url, agent, specs, turn_timeout, pause_s = conn.recv()
-    stats = asyncio.run(_calls(url, agent, specs, turn_timeout, pause_s))
-    conn.send([asdict(s) for s in stats])
+    # if this process hangs past its budget, say where (stderr) before the parent gives up on it
+    import faulthandler
+
+    faulthandler.dump_traceback_later(len(specs[0].wavs) * turn_timeout + 50 if specs else 60)
+    stats, lags = asyncio.run(_calls(url, agent, specs, turn_timeout, pause_s))
+    conn.send(([asdict(s) for s in stats], lags))
     conn.close()
 
 
@@ -166,13 +190,17 @@ class CallerPool:
             mine = specs[i :: len(self._pipes)]
             pipe.send((url, agent, mine, turn_timeout, pause_s))
 
-    def results(self, timeout: float) -> list[CallStats]:
+    def results(self, timeout: float) -> tuple[list[CallStats], list[tuple[float, float]]]:
+        """Every call's stats, and every caller process's loop lag samples (when, ms late)."""
         out: list[CallStats] = []
+        lags: list[tuple[float, float]] = []
         for pipe in self._pipes:
             if not pipe.poll(timeout):
                 raise RuntimeError("a caller process gave no result in time")
-            out += [CallStats(**d) for d in pipe.recv()]
-        return sorted(out, key=lambda s: s.index)
+            stats, lag = pipe.recv()
+            out += [CallStats(**d) for d in stats]
+            lags += lag
+        return sorted(out, key=lambda s: s.index), lags
 
     def close(self) -> None:
         for p in self.procs:
@@ -238,6 +266,12 @@ def heard_in(stats: list[CallStats], start: float, end: float) -> Heard:
         v2v_p95_ms=_pct(v2v, 95),
         errors=[f"call {s.index}: {s.error}" for s in stats if s.error],
     )
+
+
+def lag_p99(lags: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """p99 of how late the caller processes' loops ran between `start` and `end` (ms)."""
+    inside = np.asarray([ms for t, ms in lags if start <= t <= end], dtype=np.float64)
+    return _pct(inside, 99)
 
 
 def window(stats: list[CallStats], *, settle_s: float) -> tuple[float, float]:

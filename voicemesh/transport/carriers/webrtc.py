@@ -3,8 +3,9 @@ clients (and the web page at /) can call in: `POST /api/offer` {sdp, type, pc_id
 request_data: {agent | session_id}} → {sdp, type, pc_id, session_id}; `PATCH /api/offer` {pc_id,
 candidates} for trickle ICE. The peer connection itself is pipecat's SmallWebRTCConnection.
 
-Inbound Opus (48 kHz stereo from aiortc) becomes 16 kHz mono 20 ms frames for the bus; bot audio
-goes out as 48 kHz mono frames, one every 20 ms, silence between replies (RTP must not stop). JSON
+Inbound Opus (decoded to 48 kHz mono on the loop, rtc.InlineDecoding) becomes 16 kHz mono 20 ms
+frames for the bus; bot audio goes out as 48 kHz mono frames Opus-encoded here (rtc.OpusPackets),
+one every 20 ms, silence between replies (RTP must not stop). JSON
 events travel on the data channel the client opens. aiortc's receiver holds 80 ms of audio before
 playing it (a jitter buffer with prefetch 4); a session sets its own with `jitter_buffer_ms`.
 """
