@@ -151,7 +151,7 @@ async def one_step(
     pool = CallerPool(procs, sorted(cores.others) if cores.others else None)
     try:
         await asyncio.to_thread(pool.wait_ready)
-        start = time.monotonic() + 0.5
+        start = time.monotonic() + 3.0  # the callers prepare their utterances first
         specs = [
             CallSpec(
                 n,

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from voicemesh.transport.call.audio import FRAME_MS
+from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS
 
 FRAME_S = FRAME_MS / 1000
 
@@ -152,9 +152,20 @@ def worker(conn: Connection, cpus: list[int] | None) -> None:
     import faulthandler
 
     faulthandler.dump_traceback_later(len(specs[0].wavs) * turn_timeout + 50 if specs else 60)
+    _prepare({w for spec in specs for w in spec.wavs})
     stats, lags = asyncio.run(_calls(url, agent, specs, turn_timeout, pause_s))
     conn.send(([asdict(s) for s in stats], lags))
     conn.close()
+
+
+def _prepare(wavs: set[str]) -> None:
+    """Find each utterance's last voiced frame now (Script.speak asks for it at every turn, and
+    it is cached): Silero over a whole utterance stalls the loop of every call in the process."""
+    from voicemesh.callers.script import last_voiced_frame, load_pcm16
+
+    for wav in wavs:
+        pcm = load_pcm16(Path(wav))
+        last_voiced_frame(pcm + bytes(-len(pcm) % FRAME_BYTES))  # padded as Script.speak pads
 
 
 class CallerPool:
