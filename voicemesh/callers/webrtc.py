@@ -22,13 +22,15 @@ import numpy as np
 import soxr
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from av import AudioFrame, Packet
 
 from voicemesh.bus.events import End
 from voicemesh.callers.script import CallResult, Script, TurnResult, load_pcm16
 from voicemesh.transport.call.audio import FRAME_BYTES, FRAME_MS, RATE
 from voicemesh.transport.carriers.rtc import (
+    OpusPackets,
     audio_frame,
+    decode_inline,
     offer_loopback_candidates,
     set_jitter_buffer,
     to_16k_mono,
@@ -45,12 +47,14 @@ class Microphone(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, *, inline_codec: bool = False) -> None:
         super().__init__()
         self._frames: asyncio.Queue[bytes] = asyncio.Queue()
         self._taken = asyncio.Event()
         self._start: float | None = None
         self._pts = 0
+        #: encode here, mono at 16 kHz, rather than in aiortc's thread pool (rtc.OpusPackets)
+        self._opus = OpusPackets(RATE) if inline_codec else None
 
     async def say(self, frame: bytes) -> None:
         """Queue one frame and return when it is due, so the caller keeps real time."""
@@ -59,7 +63,7 @@ class Microphone(MediaStreamTrack):
             self._taken.clear()
             await self._taken.wait()
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> AudioFrame | Packet:  # aiortc takes a Frame or an encoded Packet
         if self.readyState != "live":
             raise MediaStreamError
         samples = RATE * FRAME_MS // 1000
@@ -73,9 +77,11 @@ class Microphone(MediaStreamTrack):
             self._start = time.monotonic() - self._pts / RATE
         pcm = self._frames.get_nowait() if not self._frames.empty() else bytes(FRAME_BYTES)
         self._taken.set()
-        frame = audio_frame(pcm, RATE, self._pts)
+        pts = self._pts
         self._pts += samples
-        return frame
+        if self._opus is not None and (packet := self._opus.encode(pcm, pts)) is not None:
+            return packet
+        return audio_frame(pcm, RATE, pts)
 
 
 def _dbfs(samples: np.ndarray) -> float:
@@ -98,18 +104,26 @@ async def call_over_webrtc(
     loopback: bool = True,
     on_audio: Callable[[float, bytes], None] | None = None,
     barge_in_after_s: float | None = None,
+    on_stats: Callable[[Any], None] | None = None,
+    inline_codec: bool = False,
 ) -> CallResult:
     """Say each WAV as one turn over WebRTC, wait for the reply to be played, record the bot.
     `loopback` also offers 127.0.0.1 as a candidate (aioice skips it), for a server on this host.
-    `on_audio(t, pcm16k)` sees every received frame as it arrives (tests time barge-ins with it)."""
+    `on_audio(t, pcm16k)` sees every received frame as it arrives (tests time barge-ins with it).
+    `on_stats(report)` gets aiortc's RTCStatsReport as the call ends (RTCP's packets lost, both
+    ways: the load generator counts drops with it). `inline_codec`: Opus encoded and decoded on
+    the loop as the transport does (rtc.OpusPackets, rtc.decode_inline), with room in the jitter
+    buffer for a burst after a stall of this process, so that a load generator's many callers
+    cost less and its own stalls are not counted as drops; the microphone is then mono, 3 dB
+    louder at the transport than through aiortc's mono-to-stereo resampler."""
     if loopback:
         offer_loopback_candidates()
     utterances = [load_pcm16(w) for w in wavs]
     script = Script(latency_on_sound=True)
-    mic = Microphone()
+    mic = Microphone(inline_codec=inline_codec)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     transceiver = pc.addTransceiver(mic, direction="sendrecv")
-    set_jitter_buffer(transceiver.receiver, jitter_buffer_ms)
+    set_jitter_buffer(transceiver.receiver, jitter_buffer_ms, 256 if inline_codec else 16)
     events = pc.createDataChannel("events")
     opened = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
@@ -144,6 +158,10 @@ async def call_over_webrtc(
 
     @pc.on("track")
     def _track(track: MediaStreamTrack) -> None:
+        if inline_codec:  # its receiver has its remote track now, and no decoder thread yet
+            for t in pc.getTransceivers():
+                if t.receiver.track is track:
+                    decode_inline(t.receiver)
         if track.kind == "audio":
             tasks.append(asyncio.create_task(record(track)))
 
@@ -174,6 +192,8 @@ async def call_over_webrtc(
             alive=lambda: pc.connectionState not in ("failed", "closed"),
             barge_in_after_s=barge_in_after_s,
         )
+        if on_stats is not None:
+            on_stats(await pc.getStats())
         events.send(End().wire_json().decode())
         closed = asyncio.Event()
 

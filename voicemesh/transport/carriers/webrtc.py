@@ -3,8 +3,9 @@ clients (and the web page at /) can call in: `POST /api/offer` {sdp, type, pc_id
 request_data: {agent | session_id}} → {sdp, type, pc_id, session_id}; `PATCH /api/offer` {pc_id,
 candidates} for trickle ICE. The peer connection itself is pipecat's SmallWebRTCConnection.
 
-Inbound Opus (48 kHz stereo from aiortc) becomes 16 kHz mono 20 ms frames for the bus; bot audio
-goes out as 48 kHz mono frames, one every 20 ms, silence between replies (RTP must not stop). JSON
+Inbound Opus (decoded to 48 kHz mono on the loop, rtc.InlineDecoding) becomes 16 kHz mono 20 ms
+frames for the bus; bot audio goes out as 48 kHz mono frames Opus-encoded here (rtc.OpusPackets),
+one every 20 ms, silence between replies (RTP must not stop). JSON
 events travel on the data channel the client opens. aiortc's receiver holds 80 ms of audio before
 playing it (a jitter buffer with prefetch 4); a session sets its own with `jitter_buffer_ms`.
 """
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import soxr
 from aiortc import sdp
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from av import Packet
 from fastapi import APIRouter, Depends, HTTPException
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -44,7 +45,9 @@ from voicemesh.transport.call.call import Call
 from voicemesh.transport.call.peer import Peer
 from voicemesh.transport.call.rtvi import Rtvi
 from voicemesh.transport.carriers.rtc import (
-    audio_frame,
+    OPUS_RATE,
+    OpusPackets,
+    decode_inline,
     offer_loopback_candidates,
     set_jitter_buffer,
     to_16k_mono,
@@ -52,13 +55,13 @@ from voicemesh.transport.carriers.rtc import (
 
 log = logging.getLogger(__name__)
 
-OPUS_RATE = 48000
 FRAME_SAMPLES = OPUS_RATE // 50  # 20 ms
 AIORTC_PREFETCH = 4  # what aiortc's RTCRtpReceiver holds by default: 80 ms
 
 
 class BotAudioTrack(MediaStreamTrack):
-    """The bot's voice: frames the call's pacer hands over every 20 ms, 48 kHz mono s16."""
+    """The bot's voice: frames the call's pacer hands over every 20 ms, 48 kHz mono s16, given
+    to aiortc already Opus-encoded (rtc.OpusPackets says why)."""
 
     kind = "audio"
 
@@ -66,6 +69,7 @@ class BotAudioTrack(MediaStreamTrack):
         super().__init__()
         self._frames: asyncio.Queue[bytes] = asyncio.Queue(maxsize=8)
         self._pts = 0
+        self._opus = OpusPackets()
 
     def put(self, pcm: bytes) -> None:
         if self._frames.full():  # the sender stalled: keep the newest audio, not a backlog
@@ -76,13 +80,16 @@ class BotAudioTrack(MediaStreamTrack):
         while not self._frames.empty():
             self._frames.get_nowait()
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> Packet:  # aiortc takes a Frame or an encoded Packet
         if self.readyState != "live":
             raise MediaStreamError
-        pcm = await self._frames.get()
-        frame = audio_frame(pcm, OPUS_RATE, self._pts)
-        self._pts += frame.samples
-        return frame
+        while True:
+            pcm = await self._frames.get()
+            pts = self._pts
+            self._pts += len(pcm) // 2
+            packet = self._opus.encode(pcm, pts)
+            if packet is not None:
+                return packet
 
 
 class WebRTCPeer(Peer):
@@ -122,6 +129,7 @@ class WebRTCPeer(Peer):
         if not transceivers or transceivers[0].kind != "audio":
             raise ValueError("the offer has no audio transceiver first: add one (sendrecv)")
         set_jitter_buffer(transceivers[0].receiver, self.options.jitter_buffer_ms)
+        decode_inline(transceivers[0].receiver)
         self.connection.replace_audio_track(self.track)
         self._input = self.connection.audio_input_track()
         self.connection.pc.on("datachannel", self._watch_channel)
