@@ -211,7 +211,17 @@ async def search(
 
 #: frames of the event loop and of nats-py's delivery that every stack sample passes through:
 #: they say nothing about where a frame's own cost goes
-_PLUMBING = ("run_forever", "_run_once", "_run (asyncio/events.py", "<module>", "run (", "main (")
+_PLUMBING = (
+    "run_forever",
+    "_run_once",
+    "_run (asyncio/events.py",
+    "<module>",
+    "run (",
+    "main (",
+    "_run_code (",
+    "_run_module_as_main (",
+    "cmd_serve (",
+)
 
 
 async def profile(nc: Client, setup: Setup, args: argparse.Namespace) -> dict[str, Any]:

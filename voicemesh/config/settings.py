@@ -425,13 +425,14 @@ class Settings(ConnectionSettings, SecretEnvSettings, EgressSettings):
         None, description="JSON file of tenants, their keys (or SHA-256 digests) and limits"
     )
     max_calls: int = Field(
-        100,
+        30,
         ge=0,
         le=100_000,
         description="transport: calls this process carries at once; past it new calls get 503 "
-        "with Retry-After (WebSocket: close 1013) and /readyz answers 503 (0: no limit). The "
-        "soak held 200 pass-through WebSocket calls on one transport at 0.78 of a core; WebRTC's "
-        "Opus costs more per call",
+        "with Retry-After (WebSocket: close 1013) and /readyz answers 503 (0: no limit). From "
+        "bench_transport_capacity on one core: 40 WebRTC calls held with webrtcvad (0.74 of the "
+        "core) and with Silero (0.99: at the edge); 30 Silero calls used 0.79, the headroom the "
+        "default agent's smart-turn needs. WebSocket calls cost less (no Opus)",
     )
     tenant_max_calls: int = Field(
         20,
