@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from voicemesh.bench.harness import FLOW, cpu_seconds, environment, machine  # noqa: E402
+from voicemesh.bench.harness import FLOW, Env, cpu_seconds, environment, machine  # noqa: E402
 from voicemesh.callers.load import (  # noqa: E402
     CallerPool,
     CallSpec,
@@ -88,6 +88,15 @@ def pin(pid: int, cpus: set[int]) -> None:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(int(tid), cpus)
+
+
+def pin_others(env: Env, cores: Cores) -> None:
+    """Everything but the transport (servers, stages, relays, this script) onto the other CPUs."""
+    if cores.others is None:
+        return
+    pids = [env.nats.proc.pid, env.valkey.proc.pid, *env.stage_pids(), *env.relay_pids()]
+    for pid in [*pids, os.getpid()]:
+        pin(pid, cores.others)
 
 
 class Sampler:
@@ -236,15 +245,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         agent_file = Path(f.name)
     try:
         async with environment(agent_file, log) as env:
-            if cores.others is not None:
-                for pid in [
-                    env.nats.proc.pid,
-                    env.valkey.proc.pid,
-                    *env.stage_pids(),
-                    *env.relay_pids(),
-                    os.getpid(),
-                ]:
-                    pin(pid, cores.others)
+            pin_others(env, cores)
             log(f"pinning: {cores.describe()}")
             for vad in args.vads:
                 await env.store.create_agent(f"cap-{vad}", parse_agent_config(agent(vad)))
@@ -374,15 +375,7 @@ async def run_ab(args: argparse.Namespace) -> dict[str, Any]:
                 os.environ["PYTHONPATH"] = str(tree)
                 os.chdir(tree)
                 async with environment(agent_file, log) as env:
-                    if cores.others is not None:
-                        for pid in [
-                            env.nats.proc.pid,
-                            env.valkey.proc.pid,
-                            *env.stage_pids(),
-                            *env.relay_pids(),
-                            os.getpid(),
-                        ]:
-                            pin(pid, cores.others)
+                    pin_others(env, cores)
                     await env.store.create_agent(f"cap-{vad}", parse_agent_config(agent(vad)))
                     await one_step(env, vad, 1, _warm(args), wavs, cores)
                     row = await one_step(env, vad, args.ab_calls, args, wavs, cores)

@@ -252,6 +252,34 @@ def sessions_router(
         response.headers["ETag"] = f'"{stored.version}"'  # for If-Match on PUT and PATCH
         return session_json(stored)
 
+    async def still_at(session_id: str, client: Client, if_match: str | None) -> int | None:
+        """The version `If-Match` names (None without one), once the caller's session is known
+        to be still at it (else 409, naming both versions)."""
+        had = expected_version(if_match)
+        stored = await owned_config(service, session_id, client)
+        if had is not None and had != stored.version:
+            raise stale(session_id, had, stored.version)
+        return had
+
+    async def replace(
+        session_id: str,
+        client: Client,
+        had: int | None,
+        config: AgentConfig,
+        agent: str | None = None,
+    ) -> int:
+        """Write the whole config (compare-and-set on `had`: a writer who got in between makes
+        it a 409) and tell the stages; returns the new version."""
+        try:
+            version = await store().update_config(
+                session_id, config, expect_version=had, agent=agent
+            )
+        except Conflict:
+            current = await owned_config(service, session_id, client)
+            raise stale(session_id, had or 0, current.version) from None
+        await service.config_changed(session_id, version, ["*"])
+        return version
+
     @router.put("/sessions/{session_id}/config")
     async def replace_config(
         session_id: str,
@@ -261,16 +289,8 @@ def sessions_router(
     ) -> dict[str, Any]:
         """With `If-Match: "<version>"` the write happens only if the session is still at that
         version (else 409, naming both versions)."""
-        had = expected_version(if_match)
-        stored = await owned_config(service, session_id, client)
-        if had is not None and had != stored.version:
-            raise stale(session_id, had, stored.version)
-        try:
-            version = await store().update_config(session_id, config, expect_version=had)
-        except Conflict:
-            current = await owned_config(service, session_id, client)
-            raise stale(session_id, had or 0, current.version) from None
-        await service.config_changed(session_id, version, ["*"])
+        had = await still_at(session_id, client, if_match)
+        version = await replace(session_id, client, had, config)
         return {"session_id": session_id, "version": version}
 
     @router.patch("/sessions/{session_id}/config")
@@ -312,19 +332,9 @@ def sessions_router(
         404 as a name nobody has), under the same If-Match rule as PUT .../config. The session
         keeps its id, TTL and conversation; the stages take the new config on their next unit
         of work, so the next turn is the new agent's."""
-        had = expected_version(if_match)
-        stored = await owned_config(service, session_id, client)
-        if had is not None and had != stored.version:
-            raise stale(session_id, had, stored.version)
+        had = await still_at(session_id, client, if_match)
         record = await agent_for(store(), body.agent, client)
-        try:
-            version = await store().update_config(
-                session_id, record.config, expect_version=had, agent=record.name
-            )
-        except Conflict:
-            current = await owned_config(service, session_id, client)
-            raise stale(session_id, had or 0, current.version) from None
-        await service.config_changed(session_id, version, ["*"])
+        version = await replace(session_id, client, had, record.config, agent=record.name)
         return {"session_id": session_id, "version": version, "agent": record.name}
 
     @router.post("/sessions/{session_id}/ttl")
