@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nats  # noqa: E402
-import orjson  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 
 from voicemesh.bench.harness import (  # noqa: E402
     RAW,
+    checkout,
     end_sessions,
     machine,
     measure_loop,
+    open_sessions,
     passthrough_config,
     stack_env,
     start_relays,
@@ -116,22 +116,6 @@ class Setup:
         return sorted(r["sessions"] for r in self.rows if not r["ok"])
 
 
-@contextlib.contextmanager
-def checkout(rev: str, where: Path) -> Iterator[Path]:
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield where
-    finally:
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
-            capture_output=True,
-        )
-
-
 async def start_stage_setup(
     setup: Setup, tree: Path, nats_srv: EmbeddedServer, valkey_srv: EmbeddedServer
 ) -> None:
@@ -158,15 +142,7 @@ async def run_step(
     else:
         assert setup.store is not None
         subjects = setup.subjects
-        config = passthrough_config()
-        sids = [
-            (await setup.store.create_session(config, ttl_s=3600)).session_id
-            for _ in range(sessions)
-        ]
-        for sid in sids:  # the STT stage owns each session's stream through its lease
-            await nc.request(
-                subjects.assign(Stage.STT), orjson.dumps({"session_id": sid}), timeout=5
-            )
+        sids = await open_sessions(nc, setup.store, subjects, sessions)
         result = await measure_loop(
             nc,
             [subjects.data(Stage.STT, s) for s in sids],
@@ -402,7 +378,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             setups[0].relays = start_relays(nats_srv.url)
             await start_stage_setup(setups[1], ROOT, nats_srv, valkey_srv)
             if args.before:
-                tree = trees.enter_context(checkout(args.before, data / "before-tree"))
+                tree = trees.enter_context(checkout(args.before, data / "before-tree", ROOT))
                 await start_stage_setup(setups[2], tree.resolve(), nats_srv, valkey_srv)
             nc = await nats.connect(nats_srv.url, name="bench-bus-capacity")
             await asyncio.sleep(0.5)

@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +57,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from voicemesh.bench.harness import QUESTIONS as HARNESS_QUESTIONS  # noqa: E402
-from voicemesh.bench.harness import _speak, cpu_seconds, environment, machine  # noqa: E402
+from voicemesh.bench.harness import (  # noqa: E402
+    _speak,
+    checkout,
+    cpu_seconds,
+    environment,
+    machine,
+)
 from voicemesh.bench.report import percentile  # noqa: E402
 from voicemesh.callers.script import CallResult  # noqa: E402
 from voicemesh.callers.webrtc import call_over_webrtc  # noqa: E402
@@ -281,21 +286,6 @@ def harness_compatible(source: str) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def checkout(commit: str, where: Path) -> Iterator[Path]:
-    """`commit` as a detached git worktree at `where`, removed (and pruned) at the end."""
-    git("worktree", "add", "--detach", str(where), commit)
-    try:
-        yield where
-    finally:
-        try:
-            git("worktree", "remove", "--force", str(where))
-        except subprocess.CalledProcessError:
-            shutil.rmtree(where, ignore_errors=True)
-            with contextlib.suppress(subprocess.CalledProcessError):
-                git("worktree", "prune")
-
-
 @dataclass
 class OldStack:
     """The helper process holding the old tree's stack up."""
@@ -387,7 +377,7 @@ def before_stack(commit: str, work: Path) -> Iterator[OldStack]:
     """The old tree checked out into `work`, and its stack starting (call `ready()`): it loads
     while the other setups load. Everything is stopped and the checkout removed at the end."""
     log_path = work / "before-stack.log"
-    with checkout(commit, work / "before-tree") as tree, log_path.open("wb") as logfile:
+    with checkout(commit, work / "before-tree", ROOT) as tree, log_path.open("wb") as logfile:
         old = start_helper(tree.resolve(), log_path, logfile)
         try:
             yield old

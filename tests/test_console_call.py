@@ -132,6 +132,30 @@ async def wait_turn(call: Any, after: int, limit_s: float, what: str) -> tuple[i
     raise AssertionError(f"no {what} turn after epoch {after} within {limit_s} s: {events}")
 
 
+async def stale_then_saved(
+    call: Any, select: str, save: str, value: str, reread: str, switched: str
+) -> None:
+    """The call page's switch read the session when the call began (version 1) and the console
+    saved since: its first try is refused as a conflict and reads the session again (the select
+    then shows `reread`), its second goes in (version 3)."""
+    await call.select_option(select, value)
+    await call.click(save)
+    await call.wait_for_function(
+        "() => document.querySelector('#switch-status').dataset.state === 'error'",
+        timeout=10_000,
+    )
+    refused = await call.text_content("#switch-status")
+    assert refused.startswith("Conflict:") and "changed by someone else" in refused
+    assert await call.input_value(select) == reread  # read again
+    await call.select_option(select, value)
+    await call.click(save)
+    await call.wait_for_function(
+        "(text) => document.querySelector('#switch-status').textContent.includes(text)",
+        arg=f"switched: {switched} (version 3)",
+        timeout=10_000,
+    )
+
+
 async def test_browser_console_calls_an_agent_and_swaps_its_tts_mid_call(
     transport_app: TransportApp,
     agent_json: dict,
@@ -232,25 +256,10 @@ async def test_browser_console_calls_an_agent_and_swaps_its_tts_mid_call(
             # console's save since makes its first try a conflict, its second (re-read) goes in
             await call.select_option("#switch-stage", "tts")
             assert await call.input_value("#switch-connector") == "tone"  # as read at version 1
-            await call.select_option("#switch-connector", "tone")
-            await call.click("#switch-save")
-            await call.wait_for_function(
-                "() => document.querySelector('#switch-status').dataset.state === 'error'",
-                timeout=10_000,
+            await stale_then_saved(
+                call, "#switch-connector", "#switch-save", "tone", "piper", "tts is now tone"
             )
-            refused = await call.text_content("#switch-status")
-            assert refused.startswith("Conflict:") and "changed by someone else" in refused
-            assert await call.input_value("#switch-connector") == "piper"  # read again
-            await call.select_option("#switch-connector", "tone")
-            await call.click("#switch-save")
-            await call.wait_for_function(
-                "() => /switched: tts is now tone \\(version 3\\)/.test("
-                "document.querySelector('#switch-status').textContent)",
-                timeout=10_000,
-            )
-            switched_at = await call.evaluate(
-                "() => Math.max(0, ...window.__voicemesh.events.map((e) => e.epoch || 0))"
-            )
+            switched_at = await last_epoch(call)
             back, toned = await wait_turn(call, switched_at, 60, "tone again")
             assert tone_share(toned) >= 0.8, (back, toned)
             # the call page's waterfall: one per turn_metrics, each phase and the total in ms
@@ -387,21 +396,13 @@ async def test_browser_switching_a_live_calls_agent_is_heard_and_shown(
 
             # the call page's control: it read the session at version 1, so its first try is
             # refused as a conflict (and it reads again); the second goes in
-            await call.select_option("#switch-agent", "tone-agent")
-            await call.click("#switch-agent-save")
-            await call.wait_for_function(
-                "() => document.querySelector('#switch-status').dataset.state === 'error'",
-                timeout=10_000,
-            )
-            refused = await call.text_content("#switch-status")
-            assert refused.startswith("Conflict:") and "changed by someone else" in refused
-            assert await call.input_value("#switch-agent") == "piper-agent"  # read again
-            await call.select_option("#switch-agent", "tone-agent")
-            await call.click("#switch-agent-save")
-            await call.wait_for_function(
-                "() => /switched: the agent is now tone-agent \\(version 3\\)/.test("
-                "document.querySelector('#switch-status').textContent)",
-                timeout=10_000,
+            await stale_then_saved(
+                call,
+                "#switch-agent",
+                "#switch-agent-save",
+                "tone-agent",
+                "piper-agent",
+                "the agent is now tone-agent",
             )
             back_at = await last_epoch(call)
             back, toned_again = await wait_turn(call, back_at, 60, "tone again")

@@ -89,10 +89,14 @@ def explain(report: dict[str, Any]) -> str:
     )
 
 
-def run_browser_call(tmp_path: Path, mic: Path, *extra: str) -> dict[str, Any]:
+def run_browser_call(
+    tmp_path: Path, mic: Path, *extra: str, helper: Path = HELPER
+) -> dict[str, Any]:
+    """Run a browser-driving helper (browser_call.py, or rtvi_browser_call.py) in its own network
+    namespace; returns its report, with what it printed."""
     assert CHROMIUM.exists(), "Debian's chromium is missing: apt-get install chromium (.ci/run)"
     out = tmp_path / "report.json"
-    argv = [sys.executable, str(HELPER), "--wav", str(mic), "--data", str(tmp_path)]
+    argv = [sys.executable, str(helper), "--wav", str(mic), "--data", str(tmp_path)]
     argv += ["--out", str(out), "--startup-timeout", str(STARTUP_S)]
     argv += ["--call-timeout", str(CALL_S), *extra]
     proc = subprocess.Popen(
@@ -112,7 +116,7 @@ def run_browser_call(tmp_path: Path, mic: Path, *extra: str) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-    assert out.exists(), f"browser_call.py wrote no report ({proc.returncode}):\n{output}"
+    assert out.exists(), f"{helper.name} wrote no report ({proc.returncode}):\n{output}"
     report = json.loads(out.read_text())
     report["helper_output"] = output
     return report

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from tests.e2e.test_browser import CALL_S, CHROMIUM, STARTUP_S, fake_mic, netns_prefix
+from tests.e2e.test_browser import fake_mic, netns_prefix, run_browser_call
 
 pytestmark = pytest.mark.slow
 
@@ -30,30 +26,7 @@ BUNDLE = ROOT / "examples" / "pipecat-client" / "dist" / "app.js"
 
 
 def run(tmp_path: Path, mic: Path, *extra: str) -> dict[str, Any]:
-    assert CHROMIUM.exists(), "Debian's chromium is missing: apt-get install chromium (.ci/run)"
-    out = tmp_path / "report.json"
-    argv = [sys.executable, str(HELPER), "--wav", str(mic), "--data", str(tmp_path)]
-    argv += ["--out", str(out), "--startup-timeout", str(STARTUP_S)]
-    argv += ["--call-timeout", str(CALL_S), *extra]
-    proc = subprocess.Popen(
-        [*netns_prefix(), *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=STARTUP_S + CALL_S + 120)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        try:
-            output, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-    assert out.exists(), f"rtvi_browser_call.py wrote no report ({proc.returncode}):\n{output}"
-    return dict(json.loads(out.read_text()))
+    return run_browser_call(tmp_path, mic, *extra, helper=HELPER)
 
 
 def explain(report: dict[str, Any]) -> str:

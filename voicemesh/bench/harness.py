@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
@@ -204,12 +205,39 @@ async def environment(agent_file: Path, progress: Callable[[str], None]) -> Any:
         valkey_srv.stop()
 
 
+@contextlib.contextmanager
+def checkout(commit: str, where: Path, repo: Path) -> Iterator[Path]:
+    """`commit` of `repo` as a detached git worktree at `where` (an older tree for a same-run
+    before/after), removed (and pruned) at the end."""
+
+    def git(*argv: str) -> None:
+        subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True)
+
+    git("worktree", "add", "--detach", str(where), commit)
+    try:
+        yield where
+    finally:
+        try:
+            git("worktree", "remove", "--force", str(where))
+        except subprocess.CalledProcessError:
+            shutil.rmtree(where, ignore_errors=True)
+            with contextlib.suppress(subprocess.CalledProcessError):
+                git("worktree", "prune")
+
+
 async def new_sessions(env: Env, n: int, config: AgentConfig | None = None) -> list[str]:
+    return await open_sessions(env.nc, env.store, env.subjects, n, config)
+
+
+async def open_sessions(
+    nc: Client, store: ConfigStore, subjects: Subjects, n: int, config: AgentConfig | None = None
+) -> list[str]:
+    """`n` sessions of `config` (pass-through by default), each with its STT owner assigned."""
     config = config or passthrough_config()
-    sids = [(await env.store.create_session(config, ttl_s=3600)).session_id for _ in range(n)]
+    sids = [(await store.create_session(config, ttl_s=3600)).session_id for _ in range(n)]
     for sid in sids:  # the STT stage owns each session's stream through its lease
         body = orjson.dumps({"session_id": sid})
-        await env.nc.request(env.subjects.assign(Stage.STT), body, timeout=5)
+        await nc.request(subjects.assign(Stage.STT), body, timeout=5)
     return sids
 
 
