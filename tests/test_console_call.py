@@ -132,6 +132,21 @@ async def wait_turn(call: Any, after: int, limit_s: float, what: str) -> tuple[i
     raise AssertionError(f"no {what} turn after epoch {after} within {limit_s} s: {events}")
 
 
+def toned_agent(agent_json: dict, transcriber: OpenAITranscribeServer) -> dict[str, Any]:
+    """The agent these calls start with: WebRTC, the loopback transcriber, a scripted echo and
+    the tone at TONE_HZ (easy to tell from Piper's voice)."""
+    data = loopback_agent(
+        agent_json,
+        transport="webrtc",
+        stt_url=transcriber.base_url,
+        replies=["You said {user}, thank you."],
+        ms_per_word=150,
+        jitter_buffer_ms=20,
+    )
+    data["connectors"]["tts"]["config"]["tone"]["frequency_hz"] = TONE_HZ
+    return data
+
+
 async def stale_then_saved(
     call: Any, select: str, save: str, value: str, reread: str, switched: str
 ) -> None:
@@ -167,15 +182,7 @@ async def test_browser_console_calls_an_agent_and_swaps_its_tts_mid_call(
     # CI installs it (.ci/run): a missing browser is a broken setup, not a test to skip
     assert HAVE_CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run)"
     url = transport_app.url
-    data = loopback_agent(
-        agent_json,
-        transport="webrtc",
-        stt_url=transcriber.base_url,
-        replies=["You said {user}, thank you."],
-        ms_per_word=150,
-        jitter_buffer_ms=20,
-    )
-    data["connectors"]["tts"]["config"]["tone"]["frequency_hz"] = TONE_HZ
+    data = toned_agent(agent_json, transcriber)
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {A_KEY}"}, timeout=10
     ) as c:
@@ -326,15 +333,7 @@ async def test_browser_switching_a_live_calls_agent_is_heard_and_shown(
 
     assert HAVE_CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run)"
     url = transport_app.url
-    toned = loopback_agent(
-        agent_json,
-        transport="webrtc",
-        stt_url=transcriber.base_url,
-        replies=["You said {user}, thank you."],
-        ms_per_word=150,
-        jitter_buffer_ms=20,
-    )
-    toned["connectors"]["tts"]["config"]["tone"]["frequency_hz"] = TONE_HZ
+    toned = toned_agent(agent_json, transcriber)
     voiced = copy.deepcopy(toned)
     voiced["connectors"]["tts"] = {"primary": "piper", "config": {"piper": {}}}
     async with httpx.AsyncClient(
@@ -438,14 +437,7 @@ async def test_browser_a_fallback_after_a_primary_failure_is_shown_as_serving(
     monkeypatch.setenv("VOICEMESH_SECRET_ENV", "elevenlabs:VM_TEST_KEY")
     monkeypatch.setenv("VM_TEST_KEY", "sk-loopback-secret")
     url = transport_app.url
-    data = loopback_agent(
-        agent_json,
-        transport="webrtc",
-        stt_url=transcriber.base_url,
-        replies=["You said {user}, thank you."],
-        ms_per_word=150,
-        jitter_buffer_ms=20,
-    )
+    data = toned_agent(agent_json, transcriber)
     eleven = ElevenLabsServer(frequency_hz=300.0)
     await eleven.start()
     try:

@@ -49,6 +49,8 @@ from voicemesh.servers import EmbeddedServer, free_port, start_nats, start_valke
 from voicemesh.state import ConfigStore
 
 PREFIX = "vb"
+#: the checkout this harness runs from
+REPO = Path(__file__).resolve().parents[2]
 WARMUP_S = 1.0
 RAW = "raw"
 HOPS = (Stage.STT, Stage.LLM, Stage.TTS, Stage.TRANSPORT)
@@ -206,9 +208,9 @@ async def environment(agent_file: Path, progress: Callable[[str], None]) -> Any:
 
 
 @contextlib.contextmanager
-def checkout(commit: str, where: Path, repo: Path) -> Iterator[Path]:
-    """`commit` of `repo` as a detached git worktree at `where` (an older tree for a same-run
-    before/after), removed (and pruned) at the end."""
+def checkout(commit: str, where: Path, repo: Path = REPO) -> Iterator[Path]:
+    """`commit` of `repo` (this checkout by default) as a detached git worktree at `where` (an
+    older tree for a same-run before/after), removed (and pruned) at the end."""
 
     def git(*argv: str) -> None:
         subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True)
